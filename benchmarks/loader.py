@@ -1,0 +1,209 @@
+"""Loader throughput and resume time, side by side with a NumPy memmap and training steps.
+
+Writes a dataset of packed 1025-token samples in the shard contract (WebDataset tars +
+manifest) and the same tokens as one flat uint16 ``.bin`` (the Megatron/nanoGPT format),
+then measures in one run:
+
+- ``loader_vs_memmap``: ShardLoader tokens/s ÷ nanoGPT-style random-sample memmap reads
+  producing the same int64 input/label tensors (both in the main process);
+- ``loader_vs_train_consumption``: ShardLoader tokens/s ÷ tokens/s of a forward+backward
+  step of the tiny and gpt2-124m models on the same machine;
+- ``loader_resume_seconds``: a fresh process-side loader seeking to a saved position deep
+  in the dataset and yielding its first batch (page cache of the shards dropped first).
+
+Usage: ``.venv/bin/python benchmarks/loader.py [--quick] [--data DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from lmforge.pipeline.loader import LoaderConfig, ShardLoader
+
+SEQ_LEN = 1024
+VOCAB = 32000
+
+
+def write_dataset(root: Path, total_bytes: int, per_shard: int, seed: int = 0) -> int:
+    """Writes shards, manifest.json and tokens.bin; returns the number of samples."""
+    sample_bytes = 3 * 1024 + 256  # measured tar footprint of one 1025-token sample
+    samples = max(per_shard, total_bytes // sample_bytes)
+    rng = np.random.default_rng(seed)
+    (root / "web").mkdir(parents=True, exist_ok=True)
+    shards, written = [], 0
+    with open(root / "tokens.bin", "wb") as flat:
+        for index in itertools.count():
+            count = min(per_shard, samples - written)
+            if count <= 0:
+                break
+            tokens = rng.integers(4, VOCAB, (count, SEQ_LEN + 1), dtype=np.uint16)
+            flat.write(tokens.tobytes())
+            rel = f"web/train-{index:06d}.tar"
+            with wds.TarWriter(str(root / rel), mtime=0) as sink:
+                for i in range(count):
+                    cuts = np.sort(rng.choice(SEQ_LEN, 2, replace=False) + 1)
+                    starts = np.concatenate([[0], cuts]).astype(np.int32)
+                    key = f"web-train-{index:06d}-{i:08d}"
+                    sink.write({"__key__": key, "tokens.npy": tokens[i], "doc_starts.npy": starts})
+            size = (root / rel).stat().st_size
+            shards.append({"path": rel, "samples": count, "tokens": count * (SEQ_LEN + 1),
+                           "bytes": size, "sha256": ""})
+            written += count
+    manifest = {
+        "version": 1, "seq_len": SEQ_LEN, "token_dtype": "uint16",
+        "tokenizer": {"file": "tokenizer.model", "sha256": "", "vocab_size": VOCAB,
+                      "type": "bpe", "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
+                      "special_tokens": {}},
+        "datasets": {"web": {"weight": 1.0, "sources": ["random"], "splits": {"train": {
+            "samples": written, "tokens": written * (SEQ_LEN + 1), "padding_tokens": 0,
+            "shards": shards}}}},
+        "stats": {},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return written
+
+
+def drop_page_cache(root: Path) -> None:
+    """Evicts this dataset's files (only ours) from the page cache."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def loader_rate(root: Path, batch: int, batches: int, workers: int, masking: bool) -> float:
+    config = LoaderConfig(num_workers=workers, document_masking=masking)
+    loader = ShardLoader(root, "train", batch, seed=1, config=config)
+    it = iter(loader)
+    next(it)  # worker start-up is a one-off
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batch * SEQ_LEN * batches / (time.perf_counter() - start)
+
+
+def memmap_rate(root: Path, batch: int, batches: int) -> float:
+    """nanoGPT's get_batch on aligned random samples of the flat token file."""
+    data = np.memmap(root / "tokens.bin", dtype=np.uint16, mode="r")
+    samples = len(data) // (SEQ_LEN + 1)
+    order = np.random.default_rng(1).permutation(samples)
+    start = time.perf_counter()
+    for step in range(batches):
+        ix = order[(step * batch + np.arange(batch)) % samples] * (SEQ_LEN + 1)
+        x = torch.stack([torch.from_numpy(data[i : i + SEQ_LEN].astype(np.int64)) for i in ix])
+        y = torch.stack(
+            [torch.from_numpy(data[i + 1 : i + 1 + SEQ_LEN].astype(np.int64)) for i in ix]
+        )
+        del x, y
+    return batch * SEQ_LEN * batches / (time.perf_counter() - start)
+
+
+def train_rate(preset: str, batch: int, seq: int, steps: int) -> tuple[float, str]:
+    """Tokens/s of forward+backward+AdamW on one process (lmforge.model, else inline)."""
+    vocab = 8192 if preset == "tiny" else 50257  # tiny.yaml's tokenizer; GPT-2's
+    try:
+        from lmforge.model import ModelConfig, build_model
+
+        model = build_model(ModelConfig.from_preset(preset, vocab_size=vocab))
+        source = "lmforge.model"
+    except Exception:  # model/ is written concurrently; fall back to a stand-in
+        width, layers = (128, 4) if preset == "tiny" else (768, 12)
+        layer = torch.nn.TransformerEncoderLayer(width, width // 64, 4 * width, 0.0,
+                                                 batch_first=True, norm_first=True)
+        body = torch.nn.TransformerEncoder(layer, layers)
+        embed, head = torch.nn.Embedding(vocab, width), torch.nn.Linear(width, vocab)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(seq)
+
+        def model(ids):  # noqa: E306
+            return head(body(embed(ids), mask=mask, is_causal=True))
+
+        model.parameters = lambda: [*body.parameters(), *embed.parameters(),
+                                    *head.parameters()]
+        source = "torch.nn.TransformerEncoder"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(4, vocab, (batch, seq + 1))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return batch * seq / min(times[1:]), source
+
+
+def resume_seconds(root: Path, samples: int, batch: int) -> float:
+    """Builds a loader, seeks 3.6 epochs in and returns the time to its first batch."""
+    first = ShardLoader(root, "train", batch, seed=1)
+    state = first.state_dict()
+    state["position"] = state["samples_seen"] = int(3.6 * samples) // batch * batch
+    drop_page_cache(root)
+    start = time.perf_counter()
+    loader = ShardLoader(root, "train", batch, seed=1)
+    loader.load_state_dict(state)
+    next(iter(loader))
+    return time.perf_counter() - start
+
+
+def bench(name: str, value: float, goal: str, **detail) -> None:
+    print("BENCH " + json.dumps({"metric": name, "value": round(value, 3), "goal": goal,
+                                 "detail": detail}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 MB and fewer steps")
+    parser.add_argument("--data", type=Path, help="reuse/keep the dataset in this folder")
+    parser.add_argument("--no-train", action="store_true", help="skip the model steps")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    size = (100 if args.quick else 1024) << 20
+    batch, batches = 8, (300 if args.quick else 1500)
+    root = args.data or Path(tempfile.mkdtemp(prefix="lmforge-loader-bench-"))
+    if not (root / "manifest.json").exists():
+        start = time.perf_counter()
+        samples = write_dataset(root, size, per_shard=16384)
+        print(f"wrote {samples} samples in {time.perf_counter() - start:.1f} s to {root}")
+    samples = json.loads((root / "manifest.json").read_text())["datasets"]["web"]["splits"][
+        "train"]["samples"]
+    gb = sum(p.stat().st_size for p in root.rglob("*.tar")) / 1e9
+
+    mm = memmap_rate(root, batch, batches)
+    rates = {(w, m): loader_rate(root, batch, batches, w, m) for w in (0, 2) for m in (True, False)}
+    mm_again = memmap_rate(root, batch, batches)  # brackets the loader runs: load drifts
+    memmap = max(mm, mm_again)
+    for (w, m), rate in rates.items():
+        print(f"loader workers={w} document_masking={m}: {rate / 1e6:.1f} M tokens/s")
+    print(f"memmap (nanoGPT get_batch): {mm / 1e6:.1f} / {mm_again / 1e6:.1f} M tokens/s")
+    best = max(rates[(0, True)], rates[(2, True)])
+    bench("loader_vs_memmap", rates[(0, True)] / memmap, ">= 0.5",
+          loader_tokens_s=rates[(0, True)], memmap_tokens_s=memmap, workers=0,
+          document_masking=True, no_masking_ratio=rates[(0, False)] / memmap,
+          workers2_ratio=rates[(2, True)] / memmap)
+    shapes = (("tiny", 4, 128), ("gpt2-124m", 1, 256)) if args.quick else (
+        ("tiny", 8, 512), ("gpt2-124m", 1, 1024))
+    for preset, b, seq in () if args.no_train else shapes:
+        rate, source = train_rate(preset, b, seq, 1 if args.quick else 3)
+        print(f"train {preset} ({source}) fwd+bwd+step: {rate:.0f} tokens/s")
+        bench(f"loader_vs_train_consumption_{preset}", best / rate, ">= 10",
+              loader_tokens_s=best, train_tokens_s=rate, model=source, batch=b, seq=seq)
+    seconds = [resume_seconds(root, samples, batch) for _ in range(3)]
+    bench("loader_resume_seconds", max(seconds), "<= 2", dataset_gb=round(gb, 2),
+          runs=[round(s, 3) for s in seconds], page_cache="dropped for the shards")
+
+
+if __name__ == "__main__":
+    main()

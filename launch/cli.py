@@ -1,0 +1,118 @@
+"""The ``lmforge`` command line.
+
+    lmforge run CONFIG [--section.key=value ...] [--dry-run] [--resume auto]
+    lmforge prepare CONFIG [...]
+    lmforge train CONFIG [--resume auto|none|CHECKPOINT] [...]
+    lmforge export CONFIG [--checkpoint DIR] [--out DIR] [...]
+    lmforge sample CONFIG [--checkpoint DIR] [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lmforge.launch.config import ConfigError, RunConfig, load_config
+
+COMMANDS = {
+    "run": "prepare data, train, export and sample: the whole job",
+    "prepare": "shard and tokenize the corpus (Ray → sentencepiece → WebDataset)",
+    "train": "train on prepared shards with DeepSpeed",
+    "export": "write a verified Hugging Face folder from a checkpoint",
+    "sample": "generate text from a checkpoint",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Pretrain language models: Ray data pipeline, DeepSpeed ZeRO, MLflow.",
+        epilog="Any config key can be overridden as --section.key=value, "
+        "e.g. --train.max_steps=50 --model.n_layers=2.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("config", type=Path, help="run config YAML (e.g. configs/tiny.yaml)")
+        cmd.add_argument("--dry-run", action="store_true",
+                         help="print the resolved config, parameter count and DeepSpeed JSON")
+        if name in ("run", "train"):
+            cmd.add_argument("--resume", nargs="?", const="auto", default=None,
+                             help="resume: auto (newest complete checkpoint, the default when "
+                                  "the flag is given bare), none, or a checkpoint folder")
+        if name in ("export", "sample"):
+            cmd.add_argument("--checkpoint", default=None,
+                             help="checkpoint folder (default: the newest complete one)")
+        if name == "export":
+            cmd.add_argument("--out", default=None, help="export folder (default <run_dir>/export)")
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
+    return args, extra
+
+
+def dry_run(cfg: RunConfig) -> None:
+    from lmforge.launch.ds_config import build_deepspeed_config
+    from lmforge.model import parameter_count
+
+    print("# resolved config")
+    print(cfg.to_yaml())
+    if cfg.model.vocab_size is not None:
+        print(f"# parameters: {parameter_count(cfg.model):,}")
+    else:
+        print("# parameters: unknown until the tokenizer is loaded (model.vocab_size unset)")
+    print("# DeepSpeed config")
+    print(json.dumps(build_deepspeed_config(cfg), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return
+        code = dispatch(args, cfg)
+    except ConfigError as err:
+        print(f"lmforge: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lmforge: {err}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from lmforge.launch import run as stages
+
+    if args.command == "run":
+        return stages.run_all(cfg, resume=args.resume).exit_code
+    if args.command == "prepare":
+        print(f"manifest: {stages.prepare_stage(cfg)}")
+        return 0
+    if args.command == "train":
+        run_dir = stages.run_dir_of(cfg)
+        id_file = run_dir / stages.RUN_ID_FILE
+        run_id = id_file.read_text().strip() if args.resume and id_file.exists() else None
+        return stages.train_stage(cfg, resume=args.resume, run_id=run_id)
+    if args.command == "export":
+        print(f"export: {stages.export_stage(cfg, args.checkpoint, args.out)}")
+        return 0
+    if args.command == "sample":
+        stages.sample_stage(cfg, args.checkpoint)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    main()

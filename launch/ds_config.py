@@ -1,0 +1,130 @@
+"""The DeepSpeed JSON, generated from the typed config.
+
+The optimizer and LR schedule are built by lmforge (``launch/optim.py``) and handed to
+``deepspeed.initialize`` as client objects, so the generated JSON carries no
+``optimizer``/``scheduler`` blocks; a user JSON that has them is refused with a message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.launch.typed_yaml import ConfigError
+
+# Keys whose values lmforge derives from the typed config; a user JSON may repeat them only
+# with the same value.
+_DERIVED = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+)
+
+
+def build_deepspeed_config(cfg: Any) -> dict[str, Any]:
+    """Builds the DeepSpeed config dict for a :class:`~lmforge.launch.config.RunConfig`.
+
+    Args:
+        cfg: The run config (uses its ``train``, ``deepspeed`` and ``launch`` sections).
+
+    Returns:
+        The dict passed to ``deepspeed.initialize(config=...)``.
+
+    Raises:
+        ConfigError: The user's DeepSpeed JSON conflicts with the typed config.
+    """
+    train, ds = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.bucket_size,
+        "allgather_bucket_size": ds.bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = ds.bucket_size
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": False}
+    if ds.offload_params != "none":
+        zero["offload_param"] = {"device": ds.offload_params, "pin_memory": False}
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": cfg.global_batch_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": _fp16_block(train.precision),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # lmforge logs; keep DeepSpeed's own step prints quiet
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file is not None:
+        generated = _merge_user_json(generated, Path(ds.config_file))
+    return _deep_update(generated, ds.overrides)
+
+
+def _fp16_block(precision: str) -> dict[str, Any]:
+    if precision != "fp16":
+        return {"enabled": False}
+    # Dynamic loss scaling: start high, halve on overflow, grow after 1000 clean steps.
+    return {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }
+
+
+def _merge_user_json(generated: dict[str, Any], path: Path) -> dict[str, Any]:
+    try:
+        user = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    for block in ("optimizer", "scheduler"):
+        if block in user:
+            raise ConfigError(
+                f"{path}: '{block}' is set by lmforge from the train section "
+                f"(train.lr, train.lr_schedule, ...); remove it from the DeepSpeed JSON"
+            )
+    conflicts = [
+        f"{key}: JSON has {user[key]!r}, config gives {generated[key]!r}"
+        for key in _DERIVED
+        if key in user and user[key] != "auto" and user[key] != generated[key]
+    ]
+    conflicts += _conflicts(user, generated, ("zero_optimization", "stage"))
+    conflicts += _conflicts(user, generated, ("bf16", "enabled"))
+    conflicts += _conflicts(user, generated, ("fp16", "enabled"))
+    if conflicts:
+        raise ConfigError(
+            f"{path}: conflicts with the typed config (change the YAML or the JSON):\n  "
+            + "\n  ".join(conflicts)
+        )
+    merged = _deep_update(generated, {k: v for k, v in user.items() if v != "auto"})
+    return merged
+
+
+def _conflicts(user: dict, generated: dict, keys: tuple[str, str]) -> list[str]:
+    block, key = keys
+    if not isinstance(user.get(block), dict) or key not in user[block]:
+        return []
+    theirs, ours = user[block][key], generated[block][key]
+    if theirs == "auto" or theirs == ours:
+        return []
+    return [f"{block}.{key}: JSON has {theirs!r}, config gives {ours!r}"]
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

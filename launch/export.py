@@ -1,0 +1,246 @@
+"""Hugging Face export: a folder `transformers` loads with its Auto classes, logit-verified.
+
+`write_hf_folder` takes the Hugging Face config and state dict (from
+`lmforge.model.hf.to_hf`) and the run's sentencepiece model, and writes `config.json`,
+`model.safetensors`, `generation_config.json`, the tokenizer files and the sentencepiece
+`tokenizer.model` into a temporary sibling folder that is renamed into place only when
+complete, so a crash never leaves a half export. `verify_logits` reloads the folder with
+`AutoModelForCausalLM` and compares its logits with the training model's.
+
+Load exports with the Auto classes: `LlamaTokenizer.from_pretrained(export)` in transformers
+5.x rebuilds its own pre-tokenizer around the vocabulary and differs from sentencepiece on
+texts that start with a space; `AutoTokenizer` reads the verified `tokenizer.json` as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmforge.launch.hf_tokenizer import ExportError, export_tokenizer
+
+__all__ = ["ExportError", "verify_logits", "write_hf_folder"]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _causal_lm_class_name(hf_config: dict[str, Any]) -> str:
+    """The `*ForCausalLM` class `AutoModelForCausalLM` builds for this config's model_type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = hf_config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ExportError(
+            f"config.model_type: {model_type!r} is not a causal LM model type of transformers; "
+            "build the config with lmforge.model.hf.to_hf (e.g. 'llama' or 'gpt2')"
+        )
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+
+
+def _untie(
+    hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor], class_name: str
+) -> dict[str, torch.Tensor]:
+    """Drops the tied copies (e.g. `lm_head.weight`) that transformers re-ties on load.
+
+    safetensors refuses tensors that share storage, and Hugging Face checkpoints of tied
+    models store only the source tensor; a tied copy that differs from its source would be
+    silently replaced on load, so it is an error.
+    """
+    import transformers
+
+    tied = getattr(getattr(transformers, class_name, None), "_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        tied = {"lm_head.weight": None}
+    if not hf_config.get("tie_word_embeddings", False):
+        return dict(state_dict)
+    kept = dict(state_dict)
+    for copy_key, source_key in tied.items():
+        if copy_key not in kept:
+            continue
+        source = kept.get(source_key) if source_key else None
+        if source is not None and not torch.equal(kept[copy_key], source):
+            raise ExportError(
+                f"config.tie_word_embeddings is true but state dict '{copy_key}' differs from "
+                f"'{source_key}'; set tie_word_embeddings false or export the tied model"
+            )
+        del kept[copy_key]
+    return kept
+
+
+def _contiguous_unshared(
+    state_dict: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Casts floating tensors to `dtype`; every tensor contiguous, on CPU, in its own storage."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()  # safetensors refuses tensors that share memory
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def _check_token_ids(hf_config: dict[str, Any], spm_model: str | Path) -> None:
+    """The model's vocab must cover the tokenizer and agree on bos/eos/pad ids."""
+    import sentencepiece as spm
+
+    if not Path(spm_model).is_file():
+        raise ExportError(f"{spm_model}: sentencepiece model not found; pass the run's tokenizer")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    vocab_size = hf_config.get("vocab_size")
+    if not isinstance(vocab_size, int) or vocab_size < sp.get_piece_size():
+        raise ExportError(
+            f"config.vocab_size: {vocab_size} is below the {sp.get_piece_size()} pieces of "
+            f"{spm_model}; export with the tokenizer the model was trained with"
+        )
+    for key, spm_id in (
+        ("bos_token_id", sp.bos_id()),
+        ("eos_token_id", sp.eos_id()),
+        ("pad_token_id", sp.pad_id()),
+    ):
+        value = hf_config.get(key)
+        if value is not None and spm_id >= 0 and value != spm_id:
+            raise ExportError(
+                f"config.{key}: {value} but {spm_model} has id {spm_id}; pass "
+                f"{key}={spm_id} to lmforge.model.hf.to_hf"
+            )
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flushes every file and the folder itself, so the rename publishes complete bytes."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_hf_folder(
+    out_dir: str | Path,
+    hf_config: dict[str, Any],
+    hf_state_dict: dict[str, torch.Tensor],
+    spm_model: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Writes a Hugging Face model folder, atomically.
+
+    Args:
+        out_dir: Destination folder; an existing export there is replaced.
+        hf_config: `PretrainedConfig.to_dict()`-style mapping with `model_type`.
+        hf_state_dict: Tensors under Hugging Face names.
+        spm_model: The run's sentencepiece `.model`; exported and verified as the tokenizer.
+        dtype: Dtype of the floating tensors in `model.safetensors` (and `config.dtype`).
+
+    Returns:
+        The export folder.
+
+    Raises:
+        ExportError: The config, state dict and tokenizer do not fit together, or the
+            tokenizer does not reproduce sentencepiece's ids.
+    """
+    if dtype not in _DTYPE_NAMES:
+        raise ExportError(f"dtype: {dtype} is not exportable; use one of {list(_DTYPE_NAMES)}")
+    out_dir = Path(out_dir)
+    class_name = _causal_lm_class_name(hf_config)
+    _check_token_ids(hf_config, spm_model)
+    config = dict(hf_config)
+    config["architectures"] = config.get("architectures") or [class_name]
+    config["dtype"] = _DTYPE_NAMES[dtype]
+    config.pop("torch_dtype", None)  # transformers 5 names it `dtype`
+    tensors = _contiguous_unshared(_untie(config, hf_state_dict, class_name), dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # leftover of an earlier crash
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        generation = {
+            key: config[key]
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config.get(key) is not None
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        # The original model rides along for sentencepiece users and converters (llama.cpp);
+        # AutoTokenizer reads tokenizer.json, and verification runs with both present.
+        shutil.copyfile(spm_model, tmp / "tokenizer.model")
+        export_tokenizer(spm_model, tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Swap: the old export moves aside before the new one takes its name, so `out_dir` is
+    # always absent or complete, never partial.
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def verify_logits(
+    out_dir: str | Path,
+    reference_logits: torch.Tensor,
+    input_ids: torch.LongTensor,
+    atol: float = 1e-4,
+) -> float:
+    """Reloads an export with `AutoModelForCausalLM` and compares its logits.
+
+    Args:
+        out_dir: Folder written by `write_hf_folder`.
+        reference_logits: Logits of the source model on `input_ids`, shape (B, T, V).
+        input_ids: Token ids, shape (B, T).
+        atol: Largest allowed absolute difference.
+
+    Returns:
+        The largest absolute logit difference.
+
+    Raises:
+        ExportError: Weights are missing or unused on load, shapes differ, or the difference
+            exceeds `atol`.
+    """
+    from transformers import AutoModelForCausalLM  # slow import; only when exporting
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(out_dir), dtype=torch.float32, output_loading_info=True
+    )
+    missing, unexpected = info.get("missing_keys", []), info.get("unexpected_keys", [])
+    if missing or unexpected:
+        raise ExportError(
+            f"{out_dir}: transformers found missing weights {sorted(missing)} and unused "
+            f"weights {sorted(unexpected)}; the state dict names do not match the config's "
+            "architecture (check lmforge.model.hf.to_hf)"
+        )
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits  # (B, T, V)
+    if logits.shape != reference_logits.shape:
+        raise ExportError(
+            f"{out_dir}: exported model gives logits of shape {tuple(logits.shape)} but the "
+            f"reference has {tuple(reference_logits.shape)}; check config.vocab_size"
+        )
+    diff = (logits.float() - reference_logits.detach().float().cpu()).abs().max().item()
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(
+            f"{out_dir}: exported logits differ from the trained model's by {diff:.3g} "
+            f"(> atol {atol:g}); the weight mapping or config (norm eps, rope theta, "
+            "activation) does not match the trained model"
+        )
+    return diff

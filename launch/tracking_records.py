@@ -1,0 +1,150 @@
+"""How each kind of tracking record is built: params, dataset lineage, system metrics.
+
+Used by launch/tracking.py. MLflow is imported inside the functions, so importing this module
+(and with it the config) stays cheap on ranks that never track.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lmforge.launch.tracking")
+
+_MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (MLflow >= 2.x)
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested dicts into dotted keys with string values, as MLflow stores params.
+
+    Args:
+        params: possibly nested mapping, e.g. a resolved config as a dict.
+        prefix: prepended to every key (used for recursion).
+
+    Returns:
+        `{"model.n_layers": "12", ...}`; values longer than MLflow's limit are cut and end
+        in "..." (the full config is logged as an artifact anyway).
+    """
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > _MAX_PARAM_VALUE:
+            text = text[: _MAX_PARAM_VALUE - 3] + "..."
+        flat[name] = text
+    return flat
+
+
+def params_operation(params: list[tuple[str, str]]) -> Callable[[Any, str], None]:
+    """Operation logging up to 100 params; on a conflict logs the others one by one.
+
+    MLflow refuses a whole batch if one param was logged before with another value (e.g. a
+    resumed run with a changed override), so the rest are still recorded and only the
+    conflicting keys are reported.
+    """
+
+    from mlflow.entities import Param
+
+    from lmforge.launch.tracking_worker import is_permanent
+
+    def send(client: Any, run_id: str) -> None:
+        entities = [Param(k, v) for k, v in params]
+        try:
+            client.log_batch(run_id, params=entities)
+            return
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+        refused: list[str] = []
+        for entity in entities:
+            try:
+                client.log_batch(run_id, params=[entity])
+            except Exception as exc:
+                if not is_permanent(exc):
+                    raise
+                refused.append(entity.key)
+        log.warning(
+            "tracking: MLflow kept the earlier value of param(s) %s (a run's params cannot "
+            "change; the new values are in the run's config artifact)", ", ".join(refused),
+        )
+
+    return send
+
+
+
+def dataset_entity(manifest_path: Path) -> Any:
+    """The `mlflow.entities.Dataset` describing a shard manifest (see log_dataset_lineage).
+
+    Raises:
+        ValueError: the manifest is not valid JSON or lists no shard checksums.
+    """
+    from mlflow.entities import Dataset
+
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    tokenizer = manifest.get("tokenizer")
+    tokenizer_sha = manifest.get("tokenizer_sha256") or (
+        tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
+    )
+    shards = [s for s in manifest.get("shards", []) if isinstance(s, dict)]
+    shard_shas = [s["sha256"] for s in shards if "sha256" in s]
+    if not shard_shas:
+        raise ValueError(f"{manifest_path}: no shard sha256 found under 'shards'")
+    digest = hashlib.sha256()
+    for part in [tokenizer_sha or "", *shard_shas]:
+        digest.update(part.encode())
+    profile = {
+        "shards": len(shards),
+        "samples": sum(int(s.get("samples", s.get("num_samples", 0))) for s in shards),
+        "tokens": sum(int(s.get("tokens", s.get("num_tokens", 0))) for s in shards),
+        "tokenizer_sha256": tokenizer_sha,
+        "digest_sha256": digest.hexdigest(),
+    }
+    return Dataset(
+        name=str(manifest.get("name") or manifest_path.parent.name),
+        digest=digest.hexdigest()[:32],  # MLflow stores at most 36 characters
+        source_type="local",
+        source=json.dumps({"uri": manifest_path.resolve().as_uri()}),
+        profile=json.dumps(profile),
+    )
+
+
+class SystemSampler:
+    """Samples host metrics with MLflow's own monitors, under the names MLflow's UI expects.
+
+    Used instead of `start_run(log_system_metrics=True)` because MLflow's monitor thread stops
+    for good at its first failed request; here the values join the same retrying queue.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        try:
+            self.monitors.append(GPUMonitor())
+        except Exception:  # no NVIDIA GPU or no pynvml: CPU-only sampling
+            pass
+        self.process = psutil.Process()
+
+    def __call__(self) -> dict[str, float]:
+        """One sample: {"system/<name>": value}."""
+        values: dict[str, float] = {}
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            values.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        values["process_rss_megabytes"] = self.process.memory_info().rss / 1e6
+        return {f"system/{key}": float(value) for key, value in values.items()}

@@ -1,0 +1,280 @@
+"""Typed loading of YAML into config dataclasses, with errors that name file, line and key.
+
+Each config section is a plain ``@dataclass`` whose fields carry type hints. This module
+turns a YAML mapping into an instance, checking every key and type on the way, so a run
+fails before any process starts. ``ValueError``s raised by a section's ``__post_init__``
+are expected to start with the field name (``"n_heads: must divide d_model"``); they are
+re-raised as :class:`ConfigError` with the section path and the YAML line prepended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or inconsistent."""
+
+
+LineMap = dict[tuple[str, ...], int]
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap]:
+    """Reads a YAML mapping and the line number of every key in it.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The parsed mapping and a map from key path (tuple of keys) to 1-based line.
+
+    Raises:
+        ConfigError: The file is missing, is not valid YAML, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    lines: LineMap = {}
+    _collect_lines(node, (), lines)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node | None, prefix: tuple[str, ...], lines: LineMap) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, str(key_node.value))
+            lines[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            key = (*prefix, str(index))
+            lines[key] = item.start_mark.line + 1
+            _collect_lines(item, key, lines)
+
+
+class Where:
+    """Formats the location of a key for messages: ``file:line: a.b.c`` or ``a.b.c (--a.b=…)``."""
+
+    def __init__(
+        self,
+        source: str | None = None,
+        lines: LineMap | None = None,
+        overridden: set[tuple[str, ...]] | None = None,
+    ) -> None:
+        self.source = source
+        self.lines = lines or {}
+        self.overridden = overridden or set()
+
+    def __call__(self, path: tuple[str, ...]) -> str:
+        dotted = ".".join(path)
+        for depth in range(len(path), 0, -1):
+            if path[:depth] in self.overridden:
+                return f"{dotted} (set by --{'.'.join(path[:depth])}=...)"
+        for depth in range(len(path), 0, -1):
+            line = self.lines.get(path[:depth])
+            if line is not None and self.source:
+                return f"{self.source}:{line}: {dotted}"
+        return f"{self.source}: {dotted}" if self.source else dotted
+
+
+def build(cls: type, data: Any, path: tuple[str, ...] = (), where: Where | None = None) -> Any:
+    """Builds dataclass ``cls`` from a mapping, checking keys and types recursively.
+
+    Args:
+        cls: A dataclass type.
+        data: The mapping (``None`` means all defaults).
+        path: The key path of this section, for messages.
+        where: Formats locations; defaults to plain dotted paths.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ConfigError: An unknown key, a wrong type, a missing required field, or a
+            ``__post_init__`` check failed.
+    """
+    where = where or Where()
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where(path)}: expected a mapping of keys, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            more = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"{where((*path, str(key)))}: unknown key{more}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = convert(data[name], hints[name], (*path, name), where)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where((*path, name))}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise _post_init_error(err, path, where) from err
+
+
+def _post_init_error(err: Exception, path: tuple[str, ...], where: Where) -> ConfigError:
+    message = str(err)
+    head, sep, rest = message.partition(":")
+    if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
+        return ConfigError(f"{where((*path, *head.split('.')))}:{rest}")
+    return ConfigError(f"{where(path)}: {message}")
+
+
+def convert(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
+    """Converts one YAML value to the type ``hint``, or raises a ConfigError naming it."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return convert(value, option, path, where)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{where(path)}: expected {_name(hint)}, got {_show(value)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        choices = ", ".join(repr(a) for a in args)
+        raise ConfigError(f"{where(path)}: must be one of {choices}, got {_show(value)}")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where(path)}: expected a list, got {_show(value)}")
+        (item,) = args or (Any,)
+        return [convert(v, item, (*path, str(i)), where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where(path)}: expected a mapping, got {_show(value)}")
+        _, item = args or (str, Any)
+        return {str(k): convert(v, item, (*path, str(k)), where) for k, v in value.items()}
+    return _scalar(value, hint, path, where)
+
+
+def _scalar(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise ConfigError(f"{where(path)}: unsupported config type {_name(hint)}")
+    raise ConfigError(f"{where(path)}: expected {_name(hint)}, got {_show(value)}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def parse_override(arg: str) -> tuple[tuple[str, ...], Any]:
+    """Parses ``--section.key=value`` into a key path and a YAML-typed value.
+
+    Raises:
+        ConfigError: The argument is not of that form.
+    """
+    body = arg[2:] if arg.startswith("--") else arg
+    key, sep, raw = body.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{arg}': expected --section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{arg}': value is not valid YAML: {err}") from err
+    return tuple(key.split(".")), value
+
+
+def apply_override(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Sets ``data[path] = value``, creating mappings and indexing lists on the way."""
+    node: Any = data
+    for depth, key in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_index(node, key, path[: depth + 1])]
+            continue
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        node = child
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _index(items: list, key: str, path: tuple[str, ...]) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"override {'.'.join(path)}: no list item {key} ({len(items)} items)")
+    return int(key)
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists, for YAML/JSON dumps and MLflow params."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
+        }
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,114 @@
+"""The per-rank training entry point: ``python -m lmforge.launch.worker --run-dir DIR``.
+
+Started by torchrun (``lmforge run``/``train`` on one machine), ``srun`` (Slurm) or Ray
+Train; it reads the rank layout from the usual variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) and the resolved config from ``DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from lmforge.launch.callbacks import (
+    REQUEUE_EXIT_CODE,
+    Evaluator,
+    MetricsLogger,
+    PreemptionHandler,
+)
+from lmforge.launch.config import RunConfig, load_resolved
+from lmforge.launch.tracking import Tracker
+from lmforge.launch.trainer import Trainer
+
+log = logging.getLogger("lmforge.train")
+
+
+def resolve_backend(cfg: RunConfig) -> str:
+    if cfg.launch.backend != "auto":
+        return cfg.launch.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def flops_per_token(cfg: RunConfig) -> float | None:
+    """Training FLOPs per token (6N + attention) when the model package can estimate it."""
+    try:
+        from lmforge.model import estimate_flops
+    except ImportError:
+        return None
+    return float(estimate_flops(cfg.model, cfg.data.seq_len))
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 peak of this GPU, for MFU; None on CPU (MFU is not meaningful there)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items():
+        if key in name:
+            return value
+    return None
+
+
+def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
+    """Trains one rank to the end of the run; returns the process exit status."""
+    cfg = load_resolved(run_dir)
+    # torch.distributed deprecation notices from inside DeepSpeed: not actionable by users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(max(1, cfg.launch.omp_num_threads))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=resolve_backend(cfg), verbose=False)
+    rank = dist.get_rank()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    tracker = Tracker(cfg.tracking, run_dir) if rank == 0 else Tracker.disabled()
+    if rank == 0:
+        tracker.start(run_name=cfg.name, run_id=run_id)
+    metrics = MetricsLogger(
+        tracker, flops_per_token(cfg), peak_flops(), jsonl=run_dir / "metrics.jsonl"
+    )
+    evaluator = Evaluator(tracker, metrics)
+    preemption = PreemptionHandler()
+    manifest = Path(cfg.data.output_dir) / "manifest.json"
+    status = "FAILED"
+    try:
+        trainer = Trainer(cfg, run_dir, manifest, [metrics, evaluator, preemption])
+        trainer.resume(resume)
+        state = trainer.fit()
+        status = "KILLED" if preemption.stopped else "FINISHED"
+        if rank == 0:
+            summary = {
+                "step": state.step,
+                "tokens_seen": state.tokens_seen,
+                "val_loss": evaluator.history,
+                "preempted": preemption.stopped,
+            }
+            (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        tracker.close(status=status if status != "FINISHED" else "RUNNING")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return REQUEUE_EXIT_CODE if preemption.stopped else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.launch.worker")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--resume", default=None, help="none, auto, or a checkpoint folder")
+    parser.add_argument("--run-id", default=None, help="MLflow run to attach to")
+    args = parser.parse_args(argv)
+    sys.exit(train_main(args.run_dir.resolve(), args.resume, args.run_id))
+
+
+if __name__ == "__main__":
+    main()

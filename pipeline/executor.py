@@ -1,0 +1,159 @@
+"""Who runs the stage items: in-process (unit tests) or Ray (local or an existing cluster).
+
+Both executors expose the same two calls: `map(fn, items, ...)` for stages made of plain
+tasks, and `encode(ctx, tasks)` for the tokenizer stage, which under Ray is a Ray Data
+`map_batches` over an actor pool so each actor loads the sentencepiece model once.
+Results always come back in item order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from lmforge.pipeline.stages import WorkContext, encode_task
+from lmforge.pipeline.tokenizer import DocumentEncoder
+from tqdm import tqdm
+
+
+def _bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=f"prepare {desc}", unit="item", disable=not enabled,
+                dynamic_ncols=True, leave=True)
+
+
+class LocalExecutor:
+    """Runs every item in this process, in order (for tests and tiny corpora)."""
+
+    def __init__(self, progress: bool = False) -> None:
+        self.progress = progress
+        self.workers = 1
+
+    def map(self, fn: Callable[..., Any], items: list[Any], desc: str, *args: Any) -> list[Any]:
+        """Apply `fn(item, *args)` to every item."""
+        results = []
+        with _bar(len(items), desc, self.progress) as bar:
+            for item in items:
+                results.append(fn(item, *args))
+                bar.update()
+        return results
+
+    def encode(self, ctx: WorkContext, tasks: list[int]) -> list[dict]:
+        """Run the encode stage over `tasks` with one encoder."""
+        encoder = DocumentEncoder(ctx.tokenizer_model) if tasks else None
+        return self.map(lambda t: encode_task(t, ctx, encoder), tasks, "encode")
+
+
+class EncodeActor:
+    """Ray Data actor: holds one sentencepiece model, encodes whole read tasks."""
+
+    def __init__(self, ctx: WorkContext) -> None:
+        self.ctx = ctx
+        self.encoder = DocumentEncoder(ctx.tokenizer_model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [json.dumps(encode_task(int(t), self.ctx, self.encoder)) for t in batch["task"]]
+        return {"result": np.array(results, dtype=object)}
+
+
+class RayExecutor:
+    """Runs items as Ray tasks, and the encode stage as Ray Data `map_batches` on actors.
+
+    Args:
+        num_workers: Encoder actors and the cap on concurrent tasks; 0 = cluster CPUs.
+        progress: Show a progress bar per stage.
+    """
+
+    def __init__(self, num_workers: int = 0, progress: bool = True) -> None:
+        import ray
+
+        self.ray = ray
+        self.progress = progress
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        self.cpus = cpus
+        self.workers = num_workers or max(1, int(cpus))
+        # Actors must not take every CPU or the Ray Data input task starves (FACTS.md).
+        self.actor_cpus = min(1.0, max(0.05, (cpus - 0.5) / self.workers))
+
+    def map(self, fn: Callable[..., Any], items: list[Any], desc: str, *args: Any) -> list[Any]:
+        """Apply `fn(item, *args)` to every item as Ray tasks, at most `workers` at a time."""
+        ray = self.ray
+        remote = ray.remote(num_cpus=min(1.0, self.actor_cpus), max_retries=2)(fn)
+        arg_refs = [ray.put(a) for a in args]
+        results: list[Any] = [None] * len(items)
+        pending: dict[Any, int] = {}
+        next_item = 0
+        with _bar(len(items), desc, self.progress) as bar:
+            while next_item < len(items) or pending:
+                while next_item < len(items) and len(pending) < self.workers:
+                    pending[remote.remote(items[next_item], *arg_refs)] = next_item
+                    next_item += 1
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    results[pending.pop(ref)] = ray.get(ref)
+                    bar.update()
+        return results
+
+    def encode(self, ctx: WorkContext, tasks: list[int]) -> list[dict]:
+        """Encode `tasks` with Ray Data `map_batches` on an actor pool of `workers` actors."""
+        if not tasks:
+            return []
+        from ray.data import ActorPoolStrategy, DataContext
+
+        data_context = DataContext.get_current()
+        data_context.enable_progress_bars = False
+        data_context.print_on_execution_start = False
+        dataset = self.ray.data.from_items(
+            [{"task": t} for t in tasks], override_num_blocks=len(tasks)
+        )
+        encoded = dataset.map_batches(
+            EncodeActor,
+            fn_constructor_kwargs={"ctx": ctx},
+            batch_size=1,
+            compute=ActorPoolStrategy(size=min(self.workers, len(tasks))),
+            num_cpus=self.actor_cpus,
+            # A failed actor is not restarted: the stage is resumable, rerun prepare instead.
+            max_restarts=0,
+        )
+        results = []
+        # Ray Data logs execution banners at INFO/WARNING; our own bar says enough.
+        data_logger = logging.getLogger("ray.data")
+        level = data_logger.level
+        data_logger.setLevel(logging.ERROR)
+        try:
+            with _bar(len(tasks), "encode", self.progress) as bar:
+                for row in encoded.iter_rows():
+                    results.append(json.loads(row["result"]))
+                    bar.update()
+        finally:
+            data_logger.setLevel(level)
+        return sorted(results, key=lambda r: r["task"])
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use a running Ray if initialised; else connect to `address`, or start a local Ray.
+
+    Ray is shut down on exit only if this function started or connected it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True)
+    except ConnectionError as err:
+        raise ValueError(
+            f"ray_address: cannot connect to Ray at {address!r} ({err}); start the cluster "
+            "or set data.ray_address to null for a local Ray"
+        ) from err
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,177 @@
+"""Building one rank's micro-batches: positions → samples → token tensors.
+
+Runs inside DataLoader workers (or the training process when ``num_workers`` is 0).
+Worker ``w`` of ``W`` builds the rank's micro-batches ``w, w + W, …`` from the start
+position; the DataLoader hands them back in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lmforge.pipeline.loader_order import DatasetSplit, Mixture
+from lmforge.pipeline.loader_tar import ReaderCache, ShardError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs to build any micro-batch; small and picklable."""
+
+    datasets: list[DatasetSplit]
+    mixture: Mixture | None  # None: a finite pass over datasets one after another
+    offsets: list[int]
+    ends: list[int]
+    seq_len: int
+    token_dtype: str
+    pad_id: int
+    config: Any  # LoaderConfig
+    rank: int
+    micro_batch_size: int
+    global_batch: int
+
+
+class BatchStream(IterableDataset):
+    """Yields ``((rows, doc starts, docs per row), report)`` per micro-batch from ``start``."""
+
+    def __init__(self, plan: Plan, start: int, steps: int | None) -> None:
+        self.plan = plan
+        self.start = start
+        self.steps = steps
+        self.cache: ReaderCache | None = None
+        self.reported: set[str] = set()
+
+    def __iter__(self) -> Iterator[tuple[tuple[np.ndarray, ...] | None, dict[str, Any]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan
+        if self.cache is None:
+            self.cache = ReaderCache(plan.config.max_open_shards, plan.config.verify_checksums)
+        j = worker
+        while self.steps is None or j < self.steps:
+            first = self.start + j * plan.global_batch + plan.rank * plan.micro_batch_size
+            try:
+                yield self._batch(first)
+            except ShardError as err:
+                # Handed over as data, not raised: a worker that raises leaves the
+                # DataLoader waiting 5 s per worker on shutdown; the caller raises it.
+                yield None, {"error": str(err)}
+                return
+            j += workers
+
+    def _batch(self, first: int) -> tuple[tuple[np.ndarray, ...], dict[str, Any]]:
+        plan = self.plan
+        size = plan.micro_batch_size
+        rows = np.full((size, plan.seq_len + 1), plan.pad_id, plan.token_dtype)
+        docs: list[np.ndarray] = [_ONE_DOC] * size
+        keys = [""] * size
+        substituted = 0
+        dataset_ids, indices = self._locate(np.arange(first, first + size))
+        for d in np.unique(dataset_ids[dataset_ids >= 0]).tolist():
+            dataset = plan.datasets[d]
+            where = np.flatnonzero(dataset_ids == d)
+            shard_ids, samples = dataset.locate_many(indices[where])
+            for b, shard, sample, index in zip(
+                where.tolist(), shard_ids.tolist(), samples.tolist(), indices[where].tolist(),
+                strict=True,
+            ):
+                reader = self.cache.get(dataset.shards[shard], plan.seq_len, plan.token_dtype)
+                if reader is None:
+                    found = self._substitute(dataset, index)
+                    if found is None:
+                        continue  # a finite pass must not visit any sample twice: mask it
+                    reader, sample = found
+                    substituted += 1
+                rows[b] = reader.tokens(sample)
+                docs[b] = reader.doc_starts[sample]
+                keys[b] = reader.keys[sample]
+        new_bad = {u: m for u, m in self.cache.bad.items() if u not in self.reported}
+        self.reported.update(new_bad)
+        report = {"bad": new_bad, "substituted": substituted}
+        if plan.config.return_keys:
+            report["keys"] = keys
+        # Token rows cross from a worker as they are on disk (2-4 bytes a token, one
+        # pickle); widening to int64 tensors happens in the caller's process.
+        counts = np.array([len(d) for d in docs], dtype=np.int64)
+        return (rows, np.concatenate(docs), counts), report
+
+    def _locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset (-1 for padding) and index in its stream, for global positions."""
+        plan = self.plan
+        if plan.mixture is None:
+            ends = np.asarray(plan.ends)
+            dataset_ids = np.searchsorted(ends, positions, side="right")
+            starts = np.concatenate([[0], ends])[np.minimum(dataset_ids, len(ends) - 1)]
+            dataset_ids[dataset_ids == len(ends)] = -1
+            return dataset_ids, positions - starts
+        dataset_ids, j = plan.mixture.locate_many(positions)
+        return dataset_ids, np.asarray(plan.offsets)[dataset_ids] + j
+
+    def _substitute(self, dataset: DatasetSplit, index: int):
+        """The next readable sample after an unreadable one, or None in a finite pass."""
+        plan = self.plan
+        url = dataset.shards[dataset.locate(index)[0]].url
+        if plan.config.strict:
+            raise ShardError(
+                f"{self.cache.bad[url]}; fix or re-create it (`lmforge prepare` skips "
+                "finished shards), or set data.loader.strict=false to skip it"
+            )
+        if plan.mixture is None:
+            return None
+        for step in range(1, dataset.samples):
+            shard, sample = dataset.locate(index + step)
+            reader = self.cache.get(dataset.shards[shard], plan.seq_len, plan.token_dtype)
+            if reader is not None:
+                return reader, sample
+        raise ShardError(f"dataset '{dataset.name}': no shard of the split can be read")
+
+
+_ONE_DOC = np.zeros(1, dtype=np.int64)
+
+
+def collate(
+    rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, pad_id: int, masking: bool
+) -> dict[str, torch.Tensor]:
+    """Token rows (B, T+1) → ``input_ids``, ``labels`` (B, T) int64 [+ segment, position ids].
+
+    Args:
+        rows: Token ids, one packed sample per row.
+        starts: Every row's ``doc_starts``, concatenated.
+        counts: Documents per row (how ``starts`` splits into rows).
+        pad_id: Labels equal to it become -100.
+        masking: Also compute ``segment_ids`` and ``position_ids``.
+    """
+    size, length = rows.shape
+    packed = np.empty((4 if masking else 2, size, length - 1), dtype=np.int64)
+    packed[0] = rows[:, :-1]
+    labels = packed[1]
+    labels[...] = rows[:, 1:]
+    labels[labels == pad_id] = IGNORE_INDEX
+    if masking:
+        # Per document: its start, its length and its index within the row; repeating
+        # them over the document's positions gives segment and position ids at once.
+        lengths = np.empty_like(starts)
+        lengths[:-1] = starts[1:] - starts[:-1]
+        last = np.cumsum(counts) - 1
+        lengths[last] = length - starts[last]
+        first = np.repeat(last - counts + 1, counts)
+        segment = np.repeat(np.arange(len(starts)) - first, lengths).reshape(size, length)
+        offset = np.repeat(starts, lengths).reshape(size, length)
+        packed[2] = segment[:, :-1]
+        packed[3] = (np.arange(length) - offset)[:, :-1]
+    # One int64 block viewed as separate tensors: a single allocation per batch.
+    tensors = torch.from_numpy(packed)
+    names = ("input_ids", "labels", "segment_ids", "position_ids")
+    return {name: tensors[i] for i, name in enumerate(names[: len(packed)])}
+
+
+def keep(item: Any) -> Any:
+    """DataLoader ``collate_fn`` that leaves worker output as numpy (no shared-memory tensors)."""
+    return item

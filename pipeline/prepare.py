@@ -1,0 +1,223 @@
+"""`prepare`: raw text → cleaned, deduplicated, tokenized, packed WebDataset shards.
+
+Stages (each item resumable, see stages.py): plan read tasks → clean → dedup → sample and
+train the tokenizer (or reuse one) → encode (Ray Data actors) → write shards → stats,
+plots, manifest.json (last, atomic). Intermediate files live in
+`<output_dir>/_work/<fingerprint>/` and are removed after success.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
+from lmforge.pipeline.manifest import (
+    build_manifest,
+    fingerprint,
+    is_complete,
+    plan_shards,
+    write_manifest,
+)
+from lmforge.pipeline.sources import SourceFile, discover_files, plan_read_tasks
+from lmforge.pipeline.stages import (
+    WorkContext,
+    clean_task,
+    dedup_partition,
+    sample_task,
+    write_json,
+    write_task,
+)
+from lmforge.pipeline.stats import summarize, summary_for_manifest, write_plots
+from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
+
+
+def _say(message: str, progress: bool) -> None:
+    log.info(message)
+    if progress:
+        print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+def prepare(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    *,
+    progress: bool = True,
+    executor: Literal["ray", "local"] = "ray",
+) -> Path:
+    """Turn the configured datasets into shards, a tokenizer and a manifest.
+
+    Args:
+        data: The `data` section.
+        tokenizer: The `tokenizer` section.
+        progress: Show a progress bar per stage and say what is happening.
+        executor: "ray" (local Ray, or the cluster at `data.ray_address`; a Ray already
+            initialised in this process is used and left running) or "local" (all in this
+            process; for tests and tiny corpora).
+
+    Returns:
+        Path of the written (or already complete) manifest.json.
+    """
+    out = Path(data.output_dir)
+    manifest_path = out / "manifest.json"
+    files = [f for spec in data.datasets for f in _discover(spec, data)]
+    fp = fingerprint(data, tokenizer, files)
+    if is_complete(manifest_path, fp):
+        _say(f"{manifest_path} is complete for these inputs and config; skipping", progress)
+        return manifest_path
+    if manifest_path.exists():  # stale: the dataset is no longer complete
+        manifest_path.unlink()
+    if executor == "local":
+        return _run(data, tokenizer, files, fp, LocalExecutor(progress), progress)
+    with ray_session(data.ray_address):
+        return _run(data, tokenizer, files, fp, RayExecutor(data.num_workers, progress),
+                    progress)
+
+
+def _discover(spec: DatasetSpec, data: DataConfig) -> list[SourceFile]:
+    index = data.datasets.index(spec)
+    try:
+        return discover_files(spec)
+    except ValueError as err:
+        raise ValueError(f"datasets[{index}].{err}") from err
+
+
+def _run(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    files: list[SourceFile],
+    fp: str,
+    ex: LocalExecutor | RayExecutor,
+    progress: bool,
+) -> Path:
+    out = Path(data.output_dir)
+    work_root = out / "_work"
+    for stale in work_root.glob("*"):
+        if stale.name != fp[:16]:
+            shutil.rmtree(stale, ignore_errors=True)
+    total_bytes = sum(f.size for f in files)
+    ctx = WorkContext(
+        work_dir=str(work_root / fp[:16]),
+        output_dir=str(out),
+        data=data,
+        num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
+    )
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    tasks = plan_read_tasks(data.datasets, data.read_chunk_bytes, files)
+    empty = [f.url for f in files if f.size == 0]
+    _say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
+         f"on {ex.workers} workers", progress)
+    clean = ex.map(clean_task, tasks, "clean", ctx)
+    seconds["clean"] = time.perf_counter() - t0
+    if not sum(r["kept"]["docs"] for r in clean):
+        raise ValueError(
+            "datasets: no documents left after reading and cleaning; check the paths, "
+            f"format and data.clean settings (bad input: {_bad_counts(clean)})"
+        )
+
+    t0 = time.perf_counter()
+    dedup: list[dict] = []
+    if data.dedup:
+        bounds = [r["partition_bounds"] for r in clean]
+        dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx, bounds)
+    seconds["dedup"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = _tokenizer_model(data, tokenizer, ctx, ex, clean, dedup, progress)
+    info = describe_tokenizer(model, tokenizer)
+    ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
+    seconds["tokenizer"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    encoded = ex.encode(ctx, [t.index for t in tasks])
+    seconds["encode"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    itemsize = 2 if info["vocab_size"] <= 2**16 else 4
+    plans = plan_shards(data, itemsize, encoded, [t.dataset for t in tasks])
+    shards = ex.map(write_task, plans, "write", ctx)
+    seconds["write"] = time.perf_counter() - t0
+
+    _remove_stale_shards(out, data, {s["path"] for s in shards})
+    shutil.copyfile(model, out / "tokenizer.model")
+    manifest = build_manifest(data, info, fp, files, shards, plans, {})
+    stats = summarize(clean, dedup, encoded, manifest["datasets"], empty, seconds)
+    plots = write_plots(stats, out / "plots")
+    stats["files"] = {"stats": "stats.json",
+                      "plots": [str(p.relative_to(out)) for p in plots]}
+    write_json(out / "stats.json", stats)
+    manifest["stats"] = summary_for_manifest(stats)
+    manifest_path = out / "manifest.json"
+    write_manifest(manifest_path, manifest)
+    if not data.keep_work:
+        shutil.rmtree(work_root, ignore_errors=True)
+    total = sum(sum(v.values()) for v in stats["tokens"].values())
+    _say(f"wrote {len(shards)} shards, {total:,} tokens "
+         f"({stats['throughput']['tokens_per_s']:,.0f} tokens/s); "
+         f"bad input: {stats['bad_input']['counts'] or 'none'}; manifest {manifest_path}",
+         progress)
+    return manifest_path
+
+
+def _bad_counts(clean: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in clean:
+        for kind, n in r["bad_input"]["counts"].items():
+            counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
+def _tokenizer_model(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    ctx: WorkContext,
+    ex: LocalExecutor | RayExecutor,
+    clean: list[dict],
+    dedup: list[dict],
+    progress: bool,
+) -> Path:
+    """Reuse `tokenizer.model_path`, or train on a uniform sample of the cleaned corpus."""
+    if tokenizer.model_path:
+        path = Path(tokenizer.model_path)
+        if not path.is_file():
+            raise ValueError(f"model_path: {path} does not exist; fix the path or unset it")
+        return path
+    model = ctx.path("tokenizer.model")
+    if model.exists():  # trained by an interrupted run with the same fingerprint
+        return model
+    kept = sum(r["kept"]["bytes"] for r in clean) - sum(r["removed_bytes"] for r in dedup)
+    ctx.sample_threshold = min(1.0, tokenizer.sample_bytes / max(kept, 1))
+    texts = ex.map(sample_task, [r["task"] for r in clean], "sample", ctx)
+    sample_file = ctx.path("tokenizer_sample.txt")
+    with open(sample_file, "w", encoding="utf-8", errors="surrogatepass") as f:
+        for task_texts in texts:
+            for text in task_texts:
+                f.write(text)
+                f.write("\n")
+    size = sample_file.stat().st_size
+    _say(f"training a {tokenizer.type} tokenizer ({tokenizer.vocab_size} pieces) "
+         f"on a {size / 1e6:.1f} MB sample", progress)
+    tmp = ctx.path("tokenizer.tmp.model")
+    train_tokenizer(sample_file, tokenizer, tmp)
+    tmp.replace(model)
+    sample_file.unlink()
+    return model
+
+
+def _remove_stale_shards(out: Path, data: DataConfig, written: set[str]) -> None:
+    """Delete shard files of an earlier, different run that this run did not write."""
+    for spec in data.datasets:
+        for path in (out / spec.name).glob("*.tar"):
+            if str(path.relative_to(out)) not in written:
+                path.unlink()

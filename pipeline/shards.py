@@ -1,0 +1,152 @@
+"""Packing token streams into fixed windows and writing them as reproducible WebDataset tars.
+
+A split's documents (each ending in EOS) form one stream that is cut into consecutive
+windows of `seq_len + 1` tokens; the last window is padded with the pad id. A shard holds a
+range of windows. Tar members have fixed metadata (mtime 0, uid/gid 0, no user names,
+mode 0444) and sorted names, so rewriting a shard gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile pads archives to whole records; we do the same
+
+
+def sample_key(dataset: str, split: str, shard_index: int, sample_index: int) -> str:
+    """The deterministic `__key__` of a sample."""
+    return f"{dataset}-{split}-{shard_index:06d}-{sample_index:08d}"
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of a shard inside its dataset folder."""
+    return f"{split}-{index:06d}.tar"
+
+
+def samples_per_shard(target_bytes: int, seq_len: int, itemsize: int) -> int:
+    """How many samples make a shard of about `target_bytes`."""
+    token_member = _BLOCK + -(-(128 + (seq_len + 1) * itemsize) // _BLOCK) * _BLOCK
+    sample_bytes = token_member + 2 * _BLOCK  # doc_starts member: header + one block
+    return max(1, target_bytes // sample_bytes)
+
+
+def pack_windows(
+    tokens: np.ndarray, doc_starts: np.ndarray, first_position: int, window: int, pad_id: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Cut a token stretch into windows and find where documents start in each.
+
+    Args:
+        tokens: Tokens from stream position `first_position` on (the last window may be
+            short; it is padded).
+        doc_starts: Stream positions where documents start (ascending, any range).
+        first_position: Stream position of `tokens[0]`; a multiple of `window`.
+        window: seq_len + 1.
+        pad_id: Fills the tail of the last window.
+
+    Returns:
+        (samples, starts): samples is (n_windows, window); starts[i] holds the offsets
+        within window i where a document starts, always beginning with 0 (int32).
+    """
+    n_windows = -(-len(tokens) // window)
+    samples = np.full((n_windows, window), pad_id, dtype=tokens.dtype)
+    samples.reshape(-1)[: len(tokens)] = tokens
+    lo = np.searchsorted(doc_starts, first_position)
+    hi = np.searchsorted(doc_starts, first_position + len(tokens))
+    rel = doc_starts[lo:hi] - first_position  # starts inside this stretch
+    which = rel // window
+    bounds = np.searchsorted(which, np.arange(n_windows + 1))
+    starts = []
+    for i in range(n_windows):
+        offsets = (rel[bounds[i] : bounds[i + 1]] - i * window).astype(np.int32)
+        if len(offsets) == 0 or offsets[0] != 0:
+            offsets = np.concatenate([np.zeros(1, np.int32), offsets])
+        starts.append(offsets)
+    return samples, starts
+
+
+_NPY_HEADERS: dict[tuple[str, int], bytes] = {}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`.npy` file bytes of a 1-D array (headers cached per dtype and length)."""
+    key = (array.dtype.str, len(array))
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.zeros(len(array), array.dtype), allow_pickle=False)
+        header = buf.getvalue()[: -array.nbytes or None]
+        if len(_NPY_HEADERS) < 4096:
+            _NPY_HEADERS[key] = header
+    return header + np.ascontiguousarray(array).tobytes()
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    pad = -len(data) % _BLOCK
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "strict") + data + b"\0" * pad
+
+
+@dataclass
+class ShardResult:
+    """What was written: the manifest's per-shard entry."""
+
+    path: str
+    samples: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+def write_shard(
+    path: Path,
+    keys: list[str],
+    samples: np.ndarray,
+    starts: list[np.ndarray],
+    real_tokens: int,
+    relative_to: Path,
+) -> ShardResult:
+    """Write one shard atomically (temp file, then rename) and hash it on the way.
+
+    Args:
+        path: Final shard path.
+        keys: `__key__` per sample.
+        samples: (n, seq_len + 1) token windows.
+        starts: Document-start offsets per window.
+        real_tokens: Non-pad tokens in `samples` (for the manifest).
+        relative_to: Folder the manifest path is relative to.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    size = 0
+    with open(tmp, "wb") as f:
+        for key, tokens, offsets in zip(keys, samples, starts, strict=True):
+            # Member names sort as doc_starts < tokens, within a sample.
+            chunk = _member(f"{key}.doc_starts.npy", npy_bytes(offsets)) + _member(
+                f"{key}.tokens.npy", npy_bytes(tokens)
+            )
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        end = b"\0" * (2 * _BLOCK)
+        end += b"\0" * (-(size + len(end)) % _RECORD)
+        f.write(end)
+        digest.update(end)
+        size += len(end)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return ShardResult(
+        str(path.relative_to(relative_to)), len(keys), real_tokens, size, digest.hexdigest()
+    )

@@ -1,0 +1,287 @@
+"""The work of each prepare stage, one item at a time, resumable.
+
+Stages: clean (read + clean/filter + hash, per read task) → dedup (per hash partition) →
+sample (per task, for tokenizer training) → encode (per task) → write (per shard). Each
+item writes its outputs atomically under the work folder and then a `done/` marker holding
+its result, so a rerun after a crash returns finished items from their markers and only
+does the rest. The functions know nothing about who runs them (in-process or Ray).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lmforge.pipeline.config import DataConfig
+from lmforge.pipeline.readers import BadInputLog, read_piece
+from lmforge.pipeline.shards import pack_windows, sample_key, write_shard
+from lmforge.pipeline.sources import ReadTask
+from lmforge.pipeline.steps import Document, build_clean_steps, run_steps, utf8_len
+from lmforge.pipeline.tokenizer import DocumentEncoder
+
+HASH_ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("doc", "<u4"), ("nbytes", "<u4")])
+REMOVED_ROW = np.dtype([("task", "<u4"), ("doc", "<u4")])
+SPLITS = ("train", "val")
+_STEP_BATCH = 1024
+_ENCODE_BATCH = 2048
+
+
+@dataclass
+class WorkContext:
+    """What every stage item needs; small and picklable."""
+
+    work_dir: str
+    output_dir: str
+    data: DataConfig
+    num_partitions: int
+    tokenizer_model: str = ""
+    sample_threshold: float = 0.0
+    pad_id: int = 0
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.work_dir).joinpath(*parts)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write an .npy atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def resumable(ctx: WorkContext, stage: str, key: str, work: Callable[[], dict]) -> dict:
+    """Return the stored result of a finished item, or run `work` and store its result."""
+    marker = ctx.path("done", stage, f"{key}.json")
+    if marker.exists():
+        return json.loads(marker.read_text())
+    result = work()
+    write_json(marker, result)
+    return result
+
+
+def _digests(blobs: list[bytes]) -> np.ndarray:
+    """(n, 3) uint64: words 0-1 are the dedup key, word 2 decides split and sampling."""
+    joined = b"".join(hashlib.blake2b(b, digest_size=24).digest() for b in blobs)
+    return np.frombuffer(joined, dtype="<u8").reshape(-1, 3)
+
+
+def is_val(digests: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Boolean mask of documents that belong to the val split (high bits of word 2)."""
+    return (digests[:, 2] >> np.uint64(11)).astype(np.float64) / 2.0**53 < val_fraction
+
+
+def in_sample(digests: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean mask of documents in the tokenizer sample (low 32 bits of word 2)."""
+    return (digests[:, 2] & np.uint64(0xFFFFFFFF)).astype(np.float64) / 2.0**32 < threshold
+
+
+def clean_task(task: ReadTask, ctx: WorkContext) -> dict:
+    """Read a task's pieces, clean and filter them, store the texts and their hashes."""
+    return resumable(ctx, "clean", f"{task.index:06d}", lambda: _clean(task, ctx))
+
+
+def _clean(task: ReadTask, ctx: WorkContext) -> dict:
+    spec = next(d for d in ctx.data.datasets if d.name == task.dataset)
+    log = BadInputLog(strict=ctx.data.strict)
+    steps = build_clean_steps(ctx.data.clean)
+    read_docs = read_bytes = 0
+    kept: list[Document] = []
+    for piece in task.pieces:
+        batch: list[Document] = []
+        for doc in read_piece(piece, spec.txt_unit, spec.text_field,
+                              ctx.data.max_record_bytes, log):
+            read_docs += 1
+            read_bytes += utf8_len(doc.text)
+            batch.append(doc)
+            if len(batch) == _STEP_BATCH:
+                kept.extend(run_steps(steps, batch))
+                batch = []
+        kept.extend(run_steps(steps, batch))
+    blobs = [d.text.encode("utf-8", "surrogatepass") for d in kept]
+    lengths = np.fromiter(map(len, blobs), np.int64, count=len(blobs))
+    digests = _digests(blobs) if blobs else np.zeros((0, 3), "<u8")
+    name = f"{task.index:06d}"
+    save_npy(ctx.path("clean", f"{name}.text.npy"), np.frombuffer(b"".join(blobs), np.uint8))
+    save_npy(ctx.path("clean", f"{name}.offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]))
+    save_npy(ctx.path("clean", f"{name}.digests.npy"), digests)
+    # Hash rows sorted by partition so a dedup task reads only its slice of each file.
+    partition = digests[:, 0] % np.uint64(ctx.num_partitions)
+    order = np.argsort(partition, kind="stable")
+    rows = np.zeros(len(blobs), HASH_ROW)
+    rows["hi"], rows["lo"] = digests[order, 0], digests[order, 1]
+    rows["doc"], rows["nbytes"] = order, lengths[order]
+    save_npy(ctx.path("hash", f"{name}.npy"), rows)
+    bounds = np.searchsorted(partition[order], np.arange(ctx.num_partitions + 1))
+    return {
+        "task": task.index,
+        "dataset": task.dataset,
+        "read": {"docs": read_docs, "bytes": read_bytes},
+        "steps": {s.name: asdict(s.stats) for s in steps},
+        "kept": {"docs": len(blobs), "bytes": int(lengths.sum())},
+        "bad_input": {"counts": log.counts, "examples": log.examples},
+        "partition_bounds": bounds.tolist(),
+    }
+
+
+def dedup_partition(partition: int, ctx: WorkContext, bounds: list[list[int]]) -> dict:
+    """Find exact duplicates among the hashes of one partition; keep the first occurrence.
+
+    Args:
+        partition: Partition index.
+        ctx: Work context.
+        bounds: Per task, the `partition_bounds` from its clean result.
+    """
+    return resumable(ctx, "dedup", f"{partition:05d}",
+                     lambda: _dedup(partition, ctx, bounds))
+
+
+def _dedup(partition: int, ctx: WorkContext, bounds: list[list[int]]) -> dict:
+    parts, tasks = [], []
+    for task, task_bounds in enumerate(bounds):
+        lo, hi = task_bounds[partition], task_bounds[partition + 1]
+        if hi > lo:
+            rows = np.load(ctx.path("hash", f"{task:06d}.npy"), mmap_mode="r")[lo:hi]
+            parts.append(np.array(rows))
+            tasks.append(np.full(hi - lo, task, np.uint32))
+    removed = np.zeros(0, REMOVED_ROW)
+    removed_bytes = 0
+    if parts:
+        rows, task_ids = np.concatenate(parts), np.concatenate(tasks)
+        # Sort by key, then by document order: the first of each key group is kept.
+        order = np.lexsort((rows["doc"], task_ids, rows["lo"], rows["hi"]))
+        rows, task_ids = rows[order], task_ids[order]
+        dup = np.zeros(len(rows), bool)
+        dup[1:] = (rows["hi"][1:] == rows["hi"][:-1]) & (rows["lo"][1:] == rows["lo"][:-1])
+        removed = np.zeros(int(dup.sum()), REMOVED_ROW)
+        removed["task"], removed["doc"] = task_ids[dup], rows["doc"][dup]
+        removed = np.sort(removed, order=["task", "doc"])
+        removed_bytes = int(rows["nbytes"][dup].sum())
+    save_npy(ctx.path("dedup", f"{partition:05d}.npy"), removed)
+    per_task = np.bincount(removed["task"], minlength=len(bounds)) if len(removed) else []
+    return {
+        "partition": partition,
+        "removed_docs": len(removed),
+        "removed_bytes": removed_bytes,
+        "removed_per_task": {str(t): int(n) for t, n in enumerate(per_task) if n},
+    }
+
+
+def _load_clean(task: int, ctx: WorkContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    name = f"{task:06d}"
+    text = np.load(ctx.path("clean", f"{name}.text.npy"), mmap_mode="r")
+    offsets = np.load(ctx.path("clean", f"{name}.offsets.npy"))
+    digests = np.load(ctx.path("clean", f"{name}.digests.npy"))
+    return text, offsets, digests
+
+
+def _kept_mask(task: int, n_docs: int, ctx: WorkContext) -> np.ndarray:
+    keep = np.ones(n_docs, bool)
+    if not ctx.data.dedup:
+        return keep
+    for partition in range(ctx.num_partitions):
+        removed = np.load(ctx.path("dedup", f"{partition:05d}.npy"), mmap_mode="r")
+        lo, hi = np.searchsorted(removed["task"], [task, task + 1])
+        keep[np.asarray(removed["doc"][lo:hi], np.int64)] = False
+    return keep
+
+
+def _texts(text: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> list[str]:
+    raw = text.tobytes() if len(docs) else b""
+    return [raw[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in docs]
+
+
+def sample_task(task: int, ctx: WorkContext) -> list[str]:
+    """Texts of a task's (deduplicated) documents that fall in the tokenizer sample."""
+    text, offsets, digests = _load_clean(task, ctx)
+    chosen = _kept_mask(task, len(digests), ctx) & in_sample(digests, ctx.sample_threshold)
+    return _texts(text, offsets, np.flatnonzero(chosen))
+
+
+def encode_task(task: int, ctx: WorkContext, encoder: DocumentEncoder) -> dict:
+    """Encode a task's kept documents into per-split token streams (tokens + doc lengths)."""
+    return resumable(ctx, "encode", f"{task:06d}", lambda: _encode(task, ctx, encoder))
+
+
+def _encode(task: int, ctx: WorkContext, encoder: DocumentEncoder) -> dict:
+    text, offsets, digests = _load_clean(task, ctx)
+    keep = _kept_mask(task, len(digests), ctx)
+    val = is_val(digests, ctx.data.val_fraction)
+    result: dict[str, Any] = {"task": task, "splits": {}}
+    hist = np.zeros(40, np.int64)
+    for split, mask in (("train", keep & ~val), ("val", keep & val)):
+        texts = _texts(text, offsets, np.flatnonzero(mask))
+        token_parts, length_parts = [], []
+        for i in range(0, len(texts), _ENCODE_BATCH):
+            tokens, lengths = encoder.encode(texts[i : i + _ENCODE_BATCH])
+            token_parts.append(tokens)
+            length_parts.append(lengths)
+        tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, encoder.dtype)
+        lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
+        save_npy(ctx.path("tokens", f"{task:06d}.{split}.tokens.npy"), tokens)
+        save_npy(ctx.path("tokens", f"{task:06d}.{split}.lengths.npy"), lengths)
+        hist += np.bincount(np.log2(np.maximum(lengths, 1)).astype(np.int64), minlength=40)[:40]
+        result["splits"][split] = {"docs": len(texts), "tokens": int(lengths.sum())}
+    result["doc_tokens_log2_hist"] = hist.tolist()
+    return result
+
+
+@dataclass
+class ShardPlan:
+    """One shard to write: windows [first_window, first_window + n_windows) of a split."""
+
+    dataset: str
+    split: str
+    index: int
+    first_window: int
+    n_windows: int
+    tasks: list[tuple[int, int]]  # (task, stream position of the task's first token)
+
+
+def write_task(plan: ShardPlan, ctx: WorkContext) -> dict:
+    """Write one shard unless a finished copy is already there."""
+    key = f"{plan.dataset}-{plan.split}-{plan.index:06d}"
+    marker = ctx.path("done", "write", f"{key}.json")
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        shard = Path(ctx.output_dir) / done["path"]
+        if shard.exists() and shard.stat().st_size == done["bytes"]:
+            return done
+        marker.unlink()
+    return resumable(ctx, "write", key, lambda: _write(plan, ctx))
+
+
+def _write(plan: ShardPlan, ctx: WorkContext) -> dict:
+    window = ctx.data.seq_len + 1
+    start = plan.first_window * window
+    stop = start + plan.n_windows * window
+    token_parts, start_parts = [], []
+    for task, base in plan.tasks:
+        stem = f"{task:06d}.{plan.split}"
+        tokens = np.load(ctx.path("tokens", f"{stem}.tokens.npy"), mmap_mode="r")
+        lengths = np.load(ctx.path("tokens", f"{stem}.lengths.npy"))
+        lo, hi = max(start - base, 0), min(stop - base, len(tokens))
+        if hi > lo:
+            token_parts.append(np.array(tokens[lo:hi]))
+        start_parts.append(base + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+    tokens = np.concatenate(token_parts)
+    doc_starts = np.concatenate(start_parts) if start_parts else np.zeros(0, np.int64)
+    samples, starts = pack_windows(tokens, doc_starts, start, window, ctx.pad_id)
+    keys = [sample_key(plan.dataset, plan.split, plan.index, i) for i in range(len(samples))]
+    path = Path(ctx.output_dir) / plan.dataset / f"{plan.split}-{plan.index:06d}.tar"
+    result = write_shard(path, keys, samples, starts, len(tokens), Path(ctx.output_dir))
+    return asdict(result)

@@ -1,0 +1,153 @@
+"""Aggregating per-item stage results into stats.json and plots.
+
+The pipeline never talks to MLflow: `launch/` logs `stats.json` and the PNG files listed
+under `files` in it (and in the manifest's `stats`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.pipeline.steps import StepStats
+
+MAX_REPORTED_EXAMPLES = 200
+
+
+def summarize(
+    clean_results: list[dict],
+    dedup_results: list[dict],
+    encode_results: list[dict],
+    manifest_datasets: dict[str, Any],
+    empty_files: list[str],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Counts per stage, step, dataset and bad-input kind, plus throughput.
+
+    Returns:
+        The full stats (stats.json); `summary_for_manifest` picks the short part.
+    """
+    steps: dict[str, StepStats] = {}
+    bad_counts: dict[str, int] = {}
+    examples: list[dict] = []
+    per_dataset: dict[str, dict[str, int]] = {}
+    for r in clean_results:
+        ds = per_dataset.setdefault(r["dataset"], {"read_docs": 0, "read_bytes": 0,
+                                                   "clean_docs": 0, "clean_bytes": 0})
+        ds["read_docs"] += r["read"]["docs"]
+        ds["read_bytes"] += r["read"]["bytes"]
+        ds["clean_docs"] += r["kept"]["docs"]
+        ds["clean_bytes"] += r["kept"]["bytes"]
+        for name, counts in r["steps"].items():
+            steps.setdefault(name, StepStats()).add(StepStats(**counts))
+        for kind, n in r["bad_input"]["counts"].items():
+            bad_counts[kind] = bad_counts.get(kind, 0) + n
+        examples.extend(r["bad_input"]["examples"])
+    if empty_files:
+        bad_counts["empty_file"] = len(empty_files)
+        examples.extend({"kind": "empty_file", "file": f, "line": 0, "detail": ""}
+                        for f in empty_files)
+    dedup = {
+        "removed_docs": sum(r["removed_docs"] for r in dedup_results),
+        "removed_bytes": sum(r["removed_bytes"] for r in dedup_results),
+    }
+    hist = [0] * 40
+    for r in encode_results:
+        hist = [a + b for a, b in zip(hist, r["doc_tokens_log2_hist"], strict=True)]
+    tokens = {
+        name: {split: s["tokens"] for split, s in d["splits"].items()}
+        for name, d in manifest_datasets.items()
+    }
+    total_tokens = sum(sum(v.values()) for v in tokens.values())
+    total_bytes = sum(d["read_bytes"] for d in per_dataset.values())
+    wall = sum(seconds.values())
+    return {
+        "datasets": per_dataset,
+        "steps": {name: vars(s) for name, s in steps.items()},
+        "dedup": dedup,
+        "bad_input": {"counts": bad_counts, "examples": examples[:MAX_REPORTED_EXAMPLES]},
+        "tokens": tokens,
+        "padding_tokens": {
+            name: {split: s["padding_tokens"] for split, s in d["splits"].items()}
+            for name, d in manifest_datasets.items()
+        },
+        "doc_tokens_log2_hist": hist,
+        "seconds": seconds,
+        "throughput": {
+            "tokens_per_s": total_tokens / wall if wall else 0.0,
+            "input_bytes_per_s": total_bytes / wall if wall else 0.0,
+        },
+    }
+
+
+def summary_for_manifest(stats: dict[str, Any]) -> dict[str, Any]:
+    """The short form of the stats stored in manifest.json."""
+    return {
+        "documents": {
+            name: {"read": d["read_docs"], "after_cleaning": d["clean_docs"]}
+            for name, d in stats["datasets"].items()
+        },
+        "steps": stats["steps"],
+        "dedup": stats["dedup"],
+        "bad_input": stats["bad_input"]["counts"],
+        "tokens": stats["tokens"],
+        "files": stats.get("files", {}),
+    }
+
+
+def write_plots(stats: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Save the three PNG plots; returns their paths.
+
+    Plots: document length histogram (tokens, log2 bins), tokens per dataset and split,
+    documents removed per filter (cleaning steps, dedup, bad input).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    hist = stats["doc_tokens_log2_hist"]
+    last = max((i for i, n in enumerate(hist) if n), default=0)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([f"{2**i}" for i in range(last + 1)], hist[: last + 1])
+    ax.set_xlabel("document length in tokens (lower bound of log2 bin)")
+    ax.set_ylabel("documents")
+    ax.set_title("Document length")
+    ax.tick_params(axis="x", labelrotation=60)
+    paths.append(_save(fig, out_dir / "doc_length_hist.png"))
+
+    labels, values = [], []
+    for name, splits in stats["tokens"].items():
+        for split, n in splits.items():
+            labels.append(f"{name}/{split}")
+            values.append(n)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, values)
+    ax.set_ylabel("tokens")
+    ax.set_title("Tokens per source")
+    ax.tick_params(axis="x", labelrotation=30)
+    paths.append(_save(fig, out_dir / "tokens_per_source.png"))
+
+    removed = {name: s["removed_docs"] for name, s in stats["steps"].items()}
+    removed["dedup"] = stats["dedup"]["removed_docs"]
+    removed.update({f"bad:{k}": v for k, v in stats["bad_input"]["counts"].items()})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(removed), list(removed.values()))
+    ax.set_ylabel("documents removed")
+    ax.set_title("Documents removed per filter")
+    ax.tick_params(axis="x", labelrotation=30)
+    paths.append(_save(fig, out_dir / "removed_per_filter.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    # Fixed metadata so reruns write identical PNGs.
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return path

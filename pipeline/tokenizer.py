@@ -1,0 +1,180 @@
+"""sentencepiece training, description and batch encoding.
+
+`SENTENCEPIECE_OPTIONS` is the one place the training options live; the Hugging Face export
+converts exactly these. They make `decode(encode(text)) == text` for any text: identity
+normalization, no whitespace squeezing, byte fallback for unseen characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+from lmforge.pipeline.config import TokenizerConfig
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+SENTENCEPIECE_OPTIONS: dict[str, Any] = {
+    "byte_fallback": True,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": True,
+    "split_digits": True,
+    "allow_whitespace_only_pieces": True,
+    "pad_id": PAD_ID,
+    "unk_id": UNK_ID,
+    "bos_id": BOS_ID,
+    "eos_id": EOS_ID,
+    "pad_piece": "<pad>",
+    "unk_piece": "<unk>",
+    "bos_piece": "<s>",
+    "eos_piece": "</s>",
+    # Deterministic training: the sample is used whole, in file order, on one thread.
+    "input_sentence_size": 0,
+    "shuffle_input_sentence": False,
+    "num_threads": 1,
+    "max_sentence_length": 16384,
+    "minloglevel": 2,
+}
+"""Fixed sentencepiece trainer options; `trainer_options` adds the configured ones."""
+
+
+def trainer_options(config: TokenizerConfig) -> dict[str, Any]:
+    """All sentencepiece trainer options for `config` (fixed ones plus configured ones)."""
+    return {
+        **SENTENCEPIECE_OPTIONS,
+        "model_type": config.type,
+        "vocab_size": config.vocab_size,
+        "character_coverage": config.character_coverage,
+        "user_defined_symbols": config.special_pieces(),
+    }
+
+
+def train_tokenizer(sample_file: Path, config: TokenizerConfig, model_path: Path) -> Path:
+    """Train a sentencepiece model on a text file (one or more lines per document).
+
+    Args:
+        sample_file: The training sample.
+        config: The `tokenizer` section.
+        model_path: Where to write the `.model` (its `.vocab` goes next to it).
+
+    Returns:
+        `model_path`.
+
+    Raises:
+        ValueError: If the sample cannot support `vocab_size` (says what to change).
+    """
+    spm.set_random_generator_seed(config.seed)
+    prefix = str(model_path.with_suffix(""))
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(sample_file), model_prefix=prefix, **trainer_options(config)
+        )
+    except RuntimeError as err:
+        raise ValueError(
+            f"vocab_size: sentencepiece could not train {config.vocab_size} pieces on the "
+            f"{sample_file.stat().st_size}-byte sample ({err}); lower tokenizer.vocab_size "
+            "or raise tokenizer.sample_bytes / add data"
+        ) from err
+    # The model records the sample file and output paths; drop them so the same sample
+    # gives the same bytes wherever it was trained.
+    from sentencepiece import sentencepiece_model_pb2
+
+    produced = Path(prefix + ".model")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(produced.read_bytes())
+    proto.trainer_spec.ClearField("input")
+    proto.trainer_spec.ClearField("model_prefix")
+    model_path.write_bytes(proto.SerializeToString())
+    if produced != model_path:
+        produced.unlink()
+    return model_path
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned dtype that holds every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def describe_tokenizer(model_path: Path | str, config: TokenizerConfig) -> dict[str, Any]:
+    """The manifest's `tokenizer` entry (without `file`) for a sentencepiece model.
+
+    Raises:
+        ValueError: If the model lacks a pad or eos piece (both are needed for packing).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if sp.pad_id() < 0 or sp.eos_id() < 0:
+        raise ValueError(
+            f"model_path: {model_path} has no pad or eos piece; retrain it with pad_id and "
+            "eos_id set, or leave model_path empty to train one"
+        )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}[proto.trainer_spec.model_type]
+    special: dict[str, Any] = {}
+    for role, piece_id in (("pad", sp.pad_id()), ("unk", sp.unk_id()),
+                           ("bos", sp.bos_id()), ("eos", sp.eos_id())):
+        if piece_id >= 0:
+            special[role] = {"piece": sp.id_to_piece(piece_id), "id": piece_id}
+    for role, piece in (("mask", config.mask_token), ("sep", config.sep_token)):
+        if piece is not None and sp.piece_to_id(piece) != sp.unk_id():
+            special[role] = {"piece": piece, "id": sp.piece_to_id(piece)}
+    special["extra"] = [
+        {"piece": p, "id": sp.piece_to_id(p)}
+        for p in config.extra_special_tokens
+        if sp.piece_to_id(p) != sp.unk_id()
+    ]
+    return {
+        "sha256": file_sha256(model_path),
+        "vocab_size": sp.vocab_size(),
+        "type": model_type,
+        "pad_id": sp.pad_id(),
+        "unk_id": sp.unk_id(),
+        "bos_id": sp.bos_id(),
+        "eos_id": sp.eos_id(),
+        "special_tokens": special,
+        "byte_fallback": bool(proto.trainer_spec.byte_fallback),
+    }
+
+
+class DocumentEncoder:
+    """Encodes document texts into one EOS-joined token stream (the `TokenizerStep`)."""
+
+    def __init__(self, model_path: Path | str) -> None:
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.eos_id = self.sp.eos_id()
+        self.dtype = np.dtype(token_dtype(self.sp.vocab_size()))
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Encode texts, each followed by EOS.
+
+        Returns:
+            (tokens, lengths): the concatenated ids (1-D, uint16/uint32) and each
+            document's length including its EOS (1-D int64).
+        """
+        if not texts:
+            return np.zeros(0, self.dtype), np.zeros(0, np.int64)
+        # One thread per encoder: parallelism comes from the actor pool.
+        ids = self.sp.encode(texts, num_threads=1)
+        for piece_ids in ids:
+            piece_ids.append(self.eos_id)
+        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(ids), self.dtype, count=int(lengths.sum())
+        )
+        return tokens, lengths

@@ -1,0 +1,185 @@
+"""Config loading: precedence, typed checks, and errors that name file, line and key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.launch.config import ConfigError, TrainConfig, load_config
+from lmforge.launch.ds_config import build_deepspeed_config
+from lmforge.model import parameter_count
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """\
+name: t
+data:
+  datasets:
+    - name: d
+      paths: [corpus.txt]
+  output_dir: out
+  seq_len: 64
+tokenizer:
+  vocab_size: 512
+model:
+  preset: tiny
+"""
+
+
+def test_tiny_config_resolves_and_round_trips(tmp_path):
+    cfg = load_config(TINY)
+    assert cfg.model.vocab_size == cfg.tokenizer.vocab_size == 2048
+    assert cfg.model.d_model == 128 and cfg.model.position == "rope"
+    assert cfg.global_batch_size == 16 == cfg.train.global_batch_size
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  max_steps: 40\n  lr: 1.0e-3\n")
+    cfg = load_config(path, ["--train.max_steps=7", "--model.n_layers=2", "--train.lr=3e-4"])
+    assert cfg.train.max_steps == 7  # override beats file
+    assert cfg.train.lr == pytest.approx(3e-4)  # "3e-4" is a YAML string; converted to float
+    assert cfg.model.n_layers == 2  # override beats preset
+    assert cfg.model.d_model == 128  # preset beats default
+    assert cfg.train.warmup_steps == TrainConfig().warmup_steps  # default
+    assert cfg.data.datasets[0].paths == ["corpus.txt"]
+
+
+def test_override_into_list_item(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["--data.datasets.0.weight=2.5"])
+    assert cfg.data.datasets[0].weight == 2.5
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  max_step: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:13: train.max_step: unknown key" in message
+    assert "did you mean 'max_steps'" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r":12: trian: unknown key; did you mean 'train'"):
+        load_config(write(tmp_path, MINIMAL + "trian:\n  max_steps: 5\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    text = MINIMAL + "train:\n  max_steps: 5\n  micro_batch_size: big\n"
+    expected = r"run.yaml:14: train.micro_batch_size: expected int, got 'big'"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_literal_lists_choices(tmp_path):
+    expected = r"train.precision \(set by --train.precision=...\): must be one of 'fp32', 'bf16'"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, MINIMAL), ["--train.precision=fp8"])
+
+
+def test_override_error_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.max_steps \(set by --train.max_steps=...\)"):
+        load_config(write(tmp_path, MINIMAL), ["--train.max_steps=many"])
+
+
+def test_inconsistent_global_batch(tmp_path):
+    text = MINIMAL + "train:\n  micro_batch_size: 4\n  global_batch_size: 12\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert "train.global_batch_size: 12 != micro_batch_size 4 x grad_accum_steps 1 x world" in str(
+        err.value
+    )
+
+
+def test_post_init_error_is_prefixed_with_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.yaml:\d+: train.lr: must be positive"):
+        load_config(write(tmp_path, MINIMAL + "train:\n  lr: -1.0\n"))
+
+
+def test_nested_section_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.datasets.0.weight \(set by .*\): 0.0 must be > 0"):
+        load_config(write(tmp_path, MINIMAL), ["--data.datasets.0.weight=0"])
+
+
+def test_unknown_preset(tmp_path):
+    expected = r"model.preset \(set by .*\): unknown preset 'gpt5'; known: .*tiny"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, MINIMAL), ["--model.preset=gpt5"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("does/not/exist.yaml")
+
+
+def test_deepspeed_json_generated_from_typed_config():
+    cfg = load_config(TINY, ["--deepspeed.zero_stage=3", "--train.grad_accum_steps=2",
+                             "--train.global_batch_size=32"])
+    ds = build_deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 32
+    assert ds["bf16"] == {"enabled": True}
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_user_deepspeed_json_conflicts_are_reported(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}))
+    cfg = load_config(TINY, [f"--deepspeed.config_file={user}"])
+    with pytest.raises(ConfigError) as err:
+        build_deepspeed_config(cfg)
+    assert "zero_optimization.stage: JSON has 3, config gives 2" in str(err.value)
+    assert "gradient_clipping: JSON has 0.5, config gives 1.0" in str(err.value)
+
+
+def test_user_deepspeed_json_and_raw_overrides_merge(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "round_robin_gradients": True},
+                                "train_batch_size": "auto"}))
+    cfg = load_config(TINY, [f"--deepspeed.config_file={user}",
+                             "--deepspeed.overrides={wall_clock_breakdown: true}"])
+    ds = build_deepspeed_config(cfg)
+    assert ds["zero_optimization"]["round_robin_gradients"] is True
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_batch_size"] == 16
+    assert ds["wall_clock_breakdown"] is True
+
+
+def test_dry_run_prints_config_params_and_deepspeed_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge.launch.cli", "run", str(TINY), "--dry-run",
+         "--model.n_layers=2"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout
+    cfg = load_config(TINY, ["--model.n_layers=2"])
+    assert f"# parameters: {parameter_count(cfg.model):,}" in out
+    assert "n_layers: 2" in out
+    ds_json = json.loads(out.split("# DeepSpeed config\n", 1)[1])
+    assert ds_json == build_deepspeed_config(cfg)
+
+
+def test_cli_config_error_exits_2_with_message(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  max_step: 5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge.launch.cli", "train", str(path)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "train.max_step: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr

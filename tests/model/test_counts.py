@@ -1,0 +1,40 @@
+"""Parameter counts that must match the papers (exact numbers stated)."""
+
+from __future__ import annotations
+
+from lmforge.model import ModelConfig, parameter_count
+
+
+def test_gpt2_124m_exact() -> None:
+    assert parameter_count(ModelConfig.from_preset("gpt2-124m")) == 124_439_808
+
+
+def test_tiny_is_small_and_untied() -> None:
+    cfg = ModelConfig.from_preset("tiny", vocab_size=8000)
+    # 2*8000*128 embeddings/head + 4 layers * (attn 128*(128+2*64)+128*128 + mlp 3*128*384
+    # + 2 norms of 128) + final norm 128.
+    per_layer = 128 * 256 + 128 * 128 + 3 * 128 * 384 + 2 * 128
+    assert parameter_count(cfg) == 2 * 8000 * 128 + 4 * per_layer + 128
+
+
+def test_transformer_2017_table3() -> None:
+    # Paper, Table 3: base 65M, big 213M (rounded; shared 37000-token vocabulary, tied
+    # source/target/output embeddings, sinusoidal positions). Exact counts here:
+    base = parameter_count(ModelConfig.from_preset("transformer-base"))
+    big = parameter_count(ModelConfig.from_preset("transformer-big"))
+    assert base == 63_082_496 and big == 214_245_376
+    assert abs(base / 65e6 - 1) < 0.05 and abs(big / 213e6 - 1) < 0.05
+
+
+def test_bert_base_about_110m() -> None:
+    # BertForMaskedLM layout (no pooler): 109,514,298; the paper's "110M".
+    count = parameter_count(ModelConfig.from_preset("bert-base"))
+    assert count == 109_514_298
+    assert abs(count / 110e6 - 1) < 0.01
+
+
+def test_llama_presets_sizes() -> None:
+    sizes = {name: parameter_count(ModelConfig.from_preset(name, vocab_size=32000))
+             for name in ("llama-125m", "llama-350m", "llama-1b")}
+    assert sizes["llama-1b"] == 1_100_048_384  # TinyLlama-1.1B
+    assert 115e6 < sizes["llama-125m"] < 135e6 and 330e6 < sizes["llama-350m"] < 370e6
