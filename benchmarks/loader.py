@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -170,29 +171,43 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="skip the model steps")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    root = args.data or Path(tempfile.mkdtemp(prefix="lmforge-loader-bench-"))
+    try:
+        run(root, args)
+    finally:
+        if args.data is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(root: Path, args: argparse.Namespace) -> None:
+    """Writes the dataset unless it is there, then prints every figure."""
     size = (100 if args.quick else 1024) << 20
     batch, batches = 8, (300 if args.quick else 1500)
-    root = args.data or Path(tempfile.mkdtemp(prefix="lmforge-loader-bench-"))
     if not (root / "manifest.json").exists():
         start = time.perf_counter()
-        samples = write_dataset(root, size, per_shard=16384)
+        samples = write_dataset(root, size, per_shard=65536)  # ~256 MB, as prepare writes
         print(f"wrote {samples} samples in {time.perf_counter() - start:.1f} s to {root}")
     samples = json.loads((root / "manifest.json").read_text())["datasets"]["web"]["splits"][
         "train"]["samples"]
     gb = sum(p.stat().st_size for p in root.rglob("*.tar")) / 1e9
 
-    mm = memmap_rate(root, batch, batches)
-    rates = {(w, m): loader_rate(root, batch, batches, w, m) for w in (0, 2) for m in (True, False)}
-    mm_again = memmap_rate(root, batch, batches)  # brackets the loader runs: load drifts
-    memmap = max(mm, mm_again)
+    # Best of three interleaved rounds: the first also maps the pages into this process,
+    # and other load on the machine comes and goes.
+    memmaps, rates = [], {}
+    for _ in range(3):
+        memmaps.append(memmap_rate(root, batch, batches))
+        for w, m in itertools.product((0, 2), (True, False)):
+            rate = loader_rate(root, batch, batches, w, m)
+            rates[(w, m)] = max(rates.get((w, m), 0.0), rate)
+    memmap = max(memmaps)
     for (w, m), rate in rates.items():
         print(f"loader workers={w} document_masking={m}: {rate / 1e6:.1f} M tokens/s")
-    print(f"memmap (nanoGPT get_batch): {mm / 1e6:.1f} / {mm_again / 1e6:.1f} M tokens/s")
+    print(f"memmap (nanoGPT get_batch): {memmap / 1e6:.1f} M tokens/s")
     best = max(rates[(0, True)], rates[(2, True)])
     bench("loader_vs_memmap", rates[(0, True)] / memmap, ">= 0.5",
           loader_tokens_s=rates[(0, True)], memmap_tokens_s=memmap, workers=0,
           document_masking=True, no_masking_ratio=rates[(0, False)] / memmap,
-          workers2_ratio=rates[(2, True)] / memmap)
+          workers2_ratio=rates[(2, True)] / memmap, batch=batch, seq_len=SEQ_LEN)
     shapes = (("tiny", 4, 128), ("gpt2-124m", 1, 256)) if args.quick else (
         ("tiny", 8, 512), ("gpt2-124m", 1, 1024))
     for preset, b, seq in () if args.no_train else shapes:

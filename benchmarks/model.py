@@ -23,13 +23,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lmforge.model import ModelConfig, causal_lm_loss, parameter_count, to_hf
 
 
-def step_seconds(model: torch.nn.Module, batch: torch.Tensor, hf: bool) -> float:
-    """One forward + backward; returns wall seconds."""
+def step_seconds(model: torch.nn.Module, batch: torch.Tensor, hf: bool) -> tuple[float, float]:
+    """One forward + backward; returns (wall seconds, process CPU seconds).
+
+    CPU seconds are reported as well because other processes on a shared machine stretch
+    wall time but not the work done."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     logits = model(batch[:, :-1]).logits if hf else model(batch[:, :-1])
     causal_lm_loss(logits, batch[:, 1:]).backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> None:
@@ -59,18 +62,20 @@ def main() -> None:
         diff = (ours(batch[:, :-1]) - theirs(batch[:, :-1]).logits).abs().max().item()
     step_seconds(ours, batch, hf=False)  # warm-up (allocator, kernels)
     step_seconds(theirs, batch, hf=True)
-    times: dict[str, list[float]] = {"lmforge": [], "hf": []}
+    times: dict[str, list[tuple[float, float]]] = {"lmforge": [], "hf": []}
     for _ in range(steps):
         times["lmforge"].append(step_seconds(ours, batch, hf=False))
         times["hf"].append(step_seconds(theirs, batch, hf=True))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     tokens = args.batch * seq
-    print(f"{'model':10} {'median s/step':>14} {'tokens/s':>10}")
+    print(f"{'model':10} {'median s/step':>14} {'cpu s/step':>11} {'tokens/s':>10}")
     for name, t in med.items():
-        print(f"{name:10} {t:14.3f} {tokens / t:10.0f}")
+        print(f"{name:10} {t:14.3f} {cpu[name]:11.3f} {tokens / t:10.0f}")
     detail = {"params": parameter_count(cfg), "n_layers": cfg.n_layers, "seq_len": seq,
               "batch": args.batch, "steps": steps, "threads": torch.get_num_threads(),
               "lmforge_s": round(med["lmforge"], 4), "hf_s": round(med["hf"], 4),
+              "cpu_ratio": round(cpu["hf"] / cpu["lmforge"], 3),
               "max_logit_diff": diff, "hf_attention": theirs.config._attn_implementation,
               "quick": args.quick}
     print("BENCH " + json.dumps({"metric": "model_vs_hf_gpt2",

@@ -5,6 +5,7 @@
     lmforge train CONFIG [--resume auto|none|CHECKPOINT] [...]
     lmforge export CONFIG [--checkpoint DIR] [--out DIR] [...]
     lmforge sample CONFIG [--checkpoint DIR] [...]
+    lmforge submit slurm|ray|local CONFIG [...]   (see lmforge.launch.submit)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lmforge.launch.config import ConfigError, RunConfig, load_config
+from lmforge.launch.submit import allocation_overrides, build_submit_parser, dispatch_submit
 
 COMMANDS = {
     "run": "prepare data, train, export and sample: the whole job",
@@ -48,13 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="checkpoint folder (default: the newest complete one)")
         if name == "export":
             cmd.add_argument("--out", default=None, help="export folder (default <run_dir>/export)")
+    build_submit_parser(sub)
     return parser
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
+    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
     return args, extra
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides + allocation_overrides(args))
         if args.dry_run:
             dry_run(cfg)
             return
@@ -111,6 +114,8 @@ def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "sample":
         stages.sample_stage(cfg, args.checkpoint)
         return 0
+    if args.command == "submit":
+        return dispatch_submit(args, cfg)
     raise AssertionError(args.command)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from lmforge.launch.callbacks import REQUEUE_EXIT_CODE
 from lmforge.launch.config import RunConfig
 
 
@@ -72,4 +74,11 @@ def launch_training(
             "`lmforge submit slurm` or `lmforge submit ray`"
         )
     command = torchrun_command(cfg, run_dir, resume, run_id)
-    return subprocess.call(command, env=worker_env(cfg))
+    summary = run_dir / "train_summary.json"
+    summary.unlink(missing_ok=True)
+    code = subprocess.call(command, env=worker_env(cfg))
+    # torchrun reports any non-zero worker exit as its own failure (1); the workers'
+    # summary tells a preemption (checkpointed, requeue me) from a crash.
+    if code != 0 and summary.exists() and json.loads(summary.read_text()).get("preempted"):
+        return REQUEUE_EXIT_CODE
+    return code

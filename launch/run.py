@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.launch.config import RunConfig
+from lmforge.launch.config import ConfigError, RunConfig
 from lmforge.launch.local import launch_training
 from lmforge.launch.tracking import Tracker
 
@@ -85,6 +85,17 @@ def with_tokenizer_vocab(cfg: RunConfig, manifest: Path) -> RunConfig:
 # -- train ---------------------------------------------------------------------------
 
 
+def check_devices(cfg: RunConfig) -> None:
+    """Refuses settings this machine cannot run, before any process starts."""
+    import torch
+
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.precision: fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
+            "use bf16 or fp32 here"
+        )
+
+
 def train_stage(
     cfg: RunConfig, resume: str | None = None, run_id: str | None = None
 ) -> int:
@@ -96,6 +107,7 @@ def train_stage(
             "(or `lmforge run`) first"
         )
     cfg = with_tokenizer_vocab(cfg, manifest)
+    check_devices(cfg)
     run_dir = run_dir_of(cfg)
     cfg.save(run_dir / "config.yaml")
     stage(
@@ -175,6 +187,9 @@ def run_all(cfg: RunConfig, resume: str | None = None) -> RunResult:
         status = "FINISHED"
     finally:
         tracker.close(status=status)
+    if tracker.run_id:  # the real id, also when MLflow answered only after start() returned
+        run_id = tracker.run_id
+        previous.write_text(run_id)
     result = RunResult(run_dir, manifest, tracker.uri, run_id, export_dir, samples, code)
     print_summary(result)
     return result

@@ -142,7 +142,6 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self._worker: Any = None  # DeliveryThread once started; kept after close for stats
         self._closed = False
-        self._handle: str | None = None
 
     @classmethod
     def disabled(cls) -> Tracker:
@@ -238,8 +237,7 @@ class Tracker:
         )
         self._worker.start()
         self._worker.first_attempt_done.wait(self.cfg.start_timeout_s)
-        self._handle = self._worker.run_id or target.run_id or PENDING_PREFIX + target.run_key
-        return self._handle
+        return self._worker.run_id or target.run_id or PENDING_PREFIX + target.run_key
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Queue params; nested dicts become dotted keys (see `flatten_params`)."""

@@ -71,16 +71,34 @@ def params_operation(params: list[tuple[str, str]]) -> Callable[[Any, str], None
                     raise
                 refused.append(entity.key)
         log.warning(
-            "tracking: MLflow kept the earlier value of param(s) %s (a run's params cannot "
-            "change; the new values are in the run's config artifact)", ", ".join(refused),
+            "tracking: MLflow kept the earlier value of param(s) %s: a run's params cannot "
+            "change once logged", ", ".join(refused),
         )
 
     return send
 
 
 
+def manifest_shards(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every shard entry of a manifest with the group it belongs to, in manifest order.
+
+    Reads the pipeline's layout (`datasets.<name>.splits.<split>.shards`, group
+    "<name>/<split>") and also a flat top-level `shards` list (group "all").
+    """
+    found: list[tuple[str, dict[str, Any]]] = []
+    for shard in manifest.get("shards", []):
+        found.append(("all", shard))
+    for name, dataset in (manifest.get("datasets") or {}).items():
+        for split, part in (dataset.get("splits") or {}).items():
+            found.extend((f"{name}/{split}", shard) for shard in part.get("shards", []))
+    return [(group, shard) for group, shard in found if isinstance(shard, dict)]
+
+
 def dataset_entity(manifest_path: Path) -> Any:
     """The `mlflow.entities.Dataset` describing a shard manifest (see log_dataset_lineage).
+
+    The digest is sha256(tokenizer sha256 + every shard's sha256, in manifest order); the
+    profile holds sample/token counts per "<dataset>/<split>".
 
     Raises:
         ValueError: the manifest is not valid JSON or lists no shard checksums.
@@ -95,17 +113,20 @@ def dataset_entity(manifest_path: Path) -> Any:
     tokenizer_sha = manifest.get("tokenizer_sha256") or (
         tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
     )
-    shards = [s for s in manifest.get("shards", []) if isinstance(s, dict)]
-    shard_shas = [s["sha256"] for s in shards if "sha256" in s]
-    if not shard_shas:
-        raise ValueError(f"{manifest_path}: no shard sha256 found under 'shards'")
-    digest = hashlib.sha256()
-    for part in [tokenizer_sha or "", *shard_shas]:
-        digest.update(part.encode())
+    shards = manifest_shards(manifest)
+    if not shards or any("sha256" not in shard for _, shard in shards):
+        raise ValueError(f"{manifest_path}: shards without a sha256; re-run `lmforge prepare`")
+    digest = hashlib.sha256((tokenizer_sha or "").encode())
+    groups: dict[str, dict[str, int]] = {}
+    for group, shard in shards:
+        digest.update(shard["sha256"].encode())
+        totals = groups.setdefault(group, {"shards": 0, "samples": 0, "tokens": 0})
+        totals["shards"] += 1
+        totals["samples"] += int(shard.get("samples", 0))
+        totals["tokens"] += int(shard.get("tokens", 0))
     profile = {
-        "shards": len(shards),
-        "samples": sum(int(s.get("samples", s.get("num_samples", 0))) for s in shards),
-        "tokens": sum(int(s.get("tokens", s.get("num_tokens", 0))) for s in shards),
+        **{key: sum(g[key] for g in groups.values()) for key in ("shards", "samples", "tokens")},
+        "splits": groups,
         "tokenizer_sha256": tokenizer_sha,
         "digest_sha256": digest.hexdigest(),
     }
@@ -138,6 +159,7 @@ class SystemSampler:
         except Exception:  # no NVIDIA GPU or no pynvml: CPU-only sampling
             pass
         self.process = psutil.Process()
+        psutil.cpu_percent()  # the first reading is meaningless; start the interval now
 
     def __call__(self) -> dict[str, float]:
         """One sample: {"system/<name>": value}."""

@@ -208,7 +208,7 @@ class DeliveryThread(threading.Thread):
         return delivered and self._terminal_status is None
 
     # ---- the delivery thread --------------------------------------------------------------
-    def run(self) -> None:  # noqa: D102 - threading.Thread API
+    def run(self) -> None:
         while not self._abandon:
             self._wake.wait(timeout=self._wait_s())
             self._wake.clear()

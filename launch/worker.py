@@ -67,6 +67,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     torch.set_num_threads(max(1, cfg.launch.omp_num_threads))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    owns_process_group = not dist.is_initialized()  # Ray Train sets it up itself
     deepspeed.init_distributed(dist_backend=resolve_backend(cfg), verbose=False)
     rank = dist.get_rank()
     if rank != 0:
@@ -96,7 +97,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
             (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         tracker.close(status=status if status != "FINISHED" else "RUNNING")
-        if dist.is_initialized():
+        if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
     return REQUEUE_EXIT_CODE if preemption.stopped else 0
 

@@ -136,13 +136,16 @@ class ModelConfig:
             raise ValueError("position: sinusoidal needs an even d_model")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
-            raise ValueError("norm_eps: norm_eps, init_std and rope_theta must be positive")
-        if self.type_vocab_size < 0 or self.num_labels < 0:
-            raise ValueError("type_vocab_size: type_vocab_size and num_labels must be >= 0")
-        if self.family != "encoder" and (self.type_vocab_size or self.num_labels):
-            raise ValueError("type_vocab_size: token types and num_labels exist only for "
-                             "family 'encoder'; set them to 0")
+        for name in ("norm_eps", "init_std", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("type_vocab_size", "num_labels"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+            if value and self.family != "encoder":
+                raise ValueError(f"{name}: only the 'encoder' family has token types and a "
+                                 f"classification head; set it to 0 for {self.family!r}")
 
     # ---- derived values -------------------------------------------------------------
     @property

@@ -108,7 +108,8 @@ class DataConfig:
     shard_target_bytes: int = 256 * 2**20
     """Approximate size of one shard tar."""
     read_chunk_bytes: int = 64 * 2**20
-    """Target input bytes per read task: big files are split, small files grouped."""
+    """Largest input bytes per read task: big files are split, small files grouped (tasks
+    get smaller, down to 1 MiB, when that is needed to give each worker ~4 tasks)."""
     dedup: bool = True
     """Remove exact duplicate documents across all datasets (the first occurrence is kept)."""
     clean: CleanConfig = field(default_factory=CleanConfig)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
 from lmforge.pipeline.stages import WorkContext, encode_task
 from lmforge.pipeline.tokenizer import DocumentEncoder
-from tqdm import tqdm
 
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -41,10 +43,21 @@ class LocalExecutor:
                 bar.update()
         return results
 
-    def encode(self, ctx: WorkContext, tasks: list[int]) -> list[dict]:
-        """Run the encode stage over `tasks` with one encoder."""
+    def encode_stream(self, ctx: WorkContext, tasks: list[int]) -> Iterator[dict]:
+        """Encode `tasks` with one encoder, yielding each result when done."""
         encoder = DocumentEncoder(ctx.tokenizer_model) if tasks else None
-        return self.map(lambda t: encode_task(t, ctx, encoder), tasks, "encode")
+        with _bar(len(tasks), "encode", self.progress) as bar:
+            for task in tasks:
+                yield encode_task(task, ctx, encoder)
+                bar.update()
+
+    def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
+        """Run `fn(item, *args)` now; `collect` returns the results."""
+        return fn(item, *args)
+
+    def collect(self, handles: list[Any], desc: str) -> list[Any]:
+        """Results of `submit` calls, in submission order."""
+        return list(handles)
 
 
 class EncodeActor:
@@ -55,15 +68,34 @@ class EncodeActor:
         self.encoder = DocumentEncoder(ctx.tokenizer_model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [json.dumps(encode_task(int(t), self.ctx, self.encoder)) for t in batch["task"]]
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        results = [
+            json.dumps({**encode_task(int(t), self.ctx, self.encoder), "node": node})
+            for t in batch["task"]
+        ]
         return {"result": np.array(results, dtype=object)}
 
 
+class StageWorker:
+    """A Ray actor that writes shards while the encoders run.
+
+    Started together with the encoders, so its process start-up overlaps theirs; plain
+    Ray tasks submitted after encoding would need fresh worker processes (Ray culls idle
+    workers while the encoder actors run), which costs seconds.
+    """
+
+    def run(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
+        return fn(item, *args)
+
+
 class RayExecutor:
-    """Runs items as Ray tasks, and the encode stage as Ray Data `map_batches` on actors.
+    """Runs stage items as Ray tasks, the encode stage as Ray Data `map_batches` on an
+    actor pool, and shard writes on `StageWorker` actors next to the encoders.
 
     Args:
-        num_workers: Encoder actors and the cap on concurrent tasks; 0 = cluster CPUs.
+        num_workers: Encoder actors and stage workers; 0 = one per CPU of the cluster.
         progress: Show a progress bar per stage.
     """
 
@@ -73,10 +105,33 @@ class RayExecutor:
         self.ray = ray
         self.progress = progress
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        self.cpus = cpus
         self.workers = num_workers or max(1, int(cpus))
-        # Actors must not take every CPU or the Ray Data input task starves (FACTS.md).
+        # Encoders must not take every CPU or the Ray Data input task starves (FACTS.md).
         self.actor_cpus = min(1.0, max(0.05, (cpus - 0.5) / self.workers))
+        self.pool: list[Any] = []
+        self._load: list[int] = []
+
+    def _start_pool(self) -> None:
+        if self.pool:
+            return
+        # Stage workers reserve no CPU so they fit beside the encoders; SPREAD puts them
+        # on every node of a cluster.
+        worker_cls = self.ray.remote(
+            num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0
+        )(StageWorker)
+        self.pool = [worker_cls.remote() for _ in range(self.workers)]
+        self._load = [0] * self.workers
+
+    def close(self) -> None:
+        """Stop the stage workers."""
+        for actor in self.pool:
+            self.ray.kill(actor)
+        self.pool = []
+
+    def _call(self, fn: Callable[..., Any], item: Any, *args: Any) -> tuple[Any, int]:
+        index = min(range(len(self.pool)), key=self._load.__getitem__)
+        self._load[index] += 1
+        return self.pool[index].run.remote(fn, item, *args), index
 
     def map(self, fn: Callable[..., Any], items: list[Any], desc: str, *args: Any) -> list[Any]:
         """Apply `fn(item, *args)` to every item as Ray tasks, at most `workers` at a time."""
@@ -97,28 +152,53 @@ class RayExecutor:
                     bar.update()
         return results
 
-    def encode(self, ctx: WorkContext, tasks: list[int]) -> list[dict]:
-        """Encode `tasks` with Ray Data `map_batches` on an actor pool of `workers` actors."""
+    def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
+        """Queue `fn(item, *args)` on the least busy stage worker; `collect` gets results."""
+        self._start_pool()
+        return self._call(fn, item, *args)
+
+    def collect(self, handles: list[Any], desc: str) -> list[Any]:
+        """Results of `submit` calls, in submission order."""
+        ray = self.ray
+        refs = [ref for ref, _ in handles]
+        results: dict[Any, Any] = {}
+        pending = list(refs)
+        with _bar(len(refs), desc, self.progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                results[done[0]] = ray.get(done[0])
+                bar.update()
+        for _, worker in handles:
+            self._load[worker] -= 1
+        return [results[r] for r in refs]
+
+    def encode_stream(self, ctx: WorkContext, tasks: list[int]) -> Iterator[dict]:
+        """Encode `tasks` with Ray Data `map_batches` on an actor pool of `workers` actors,
+        yielding each task's result as soon as it is done."""
         if not tasks:
-            return []
+            return
+        self._start_pool()  # the shard writers start up alongside the encoders
         from ray.data import ActorPoolStrategy, DataContext
 
         data_context = DataContext.get_current()
-        data_context.enable_progress_bars = False
+        bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
         data_context.print_on_execution_start = False
         dataset = self.ray.data.from_items(
             [{"task": t} for t in tasks], override_num_blocks=len(tasks)
         )
-        encoded = dataset.map_batches(
-            EncodeActor,
-            fn_constructor_kwargs={"ctx": ctx},
-            batch_size=1,
-            compute=ActorPoolStrategy(size=min(self.workers, len(tasks))),
-            num_cpus=self.actor_cpus,
-            # A failed actor is not restarted: the stage is resumable, rerun prepare instead.
-            max_restarts=0,
-        )
-        results = []
+        with warnings.catch_warnings():
+            # max_restarts still goes through the deprecated **ray_remote_args (Ray 2.60); a
+            # restartable actor would make Ray log an error about its constructor argument.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            encoded = dataset.map_batches(
+                EncodeActor,
+                fn_constructor_kwargs={"ctx": ctx},
+                batch_size=1,
+                compute=ActorPoolStrategy(size=min(self.workers, len(tasks))),
+                num_cpus=self.actor_cpus,
+                # A failed actor is not restarted: the stage is resumable, rerun instead.
+                max_restarts=0,
+            )
         # Ray Data logs execution banners at INFO/WARNING; our own bar says enough.
         data_logger = logging.getLogger("ray.data")
         level = data_logger.level
@@ -126,11 +206,11 @@ class RayExecutor:
         try:
             with _bar(len(tasks), "encode", self.progress) as bar:
                 for row in encoded.iter_rows():
-                    results.append(json.loads(row["result"]))
+                    yield json.loads(row["result"])
                     bar.update()
         finally:
             data_logger.setLevel(level)
-        return sorted(results, key=lambda r: r["task"])
+            data_context.enable_progress_bars = bars
 
 
 @contextlib.contextmanager

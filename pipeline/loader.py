@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from lmforge.pipeline.loader_batches import BatchStream, Plan, collate, keep
 from lmforge.pipeline.loader_order import MIXTURE_CHUNK, DatasetSplit, Manifest, Mixture
-from lmforge.pipeline.loader_tar import ShardError
+from lmforge.pipeline.loader_shard import ReaderCache
+from lmforge.pipeline.loader_tar import ShardError, is_url
 
 __all__ = ["LoaderConfig", "ShardError", "ShardLoader"]
 
@@ -56,7 +57,8 @@ class LoaderConfig:
     shuffle_buffer: int = 8192
     """Samples per shuffle window: after the shard order is shuffled, samples are permuted
     within consecutive windows of this many samples. Larger mixes more; a window's shards
-    are kept open (streamed URL shards are held in memory)."""
+    are kept open (shards behind fsspec URLs are held in memory, so size windows by
+    shard size there)."""
 
     document_masking: bool = True
     """Emit ``segment_ids`` and ``position_ids`` so attention can stay within documents."""
@@ -73,9 +75,6 @@ class LoaderConfig:
     verify_checksums: bool = False
     """Check each shard's sha256 against the manifest when it is opened (reads it all)."""
 
-    max_open_shards: int = 64
-    """Shards each worker keeps open; streamed (URL) shards cost their size in memory."""
-
     return_keys: bool = False
     """Also yield ``keys``, the ``__key__`` of every row ("" for padding); for debugging."""
 
@@ -86,8 +85,6 @@ class LoaderConfig:
             raise ValueError("prefetch_factor: must be >= 1")
         if self.shuffle_buffer < 1:
             raise ValueError("shuffle_buffer: must be >= 1 sample; use shuffle=false for none")
-        if self.max_open_shards < 1:
-            raise ValueError("max_open_shards: must be >= 1")
         if self.weights is not None:
             for name, weight in self.weights.items():
                 if not math.isfinite(weight) or weight < 0:
@@ -135,6 +132,8 @@ class ShardLoader:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        if seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {seed}")
         self.config = config or LoaderConfig()
         self.manifest = Manifest(str(manifest), split)
         self.split = split
@@ -157,6 +156,7 @@ class ShardLoader:
         self._samples_seen = 0
         self._generation = 0
         self._offsets = [0] * len(self.datasets)
+        self._readers: ReaderCache | None = None  # open shards, kept when num_workers is 0
 
     # -- sizes -----------------------------------------------------------------------
 
@@ -198,6 +198,11 @@ class ShardLoader:
         stream = BatchStream(self._plan(), self._position, steps)
         workers = self.config.num_workers
         if workers == 0:
+            if self._readers is None:
+                self._readers = ReaderCache(
+                    self._cache_capacity(), self.config.verify_checksums
+                )
+            stream.cache = self._readers
             source = iter(stream)
         else:
             source = iter(
@@ -223,13 +228,20 @@ class ShardLoader:
         if not self.infinite:
             self._position = 0  # the pass is complete; the next iter() starts another
 
+    def _cache_capacity(self) -> int:
+        # A shuffle window reads its shards in random order, so all of them stay open.
+        # Streamed URL shards are held in memory: keep no more than that. Local shards
+        # are memory-mapped, which costs address space only.
+        needed = 1 + sum(d.shards_per_window() for d in self.datasets)
+        return needed if is_url(self.manifest.path) else max(16, needed)
+
     def _plan(self) -> Plan:
         ends = np.cumsum([d.samples for d in self.datasets]).tolist()
         mixture = Mixture(self.weights, self.seed, self._generation) if self.infinite else None
         return Plan(
             self.datasets, mixture, list(self._offsets), ends, self.manifest.seq_len,
             self.manifest.token_dtype, self.manifest.pad_id, self.config, self.rank,
-            self.micro_batch_size, self.global_batch,
+            self.micro_batch_size, self.global_batch, self._cache_capacity(),
         )
 
     def _note(self, report: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ position; the DataLoader hands them back in that order.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lmforge.pipeline.loader_order import DatasetSplit, Mixture
-from lmforge.pipeline.loader_tar import ReaderCache, ShardError
+from lmforge.pipeline.loader_shard import ReaderCache
+from lmforge.pipeline.loader_tar import ShardError
 
 IGNORE_INDEX = -100
 
@@ -36,6 +38,7 @@ class Plan:
     rank: int
     micro_batch_size: int
     global_batch: int
+    cache_capacity: int
 
 
 class BatchStream(IterableDataset):
@@ -47,13 +50,14 @@ class BatchStream(IterableDataset):
         self.steps = steps
         self.cache: ReaderCache | None = None
         self.reported: set[str] = set()
+        self.new_bad: dict[str, str] = {}  # bad shards first seen while building a batch
 
     def __iter__(self) -> Iterator[tuple[tuple[np.ndarray, ...] | None, dict[str, Any]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         plan = self.plan
         if self.cache is None:
-            self.cache = ReaderCache(plan.config.max_open_shards, plan.config.verify_checksums)
+            self.cache = ReaderCache(plan.cache_capacity, plan.config.verify_checksums)
         j = worker
         while self.steps is None or j < self.steps:
             first = self.start + j * plan.global_batch + plan.rank * plan.micro_batch_size
@@ -70,11 +74,12 @@ class BatchStream(IterableDataset):
         plan = self.plan
         size = plan.micro_batch_size
         rows = np.full((size, plan.seq_len + 1), plan.pad_id, plan.token_dtype)
-        docs: list[np.ndarray] = [_ONE_DOC] * size
+        docs: list[list[int]] = [_ONE_DOC] * size
         keys = [""] * size
+        self.new_bad = {}
         substituted = 0
         dataset_ids, indices = self._locate(np.arange(first, first + size))
-        for d in np.unique(dataset_ids[dataset_ids >= 0]).tolist():
+        for d in sorted(set(dataset_ids.tolist()) - {-1}):
             dataset = plan.datasets[d]
             where = np.flatnonzero(dataset_ids == d)
             shard_ids, samples = dataset.locate_many(indices[where])
@@ -82,25 +87,44 @@ class BatchStream(IterableDataset):
                 where.tolist(), shard_ids.tolist(), samples.tolist(), indices[where].tolist(),
                 strict=True,
             ):
-                reader = self.cache.get(dataset.shards[shard], plan.seq_len, plan.token_dtype)
-                if reader is None:
+                try:
+                    found = self._read(dataset, shard, sample)
+                except ShardError as err:
+                    self._bad(dataset, shard, err)
+                    substituted += 1
                     found = self._substitute(dataset, index)
                     if found is None:
                         continue  # a finite pass must not visit any sample twice: mask it
-                    reader, sample = found
-                    substituted += 1
-                rows[b] = reader.tokens(sample)
-                docs[b] = reader.doc_starts[sample]
-                keys[b] = reader.keys[sample]
-        new_bad = {u: m for u, m in self.cache.bad.items() if u not in self.reported}
-        self.reported.update(new_bad)
-        report = {"bad": new_bad, "substituted": substituted}
+                rows[b], docs[b], keys[b] = found
+        report = {"bad": self.new_bad, "substituted": substituted}
         if plan.config.return_keys:
             report["keys"] = keys
         # Token rows cross from a worker as they are on disk (2-4 bytes a token, one
         # pickle); widening to int64 tensors happens in the caller's process.
         counts = np.array([len(d) for d in docs], dtype=np.int64)
-        return (rows, np.concatenate(docs), counts), report
+        starts = np.fromiter(itertools.chain.from_iterable(docs), np.int64, int(counts.sum()))
+        return (rows, starts, counts), report
+
+    def _read(self, dataset: DatasetSplit, shard: int, sample: int):
+        """``(tokens, doc starts, key)`` of one sample; ShardError when unreadable."""
+        plan = self.plan
+        entry = dataset.shards[shard]
+        reader = self.cache.get(entry, plan.seq_len, plan.token_dtype)
+        if reader is None:
+            raise ShardError(self.cache.bad[entry.url])
+        tokens, starts = reader.sample(sample)
+        return tokens, starts, reader.key(sample) if plan.config.return_keys else ""
+
+    def _bad(self, dataset: DatasetSplit, shard: int, err: ShardError) -> None:
+        if self.plan.config.strict:
+            raise ShardError(
+                f"{err}; fix or re-create it (`lmforge prepare` skips finished shards), "
+                "or set data.loader.strict=false to skip it"
+            ) from err
+        url = dataset.shards[shard].url
+        if url not in self.reported:
+            self.reported.add(url)
+            self.new_bad[url] = str(err)
 
     def _locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Dataset (-1 for padding) and index in its stream, for global positions."""
@@ -115,25 +139,35 @@ class BatchStream(IterableDataset):
         return dataset_ids, np.asarray(plan.offsets)[dataset_ids] + j
 
     def _substitute(self, dataset: DatasetSplit, index: int):
-        """The next readable sample after an unreadable one, or None in a finite pass."""
-        plan = self.plan
-        url = dataset.shards[dataset.locate(index)[0]].url
-        if plan.config.strict:
-            raise ShardError(
-                f"{self.cache.bad[url]}; fix or re-create it (`lmforge prepare` skips "
-                "finished shards), or set data.loader.strict=false to skip it"
-            )
-        if plan.mixture is None:
+        """A deterministic stand-in for an unreadable sample; None in a finite pass.
+
+        A bad sample of a readable shard is replaced by the next readable one of the same
+        shard; a sample of a bad shard by the sample at the same offset of the next
+        readable shard in the epoch's shard order. Both depend only on the position, so
+        resumes and every rank agree, and whole bad shards cost one step per shard.
+        """
+        if self.plan.mixture is None:
             return None
-        for step in range(1, dataset.samples):
-            shard, sample = dataset.locate(index + step)
-            reader = self.cache.get(dataset.shards[shard], plan.seq_len, plan.token_dtype)
-            if reader is not None:
-                return reader, sample
-        raise ShardError(f"dataset '{dataset.name}': no shard of the split can be read")
+        shard, sample = dataset.locate(index)
+        count = int(dataset.counts[shard])
+        if dataset.shards[shard].url not in self.cache.bad:
+            for step in range(1, count):
+                try:
+                    return self._read(dataset, shard, (sample + step) % count)
+                except ShardError as err:
+                    self._bad(dataset, shard, err)
+        order = dataset.epoch_order(index).tolist()
+        at = order.index(shard)
+        for step in range(1, len(order)):
+            other = order[(at + step) % len(order)]
+            try:
+                return self._read(dataset, other, sample % int(dataset.counts[other]))
+            except ShardError as err:
+                self._bad(dataset, other, err)
+        raise ShardError(f"dataset '{dataset.name}': no sample of the split can be read")
 
 
-_ONE_DOC = np.zeros(1, dtype=np.int64)
+_ONE_DOC = [0]  # a padding row is one document
 
 
 def collate(

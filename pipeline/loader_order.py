@@ -43,16 +43,6 @@ class ShardEntry:
     sha256: str | None
 
 
-@dataclass(frozen=True)
-class SampleRef:
-    """Where the sample at one global position lives."""
-
-    dataset: int
-    index: int
-    shard: int
-    sample: int
-
-
 class DatasetSplit:
     """The shards of one dataset's split and the shuffled order of its samples."""
 
@@ -70,30 +60,33 @@ class DatasetSplit:
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
+    def shards_per_window(self) -> int:
+        """Most shards one shuffle window (plus the step into the next) can touch."""
+        if not self.shuffle:
+            return 2
+        return min(len(self.shards), -(-self.window // int(self.counts.min())) + 2)
+
     def locate(self, index: int) -> tuple[int, int]:
         """``(shard, sample within shard)`` of the ``index``-th sample of the stream."""
-        epoch, i = divmod(index, self.samples)
-        order, ends = _cached(self._orders, epoch, self._shard_order, 4)
-        if self.shuffle:
-            window, offset = divmod(i, self.window)
-            perm = _cached(self._perms, (epoch, window), self._window_perm, 16)
-            i = window * self.window + int(perm[offset])
-        k = int(np.searchsorted(ends, i, side="right"))
-        start = int(ends[k - 1]) if k else 0
-        return int(order[k]), i - start
+        shards, samples = self.locate_many(np.array([index]))
+        return int(shards[0]), int(samples[0])
+
+    def epoch_order(self, index: int) -> np.ndarray:
+        """The shard order of the epoch that stream index ``index`` falls in."""
+        return _cached(self._orders, index // self.samples, self._shard_order, 4)[0]
 
     def locate_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``locate`` for an array of stream indices (vectorised; one batch's worth)."""
+        """``locate`` for an array of stream indices (a batch's worth at once)."""
         epochs, within = np.divmod(indices, self.samples)
         shards = np.empty_like(indices)
         samples = np.empty_like(indices)
-        for epoch in np.unique(epochs).tolist():
+        for epoch in set(epochs.tolist()):
             mask = epochs == epoch
             i = within[mask]
             order, ends = _cached(self._orders, epoch, self._shard_order, 4)
             if self.shuffle:
                 windows, offsets = np.divmod(i, self.window)
-                for window in np.unique(windows).tolist():
+                for window in set(windows.tolist()):
                     w = windows == window
                     perm = _cached(self._perms, (epoch, window), self._window_perm, 16)
                     i[w] = window * self.window + perm[offsets[w]]
@@ -136,23 +129,14 @@ class Mixture:
         self.generation = generation
         self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def locate(self, position: int) -> tuple[int, int]:
-        """``(dataset, j)``: position ``p`` is the ``j``-th sample mixed in from ``dataset``."""
-        if len(self.counts) == 1:
-            return 0, position
-        k, offset = divmod(position, MIXTURE_CHUNK)
-        labels, ranks = _cached(self._chunks, k, self._chunk, 4)
-        d = int(labels[offset])
-        return d, k * int(self.counts[d]) + int(ranks[offset])
-
     def locate_many(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``locate`` for an array of positions (vectorised; one batch's worth)."""
+        """``(dataset, j)`` per position: it is the ``j``-th sample mixed in from ``dataset``."""
         if len(self.counts) == 1:
             return np.zeros_like(positions), positions
         chunks, offsets = np.divmod(positions, MIXTURE_CHUNK)
         datasets = np.empty_like(positions)
         j = np.empty_like(positions)
-        for k in np.unique(chunks).tolist():
+        for k in set(chunks.tolist()):
             mask = chunks == k
             labels, ranks = _cached(self._chunks, k, self._chunk, 4)
             datasets[mask] = labels[offsets[mask]]

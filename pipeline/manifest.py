@@ -21,7 +21,11 @@ from lmforge.pipeline.tokenizer import file_sha256
 
 MANIFEST_VERSION = 1
 FORMAT_REVISION = 1  # bump when the shard bytes for the same inputs would change
-_NOT_FINGERPRINTED = ("output_dir", "num_workers", "ray_address", "keep_work")
+# How the job runs (and how input is chunked into tasks), and the loader's settings, do
+# not change the shards.
+_NOT_FINGERPRINTED = (
+    "output_dir", "num_workers", "ray_address", "keep_work", "read_chunk_bytes", "loader"
+)
 
 
 def fingerprint(data: DataConfig, tokenizer: TokenizerConfig, files: list[SourceFile]) -> str:
@@ -77,44 +81,84 @@ def is_complete(path: Path, fp: str) -> bool:
     return True
 
 
-def plan_shards(
-    data: DataConfig, itemsize: int, encode_results: list[dict], task_datasets: list[str]
-) -> list[ShardPlan]:
-    """Split each dataset's train/val token streams into shards of about the target size.
+class ShardPlanner:
+    """Plans shards while encode results stream in, so writing overlaps encoding.
+
+    A shard is planned as soon as every token it holds is known: all tasks before its end
+    (in task order) are encoded. Each dataset/split stream is cut into windows of
+    seq_len + 1 tokens, `samples_per_shard` windows per shard; the last window is padded.
 
     Args:
         data: The `data` section.
         itemsize: Bytes per token (2 or 4).
-        encode_results: Per task (in task order), the encode stage's result.
-        task_datasets: Per task, its dataset name.
+        task_datasets: Per task (in task order), its dataset name.
     """
-    window = data.seq_len + 1
-    per_shard = samples_per_shard(data.shard_target_bytes, data.seq_len, itemsize)
-    plans: list[ShardPlan] = []
-    for spec in data.datasets:
-        for split in SPLITS:
-            bases: list[tuple[int, int]] = []
-            position = 0
-            for result in encode_results:
-                if task_datasets[result["task"]] != spec.name:
-                    continue
+
+    def __init__(self, data: DataConfig, itemsize: int, task_datasets: list[str]) -> None:
+        self.window = data.seq_len + 1
+        self.per_shard = samples_per_shard(data.shard_target_bytes, data.seq_len, itemsize)
+        self.task_datasets = task_datasets
+        self.last_task = {name: i for i, name in enumerate(task_datasets)}
+        self.streams = {(d.name, split): _Stream() for d in data.datasets for split in SPLITS}
+        self.waiting: dict[int, dict] = {}
+        self.next_task = 0
+        self.plans: list[ShardPlan] = []
+
+    def add(self, result: dict) -> list[ShardPlan]:
+        """Take one task's encode result (any order); return the shards now plannable."""
+        self.waiting[result["task"]] = result
+        new: list[ShardPlan] = []
+        while self.next_task in self.waiting:
+            task = self.next_task
+            result = self.waiting.pop(task)
+            dataset = self.task_datasets[task]
+            for split in SPLITS:
+                stream = self.streams[(dataset, split)]
                 tokens = result["splits"][split]["tokens"]
                 if tokens:
-                    bases.append((result["task"], position))
-                position += tokens
-            n_windows = -(-position // window)
-            for index, first in enumerate(range(0, n_windows, per_shard)):
-                count = min(per_shard, n_windows - first)
-                lo, hi = first * window, (first + count) * window
-                # Tasks whose tokens overlap this shard; a task before it may still hold
-                # the start of a document that spans into it, which only matters for
-                # doc_starts (position 0 always counts as a start), so it is not needed.
-                overlapping = [
-                    (task, base) for i, (task, base) in enumerate(bases)
-                    if base < hi and (i + 1 == len(bases) or bases[i + 1][1] > lo)
-                ]
-                plans.append(ShardPlan(spec.name, split, index, first, count, overlapping))
-    return plans
+                    stream.bases.append((task, stream.position))
+                    stream.position += tokens
+                final = self.last_task[dataset] == task
+                new += self._emit(dataset, split, stream, final)
+            self.next_task += 1
+        return new
+
+    def check_complete(self) -> None:
+        """Raise if some task's encode result never arrived."""
+        if self.waiting or self.next_task != len(self.task_datasets):
+            raise RuntimeError(
+                f"encode results missing from task {self.next_task} on; rerun prepare"
+            )
+
+    def _emit(self, dataset: str, split: str, stream: _Stream, final: bool) -> list[ShardPlan]:
+        windows_known = stream.position // self.window
+        if final:
+            windows_known = -(-stream.position // self.window)
+        new = []
+        while True:
+            first = stream.next_shard * self.per_shard
+            count = min(self.per_shard, windows_known - first)
+            if count <= 0 or (count < self.per_shard and not final):
+                return new
+            lo, hi = first * self.window, (first + count) * self.window
+            bases = stream.bases
+            # Tasks whose tokens overlap [lo, hi); a document that started in an earlier task
+            # needs no entry: window position 0 always counts as a document start.
+            overlapping = [
+                (task, base) for i, (task, base) in enumerate(bases)
+                if base < hi and (bases[i + 1][1] if i + 1 < len(bases) else stream.position) > lo
+            ]
+            plan = ShardPlan(dataset, split, stream.next_shard, first, count, overlapping)
+            self.plans.append(plan)
+            new.append(plan)
+            stream.next_shard += 1
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.bases: list[tuple[int, int]] = []
+        self.position = 0
+        self.next_shard = 0
 
 
 def build_manifest(

@@ -19,14 +19,16 @@ from typing import Literal
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from lmforge.pipeline.manifest import (
+    ShardPlanner,
     build_manifest,
     fingerprint,
     is_complete,
-    plan_shards,
     write_manifest,
 )
 from lmforge.pipeline.sources import SourceFile, discover_files, plan_read_tasks
 from lmforge.pipeline.stages import (
+    SPLITS,
+    ShardPlan,
     WorkContext,
     clean_task,
     dedup_partition,
@@ -79,8 +81,11 @@ def prepare(
     if executor == "local":
         return _run(data, tokenizer, files, fp, LocalExecutor(progress), progress)
     with ray_session(data.ray_address):
-        return _run(data, tokenizer, files, fp, RayExecutor(data.num_workers, progress),
-                    progress)
+        ray_executor = RayExecutor(data.num_workers, progress)
+        try:
+            return _run(data, tokenizer, files, fp, ray_executor, progress)
+        finally:
+            ray_executor.close()
 
 
 def _discover(spec: DatasetSpec, data: DataConfig) -> list[SourceFile]:
@@ -100,13 +105,15 @@ def _run(
     progress: bool,
 ) -> Path:
     out = Path(data.output_dir)
-    work_root = out / "_work"
-    for stale in work_root.glob("*"):
-        if stale.name != fp[:16]:
-            shutil.rmtree(stale, ignore_errors=True)
     total_bytes = sum(f.size for f in files)
+    chunk = read_chunk_bytes(data.read_chunk_bytes, total_bytes, ex.workers)
+    # Chunking never changes the output, but task numbering does: key the work by both.
+    work_root, work_name = out / "_work", f"{fp[:16]}-{chunk}"
+    for stale in work_root.glob("*"):
+        if stale.name != work_name:
+            shutil.rmtree(stale, ignore_errors=True)
     ctx = WorkContext(
-        work_dir=str(work_root / fp[:16]),
+        work_dir=str(work_root / work_name),
         output_dir=str(out),
         data=data,
         num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
@@ -114,7 +121,7 @@ def _run(
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    tasks = plan_read_tasks(data.datasets, data.read_chunk_bytes, files)
+    tasks = plan_read_tasks(data.datasets, chunk, files)
     empty = [f.url for f in files if f.size == 0]
     _say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
          f"on {ex.workers} workers", progress)
@@ -139,15 +146,23 @@ def _run(
     ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
     seconds["tokenizer"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    encoded = ex.encode(ctx, [t.index for t in tasks])
-    seconds["encode"] = time.perf_counter() - t0
-
+    # Encode and write overlap: a shard is written as soon as all its tokens are encoded.
     t0 = time.perf_counter()
     itemsize = 2 if info["vocab_size"] <= 2**16 else 4
-    plans = plan_shards(data, itemsize, encoded, [t.dataset for t in tasks])
-    shards = ex.map(write_task, plans, "write", ctx)
-    seconds["write"] = time.perf_counter() - t0
+    planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
+    encoded, handles = [], []
+    for result in ex.encode_stream(ctx, [t.index for t in tasks]):
+        encoded.append(result)
+        handles += [ex.submit(write_task, plan, ctx) for plan in planner.add(result)]
+    planner.check_complete()
+    encoded.sort(key=lambda r: r["task"])
+    seconds["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    written = ex.collect(handles, "write")
+    seconds["write"] = time.perf_counter() - t0  # only what was left after encoding
+    order = sorted(range(len(planner.plans)), key=lambda i: _plan_key(data, planner.plans[i]))
+    plans = [planner.plans[i] for i in order]
+    shards = [written[i] for i in order]
 
     _remove_stale_shards(out, data, {s["path"] for s in shards})
     shutil.copyfile(model, out / "tokenizer.model")
@@ -168,6 +183,18 @@ def _run(
          f"bad input: {stats['bad_input']['counts'] or 'none'}; manifest {manifest_path}",
          progress)
     return manifest_path
+
+
+def read_chunk_bytes(configured: int, total_bytes: int, workers: int) -> int:
+    """Bytes per read task: the configured size, smaller if that would leave fewer than
+    ~4 tasks per worker (for balance), but not below 1 MiB unless configured lower."""
+    balanced = math.ceil(total_bytes / (4 * workers)) if total_bytes else configured
+    return max(min(configured, balanced), min(configured, 2**20))
+
+
+def _plan_key(data: DataConfig, plan: ShardPlan) -> tuple[int, int, int]:
+    names = [d.name for d in data.datasets]
+    return names.index(plan.dataset), SPLITS.index(plan.split), plan.index
 
 
 def _bad_counts(clean: list[dict]) -> dict[str, int]:
@@ -216,8 +243,8 @@ def _tokenizer_model(
 
 
 def _remove_stale_shards(out: Path, data: DataConfig, written: set[str]) -> None:
-    """Delete shard files of an earlier, different run that this run did not write."""
+    """Delete shards of an earlier, different run, and temp files of a killed one."""
     for spec in data.datasets:
-        for path in (out / spec.name).glob("*.tar"):
+        for path in (out / spec.name).glob("*.tar*"):
             if str(path.relative_to(out)) not in written:
                 path.unlink()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 from fsspec.core import url_to_fs
+
 from lmforge.pipeline.config import DatasetSpec
 
 FORMAT_BY_EXTENSION = {

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.readers import BadInputLog, read_piece
 from lmforge.pipeline.shards import pack_windows, sample_key, write_shard
 from lmforge.pipeline.sources import ReadTask
-from lmforge.pipeline.steps import Document, build_clean_steps, run_steps, utf8_len
+from lmforge.pipeline.steps import Document, build_clean_steps, run_steps
 from lmforge.pipeline.tokenizer import DocumentEncoder
 
 HASH_ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("doc", "<u4"), ("nbytes", "<u4")])
@@ -106,7 +107,7 @@ def _clean(task: ReadTask, ctx: WorkContext) -> dict:
         for doc in read_piece(piece, spec.txt_unit, spec.text_field,
                               ctx.data.max_record_bytes, log):
             read_docs += 1
-            read_bytes += utf8_len(doc.text)
+            read_bytes += doc.size()
             batch.append(doc)
             if len(batch) == _STEP_BATCH:
                 kept.extend(run_steps(steps, batch))

@@ -72,6 +72,7 @@ def summarize(
             for name, d in manifest_datasets.items()
         },
         "doc_tokens_log2_hist": hist,
+        "encode_nodes": sorted({r["node"] for r in encode_results if r.get("node")}),
         "seconds": seconds,
         "throughput": {
             "tokens_per_s": total_tokens / wall if wall else 0.0,

@@ -12,6 +12,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from lmforge.pipeline.config import CleanConfig
 
 
@@ -27,6 +28,14 @@ class Document:
     """1-based line (txt/jsonl) or row (parquet) where it starts, relative to `offset`."""
     offset: int = 0
     """Byte offset of the read range the line number counts from (0 for whole files)."""
+    nbytes: int = -1
+    """UTF-8 size of `text` (-1 = not computed yet); steps keep it current."""
+
+    def size(self) -> int:
+        """UTF-8 bytes of the text, computed once."""
+        if self.nbytes < 0:
+            self.nbytes = utf8_len(self.text)
+        return self.nbytes
 
 
 @dataclass
@@ -59,22 +68,28 @@ class Step:
 
     def __call__(self, docs: list[Document]) -> list[Document]:
         kept: list[Document] = []
-        for doc in docs:
-            before = utf8_len(doc.text)
-            new_text = self.transform(doc.text)
+        stats = self.stats
+        for doc, new_text in zip(docs, self.process(docs), strict=True):
+            before = doc.size()
             if new_text is None:
-                self.stats.removed_docs += 1
-                self.stats.removed_bytes += before
+                stats.removed_docs += 1
+                stats.removed_bytes += before
                 continue
-            if new_text is not doc.text and new_text != doc.text:
-                after = utf8_len(new_text)
-                self.stats.modified_docs += 1
-                self.stats.removed_bytes += before - after
-                doc.text, before = new_text, after
-            self.stats.kept_docs += 1
-            self.stats.kept_bytes += before
+            if new_text is not doc.text:  # steps return the same object when unchanged
+                doc.text, doc.nbytes = new_text, -1
+                stats.modified_docs += 1
+                stats.removed_bytes += before - doc.size()
+            stats.kept_docs += 1
+            stats.kept_bytes += doc.nbytes
             kept.append(doc)
         return kept
+
+    def process(self, docs: list[Document]) -> list[str | None]:
+        """New text per document (the same object if unchanged), or None to remove it.
+
+        Steps that can work on the whole batch at once (numpy) override this.
+        """
+        return [self.transform(doc.text) for doc in docs]
 
     def transform(self, text: str) -> str | None:
         """Return the (possibly changed) text, or None to remove the document."""
@@ -103,7 +118,7 @@ class StripControl(Step):
     """Remove control characters (keeps tab, newline, carriage return)."""
 
     def transform(self, text: str) -> str | None:
-        return _CONTROL.sub("", text)
+        return _CONTROL.sub("", text) if _CONTROL.search(text) else text
 
 
 @dataclass
@@ -124,17 +139,23 @@ class RepetitionFilter(Step):
     max_duplicate_line_fraction: float = 0.5
     max_top_char_fraction: float = 0.5
 
-    def transform(self, text: str) -> str | None:
-        if self.max_duplicate_line_fraction < 1.0:
-            lines = [line for line in text.split("\n") if line.strip()]
-            if len(lines) >= 4:
-                repeated = len(lines) - len(set(lines))
-                if repeated / len(lines) > self.max_duplicate_line_fraction:
-                    return None
-        if self.max_top_char_fraction < 1.0 and len(text) >= 32:
-            if top_char_fraction(text) > self.max_top_char_fraction:
-                return None
-        return text
+    def process(self, docs: list[Document]) -> list[str | None]:
+        texts = [doc.text for doc in docs]
+        removed = [self._repeated_lines(t) for t in texts]
+        if self.max_top_char_fraction < 1.0:
+            fractions = top_char_fractions(texts)
+            for i, (text, fraction) in enumerate(zip(texts, fractions, strict=True)):
+                if len(text) >= 32 and fraction > self.max_top_char_fraction:
+                    removed[i] = True
+        return [None if r else t for t, r in zip(texts, removed, strict=True)]
+
+    def _repeated_lines(self, text: str) -> bool:
+        if self.max_duplicate_line_fraction >= 1.0 or text.count("\n") < 3:
+            return False
+        lines = [line for line in text.split("\n") if line.strip()]
+        if len(lines) < 4:
+            return False
+        return (len(lines) - len(set(lines))) / len(lines) > self.max_duplicate_line_fraction
 
 
 _SPACE_CODES = np.array([ord(c) for c in " \t\n\r"])
@@ -142,16 +163,29 @@ _SPACE_CODES = np.array([ord(c) for c in " \t\n\r"])
 
 def top_char_fraction(text: str) -> float:
     """Share of the most frequent non-whitespace character among non-whitespace ones."""
-    # numpy counting is ~10x faster than Counter or str.count loops on short documents.
-    if text.isascii():
-        counts = np.bincount(np.frombuffer(text.encode("ascii"), np.uint8), minlength=128)
-        counts[_SPACE_CODES] = 0
-    else:
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-        codes = codes[~np.isin(codes, _SPACE_CODES)]
-        counts = np.unique(codes, return_counts=True)[1] if len(codes) else np.zeros(1)
-    total = counts.sum()
-    return float(counts.max() / total) if total else 0.0
+    return float(top_char_fractions([text])[0])
+
+
+def top_char_fractions(texts: list[str]) -> np.ndarray:
+    """`top_char_fraction` of every text; ASCII texts are counted in one numpy pass."""
+    result = np.zeros(len(texts))
+    ascii_ids = [i for i, t in enumerate(texts) if t.isascii()]
+    if ascii_ids:
+        blob = np.frombuffer("".join(texts[i] for i in ascii_ids).encode("ascii"), np.uint8)
+        lengths = np.fromiter((len(texts[i]) for i in ascii_ids), np.int64, len(ascii_ids))
+        owner = np.repeat(np.arange(len(ascii_ids)), lengths)
+        counts = np.bincount(owner * 128 + blob, minlength=len(ascii_ids) * 128)
+        counts = counts.reshape(len(ascii_ids), 128)
+        counts[:, _SPACE_CODES] = 0
+        totals = counts.sum(axis=1)
+        result[ascii_ids] = counts.max(axis=1) / np.maximum(totals, 1)
+    for i, text in enumerate(texts):
+        if not text.isascii():
+            codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+            codes = codes[~np.isin(codes, _SPACE_CODES)]
+            if len(codes):
+                result[i] = np.unique(codes, return_counts=True)[1].max() / len(codes)
+    return result
 
 
 def build_clean_steps(config: CleanConfig) -> list[Step]:

@@ -80,6 +80,10 @@ def test_sqlite_default_records_params_metrics_artifacts(
 ) -> None:
     run_dir = tmp_path / "run"
     (tmp_path / "notes.txt").write_text("hello")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"\0" * 1000)
     cfg = TrackingConfig(run_name="walking-skeleton", tags={"team": "nlp"}, log_every=5, **FAST)
     with Tracker(cfg, run_dir) as tracker:
         run_id = tracker.start(tags={"stage": "pretrain"})
@@ -90,6 +94,7 @@ def test_sqlite_default_records_params_metrics_artifacts(
                 tracker.log_metrics({"loss": 10.0 / step, "lr": 1e-3 * step}, step)
         tracker.set_tags({"checkpoint": str(run_dir / "ckpt")})
         tracker.log_artifact(tmp_path / "notes.txt", "docs")
+        tracker.log_artifacts(export, "export")
         tracker.log_text("summary", "summary.txt")
         tracker.log_dict({"model": {"n_layers": 2}}, "config.json")
         assert tracker.flush(timeout=60)
@@ -109,6 +114,8 @@ def test_sqlite_default_records_params_metrics_artifacts(
     artifacts = run_dir / "mlartifacts" / run_id / "artifacts"
     assert (artifacts / "docs" / "notes.txt").read_text() == "hello"
     assert (artifacts / "summary.txt").read_text() == "summary"
+    assert (artifacts / "export" / "model.safetensors").read_bytes() == b"\0" * 1000
+    assert (artifacts / "export" / "config.json").read_text() == "{}"
     assert json.loads((artifacts / "config.json").read_text()) == {"model": {"n_layers": 2}}
     assert "View run" not in capsys.readouterr().out
 
@@ -179,7 +186,7 @@ def test_launcher_and_training_process_share_one_sqlite_run(
         launcher.log_params({"lr": 0.2, "export": {"format": "hf"}})
         launcher.set_tags({"export_dir": "/runs/x/export"})
         assert launcher.close("FINISHED", timeout=60)
-    assert "param(s) lr " in caplog.text
+    assert "earlier value of param(s) lr:" in caplog.text
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -215,15 +222,22 @@ def first_run_id(tracker: Tracker, run_dir: Path) -> str:
 
 
 def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> None:
+    # The layout pipeline/manifest.py writes: datasets -> splits -> shards.
+    def shard(path: str, samples: int, sha: str) -> dict[str, object]:
+        return {"path": path, "samples": samples, "tokens": samples * 1000, "sha256": sha * 64}
+
     manifest = {
-        "name": "tinyshakespeare",
-        "tokenizer": {"path": "tok.model", "sha256": "t" * 64},
-        "shards": [
-            {"path": "train-000000.tar", "samples": 3, "tokens": 3075, "sha256": "a" * 64},
-            {"path": "train-000001.tar", "samples": 2, "tokens": 2050, "sha256": "b" * 64},
-        ],
+        "version": 1,
+        "tokenizer": {"file": "tokenizer.model", "sha256": "t" * 64, "vocab_size": 8192},
+        "datasets": {
+            "shakespeare": {"splits": {
+                "train": {"shards": [shard("s/train-000000.tar", 3, "a"),
+                                     shard("s/train-000001.tar", 2, "b")]},
+                "val": {"shards": [shard("s/val-000000.tar", 1, "c")]},
+            }},
+        },
     }
-    path = tmp_path / "data" / "manifest.json"
+    path = tmp_path / "tinyshakespeare" / "manifest.json"
     path.parent.mkdir()
     path.write_text(json.dumps(manifest))
     tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
@@ -233,18 +247,36 @@ def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> N
 
     import hashlib
 
-    expected = hashlib.sha256(("t" * 64 + "a" * 64 + "b" * 64).encode()).hexdigest()
+    expected = hashlib.sha256(("t" * 64 + "a" * 64 + "b" * 64 + "c" * 64).encode()).hexdigest()
     run = MlflowClient(tracker.tracking_uri).get_run(run_id)
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "tinyshakespeare"
     assert dataset_input.dataset.digest == expected[:32]
     assert json.loads(dataset_input.dataset.source) == {"uri": path.resolve().as_uri()}
     profile = json.loads(dataset_input.dataset.profile)
-    assert (profile["shards"], profile["samples"], profile["tokens"]) == (2, 5, 5125)
+    assert (profile["shards"], profile["samples"], profile["tokens"]) == (3, 6, 6000)
+    assert profile["splits"]["shakespeare/val"] == {"shards": 1, "samples": 1, "tokens": 1000}
     assert profile["digest_sha256"] == expected
     assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "train"}
     logged = tmp_path / "run" / "mlartifacts" / run_id / "artifacts" / "datasets" / "train"
     assert json.loads((logged / "manifest.json").read_text()) == manifest
+
+
+def test_dataset_lineage_without_checksums_warns_and_training_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"shards": [{"path": "train-000000.tar", "samples": 1}]}))
+    tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
+    run_id = tracker.start()
+    with caplog.at_level(logging.WARNING, logger="lmforge.launch.tracking"):
+        tracker.log_dataset_lineage(path)
+        tracker.log_dataset_lineage(tmp_path / "missing.json")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    assert tracker.close(timeout=60)
+    assert "shards without a sha256" in caplog.text and "missing.json" in caplog.text
+    run = MlflowClient(tracker.tracking_uri).get_run(run_id)
+    assert run.inputs.dataset_inputs == [] and run.data.metrics == {"loss": 1.0}
 
 
 def test_unreachable_server_queue_is_bounded_and_calls_do_not_block(
@@ -290,7 +322,7 @@ def train_steps(tracker: Tracker, steps: range, timings: list[float]) -> None:
 
 @pytest.mark.slow
 def test_server_receives_params_metrics_and_artifacts(
-    mlflow_server: MlflowServer, tmp_path: Path
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = TrackingConfig(uri=mlflow_server.uri, experiment="server-basic", **FAST)
     tracker = Tracker(cfg, tmp_path)
@@ -304,9 +336,11 @@ def test_server_receives_params_metrics_and_artifacts(
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"model.d_model": "64"}
     assert history(client, run_id, "loss") == {s: 1000.0 - s for s in range(30)}
-    assert (mlflow_server.root / "artifacts").rglob("notes.txt")
+    (stored,) = (mlflow_server.root / "artifacts").rglob("notes.txt")  # proxied upload
+    assert stored.read_text() == "proxied"
     assert [a.path for a in client.list_artifacts(run_id)] == ["notes.txt"]
     assert not (tmp_path / "mlflow.db").exists()  # a server URI keeps nothing in the run dir
+    assert "View run" not in capsys.readouterr().out  # MLflow's per-run banner is off
 
 
 @pytest.mark.slow

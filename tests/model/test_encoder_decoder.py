@@ -185,3 +185,32 @@ def test_denoising_objective_reconstructs_original() -> None:
                           labels)
     loss.backward()
     assert abs(loss.item() - torch.log(torch.tensor(500.0)).item()) < 1.0
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_beam_search_with_eos_matches_transformers(seed: int) -> None:
+    torch.manual_seed(seed)
+    theirs = BartForConditionalGeneration(BartConfig(
+        vocab_size=12, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, max_position_embeddings=40, dropout=0.0)).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.mul_(8)  # sharper distributions, so beams end at different steps
+        theirs.final_logits_bias.zero_()
+    cfg, sd = from_hf(theirs.config.to_dict(), theirs.state_dict())
+    ours = cfg.build().eval()
+    ours.load_state_dict(sd)
+    src = torch.randint(3, 12, (3, 8))
+    eos = int(generate_seq2seq(ours, src, 4, decoder_start_id=2)[0, 3])
+    for length_penalty in (0.0, 1.0, 2.0):
+        mine = generate_seq2seq(ours, src, 8, decoder_start_id=2, eos_id=eos, num_beams=3,
+                                length_penalty=length_penalty)
+        hf = theirs.generate(src, attention_mask=torch.ones_like(src), max_new_tokens=8,
+                             min_new_tokens=0, do_sample=False, num_beams=3,
+                             decoder_start_token_id=2, eos_token_id=eos, pad_token_id=eos,
+                             forced_eos_token_id=None, forced_bos_token_id=None,
+                             no_repeat_ngram_size=0, early_stopping=True,
+                             length_penalty=length_penalty)
+        assert (mine == eos).any()
+        assert torch.equal(mine, hf)

@@ -45,6 +45,7 @@ def write_shards(
     weights: dict[str, float] | None = None,
     pad_tail: int = 3,
     seed: int = 0,
+    tar_format: str = "USTAR_FORMAT",
 ) -> ShardSet:
     """Writes shards and a manifest under ``root``.
 
@@ -56,6 +57,7 @@ def write_shards(
         weights: Manifest weight per dataset (default 1.0).
         pad_tail: Pad tokens at the end of each split's last sample.
         seed: Seeds token ids and document boundaries.
+        tar_format: ``tarfile`` format name; PAX_FORMAT allows keys over 100 bytes.
 
     Returns:
         The manifest path and every sample's tokens and doc_starts by key.
@@ -72,7 +74,7 @@ def write_shards(
                 rel = f"{name}/{split}-{index:06d}.tar"
                 path = root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with wds.TarWriter(str(path), mtime=0) as sink:
+                with wds.TarWriter(str(path), mtime=0, format=tar_format) as sink:
                     for sample in range(count):
                         key = f"{name}-{split}-{index:06d}-{sample:08d}"
                         tokens = rng.integers(4, VOCAB, seq_len + 1).astype(token_dtype)

@@ -62,6 +62,12 @@ def test_validation_pass_is_complete_ordered_and_even_across_ranks(shards):
     assert len(interleaved) - len(real) == 16 - 13
 
 
+def test_more_workers_than_batches(shards):
+    expected = keys_of(make(shards, "val", 16, infinite=False))
+    assert len(expected) == 1
+    assert keys_of(make(shards, "val", 16, infinite=False, config={"num_workers": 2})) == expected
+
+
 def test_same_seed_same_order_other_seed_or_epoch_other_order(shards):
     first = flat(keys_of(make(shards, seed=7), 24))
     assert first == flat(keys_of(make(shards, seed=7), 24))
@@ -126,6 +132,14 @@ def test_uint32_tokens(tmp_path):
     batch = next(iter(make(data, batch=8, config={"shuffle": False})))
     key = batch["keys"][5]
     assert batch["input_ids"][5].tolist() == data.tokens[key][:-1].tolist()
+
+
+def test_pax_tars_with_long_keys(tmp_path):
+    name = "web-" + "x" * 120  # keys beyond the 100-byte ustar name field
+    data = write_shards(tmp_path, {name: {"train": [3, 2]}}, tar_format="PAX_FORMAT")
+    batch = next(iter(make(data, batch=5, config={"shuffle": False})))
+    assert batch["keys"] == sorted(data.keys("train"))
+    assert batch["input_ids"][4].tolist() == data.tokens[batch["keys"][4]][:-1].tolist()
 
 
 def test_sizes(shards):

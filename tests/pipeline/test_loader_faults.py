@@ -62,6 +62,35 @@ def test_lenient_mode_skips_warns_counts_and_keeps_ranks_in_step(shards, caplog)
     assert str(bad) in caplog.text and "skipping unreadable shard" in caplog.text
 
 
+def test_lenient_resume_replays_the_same_substitutes(shards):
+    truncate(shards.shards["web/train"][3])  # 9 of 24 samples, more than a window of 6
+    whole = make(shards, strict=False)
+    full = [b["keys"] for b in itertools.islice(whole, 20)]
+    first = make(shards, strict=False)
+    head = [b["keys"] for b in itertools.islice(first, 7)]
+    resumed = make(shards, strict=False, num_workers=2)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["keys"] for b in itertools.islice(resumed, 13)] == full
+    assert first.skipped_samples + resumed.skipped_samples == whole.skipped_samples >= 9
+
+
+def test_a_malformed_sample_is_skipped_alone(shards):
+    path = shards.shards["web/train"][2]  # 3 samples
+    key = "web-train-000002-00000001"
+    data = bytearray(path.read_bytes())
+    starts = shards.doc_starts[key]
+    payload = data.index(b"\x93NUMPY", data.index(f"{key}.doc_starts.npy".encode()))
+    data[payload + 128 : payload + 132] = (7).to_bytes(4, "little")  # doc_starts[0] = 7
+    path.write_bytes(bytes(data))
+    assert starts[0] == 0
+    with pytest.raises(ShardError, match=f"sample {key} doc_starts must ascend from 0"):
+        list(itertools.islice(make(shards), 12))
+    loader = make(shards, strict=False)
+    seen = {k for b in itertools.islice(loader, 12) for k in b["keys"]}
+    assert seen == shards.keys("train") - {key}
+    assert loader.skipped_samples == 1 and list(loader.bad_shards) == [str(path)]
+
+
 def test_lenient_validation_masks_the_bad_shard_and_stays_even(shards):
     bad = shards.shards["web/val"][0]
     bad.unlink()
@@ -85,16 +114,18 @@ def test_checksum_mismatch_is_caught_only_when_verifying(shards):
 
 
 def test_fsspec_url_streams_the_same_batches(shards, tmp_path):
-    memory = fsspec.filesystem("memory")
+    memory = fsspec.filesystem("memory")  # process-global: use a folder of our own
+    folder = f"/loader-{tmp_path.name}"
     for path in tmp_path.rglob("*"):
         if path.is_file():
-            memory.pipe(f"/data/{path.relative_to(tmp_path)}", path.read_bytes())
+            memory.pipe(f"{folder}/{path.relative_to(tmp_path)}", path.read_bytes())
     cfg = LoaderConfig(return_keys=True, shuffle_buffer=6, num_workers=0)
-    remote = ShardLoader("memory://data", "train", 3, config=cfg)
+    remote = ShardLoader(f"memory://{folder}", "train", 3, config=cfg)
     local = ShardLoader(shards.manifest, "train", 3, config=cfg)
     for a, b in zip(itertools.islice(remote, 10), itertools.islice(local, 10), strict=True):
         assert a["keys"] == b["keys"]
         assert a["input_ids"].equal(b["input_ids"]) and a["labels"].equal(b["labels"])
+    memory.rm(folder, recursive=True)
 
 
 def test_missing_manifest_says_what_to_do(tmp_path):

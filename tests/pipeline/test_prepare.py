@@ -82,7 +82,7 @@ def test_samples_have_seq_len_plus_one_tokens_and_valid_doc_starts(prepared: Pat
     for split in ("train", "val"):
         samples = read_split(prepared, split)
         assert samples, split
-        for i, (key, tokens, starts) in enumerate(samples):
+        for key, tokens, starts in samples:
             assert tokens.dtype == np.uint16 and tokens.shape == (SEQ_LEN + 1,)
             assert starts.dtype == np.int32 and starts[0] == 0
             assert np.all(np.diff(starts) > 0) and starts[-1] <= SEQ_LEN

@@ -120,3 +120,32 @@ def test_missing_path_names_the_pattern(tmp_path: Path) -> None:
     (tmp_path / "x.bin").write_text("?")
     with pytest.raises(ValueError, match="^format: cannot tell"):
         discover_files(DatasetSpec(name="d", paths=[str(tmp_path / "x.bin")]))
+
+
+def test_uneven_files_make_balanced_tasks(tmp_path: Path) -> None:
+    sizes = [5_000, 300, 120_000, 800, 900, 40_000, 100]
+    text = CORPUS.read_bytes()
+    for i, size in enumerate(sizes):
+        (tmp_path / f"f{i}.txt").write_bytes(text[:size])
+    spec = DatasetSpec(name="d", paths=[str(tmp_path / "*.txt")], txt_unit="line")
+    tasks = plan_read_tasks([spec], 16_000, discover_files(spec))
+    assert sum(t.bytes for t in tasks) == sum(sizes)
+    assert all(t.bytes <= 2 * 16_000 for t in tasks)  # big files are split ...
+    assert len(tasks) <= sum(sizes) // 16_000 + 2  # ... and small files grouped
+    order = [(p.file.url, p.start) for t in tasks for p in t.pieces]
+    assert order == sorted(order)  # document order is file order, then offset
+
+
+def test_fsspec_urls_are_read(tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus/a.jsonl", b'{"text": "from memory"}\n')
+    fs.pipe("/corpus/b.txt", b"para one\n\npara two\n")
+    spec = DatasetSpec(name="d", paths=["memory://corpus/*"])
+    files = discover_files(spec)
+    assert [f.url for f in files] == ["memory:///corpus/a.jsonl", "memory:///corpus/b.txt"]
+    log = BadInputLog()
+    docs = [d.text for t in plan_read_tasks([spec], 1 << 20, files) for p in t.pieces
+            for d in read_piece(p, "paragraph", "text", 1 << 20, log)]
+    assert docs == ["from memory", "para one", "para two"]

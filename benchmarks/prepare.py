@@ -1,0 +1,214 @@
+"""Prepare throughput against its limit and against a multiprocessing.Pool tokenizer.
+
+Measured side by side in one run on the same synthetic corpus (tinyshakespeare copies, each
+paragraph tagged with its copy number so dedup keeps them all):
+
+- prepare_vs_spm_limit: end-to-end prepare tokens/s (read → clean → dedup → encode → write,
+  tokenizer reused) ÷ (workers × single-thread sentencepiece encode tokens/s).
+- prepare_vs_pool: lmforge tokens/s ÷ a Megatron-style multiprocessing.Pool tokenizer
+  (`imap` over documents, main process packs and writes the same shards).
+- prepare_scaling_2w: tokens/s with 2 workers ÷ with 1.
+- prepare_rss_growth_10x: peak RSS of the largest Ray worker at 10× the corpus ÷ at 1×.
+
+Ray is started once before timing (prepare uses the running Ray), and a small warm-up run
+starts the worker processes, so the figures are steady-state throughput.
+
+Run: .venv/bin/python benchmarks/prepare.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import sentencepiece as spm
+
+from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.shards import pack_windows, sample_key, samples_per_shard, write_shard
+from lmforge.pipeline.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "configs" / "corpora" / "tinyshakespeare.txt"
+SEQ_LEN = 1024
+VOCAB = 8192
+
+
+def make_corpus(folder: Path, copies: int) -> list[Path]:
+    """`copies` files of tinyshakespeare as ~3 KB documents (20 paragraphs each, about the
+    size of a web page), every paragraph tagged with its copy number so none is a duplicate."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paragraphs = [p for p in re.split(r"\n\n+", CORPUS.read_text()) if p.strip()]
+    paths = []
+    for k in range(copies):
+        tagged = [f"[{k}] {p}" for p in paragraphs]
+        docs = ["\n".join(tagged[i : i + 20]) for i in range(0, len(tagged), 20)]
+        path = folder / f"part-{k:04d}.txt"
+        path.write_text("\n\n".join(docs) + "\n")
+        paths.append(path)
+    return paths
+
+
+def spm_single_thread(model: Path, paths: list[Path]) -> float:
+    """Single-thread sentencepiece encode tokens/s on the same documents (one file)."""
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    docs = [p for p in re.split(r"\n\n+", paths[-1].read_text()) if p]
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(docs), 1000):
+        tokens += sum(map(len, sp.encode(docs[i : i + 1000], num_threads=1)))
+    return tokens / (time.perf_counter() - start)
+
+
+class PeakRss:
+    """Polls the RSS of Ray worker processes (`ray::...`) and keeps the largest seen."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for proc in psutil.process_iter(["name", "memory_info"]):
+                name = proc.info["name"] or ""
+                if name.startswith("ray::") and proc.info["memory_info"]:
+                    self.peak = max(self.peak, proc.info["memory_info"].rss)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_prepare(paths: list[Path], out: Path, model: Path, workers: int) -> tuple[float, int, int]:
+    """(tokens/s, tokens, peak worker RSS) of one end-to-end prepare."""
+    shutil.rmtree(out, ignore_errors=True)
+    data = DataConfig(
+        datasets=[DatasetSpec(name="bench", paths=[str(p) for p in paths])],
+        output_dir=str(out), seq_len=SEQ_LEN, val_fraction=0.01, num_workers=workers,
+        read_chunk_bytes=4 * 2**20,
+    )
+    tok = TokenizerConfig(vocab_size=VOCAB, model_path=str(model))
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        manifest = json.loads(prepare(data, tok, progress=False).read_text())
+        seconds = time.perf_counter() - start
+    tokens = sum(s["tokens"] for s in manifest["datasets"]["bench"]["splits"].values())
+    return tokens / seconds, tokens, rss.peak
+
+
+_SP: spm.SentencePieceProcessor | None = None
+
+
+def _init(model: str) -> None:
+    global _SP
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _SP = spm.SentencePieceProcessor(model_file=model)
+
+
+def _encode(doc: str) -> list[int]:
+    ids = _SP.encode(doc)
+    ids.append(_SP.eos_id())
+    return ids
+
+
+def run_pool(paths: list[Path], out: Path, model: Path, workers: int) -> tuple[float, int]:
+    """Megatron preprocess_data.py style: Pool.imap over documents, main process writes."""
+    shutil.rmtree(out, ignore_errors=True)
+    window = SEQ_LEN + 1
+    per_shard = samples_per_shard(256 * 2**20, SEQ_LEN, 2)
+    start = time.perf_counter()
+    docs = (p for path in paths for p in re.split(r"\n\n+", path.read_text()) if p)
+    buffer: list[np.ndarray] = []
+    buffered = tokens = shard = 0
+    with multiprocessing.Pool(workers, initializer=_init, initargs=(str(model),)) as pool:
+        for ids in pool.imap(_encode, docs, chunksize=32):
+            buffer.append(np.asarray(ids, np.uint16))
+            buffered += len(ids)
+            tokens += len(ids)
+            if buffered >= per_shard * window:
+                buffered = _flush(buffer, out, shard, per_shard * window, window)
+                shard += 1
+        while buffer:
+            buffered = _flush(buffer, out, shard, per_shard * window, window)
+            shard += 1
+    return tokens / (time.perf_counter() - start), tokens
+
+
+def _flush(buffer: list[np.ndarray], out: Path, shard: int, size: int, window: int) -> int:
+    stream = np.concatenate(buffer)
+    head, rest = stream[:size], stream[size:]
+    buffer.clear()
+    if len(rest):
+        buffer.append(rest)
+    ends = np.flatnonzero(head == 3) + 1
+    samples, starts = pack_windows(head, np.concatenate([[0], ends]), 0, window, 0)
+    keys = [sample_key("bench", "train", shard, i) for i in range(len(samples))]
+    write_shard(out / f"train-{shard:06d}.tar", keys, samples, starts, len(head), out)
+    return len(rest)
+
+
+def bench(metric: str, value: float, goal: float, **detail: object) -> None:
+    print("BENCH " + json.dumps({"metric": metric, "value": round(value, 4), "goal": goal,
+                                 "detail": detail}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small corpus, under two minutes")
+    args = parser.parse_args()
+    copies = 2 if args.quick else 10  # 1.1 MB each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
+    try:
+        paths = make_corpus(tmp / "corpus", copies)
+        big = make_corpus(tmp / "corpus10", copies * 10)
+        start = time.perf_counter()
+        model = train_tokenizer(paths[0], TokenizerConfig(vocab_size=VOCAB), tmp / "tok.model")
+        train_s = time.perf_counter() - start
+        run_prepare(paths[:1], tmp / "warmup", model, 2)
+
+        single = spm_single_thread(model, paths)
+        tps2, tokens, rss1 = run_prepare(paths, tmp / "w2", model, 2)
+        tps1, _, _ = run_prepare(paths, tmp / "w1", model, 1)
+        pool_tps, pool_tokens = run_pool(paths, tmp / "pool", model, 2)
+        _, tokens10, rss10 = run_prepare(big, tmp / "w2x10", model, 2)
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+
+        print(f"corpus {mb:.1f} MB, {tokens:,} tokens; tokenizer training {train_s:.1f} s")
+        print(f"spm single thread {single:,.0f} tok/s; prepare 2w {tps2:,.0f}, 1w {tps1:,.0f}; "
+              f"pool 2w {pool_tps:,.0f} ({pool_tokens:,} tokens)")
+        print(f"peak worker RSS {rss1 / 2**20:.0f} MiB at 1x, {rss10 / 2**20:.0f} MiB at 10x "
+              f"({tokens10:,} tokens)")
+        bench("prepare_vs_spm_limit", tps2 / (2 * single), 0.75, prepare_tokens_per_s=tps2,
+              spm_single_thread_tokens_per_s=single, workers=2, corpus_mb=mb)
+        bench("prepare_vs_pool", tps2 / pool_tps, 1.0, prepare_tokens_per_s=tps2,
+              pool_tokens_per_s=pool_tps)
+        bench("prepare_scaling_2w", tps2 / tps1, 1.7, one_worker_tokens_per_s=tps1,
+              two_workers_tokens_per_s=tps2)
+        bench("prepare_rss_growth_10x", rss10 / max(rss1, 1), 1.5, peak_rss_1x_mib=rss1 / 2**20,
+              peak_rss_10x_mib=rss10 / 2**20)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""``lmforge submit slurm|ray|local CONFIG``: run a stage of the job on a cluster.
+
+    lmforge submit slurm CONFIG --nodes N --gpus-per-node G [--partition P --time T ...]
+    lmforge submit ray CONFIG --address http://HEAD:8265 [--stage prepare|train]
+    lmforge submit local CONFIG [--stage prepare|train]
+
+The same resolved config (YAML plus ``--section.key=value`` overrides) goes to every
+target; ``--dry-run`` prints what would be submitted and submits nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmforge.launch.config import RunConfig
+
+TARGETS = {
+    "slurm": "render an sbatch script from slurm/ and submit it",
+}
+
+
+def build_submit_parser(sub: argparse._SubParsersAction) -> None:
+    """Adds ``submit`` and its targets to the ``lmforge`` command's subparsers."""
+    submit = sub.add_parser(
+        "submit", help="submit a stage of the job to Slurm, a Ray cluster, or this machine",
+        description=__doc__.split("\n\n")[0],
+    )
+    targets = submit.add_subparsers(dest="target", required=True, metavar="TARGET")
+    for name, help_text in TARGETS.items():
+        cmd = targets.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("config", type=Path, help="run config YAML (e.g. configs/tiny.yaml)")
+        # `lmforge`'s own --dry-run prints the config; here it prints the job instead.
+        cmd.add_argument("--dry-run", dest="print_only", action="store_true",
+                         help="print the job (sbatch script / job spec) and submit nothing")
+        cmd.set_defaults(dry_run=False)
+        if name == "slurm":
+            _add_slurm_flags(cmd)
+
+
+def _add_slurm_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--stage", choices=["train"], default="train",
+                     help="what the job runs (default train; prepared data must exist)")
+    cmd.add_argument("--nodes", type=int, default=None,
+                     help="nodes to allocate (default launch.nnodes)")
+    cmd.add_argument("--gpus-per-node", type=int, default=0,
+                     help="GPUs per node, one training task each; 0 trains on CPUs with gloo")
+    cmd.add_argument("--tasks-per-node", type=int, default=None,
+                     help="CPU jobs: training processes per node (default launch.nproc_per_node)")
+    cmd.add_argument("--cpus-per-task", type=int, default=None, help="sbatch --cpus-per-task")
+    cmd.add_argument("--mem", default=None, help="memory per node, sbatch --mem (e.g. 200G)")
+    cmd.add_argument("--partition", default=None, help="sbatch --partition")
+    cmd.add_argument("--time", default=None, help="time limit, sbatch --time (e.g. 1-00:00:00)")
+    cmd.add_argument("--account", default=None, help="sbatch --account")
+    cmd.add_argument("--signal-seconds", type=int, default=300,
+                     help="send USR1 this many seconds before the time limit: ranks checkpoint, "
+                          "the job requeues itself and resumes (default 300)")
+    cmd.add_argument("--master-port", type=int, default=None,
+                     help="rendezvous port (default derived from the job id)")
+    cmd.add_argument("--socket-ifname", default=None,
+                     help="network interface for NCCL/gloo (NCCL_SOCKET_IFNAME)")
+    cmd.add_argument("--after", default=None, metavar="JOB_ID",
+                     help="start after this job succeeded (sbatch --dependency=afterok:JOB_ID)")
+    cmd.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[],
+                     metavar="--OPTION=VALUE", help="extra sbatch option (repeatable)")
+
+
+def allocation_overrides(args: argparse.Namespace) -> list[str]:
+    """``--launch.*`` overrides for the allocation a submit command asks for.
+
+    They are applied while the config loads, so that a batch size that does not fit the
+    requested world size is reported against the YAML key like any other config error.
+    Empty for every other command.
+    """
+    if getattr(args, "command", None) != "submit" or args.target != "slurm":
+        return []
+    overrides = []
+    if args.nodes is not None:
+        overrides.append(f"--launch.nnodes={args.nodes}")
+    per_node = args.gpus_per_node or args.tasks_per_node
+    if per_node:
+        overrides.append(f"--launch.nproc_per_node={per_node}")
+    return overrides
+
+
+def dispatch_submit(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Runs ``lmforge submit TARGET``; returns the command's exit status."""
+    if args.target == "slurm":
+        from lmforge.launch.submit.slurm import SlurmJob, print_submission, submit_slurm
+
+        job = SlurmJob(
+            nodes=args.nodes or cfg.launch.nnodes,
+            gpus_per_node=args.gpus_per_node,
+            tasks_per_node=args.tasks_per_node,
+            cpus_per_task=args.cpus_per_task,
+            mem=args.mem,
+            partition=args.partition,
+            time=args.time,
+            account=args.account,
+            signal_seconds=args.signal_seconds,
+            master_port=args.master_port,
+            socket_ifname=args.socket_ifname,
+            after=args.after,
+            sbatch_args=args.sbatch_args,
+        )
+        result = submit_slurm(cfg, job, dry_run=args.print_only)
+        print_submission(cfg, job, result)
+        return 0
+    raise AssertionError(args.target)

@@ -1,0 +1,90 @@
+"""The small steps a submitted job runs around training, on the cluster side.
+
+    python -m lmforge.launch.submit.job setup --config RUN_DIR/submit/config.yaml
+    python -m lmforge.launch.submit.job finish --run-dir RUN_DIR --status FINISHED
+
+``setup`` turns the submitted config into the run's ``config.yaml`` (the vocabulary size
+comes from the prepared tokenizer, which may not have existed at submit time) and makes
+sure the job's MLflow run exists. ``finish`` ends that run with the job's outcome. Both are
+idempotent, so a requeued job simply runs them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmforge.launch.config import RunConfig, load_config
+from lmforge.launch.submit.spec import RUN_ID_FILE, ensure_mlflow_run
+
+
+def setup_run(config: Path | RunConfig, run_id: str | None = None) -> RunConfig:
+    """Writes ``<run_dir>/config.yaml`` for the workers from the submitted config.
+
+    Args:
+        config: The submitted config, or the path of its YAML.
+        run_id: The MLflow run created at submit time, when the submit side could not
+            record it in the run directory itself (Ray Jobs on another machine).
+
+    Returns:
+        The config the workers train with (vocabulary size from the prepared tokenizer).
+
+    Raises:
+        FileNotFoundError: The dataset has not been prepared (names the manifest path).
+    """
+    from lmforge.launch.run import manifest_of, run_dir_of, with_tokenizer_vocab
+
+    cfg = load_config(config) if isinstance(config, Path) else config
+    manifest = manifest_of(cfg)
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{manifest}: no prepared dataset; run the prepare job first "
+            "(`lmforge submit ... --stage prepare` or `lmforge prepare CONFIG`)"
+        )
+    cfg = with_tokenizer_vocab(cfg, manifest)
+    run_dir = run_dir_of(cfg)
+    cfg.save(run_dir / "config.yaml")
+    id_file = run_dir / RUN_ID_FILE
+    if run_id and not id_file.is_file():
+        id_file.write_text(run_id)
+    ensure_mlflow_run(cfg, run_dir)
+    return cfg
+
+
+def finish_run(run_dir: Path, status: str) -> None:
+    """Ends the job's MLflow run (recorded in ``<run_dir>/mlflow_run_id``) with ``status``."""
+    from lmforge.launch.config import load_resolved
+    from lmforge.launch.tracking import Tracker
+
+    id_file = run_dir / RUN_ID_FILE
+    cfg = load_resolved(run_dir)
+    if not cfg.tracking.enabled or not id_file.is_file():
+        return
+    tracker = Tracker(cfg.tracking, run_dir)
+    tracker.start(run_id=id_file.read_text().strip(), system_metrics=False)
+    tracker.close(status=status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.launch.submit.job")
+    sub = parser.add_subparsers(dest="step", required=True)
+    setup = sub.add_parser("setup", help="write RUN_DIR/config.yaml and the MLflow run id")
+    setup.add_argument("--config", type=Path, required=True)
+    finish = sub.add_parser("finish", help="end the job's MLflow run")
+    finish.add_argument("--run-dir", type=Path, required=True)
+    finish.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.step == "setup":
+            setup_run(args.config)
+        else:
+            finish_run(args.run_dir, args.status)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lmforge: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""``lmforge submit ray``: run the data pipeline or training as a Ray Job on a Ray cluster.
+
+The job carries its resolved config in its runtime environment (``LMFORGE_JOB_CONFIG``),
+so the cluster needs lmforge installed but not the user's YAML. It runs this module:
+
+    python -m lmforge.launch.submit.ray_jobs --stage prepare|train [--num-workers N ...]
+
+``prepare`` runs the Ray Data pipeline on the cluster the job lives in; ``train`` goes
+through Ray Train (:mod:`lmforge.launch.submit.ray_train`). Paths in the config are seen
+from the cluster: a shared filesystem (or paths valid on every node) for data and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.launch.config import RunConfig, load_config
+from lmforge.launch.submit.ray_train import RayTrainJob
+from lmforge.launch.submit.spec import JobFiles, ensure_mlflow_run, mlflow_line, resolve_in
+
+CONFIG_ENV = "LMFORGE_JOB_CONFIG"
+RUN_ID_ENV = "LMFORGE_MLFLOW_RUN_ID"
+
+
+@dataclass
+class RayJob:
+    """One Ray Job: where it goes, what it runs, and with which environment."""
+
+    address: str
+    """Ray dashboard (job server) address, e.g. http://127.0.0.1:8265."""
+    stage: str = "train"
+    """prepare (Ray Data pipeline) or train (Ray Train + DeepSpeed)."""
+    train: RayTrainJob = field(default_factory=RayTrainJob)
+    """Workers, resources and retries of training."""
+    python: str = "python"
+    """Python interpreter on the cluster that has lmforge installed."""
+    working_dir: str | None = None
+    """Uploaded as the job's working directory; None runs in the submitting directory
+    (a filesystem shared with the cluster)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every process of the job."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("prepare", "train"):
+            raise ValueError(f"--stage: '{self.stage}' is not prepare or train")
+        if not self.address:
+            raise ValueError("--address: give the Ray dashboard address, e.g. http://HEAD:8265")
+
+
+@dataclass
+class RaySubmission:
+    """The job as sent to (or, on a dry run, as it would be sent to) the job server."""
+
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    submitted: bool
+    run_id: str | None
+
+
+def job_spec(cfg: RunConfig, job: RayJob, workdir: Path) -> tuple[str, dict[str, Any]]:
+    """The entrypoint command and runtime environment of the Ray Job."""
+    command = [job.python, "-m", "lmforge.launch.submit.ray_jobs", "--stage", job.stage]
+    if job.stage == "train":
+        t = job.train
+        command += ["--num-workers", str(t.num_workers), "--gpus-per-worker",
+                    str(t.gpus_per_worker), "--cpus-per-worker", str(t.cpus_per_worker),
+                    "--max-failures", str(t.max_failures)]
+    entrypoint = shlex.join(command)
+    env = {
+        CONFIG_ENV: cfg.to_yaml(),
+        "OMP_NUM_THREADS": str(cfg.launch.omp_num_threads),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **job.env,
+    }
+    if job.stage == "train" and not job.train.gpus_per_worker:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if job.working_dir is not None:
+        runtime_env["working_dir"] = job.working_dir
+    else:
+        entrypoint = f"cd {shlex.quote(str(workdir))} && {entrypoint}"
+    return entrypoint, runtime_env
+
+
+def submit_ray(
+    cfg: RunConfig, job: RayJob, dry_run: bool = False, workdir: Path | None = None
+) -> RaySubmission:
+    """Submits a prepare or train stage to a Ray cluster through Ray Jobs.
+
+    Args:
+        cfg: The resolved config; for training its world size must equal the worker count.
+        job: Address, stage, workers and environment.
+        dry_run: Build the job spec only: contact nothing, write nothing.
+        workdir: Directory the job runs in when nothing is uploaded; default the current one.
+
+    Raises:
+        ValueError: The job server refused the job or could not be reached.
+    """
+    workdir = (workdir or Path.cwd()).resolve()
+    if job.stage == "train" and cfg.world_size != job.train.num_workers:
+        raise ValueError(f"--num-workers: {job.train.num_workers} workers but the config's "
+                         f"world size is {cfg.world_size}; they must match")
+    submission_id = f"lmforge-{cfg.name}-{job.stage}-{secrets.token_hex(3)}"
+    run_id = None
+    if job.stage == "train" and not dry_run:
+        run_dir = resolve_in(cfg.run_dir, workdir)
+        run_id = ensure_mlflow_run(cfg, run_dir)
+        cfg.save(JobFiles(run_dir).config)
+    entrypoint, runtime_env = job_spec(cfg, job, workdir)
+    if run_id:
+        runtime_env["env_vars"][RUN_ID_ENV] = run_id
+    if dry_run:
+        return RaySubmission(submission_id, entrypoint, runtime_env, False, None)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(job.address)
+        client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                          submission_id=submission_id, metadata={"lmforge_stage": job.stage})
+    except Exception as err:  # connection, auth and validation errors all end up here
+        raise ValueError(
+            f"--address: Ray job server at {job.address} did not accept the job ({err}). Is "
+            "the dashboard reachable (tunnel: ssh -L 8265:127.0.0.1:8265 HEAD)? With token "
+            "auth, copy the head's ~/.ray/auth_token here or set RAY_AUTH_TOKEN."
+        ) from err
+    return RaySubmission(submission_id, entrypoint, runtime_env, True, run_id)
+
+
+def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,
+                     workdir: Path | None = None) -> None:
+    """Says what was submitted and how to follow it (or shows the job spec on a dry run)."""
+    if not result.submitted:
+        env = dict(result.runtime_env["env_vars"])
+        env[CONFIG_ENV] = f"<resolved config, {len(env[CONFIG_ENV])} characters>"
+        spec = {"address": job.address, "submission_id": result.submission_id,
+                "entrypoint": result.entrypoint, "runtime_env": {**result.runtime_env,
+                                                                 "env_vars": env}}
+        print(json.dumps(spec, indent=2))
+        print("# dry run: nothing submitted")
+        return
+    sid, address = result.submission_id, shlex.quote(job.address)
+    what = "prepare (Ray Data)" if job.stage == "prepare" else (
+        f"train with {job.train.num_workers} Ray Train worker(s), "
+        + (f"{job.train.gpus_per_worker} GPU(s) each" if job.train.gpus_per_worker else "CPU"))
+    print(f"submitted Ray job {sid}: {what}")
+    print(f"  status : ray job status {sid} --address {address}")
+    print(f"  logs   : ray job logs --follow {sid} --address {address}")
+    print(f"  stop   : ray job stop {sid} --address {address}")
+    if job.stage == "train":
+        run_dir = resolve_in(cfg.run_dir, (workdir or Path.cwd()).resolve())
+        print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")
+    else:
+        print(f"  output : {resolve_in(cfg.data.output_dir, (workdir or Path.cwd()).resolve())}")
+
+
+# -- inside the job ------------------------------------------------------------------
+
+
+def run_job(stage: str, train: RayTrainJob) -> None:
+    """The job's body, on the cluster: the config comes from ``LMFORGE_JOB_CONFIG``."""
+    import ray
+
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        raise ValueError(f"{CONFIG_ENV}: not set; start this module through `lmforge submit ray`")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text, encoding="utf-8")
+        cfg = load_config(path)
+    ray.init()  # the cluster this job runs on (RAY_ADDRESS is set by the job server)
+    if stage == "prepare":
+        from lmforge.launch.run import prepare_stage
+
+        print(f"manifest: {prepare_stage(cfg)}", flush=True)
+        return
+    from lmforge.launch.run import run_dir_of
+    from lmforge.launch.submit.job import finish_run, setup_run
+    from lmforge.launch.submit.ray_train import fit
+
+    cfg = setup_run(cfg, run_id=os.environ.get(RUN_ID_ENV))
+    run_dir = run_dir_of(cfg)
+    run_id_file = run_dir / "mlflow_run_id"
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    # The job driver may run where there is no GPU: the workers' resources decide.
+    backend = cfg.launch.backend if cfg.launch.backend != "auto" else (
+        "nccl" if train.gpus_per_worker else "gloo")
+    try:
+        fit(run_dir, train, run_id, backend)
+    except Exception:
+        finish_run(run_dir, "FAILED")
+        raise
+    finish_run(run_dir, "FINISHED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.launch.submit.ray_jobs")
+    parser.add_argument("--stage", choices=["prepare", "train"], required=True)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--gpus-per-worker", type=int, default=0)
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--max-failures", type=int, default=2)
+    args = parser.parse_args(argv)
+    train = RayTrainJob(args.num_workers, args.gpus_per_worker, args.cpus_per_worker,
+                        args.max_failures)
+    try:
+        run_job(args.stage, train)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lmforge: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""``lmforge submit slurm``: render an sbatch script from ``slurm/`` and hand it to sbatch.
+
+Training runs one task per GPU (or per CPU process) through ``srun``; ranks come from
+``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` and the rendezvous host from
+``scontrol show hostnames``. The job is requeueable and asks for a pre-kill signal: the batch
+shell forwards it to the ranks, which checkpoint and exit 75, and the script requeues the
+job, which resumes from that checkpoint (``--resume auto``).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.launch.config import RunConfig
+from lmforge.launch.submit.spec import (
+    SLURM_TEMPLATES,
+    JobFiles,
+    ensure_mlflow_run,
+    mlflow_line,
+    render_template,
+    resolve_in,
+    with_allocation,
+)
+
+TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+
+
+@dataclass
+class SlurmJob:
+    """The allocation and scheduling options of one Slurm job (the ``submit slurm`` flags)."""
+
+    nodes: int = 1
+    """Nodes to allocate."""
+    gpus_per_node: int = 0
+    """GPUs per node; one training task per GPU. 0 trains on CPUs with gloo."""
+    tasks_per_node: int | None = None
+    """Training processes per node; defaults to the GPU count (or launch.nproc_per_node)."""
+    cpus_per_task: int | None = None
+    """CPU cores per task (data loading, OMP threads); None leaves Slurm's default."""
+    mem: str | None = None
+    """Memory per node (sbatch --mem, e.g. 200G); None leaves Slurm's default."""
+    partition: str | None = None
+    """Partition (queue) to submit to."""
+    time: str | None = None
+    """Time limit (sbatch --time, e.g. 2-00:00:00). The pre-kill signal needs one to fire."""
+    account: str | None = None
+    """Account charged for the job."""
+    signal_seconds: int = 300
+    """Seconds before the time limit at which USR1 asks ranks to checkpoint and exit."""
+    master_port: int | None = None
+    """Rendezvous port; None derives one from the job id (20000-39999)."""
+    socket_ifname: str | None = None
+    """Network interface for NCCL/gloo traffic (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME)."""
+    after: str | None = None
+    """Start only after this job id finished successfully (e.g. the prepare job)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Further sbatch options, copied as ``#SBATCH`` lines (e.g. --qos=high)."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"--nodes: must be at least 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"--gpus-per-node: must be >= 0, got {self.gpus_per_node}")
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"--tasks-per-node: {self.tasks_per_node} with --gpus-per-node "
+                f"{self.gpus_per_node}; training runs one task per GPU, drop --tasks-per-node"
+            )
+        if self.signal_seconds < 1:
+            raise ValueError(f"--signal-seconds: must be at least 1, got {self.signal_seconds}")
+        if self.time is not None and not TIME_FORMAT.match(self.time):
+            raise ValueError(
+                f"--time: '{self.time}' is not a Slurm time; use minutes, HH:MM:SS or D-HH:MM:SS"
+            )
+        for arg in self.sbatch_args:
+            if not arg.startswith("--"):
+                raise ValueError(f"--sbatch-arg: '{arg}' must be a long option like --qos=high")
+
+    def processes_per_node(self, cfg: RunConfig) -> int:
+        return self.gpus_per_node or self.tasks_per_node or cfg.launch.nproc_per_node
+
+
+@dataclass
+class SlurmSubmission:
+    """What ``submit_slurm`` did: the script, and the job id unless it was a dry run."""
+
+    script: str
+    script_path: Path
+    job_id: str | None
+    log_pattern: str
+    run_id: str | None
+
+
+def job_config(cfg: RunConfig, job: SlurmJob) -> RunConfig:
+    """The config the job trains with: ``launch`` matches the allocation."""
+    return with_allocation(cfg, job.nodes, job.processes_per_node(cfg))
+
+
+def render_train_script(cfg: RunConfig, job: SlurmJob, workdir: Path | None = None) -> str:
+    """The sbatch script that trains ``cfg`` on the allocation ``job`` describes.
+
+    Args:
+        cfg: The resolved config; its ``launch`` section must already match the allocation
+            (see :func:`job_config`).
+        job: Nodes, GPUs, scheduling options.
+        workdir: The job's working directory (relative config paths resolve against it);
+            default the current one.
+    """
+    workdir = (workdir or Path.cwd()).resolve()
+    files = JobFiles(resolve_in(cfg.run_dir, workdir))
+    for what, path in (("working directory", workdir), ("run_dir", files.run_dir)):
+        if re.search(r"\s", str(path)):
+            raise ValueError(f"{what}: '{path}' contains whitespace, which #SBATCH cannot quote")
+    values = {
+        "job_name": f"lmforge-{cfg.name}",
+        "nodes": job.nodes,
+        "tasks_per_node": job.processes_per_node(cfg),
+        "resource_directives": _directives(_resource_options(job)),
+        "workdir": workdir,
+        "log_dir": files.log_dir,
+        "signal_seconds": job.signal_seconds,
+        "extra_directives": _directives(_scheduling_options(job)),
+        "run_dir": shlex.quote(str(files.run_dir)),
+        "python": shlex.quote(sys.executable),
+        "omp_num_threads": cfg.launch.omp_num_threads,
+        "backend_env": _backend_env(cfg, job),
+        "master_port": job.master_port or cfg.launch.master_port
+        or "$((20000 + SLURM_JOB_ID % 20000))",
+        "job_config": shlex.quote(str(files.config)),
+    }
+    return render_template(SLURM_TEMPLATES / "train.sbatch", values)
+
+
+def _resource_options(job: SlurmJob) -> list[str]:
+    options = []
+    if job.gpus_per_node:
+        options.append(f"--gpus-per-node={job.gpus_per_node}")
+    if job.cpus_per_task:
+        options.append(f"--cpus-per-task={job.cpus_per_task}")
+    if job.mem:
+        options.append(f"--mem={job.mem}")
+    return options
+
+
+def _scheduling_options(job: SlurmJob) -> list[str]:
+    options = []
+    for flag in ("partition", "time", "account"):
+        if getattr(job, flag):
+            options.append(f"--{flag}={getattr(job, flag)}")
+    if job.after:
+        options.append(f"--dependency=afterok:{job.after}")
+    return options + list(job.sbatch_args)
+
+
+def _directives(options: list[str]) -> str:
+    return "\n".join(f"#SBATCH {option}" for option in options)
+
+
+def _backend_env(cfg: RunConfig, job: SlurmJob) -> str:
+    backend = cfg.launch.backend
+    if backend == "auto":
+        backend = "nccl" if job.gpus_per_node else "gloo"
+    if backend == "nccl":
+        lines = [
+            "# NCCL (GPU): report problems, and fail instead of hanging when a peer dies.",
+            "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+            "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        ]
+        if job.socket_ifname:
+            lines.append(f"export NCCL_SOCKET_IFNAME={shlex.quote(job.socket_ifname)}")
+        return "\n".join(lines)
+    lines = [
+        "# gloo (CPU): DeepSpeed's CPU accelerator; no GPUs in this job.",
+        "export DS_ACCELERATOR=cpu",
+    ]
+    if job.socket_ifname:
+        lines.append(f"export GLOO_SOCKET_IFNAME={shlex.quote(job.socket_ifname)}")
+    return "\n".join(lines)
+
+
+def submit_slurm(
+    cfg: RunConfig, job: SlurmJob, dry_run: bool = False, workdir: Path | None = None
+) -> SlurmSubmission:
+    """Renders the training script and submits it with sbatch (or only renders it).
+
+    Args:
+        cfg: The resolved config (YAML plus overrides).
+        job: The allocation and scheduling options.
+        dry_run: Render only: write nothing, create no MLflow run, submit nothing.
+        workdir: The job's working directory; default the current one.
+
+    Returns:
+        The script, where it was written, the job id and the MLflow run id.
+
+    Raises:
+        ValueError: The allocation does not fit the config, or no prepared data exists.
+        FileNotFoundError: sbatch is not installed here.
+    """
+    workdir = (workdir or Path.cwd()).resolve()
+    cfg = job_config(cfg, job)
+    script = render_train_script(cfg, job, workdir)
+    files = JobFiles(resolve_in(cfg.run_dir, workdir))
+    script_path = files.script("train.sbatch")
+    log_pattern = str(files.log_dir / f"lmforge-{cfg.name}-%j.out")
+    if dry_run:
+        return SlurmSubmission(script, script_path, None, log_pattern, None)
+    manifest = resolve_in(cfg.data.output_dir, workdir) / "manifest.json"
+    if job.after is None and not manifest.is_file():
+        raise ValueError(
+            f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge submit "
+            "slurm CONFIG --stage prepare`) first, or pass --after PREPARE_JOB_ID"
+        )
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise FileNotFoundError(
+            "sbatch: not found; submit from a Slurm login node (for a local test cluster run "
+            "slurm/local-test-cluster.sh), or use --dry-run to only print the script"
+        )
+    files.log_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(files.config)
+    script_path.write_text(script, encoding="utf-8")
+    run_id = ensure_mlflow_run(cfg, files.run_dir)
+    proc = subprocess.run(
+        [sbatch, "--parsable", str(script_path)], capture_output=True, text=True, cwd=workdir
+    )
+    if proc.returncode != 0:
+        raise ValueError(f"sbatch {script_path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    return SlurmSubmission(script, script_path, job_id, log_pattern, run_id)
+
+
+def print_submission(cfg: RunConfig, job: SlurmJob, result: SlurmSubmission) -> None:
+    """Says what was submitted and how to follow it (or prints the script on a dry run)."""
+    if result.job_id is None:
+        print(result.script, end="")
+        print(f"# dry run: nothing submitted; the script would be written to {result.script_path}")
+        return
+    jid = result.job_id
+    per_node = job.processes_per_node(cfg)
+    kind = f"{job.gpus_per_node} GPU(s)" if job.gpus_per_node else "CPU"
+    run_dir = result.script_path.parent.parent
+    print(f"submitted Slurm job {jid}: train on {job.nodes} node(s) x {per_node} task(s), {kind}")
+    print(f"  status : squeue -j {jid}    scontrol show job {jid}    sacct -j {jid}")
+    print(f"  logs   : tail -f {result.log_pattern.replace('%j', jid)}")
+    print(f"  stop   : scancel --signal=USR1 --batch {jid}   (checkpoint and requeue)")
+    print(f"  cancel : scancel {jid}")
+    print(f"  script : {result.script_path}")
+    print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")

@@ -1,0 +1,133 @@
+"""What every submit target shares: the job's config, its files, templates and the MLflow run.
+
+A submitted job never sees the user's YAML or overrides: ``lmforge submit`` resolves them
+once, adjusts the ``launch`` section to the requested allocation (so batch-size checks fail
+here, before anything is queued) and writes ``<run_dir>/submit/config.yaml``. The job reads
+that file, on any machine, from the same working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.launch.config import RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SLURM_TEMPLATES = REPO_ROOT / "slurm"
+RUN_ID_FILE = "mlflow_run_id"  # same file name as lmforge.launch.run.RUN_ID_FILE
+
+
+class JobTemplate(string.Template):
+    """``{{ name }}`` placeholders, so that bash's own ``$VAR`` and ``$@`` stay untouched."""
+
+    delimiter = "{{"
+    pattern = r"""
+    \{\{(?:
+        (?P<escaped>(?!))                       # no escape: templates never need a literal
+      | \s*(?P<named>[a-z_][a-z0-9_]*)\s*\}\}
+      | (?P<braced>(?!))
+      | (?P<invalid>)
+    )
+    """
+
+
+def render_template(path: Path, values: dict[str, object]) -> str:
+    """Fills a template file; a placeholder without a value is an error naming both.
+
+    Args:
+        path: The template (e.g. ``slurm/train.sbatch``).
+        values: Placeholder name → value (converted with ``str``).
+
+    Raises:
+        KeyError: A placeholder in the template has no value.
+    """
+    template = JobTemplate(path.read_text(encoding="utf-8"))
+    missing = set(_placeholders(template.template)) - set(values)
+    if missing:
+        raise KeyError(f"{path}: no value for placeholder(s) {sorted(missing)}")
+    return template.substitute({k: str(v) for k, v in values.items()})
+
+
+def _placeholders(text: str) -> list[str]:
+    return re.findall(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}", text)
+
+
+@dataclass
+class JobFiles:
+    """Where a submitted job keeps its inputs and logs (all under the run directory)."""
+
+    run_dir: Path
+
+    @property
+    def submit_dir(self) -> Path:
+        return self.run_dir / "submit"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the job starts from."""
+        return self.submit_dir / "config.yaml"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def script(self, name: str) -> Path:
+        return self.submit_dir / name
+
+
+def resolve_in(path: str | Path, workdir: Path) -> Path:
+    """A config path as the job sees it: relative paths resolve against its working dir."""
+    path = Path(path)
+    return (path if path.is_absolute() else workdir / path).resolve()
+
+
+def with_allocation(cfg: RunConfig, nnodes: int, nproc_per_node: int) -> RunConfig:
+    """The config with ``launch`` set to the allocation; re-validates batch sizes.
+
+    Raises:
+        ValueError: The allocation does not fit the config (e.g. ``train.global_batch_size``).
+    """
+    launch = dataclasses.replace(cfg.launch, nnodes=nnodes, nproc_per_node=nproc_per_node)
+    try:
+        return dataclasses.replace(cfg, launch=launch)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (for {nnodes} node(s) x {nproc_per_node} process(es) per node; "
+            "set --train.global_batch_size to match, or to null)"
+        ) from err
+
+
+def ensure_mlflow_run(cfg: RunConfig, run_dir: Path) -> str | None:
+    """Creates the job's MLflow run once and records its id in ``<run_dir>/mlflow_run_id``.
+
+    Every attempt of the job (requeues, Ray Train retries) attaches to the recorded run, so
+    one job is one MLflow run. Returns None when tracking is off.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file() and id_file.read_text().strip():
+        return id_file.read_text().strip()
+    from lmforge.launch.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, run_dir)
+    run_id = tracker.start(run_name=cfg.tracking.run_name or cfg.name, system_metrics=False)
+    tracker.log_params(cfg.to_dict())
+    tracker.close(status="RUNNING")  # the job's last step ends the run
+    run_id = tracker.run_id or run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    return run_id
+
+
+def mlflow_line(cfg: RunConfig, run_dir: Path, run_id: str | None) -> str:
+    """One line saying where the job's metrics go."""
+    if not cfg.tracking.enabled:
+        return "off (tracking.enabled=false)"
+    uri = cfg.tracking.uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+    run = run_id or "created when the job starts"
+    return f"{uri}  experiment '{cfg.tracking.experiment}'  run {run}"

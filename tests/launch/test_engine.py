@@ -1,0 +1,157 @@
+"""The DeepSpeed engine through `lmforge train`: exact resume and checkpoint-on-signal.
+
+Real DeepSpeed, 2 processes on gloo, tiny shards in the contract format. Losses are the
+mean over ranks written by rank 0 to ``metrics.jsonl`` (exact floats).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lmforge.launch.callbacks import REQUEUE_EXIT_CODE
+from lmforge.launch.checkpoint import COMPLETE, LATEST
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _shard_fixtures():
+    path = REPO / "tests" / "pipeline" / "shard_fixtures.py"
+    spec = importlib.util.spec_from_file_location("shard_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIG = """\
+name: engine
+data:
+  datasets: [{{name: d, paths: [unused.txt]}}]
+  output_dir: {data}
+  seq_len: 32
+  loader: {{document_masking: true}}
+tokenizer: {{vocab_size: 1000}}
+model: {{preset: tiny, n_layers: 2, d_model: 64, n_heads: 4, n_kv_heads: 2, d_ff: 128}}
+train:
+  micro_batch_size: 4
+  log_every: 1
+  eval_every: 0
+  eval_batches: 2
+  warmup_steps: 2
+tracking: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("engine")
+    _shard_fixtures().write_shards(
+        tmp / "data", {"d": {"train": [64, 64, 64], "val": [16]}}, seq_len=32
+    )
+    path = tmp / "engine.yaml"
+    path.write_text(CONFIG.format(data=tmp / "data"))
+    return path
+
+
+def train(config: Path, run_dir: Path, *overrides: str, resume: str | None = None):
+    command = [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
+               f"--run_dir={run_dir}", *overrides]
+    if resume:
+        command += ["--resume", resume]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == expect, out[-5000:]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+@pytest.mark.parametrize(
+    "zero_stage,precision", [(2, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16")]
+)
+def test_resume_is_bit_identical(config, tmp_path, zero_stage, precision):
+    common = [f"--deepspeed.zero_stage={zero_stage}", f"--train.precision={precision}",
+              "--train.max_steps=8", "--train.checkpoint_every=4"]
+    straight = tmp_path / "straight"
+    finish(train(config, straight, *common))
+    resumed = tmp_path / "resumed"
+    checkpoint = straight / "checkpoints" / "step_00000004"
+    assert (checkpoint / COMPLETE).exists()
+    finish(train(config, resumed, *common, resume=str(checkpoint)))
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(5, 9))
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
+    assert a[8] != a[5]  # the model is actually training
+
+
+def _rank0_worker(parent: psutil.Process) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            if "lmforge.launch.worker" in " ".join(child.cmdline()):
+                if child.environ().get("RANK") == "0":
+                    return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_signal_checkpoints_exits_75_and_resume_continues(config, tmp_path):
+    # Constant LR: the schedule does not depend on max_steps, so runs of different length
+    # agree step by step and the preempted run can be compared with a straight one.
+    common = ["--train.lr_schedule=constant", "--train.warmup_steps=0"]
+    run_dir = tmp_path / "preempted"
+    proc = train(config, run_dir, *common, "--train.max_steps=100000")
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    rank0 = _rank0_worker(psutil.Process(proc.pid))
+    assert rank0 is not None
+    rank0.send_signal(signal.SIGUSR1)  # only rank 0: the stop must still be collective
+    finish(proc, expect=REQUEUE_EXIT_CODE)
+    stopped = max(losses(run_dir))
+    tag = (run_dir / "checkpoints" / LATEST).read_text().strip()
+    assert tag == f"step_{stopped:08d}"
+    marker = json.loads((run_dir / "checkpoints" / tag / COMPLETE).read_text())
+    assert marker["step"] == stopped and marker["world_size"] == 2
+
+    end = stopped + 3
+    finish(train(config, run_dir, *common, f"--train.max_steps={end}", resume="auto"))
+    straight = tmp_path / "straight"
+    finish(train(config, straight, *common, f"--train.max_steps={end}"))
+    after, reference = losses(run_dir), losses(straight)
+    assert [after[s] for s in range(1, end + 1)] == [reference[s] for s in range(1, end + 1)]
+
+
+def test_fp16_on_cpu_is_a_config_error(config, tmp_path):
+    proc = train(config, tmp_path / "fp16", "--train.precision=fp16", "--train.max_steps=2")
+    out = finish(proc, expect=2)
+    assert "train.precision: fp16 needs a CUDA GPU" in out
+    assert not (tmp_path / "fp16" / "checkpoints").exists()
+
+
+def test_no_dataset_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(data=tmp_path / "missing"))
+    out = finish(train(path, tmp_path / "run", "--train.max_steps=2"), expect=1)
+    assert "no prepared dataset; run `lmforge prepare CONFIG`" in out
+    assert os.path.basename(str(tmp_path / "missing")) in out

@@ -1,0 +1,97 @@
+"""Kill `prepare` at different stages, rerun it, and get the uninterrupted result.
+
+The interrupted runs are real processes killed with SIGKILL once a stage has finished some
+of its items; the rerun must finish the rest, keep shards that were already written, and
+produce exactly the bytes of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.prepare import prepare
+
+CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+
+RUN = """
+import sys
+from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.prepare import prepare
+corpus, out = sys.argv[1], sys.argv[2]
+data = DataConfig(datasets=[DatasetSpec(name="s", paths=[corpus])], output_dir=out, seq_len=64,
+                  val_fraction=0.05, read_chunk_bytes=16_000, shard_target_bytes=8192)
+prepare(data, TokenizerConfig(vocab_size=400, sample_bytes=100_000), progress=False,
+        executor="local")
+"""
+
+
+def configs(corpus: Path, out: Path) -> tuple[DataConfig, TokenizerConfig]:
+    data = DataConfig(datasets=[DatasetSpec(name="s", paths=[str(corpus)])], output_dir=str(out),
+                      seq_len=64, val_fraction=0.05, read_chunk_bytes=16_000,
+                      shard_target_bytes=8192)
+    return data, TokenizerConfig(vocab_size=400, sample_bytes=100_000)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "s.txt"
+    path.write_bytes(CORPUS.read_bytes()[:250_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data, tok = configs(corpus, tmp_path_factory.mktemp("reference"))
+    return prepare(data, tok, progress=False, executor="local")
+
+
+def shard_bytes(manifest_path: Path) -> dict[str, bytes]:
+    manifest = json.loads(manifest_path.read_text())
+    return {s["path"]: (manifest_path.parent / s["path"]).read_bytes()
+            for d in manifest["datasets"].values() for split in d["splits"].values()
+            for s in split["shards"]}
+
+
+def kill_when(out: Path, stage: str, count: int, corpus: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", RUN, str(corpus), str(out)], env=env)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(out.glob(f"_work/*/done/{stage}/*.json"))) >= count:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("stage", "count"), [("clean", 3), ("encode", 2), ("write", 20)])
+def test_killed_run_resumes_to_identical_shards(
+    stage: str, count: int, corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    kill_when(out, stage, count, corpus)
+    written = {p: p.stat().st_mtime_ns for p in out.glob("s/*.tar")}
+    if stage == "write":
+        assert len(written) >= count
+    data, tok = configs(corpus, out)
+    manifest = prepare(data, tok, progress=False, executor="local")
+    assert shard_bytes(manifest) == shard_bytes(reference)
+    assert not list(out.glob("s/*.tmp*"))
+    for path, mtime in written.items():  # finished shards were not rewritten
+        assert path.stat().st_mtime_ns == mtime
+    first, again = json.loads(reference.read_text()), json.loads(manifest.read_text())
+    assert first["datasets"]["s"]["splits"] == again["datasets"]["s"]["splits"]
+    assert first["tokenizer"] == again["tokenizer"]
