@@ -90,7 +90,7 @@ def main() -> None:
     batch = torch.randint(0, vocab, (batch_size, seq + 1))
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrackingConfig(uri=args.uri, log_every=1, system_metrics=True)
+        cfg = TrackingConfig(uri=args.uri, system_metrics=True)
         tracker = Tracker(cfg, Path(tmp) / "run")
         tracker.start(run_name="tracking-benchmark")
         off = Tracker.disabled()

@@ -175,9 +175,7 @@ def run_all(cfg: RunConfig, resume: str | None = None) -> RunResult:
             return RunResult(run_dir, manifest, tracker.uri, run_id, None, [], code)
         if cfg.export.enabled:
             export_dir = export_stage(cfg)
-            for path in sorted(p for p in export_dir.rglob("*") if p.is_file()):
-                relative = path.relative_to(export_dir).parent
-                tracker.log_artifact(path, str(Path("export") / relative).rstrip("/."))
+            tracker.log_artifacts(export_dir, "export")
         samples = sample_stage(cfg)
         records = [
             {"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, samples, strict=True)

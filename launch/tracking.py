@@ -10,9 +10,8 @@ Typical use (the launcher starts the run, training processes re-attach with its 
     tracker = Tracker(cfg.tracking, run_dir)
     handle = tracker.start(run_name="pretrain", tags={"stage": "pretrain"})
     tracker.log_params(resolved_config_dict)
-    for step in ...:
-        if tracker.should_log(step):
-            tracker.log_metrics({"loss": loss, "lr": lr}, step)
+    for step in ...:  # the engine logs every `train.log_every` steps
+        tracker.log_metrics({"loss": loss, "lr": lr}, step)
     tracker.close("FINISHED")
 """
 
@@ -61,9 +60,6 @@ class TrackingConfig:
     """MLflow run name; None lets the launcher pick one (or MLflow a random one)."""
     tags: dict[str, Any] = field(default_factory=dict)
     """Extra run tags, e.g. `{team: nlp, ticket: ABC-12}`."""
-    log_every: int = 10
-    """Training steps between metric records: the engine averages over the window and logs
-    once per window (see `Tracker.should_log`)."""
     flush_interval_s: float = 5.0
     """Seconds between background deliveries; values are batched in between."""
     max_queue: int = 100_000
@@ -100,8 +96,6 @@ class TrackingConfig:
             if not _VALID_KEY.match(str(key)):
                 raise ValueError(f"tags: key '{key}' is not a valid MLflow tag key; use "
                                  "letters, digits, '_', '-', '.', ' ', '/' or ':'")
-        if self.log_every < 1:
-            raise ValueError(f"log_every: must be >= 1 step, got {self.log_every}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue: must be >= 1, got {self.max_queue}")
         positive = ("flush_interval_s", "timeout_s", "retry_max_s", "system_metrics_interval_s")
@@ -171,10 +165,6 @@ class Tracker:
         if self._worker is None:
             return None
         return self._worker.run_id or self._worker.target.run_id
-
-    def should_log(self, step: int) -> bool:
-        """Whether `step` ends a `log_every` window (the engine logs its averages then)."""
-        return self.enabled and step % self.cfg.log_every == 0
 
     def start(
         self,

@@ -148,9 +148,18 @@ class RayExecutor:
                     next_item += 1
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    results[pending.pop(ref)] = ray.get(ref)
+                    results[pending.pop(ref)] = self._get(ref)
                     bar.update()
         return results
+
+    def _get(self, ref: Any) -> Any:
+        """`ray.get`, re-raising a user-facing error (bad input, config) as itself."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, ValueError):
+                raise err.cause from None
+            raise
 
     def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
         """Queue `fn(item, *args)` on the least busy stage worker; `collect` gets results."""
@@ -166,7 +175,7 @@ class RayExecutor:
         with _bar(len(refs), desc, self.progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                results[done[0]] = ray.get(done[0])
+                results[done[0]] = self._get(done[0])
                 bar.update()
         for _, worker in handles:
             self._load[worker] -= 1

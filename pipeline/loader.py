@@ -69,8 +69,10 @@ class LoaderConfig:
     dataset where it stopped."""
 
     strict: bool = True
-    """Raise on a missing or corrupt shard (naming it). False skips the shard with a
-    warning and a count, replacing its samples with the next readable ones."""
+    """Raise on a missing or corrupt shard or sample (naming it). False skips it with a
+    warning and a count (``ShardLoader.skipped_samples``): training rows get a stand-in
+    from the same shard or the next readable one, chosen by position alone so every rank
+    and every resume agree; a validation pass masks such rows (labels -100) instead."""
 
     verify_checksums: bool = False
     """Check each shard's sha256 against the manifest when it is opened (reads it all)."""

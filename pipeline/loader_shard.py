@@ -29,6 +29,8 @@ from lmforge.pipeline.loader_tar import BLOCK, ShardError, npy_header, open_shar
 
 TOKENS = b".tokens.npy"
 DOC_STARTS = b".doc_starts.npy"
+_TOKENS_TAIL = TOKENS[1:] + b"\0"  # the name field after "<key>."
+_DOC_TAIL = DOC_STARTS[1:] + b"\0"
 _RECORD = 20 * BLOCK  # tar archives are padded to whole records of 10 KiB
 _DOC_HEADS: dict[bytes, tuple[np.dtype, int, int]] = {}  # .npy header → dtype, count, length
 
@@ -116,26 +118,19 @@ class ShardReader:
                 key = _key_of(name)
                 if key is not None and (not firsts or key != firsts[-1][0]):
                     firsts.append((key, header))
-                    if len(firsts) == 3:
+                    if len(firsts) == 2:
                         break
         except ShardError:
             return b"", 0
         if not firsts or firsts[0][1] != 0 or not firsts[0][0].endswith(b"0" * 8):
             return b"", 0
-        stride = firsts[1][1] if len(firsts) > 1 else self._sample_end(firsts[0][0], 0)
+        if len(firsts) == 1:  # one sample sits at 0 whatever the stride
+            return (firsts[0][0][:-8], BLOCK) if self.samples == 1 else (b"", 0)
+        stride = firsts[1][1]
         expected = -(-(self.samples * stride + 2 * BLOCK) // _RECORD) * _RECORD
-        if not stride or len(self.buf) != expected:
+        if len(self.buf) != expected:
             return b"", 0
         return firsts[0][0][:-8], stride
-
-    def _sample_end(self, key: bytes, pos: int) -> int:
-        """Offset after the members of ``key`` that start at ``pos`` (0 if none)."""
-        end = pos
-        for name, data, size, _ in _members_from(self.buf, pos):
-            if not name.startswith(key + b"."):
-                break
-            end = data + (size + BLOCK - 1) // BLOCK * BLOCK
-        return end if end > pos else 0
 
     def _locate(self, index: int) -> tuple[int, int, int, int]:
         if not 0 <= index < self.samples:
@@ -154,15 +149,28 @@ class ShardReader:
 
     def _members_at(self, index: int) -> tuple[int, int, int, int] | None:
         """Members of sample ``index`` at its regular place, if its key is there."""
-        key = self._prefix + b"%08d" % index
-        fields: dict[bytes, tuple[int, int]] = {}
-        for name, data, size, _ in _members_from(self.buf, index * self._stride):
-            if not name.startswith(key + b"."):
-                break
-            fields[name[len(key) :]] = (data, size)
-        if TOKENS not in fields or DOC_STARTS not in fields:
+        buf, end = self.buf, len(self.buf)
+        key = self._prefix + b"%08d." % index
+        n = len(key)
+        pos = index * self._stride
+        tokens = starts = None
+        # Inlined header parsing: this runs for every sample read.
+        while pos + BLOCK <= end and buf[pos : pos + n] == key and buf[pos + 156] in (48, 0):
+            try:
+                size = int(buf[pos + 124 : pos + 136].split(b"\0", 1)[0], 8)
+            except ValueError:
+                return None
+            data = pos + BLOCK
+            if data + size > end:
+                return None
+            if buf[pos + n : pos + n + len(_TOKENS_TAIL)] == _TOKENS_TAIL:
+                tokens = (data, size)
+            elif buf[pos + n : pos + n + len(_DOC_TAIL)] == _DOC_TAIL:
+                starts = (data, size)
+            pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
+        if tokens is None or starts is None:
             return None
-        return (*fields[TOKENS], *fields[DOC_STARTS])
+        return (*tokens, *starts)
 
     def _walk(self, tolerant: bool) -> None:
         """Indexes every sample by walking all tar headers (consecutive members by key)."""
@@ -252,21 +260,6 @@ def _key_of(name: bytes) -> bytes | None:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return None
-
-
-def _members_from(buf: Any, pos: int):
-    """Plain ustar members from ``pos`` on, stopping quietly at anything unexpected."""
-    end = len(buf)
-    while pos + BLOCK <= end and buf[pos] != 0 and buf[pos + 156] in (48, 0):
-        try:
-            size = int(buf[pos + 124 : pos + 136].split(b"\0", 1)[0] or b"0", 8)
-        except ValueError:
-            return
-        data = pos + BLOCK
-        if data + size > end:
-            return
-        yield buf[pos : pos + 100].split(b"\0", 1)[0], data, size, pos
-        pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
 
 
 class ReaderCache:

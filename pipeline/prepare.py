@@ -25,10 +25,11 @@ from lmforge.pipeline.manifest import (
     is_complete,
     write_manifest,
 )
-from lmforge.pipeline.sources import SourceFile, discover_files, plan_read_tasks
+from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
 from lmforge.pipeline.stages import (
     SPLITS,
     ShardPlan,
+    StageSettings,
     WorkContext,
     clean_task,
     dedup_partition,
@@ -115,7 +116,7 @@ def _run(
     ctx = WorkContext(
         work_dir=str(work_root / work_name),
         output_dir=str(out),
-        data=data,
+        data=StageSettings.of(data),
         num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
     )
     seconds: dict[str, float] = {}
@@ -146,23 +147,7 @@ def _run(
     ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
     seconds["tokenizer"] = time.perf_counter() - t0
 
-    # Encode and write overlap: a shard is written as soon as all its tokens are encoded.
-    t0 = time.perf_counter()
-    itemsize = 2 if info["vocab_size"] <= 2**16 else 4
-    planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
-    encoded, handles = [], []
-    for result in ex.encode_stream(ctx, [t.index for t in tasks]):
-        encoded.append(result)
-        handles += [ex.submit(write_task, plan, ctx) for plan in planner.add(result)]
-    planner.check_complete()
-    encoded.sort(key=lambda r: r["task"])
-    seconds["encode"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    written = ex.collect(handles, "write")
-    seconds["write"] = time.perf_counter() - t0  # only what was left after encoding
-    order = sorted(range(len(planner.plans)), key=lambda i: _plan_key(data, planner.plans[i]))
-    plans = [planner.plans[i] for i in order]
-    shards = [written[i] for i in order]
+    encoded, plans, shards = _encode_and_write(data, ctx, ex, tasks, info, seconds)
 
     _remove_stale_shards(out, data, {s["path"] for s in shards})
     shutil.copyfile(model, out / "tokenizer.model")
@@ -185,16 +170,45 @@ def _run(
     return manifest_path
 
 
+def _encode_and_write(
+    data: DataConfig,
+    ctx: WorkContext,
+    ex: LocalExecutor | RayExecutor,
+    tasks: list[ReadTask],
+    info: dict,
+    seconds: dict[str, float],
+) -> tuple[list[dict], list[ShardPlan], list[dict]]:
+    """Encode every task and write the shards; returns (encode results, plans, shards).
+
+    Writing overlaps encoding: a shard is written as soon as all its tokens are encoded.
+    """
+    t0 = time.perf_counter()
+    itemsize = 2 if info["vocab_size"] <= 2**16 else 4
+    planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
+    encoded, handles = [], []
+    for result in ex.encode_stream(ctx, [t.index for t in tasks]):
+        encoded.append(result)
+        handles += [ex.submit(write_task, plan, ctx) for plan in planner.add(result)]
+    planner.check_complete()
+    encoded.sort(key=lambda r: r["task"])
+    seconds["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    written = ex.collect(handles, "write")
+    seconds["write"] = time.perf_counter() - t0  # only what was left after encoding
+    names = [d.name for d in data.datasets]
+    order = sorted(
+        range(len(planner.plans)),
+        key=lambda i: (names.index(planner.plans[i].dataset),
+                       SPLITS.index(planner.plans[i].split), planner.plans[i].index),
+    )
+    return encoded, [planner.plans[i] for i in order], [written[i] for i in order]
+
+
 def read_chunk_bytes(configured: int, total_bytes: int, workers: int) -> int:
     """Bytes per read task: the configured size, smaller if that would leave fewer than
     ~4 tasks per worker (for balance), but not below 1 MiB unless configured lower."""
     balanced = math.ceil(total_bytes / (4 * workers)) if total_bytes else configured
     return max(min(configured, balanced), min(configured, 2**20))
-
-
-def _plan_key(data: DataConfig, plan: ShardPlan) -> tuple[int, int, int]:
-    names = [d.name for d in data.datasets]
-    return names.index(plan.dataset), SPLITS.index(plan.split), plan.index
 
 
 def _bad_counts(clean: list[dict]) -> dict[str, int]:

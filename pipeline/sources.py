@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.core import url_to_fs
 
-from lmforge.pipeline.config import DatasetSpec
+from lmforge.pipeline.sections import DatasetSpec
 
 FORMAT_BY_EXTENSION = {
     ".txt": "txt", ".text": "txt", ".md": "txt",

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.readers import BadInputLog, read_piece
+from lmforge.pipeline.sections import CleanConfig, DatasetSpec
 from lmforge.pipeline.shards import pack_windows, sample_key, write_shard
 from lmforge.pipeline.sources import ReadTask
 from lmforge.pipeline.steps import Document, build_clean_steps, run_steps
@@ -34,12 +34,32 @@ _ENCODE_BATCH = 2048
 
 
 @dataclass
+class StageSettings:
+    """The parts of `DataConfig` the stage items use (torch-free, unlike `DataConfig`,
+    whose loader section imports torch: Ray workers unpickle this)."""
+
+    datasets: list[DatasetSpec]
+    clean: CleanConfig
+    seq_len: int
+    val_fraction: float
+    dedup: bool
+    strict: bool
+    max_record_bytes: int
+
+    @classmethod
+    def of(cls, data: Any) -> StageSettings:
+        """Copy the stage settings out of a `DataConfig`."""
+        return cls(data.datasets, data.clean, data.seq_len, data.val_fraction, data.dedup,
+                   data.strict, data.max_record_bytes)
+
+
+@dataclass
 class WorkContext:
     """What every stage item needs; small and picklable."""
 
     work_dir: str
     output_dir: str
-    data: DataConfig
+    data: StageSettings
     num_partitions: int
     tokenizer_model: str = ""
     sample_threshold: float = 0.0

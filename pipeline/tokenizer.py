@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from lmforge.pipeline.config import TokenizerConfig
+from lmforge.pipeline.sections import TokenizerConfig
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 

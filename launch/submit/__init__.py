@@ -17,6 +17,8 @@ from lmforge.launch.config import RunConfig
 
 TARGETS = {
     "slurm": "render an sbatch script from slurm/ and submit it",
+    "ray": "submit to a Ray cluster through Ray Jobs (training via Ray Train)",
+    "local": "run the same job on this machine, in the foreground",
 }
 
 
@@ -36,11 +38,17 @@ def build_submit_parser(sub: argparse._SubParsersAction) -> None:
         cmd.set_defaults(dry_run=False)
         if name == "slurm":
             _add_slurm_flags(cmd)
+        elif name == "ray":
+            _add_ray_flags(cmd)
+        else:
+            cmd.add_argument("--stage", choices=["prepare", "train", "all"], default="train",
+                             help="what to run (default train; all = prepare then train)")
 
 
 def _add_slurm_flags(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--stage", choices=["train"], default="train",
-                     help="what the job runs (default train; prepared data must exist)")
+    cmd.add_argument("--stage", choices=["train", "prepare"], default="train",
+                     help="train (default; prepared data must exist, or use --after) or prepare "
+                          "(a Ray cluster across the allocation runs the data pipeline)")
     cmd.add_argument("--nodes", type=int, default=None,
                      help="nodes to allocate (default launch.nnodes)")
     cmd.add_argument("--gpus-per-node", type=int, default=0,
@@ -65,6 +73,29 @@ def _add_slurm_flags(cmd: argparse.ArgumentParser) -> None:
                      metavar="--OPTION=VALUE", help="extra sbatch option (repeatable)")
 
 
+def _add_ray_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--address", required=True,
+                     help="Ray dashboard (job server) address, e.g. http://127.0.0.1:8265")
+    cmd.add_argument("--stage", choices=["prepare", "train"], default="train",
+                     help="prepare (Ray Data pipeline) or train (Ray Train; the default)")
+    cmd.add_argument("--num-workers", type=int, default=None,
+                     help="training workers (ranks); default the config's world size")
+    cmd.add_argument("--gpus-per-worker", type=int, default=0,
+                     help="GPUs per training worker; 0 trains on CPUs with gloo")
+    cmd.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="CPUs reserved per training worker (default 1)")
+    cmd.add_argument("--max-failures", type=int, default=2,
+                     help="Ray Train restarts after a failure, each resuming from the newest "
+                          "checkpoint (default 2; -1 = forever)")
+    cmd.add_argument("--python", default="python",
+                     help="interpreter on the cluster that has lmforge installed")
+    cmd.add_argument("--working-dir", default=None,
+                     help="upload this folder as the job's working directory; by default the "
+                          "job runs in the current directory (shared filesystem)")
+    cmd.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                     help="extra environment variable for the job's processes (repeatable)")
+
+
 def allocation_overrides(args: argparse.Namespace) -> list[str]:
     """``--launch.*`` overrides for the allocation a submit command asks for.
 
@@ -72,7 +103,13 @@ def allocation_overrides(args: argparse.Namespace) -> list[str]:
     requested world size is reported against the YAML key like any other config error.
     Empty for every other command.
     """
-    if getattr(args, "command", None) != "submit" or args.target != "slurm":
+    if getattr(args, "command", None) != "submit" or args.target == "local":
+        return []
+    if args.target == "ray":
+        if args.stage != "train" or args.num_workers is None:
+            return []
+        return ["--launch.nnodes=1", f"--launch.nproc_per_node={args.num_workers}"]
+    if args.stage == "prepare":
         return []
     overrides = []
     if args.nodes is not None:
@@ -103,7 +140,29 @@ def dispatch_submit(args: argparse.Namespace, cfg: RunConfig) -> int:
             after=args.after,
             sbatch_args=args.sbatch_args,
         )
-        result = submit_slurm(cfg, job, dry_run=args.print_only)
+        result = submit_slurm(cfg, job, args.stage, dry_run=args.print_only)
         print_submission(cfg, job, result)
         return 0
+    if args.target == "ray":
+        from lmforge.launch.submit import ray_jobs
+        from lmforge.launch.submit.ray_train import RayTrainJob
+
+        env = dict(_name_value(item) for item in args.env)
+        train = RayTrainJob(args.num_workers or cfg.world_size, args.gpus_per_worker,
+                            args.cpus_per_worker, args.max_failures)
+        job = ray_jobs.RayJob(args.address, args.stage, train, args.python, args.working_dir, env)
+        result = ray_jobs.submit_ray(cfg, job, dry_run=args.print_only)
+        ray_jobs.print_submission(cfg, job, result)
+        return 0
+    if args.target == "local":
+        from lmforge.launch.submit.local import run_local
+
+        return run_local(cfg, args.stage, dry_run=args.print_only)
     raise AssertionError(args.target)
+
+
+def _name_value(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--env: '{item}' is not NAME=VALUE")
+    return name, value

@@ -1,6 +1,6 @@
 """The small steps a submitted job runs around training, on the cluster side.
 
-    python -m lmforge.launch.submit.job setup --config RUN_DIR/submit/config.yaml
+    python -m lmforge.launch.submit.job setup --config RUN_DIR/submit/train-config.yaml
     python -m lmforge.launch.submit.job finish --run-dir RUN_DIR --status FINISHED
 
 ``setup`` turns the submitted config into the run's ``config.yaml`` (the vocabulary size

@@ -116,7 +116,7 @@ def submit_ray(
     if job.stage == "train" and not dry_run:
         run_dir = resolve_in(cfg.run_dir, workdir)
         run_id = ensure_mlflow_run(cfg, run_dir)
-        cfg.save(JobFiles(run_dir).config)
+        cfg.save(JobFiles(run_dir).config("train"))
     entrypoint, runtime_env = job_spec(cfg, job, workdir)
     if run_id:
         runtime_env["env_vars"][RUN_ID_ENV] = run_id

@@ -28,6 +28,7 @@ from lmforge.launch.submit.spec import (
     with_allocation,
 )
 
+TEMPLATES = {"train": "train.sbatch", "prepare": "ray-prepare.sbatch"}
 TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 
 
@@ -102,47 +103,58 @@ def job_config(cfg: RunConfig, job: SlurmJob) -> RunConfig:
     return with_allocation(cfg, job.nodes, job.processes_per_node(cfg))
 
 
-def render_train_script(cfg: RunConfig, job: SlurmJob, workdir: Path | None = None) -> str:
-    """The sbatch script that trains ``cfg`` on the allocation ``job`` describes.
+def render_script(
+    cfg: RunConfig, job: SlurmJob, stage: str = "train", workdir: Path | None = None
+) -> str:
+    """The sbatch script for ``stage`` of ``cfg`` on the allocation ``job`` describes.
 
     Args:
-        cfg: The resolved config; its ``launch`` section must already match the allocation
-            (see :func:`job_config`).
+        cfg: The resolved config; for training its ``launch`` section must already match
+            the allocation (see :func:`job_config`).
         job: Nodes, GPUs, scheduling options.
+        stage: ``train`` (slurm/train.sbatch) or ``prepare`` (slurm/ray-prepare.sbatch: a
+            Ray cluster across the allocation runs the data pipeline).
         workdir: The job's working directory (relative config paths resolve against it);
             default the current one.
     """
+    if stage not in TEMPLATES:
+        raise ValueError(f"--stage: '{stage}' is not one of {', '.join(TEMPLATES)}")
     workdir = (workdir or Path.cwd()).resolve()
     files = JobFiles(resolve_in(cfg.run_dir, workdir))
     for what, path in (("working directory", workdir), ("run_dir", files.run_dir)):
         if re.search(r"\s", str(path)):
             raise ValueError(f"{what}: '{path}' contains whitespace, which #SBATCH cannot quote")
     values = {
-        "job_name": f"lmforge-{cfg.name}",
+        "job_name": f"lmforge-{cfg.name}" + ("-prepare" if stage == "prepare" else ""),
         "nodes": job.nodes,
-        "tasks_per_node": job.processes_per_node(cfg),
-        "resource_directives": _directives(_resource_options(job)),
+        "resource_directives": _directives(_resource_options(job, stage)),
         "workdir": workdir,
         "log_dir": files.log_dir,
-        "signal_seconds": job.signal_seconds,
         "extra_directives": _directives(_scheduling_options(job)),
-        "run_dir": shlex.quote(str(files.run_dir)),
         "python": shlex.quote(sys.executable),
-        "omp_num_threads": cfg.launch.omp_num_threads,
-        "backend_env": _backend_env(cfg, job),
-        "master_port": job.master_port or cfg.launch.master_port
-        or "$((20000 + SLURM_JOB_ID % 20000))",
-        "job_config": shlex.quote(str(files.config)),
+        "job_config": shlex.quote(str(files.config(stage))),
     }
-    return render_template(SLURM_TEMPLATES / "train.sbatch", values)
+    if stage == "train":
+        values.update({
+            "tasks_per_node": job.processes_per_node(cfg),
+            "signal_seconds": job.signal_seconds,
+            "run_dir": shlex.quote(str(files.run_dir)),
+            "omp_num_threads": cfg.launch.omp_num_threads,
+            "backend_env": _backend_env(cfg, job),
+            "master_port": job.master_port or cfg.launch.master_port
+            or "$((20000 + SLURM_JOB_ID % 20000))",
+        })
+    return render_template(SLURM_TEMPLATES / TEMPLATES[stage], values)
 
 
-def _resource_options(job: SlurmJob) -> list[str]:
+def _resource_options(job: SlurmJob, stage: str) -> list[str]:
     options = []
     if job.gpus_per_node:
         options.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task:
         options.append(f"--cpus-per-task={job.cpus_per_task}")
+    elif stage == "prepare":  # one Ray node per machine uses all of its cores
+        options.append("--exclusive")
     if job.mem:
         options.append(f"--mem={job.mem}")
     return options
@@ -185,13 +197,18 @@ def _backend_env(cfg: RunConfig, job: SlurmJob) -> str:
 
 
 def submit_slurm(
-    cfg: RunConfig, job: SlurmJob, dry_run: bool = False, workdir: Path | None = None
+    cfg: RunConfig,
+    job: SlurmJob,
+    stage: str = "train",
+    dry_run: bool = False,
+    workdir: Path | None = None,
 ) -> SlurmSubmission:
-    """Renders the training script and submits it with sbatch (or only renders it).
+    """Renders the job script for ``stage`` and submits it with sbatch (or only renders it).
 
     Args:
         cfg: The resolved config (YAML plus overrides).
         job: The allocation and scheduling options.
+        stage: ``train`` or ``prepare``.
         dry_run: Render only: write nothing, create no MLflow run, submit nothing.
         workdir: The job's working directory; default the current one.
 
@@ -203,15 +220,17 @@ def submit_slurm(
         FileNotFoundError: sbatch is not installed here.
     """
     workdir = (workdir or Path.cwd()).resolve()
-    cfg = job_config(cfg, job)
-    script = render_train_script(cfg, job, workdir)
+    if stage == "train":
+        cfg = job_config(cfg, job)
+    script = render_script(cfg, job, stage, workdir)
     files = JobFiles(resolve_in(cfg.run_dir, workdir))
-    script_path = files.script("train.sbatch")
-    log_pattern = str(files.log_dir / f"lmforge-{cfg.name}-%j.out")
+    script_path = files.script(TEMPLATES[stage])
+    job_name = f"lmforge-{cfg.name}" + ("-prepare" if stage == "prepare" else "")
+    log_pattern = str(files.log_dir / f"{job_name}-%j.out")
     if dry_run:
         return SlurmSubmission(script, script_path, None, log_pattern, None)
     manifest = resolve_in(cfg.data.output_dir, workdir) / "manifest.json"
-    if job.after is None and not manifest.is_file():
+    if stage == "train" and job.after is None and not manifest.is_file():
         raise ValueError(
             f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge submit "
             "slurm CONFIG --stage prepare`) first, or pass --after PREPARE_JOB_ID"
@@ -223,9 +242,9 @@ def submit_slurm(
             "slurm/local-test-cluster.sh), or use --dry-run to only print the script"
         )
     files.log_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(files.config)
+    cfg.save(files.config(stage))
     script_path.write_text(script, encoding="utf-8")
-    run_id = ensure_mlflow_run(cfg, files.run_dir)
+    run_id = ensure_mlflow_run(cfg, files.run_dir) if stage == "train" else None
     proc = subprocess.run(
         [sbatch, "--parsable", str(script_path)], capture_output=True, text=True, cwd=workdir
     )
@@ -242,13 +261,18 @@ def print_submission(cfg: RunConfig, job: SlurmJob, result: SlurmSubmission) -> 
         print(f"# dry run: nothing submitted; the script would be written to {result.script_path}")
         return
     jid = result.job_id
-    per_node = job.processes_per_node(cfg)
-    kind = f"{job.gpus_per_node} GPU(s)" if job.gpus_per_node else "CPU"
     run_dir = result.script_path.parent.parent
-    print(f"submitted Slurm job {jid}: train on {job.nodes} node(s) x {per_node} task(s), {kind}")
+    if result.script_path.name == TEMPLATES["prepare"]:
+        print(f"submitted Slurm job {jid}: prepare on a {job.nodes}-node Ray cluster")
+    else:
+        per_node = job.processes_per_node(cfg)
+        kind = f"{job.gpus_per_node} GPU(s)" if job.gpus_per_node else "CPU"
+        print(f"submitted Slurm job {jid}: train on {job.nodes} node(s) x {per_node} task(s), "
+              f"{kind}")
     print(f"  status : squeue -j {jid}    scontrol show job {jid}    sacct -j {jid}")
     print(f"  logs   : tail -f {result.log_pattern.replace('%j', jid)}")
-    print(f"  stop   : scancel --signal=USR1 --batch {jid}   (checkpoint and requeue)")
+    if result.script_path.name == TEMPLATES["train"]:
+        print(f"  stop   : scancel --signal=USR1 --batch {jid}   (checkpoint and requeue)")
+        print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")
     print(f"  cancel : scancel {jid}")
     print(f"  script : {result.script_path}")
-    print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")

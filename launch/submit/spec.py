@@ -2,7 +2,7 @@
 
 A submitted job never sees the user's YAML or overrides: ``lmforge submit`` resolves them
 once, adjusts the ``launch`` section to the requested allocation (so batch-size checks fail
-here, before anything is queued) and writes ``<run_dir>/submit/config.yaml``. The job reads
+here, before anything is queued) and writes ``<run_dir>/submit/<stage>-config.yaml``. The job reads
 that file, on any machine, from the same working directory.
 """
 
@@ -66,10 +66,9 @@ class JobFiles:
     def submit_dir(self) -> Path:
         return self.run_dir / "submit"
 
-    @property
-    def config(self) -> Path:
-        """The resolved config the job starts from."""
-        return self.submit_dir / "config.yaml"
+    def config(self, stage: str) -> Path:
+        """The resolved config a job of ``stage`` (prepare, train) starts from."""
+        return self.submit_dir / f"{stage}-config.yaml"
 
     @property
     def log_dir(self) -> Path:

@@ -64,3 +64,30 @@ def metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {r["step"]: r[key] for r in records if key in r}
+
+
+def free_port_block(size: int, start: int = 30000, stop: int = 60000) -> int:
+    """The first port of ``size`` consecutive free TCP ports (a Ray node needs many)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(start, stop - size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {size} consecutive free ports between {start} and {stop}")
+
+
+def ray_node_ports(base: int) -> list[str]:
+    """Every port a Ray node opens, from ``base`` on, so nothing collides with other Rays."""
+    return [
+        f"--node-manager-port={base + 1}", f"--object-manager-port={base + 2}",
+        f"--dashboard-agent-listen-port={base + 3}", f"--dashboard-agent-grpc-port={base + 4}",
+        f"--metrics-export-port={base + 5}", f"--runtime-env-agent-port={base + 6}",
+        f"--min-worker-port={base + 10}", f"--max-worker-port={base + 39}",
+    ]

@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.launch.cli import main
 from lmforge.launch.config import load_config
-from lmforge.launch.submit.slurm import SlurmJob, job_config, render_train_script
+from lmforge.launch.submit.slurm import SlurmJob, job_config, render_script
 from lmforge.launch.submit.spec import JobTemplate, render_template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def test_job_config_matches_the_allocation():
     cfg = load_config(TINY, ["--train.global_batch_size=null"])
     cfg = job_config(cfg, SlurmJob(nodes=3, gpus_per_node=4))
     assert (cfg.launch.nnodes, cfg.launch.nproc_per_node, cfg.world_size) == (3, 4, 12)
-    script = render_train_script(cfg, SlurmJob(nodes=3, gpus_per_node=4, master_port=29400))
+    script = render_script(cfg, SlurmJob(nodes=3, gpus_per_node=4, master_port=29400))
     assert "MASTER_PORT=29400" in script
 
 

@@ -36,7 +36,6 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
         ("uri", "mlruns"),
         ("experiment", " "),
         ("tags", {"bad key!": "x"}),
-        ("log_every", 0),
         ("max_queue", 0),
         ("flush_interval_s", 0.0),
         ("timeout_s", -1.0),
@@ -68,7 +67,6 @@ def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_text("t", "t.txt")
     assert tracker.run_id is None and tracker.pending() == 0
-    assert not tracker.should_log(10)
     assert tracker.flush() and tracker.close()
     off = Tracker(TrackingConfig(enabled=False), tmp_path)
     assert off.start(run_id="abc") == "abc"
@@ -84,13 +82,13 @@ def test_sqlite_default_records_params_metrics_artifacts(
     export.mkdir()
     (export / "config.json").write_text("{}")
     (export / "model.safetensors").write_bytes(b"\0" * 1000)
-    cfg = TrackingConfig(run_name="walking-skeleton", tags={"team": "nlp"}, log_every=5, **FAST)
+    cfg = TrackingConfig(run_name="walking-skeleton", tags={"team": "nlp"}, **FAST)
     with Tracker(cfg, run_dir) as tracker:
         run_id = tracker.start(tags={"stage": "pretrain"})
         assert tracker.run_id == run_id and len(run_id) == 32
         tracker.log_params({"model": {"n_layers": 2, "d_model": 64}, "train": {"lr": 3e-4}})
         for step in range(1, 41):
-            if tracker.should_log(step):
+            if step % 5 == 0:
                 tracker.log_metrics({"loss": 10.0 / step, "lr": 1e-3 * step}, step)
         tracker.set_tags({"checkpoint": str(run_dir / "ckpt")})
         tracker.log_artifact(tmp_path / "notes.txt", "docs")

@@ -129,3 +129,12 @@ def test_reused_tokenizer_and_changed_config_rewrite_the_dataset(
               for s in sp["shards"]}
     assert on_disk == listed
     assert not (tmp_path / "out" / "_work").exists()
+
+
+def test_strict_mode_stops_with_file_and_line(inputs: dict, tmp_path: Path) -> None:
+    from lmforge.pipeline.readers import BadInputError
+
+    data, tok = configs(inputs, tmp_path / "strict", strict=True)
+    with pytest.raises(BadInputError, match=r"bad\.txt:3: invalid_utf8.*data\.strict=false"):
+        prepare(data, tok, progress=False, executor="local")
+    assert not (tmp_path / "strict" / "manifest.json").exists()

@@ -49,3 +49,35 @@ def test_samples_per_shard_hits_the_target_size() -> None:
     per_shard = samples_per_shard(256 * 2**20, 1024, 2)
     assert 256 * 2**20 / 4096 - 1 <= per_shard <= 256 * 2**20 / 4096
     assert samples_per_shard(10, 1024, 2) == 1
+
+
+def test_shard_planner_is_order_independent_and_covers_every_window() -> None:
+    from lmforge.pipeline.config import DataConfig, DatasetSpec
+    from lmforge.pipeline.manifest import ShardPlanner
+
+    data = DataConfig(datasets=[DatasetSpec(name="a", paths=["x"]),
+                                DatasetSpec(name="b", paths=["y"])],
+                      seq_len=9, shard_target_bytes=3 * 2048)  # 3 windows of 10 per shard
+    task_datasets = ["a", "a", "a", "b", "b"]
+    tokens = [(37, 5), (0, 0), (51, 9), (8, 0), (15, 4)]
+    results = [{"task": i, "splits": {"train": {"tokens": t}, "val": {"tokens": v}}}
+               for i, (t, v) in enumerate(tokens)]
+
+    def plan(order: list[int]) -> list[tuple]:
+        planner = ShardPlanner(data, 2, task_datasets)
+        for i in order:
+            planner.add(results[i])
+        planner.check_complete()
+        return sorted((p.dataset, p.split, p.index, p.first_window, p.n_windows, tuple(p.tasks))
+                      for p in planner.plans)
+
+    in_order = plan([0, 1, 2, 3, 4])
+    assert plan([4, 2, 0, 3, 1]) == in_order
+    windows = {}
+    for dataset, split, _, first, count, _ in in_order:
+        windows.setdefault((dataset, split), []).append((first, count))
+    assert windows[("a", "train")] == [(0, 3), (3, 3), (6, 3)]  # 88 tokens: 9 windows
+    assert windows[("a", "val")] == [(0, 2)]  # 14 tokens
+    assert windows[("b", "train")] == [(0, 3)]  # 23 tokens
+    assert windows[("b", "val")] == [(0, 1)]
+    assert ("a", "train", 1, 3, 3, ((0, 0), (2, 37))) in in_order  # tokens 30..59
