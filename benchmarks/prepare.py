@@ -10,6 +10,9 @@ paragraph tagged with its copy number so dedup keeps them all):
 - prepare_scaling_2w: tokens/s with 2 workers ÷ with 1.
 - prepare_rss_growth_10x: peak RSS of the largest Ray worker at 10× the corpus ÷ at 1×.
 
+Throughput, scaling and the Pool comparison run on the 10× corpus (fixed start-up costs of
+Ray actors, a few seconds, matter less there); the 1× corpus only serves the RSS ratio.
+
 Ray is started once before timing (prepare uses the running Ray), and a small warm-up run
 starts the worker processes, so the figures are steady-state throughput.
 
@@ -94,13 +97,15 @@ class PeakRss:
         self._thread.join()
 
 
-def run_prepare(paths: list[Path], out: Path, model: Path, workers: int) -> tuple[float, int, int]:
+def run_prepare(
+    paths: list[Path], out: Path, model: Path, workers: int, chunk: int = 2**20
+) -> tuple[float, int, int]:
     """(tokens/s, tokens, peak worker RSS) of one end-to-end prepare."""
     shutil.rmtree(out, ignore_errors=True)
     data = DataConfig(
         datasets=[DatasetSpec(name="bench", paths=[str(p) for p in paths])],
         output_dir=str(out), seq_len=SEQ_LEN, val_fraction=0.01, num_workers=workers,
-        read_chunk_bytes=4 * 2**20,
+        read_chunk_bytes=chunk,  # the same task size at 1x and 10x, for the RSS comparison
     )
     tok = TokenizerConfig(vocab_size=VOCAB, model_path=str(model))
     with PeakRss() as rss:
@@ -171,7 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small corpus, under two minutes")
     args = parser.parse_args()
-    copies = 2 if args.quick else 10  # 1.1 MB each
+    # 1.1 MB per copy; tasks of `chunk` bytes at both sizes (prepare shrinks tasks below
+    # the configured size only when the corpus has fewer than 4 per worker).
+    copies, chunk = (2, 2**20) if args.quick else (20, 2 * 2**20)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ray
 
@@ -186,17 +193,17 @@ def main() -> None:
         run_prepare(paths[:1], tmp / "warmup", model, 2)
 
         single = spm_single_thread(model, paths)
-        tps2, tokens, rss1 = run_prepare(paths, tmp / "w2", model, 2)
-        tps1, _, _ = run_prepare(paths, tmp / "w1", model, 1)
-        pool_tps, pool_tokens = run_pool(paths, tmp / "pool", model, 2)
-        _, tokens10, rss10 = run_prepare(big, tmp / "w2x10", model, 2)
-        mb = sum(p.stat().st_size for p in paths) / 1e6
+        _, tokens1, rss1 = run_prepare(paths, tmp / "x1", model, 2, chunk)
+        tps2, tokens, rss10 = run_prepare(big, tmp / "w2", model, 2, chunk)
+        tps1, _, _ = run_prepare(big, tmp / "w1", model, 1, chunk)
+        pool_tps, pool_tokens = run_pool(big, tmp / "pool", model, 2)
+        mb = sum(p.stat().st_size for p in big) / 1e6
 
         print(f"corpus {mb:.1f} MB, {tokens:,} tokens; tokenizer training {train_s:.1f} s")
         print(f"spm single thread {single:,.0f} tok/s; prepare 2w {tps2:,.0f}, 1w {tps1:,.0f}; "
               f"pool 2w {pool_tps:,.0f} ({pool_tokens:,} tokens)")
-        print(f"peak worker RSS {rss1 / 2**20:.0f} MiB at 1x, {rss10 / 2**20:.0f} MiB at 10x "
-              f"({tokens10:,} tokens)")
+        print(f"peak worker RSS {rss1 / 2**20:.0f} MiB at 1x ({tokens1:,} tokens), "
+              f"{rss10 / 2**20:.0f} MiB at 10x")
         bench("prepare_vs_spm_limit", tps2 / (2 * single), 0.75, prepare_tokens_per_s=tps2,
               spm_single_thread_tokens_per_s=single, workers=2, corpus_mb=mb)
         bench("prepare_vs_pool", tps2 / pool_tps, 1.0, prepare_tokens_per_s=tps2,

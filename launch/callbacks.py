@@ -79,6 +79,7 @@ class MetricsLogger:
             "train/samples_per_s": trainer.cfg.global_batch_size * steps / seconds,
             "train/step_time_s": seconds / steps,
             "train/tokens_seen": trainer.state.tokens_seen,
+            "train/bad_steps": trainer.loss_guard.bad_steps,
         }
         if self.flops_per_token and self.peak_flops:
             achieved = tokens / seconds * self.flops_per_token / trainer.world_size

@@ -42,6 +42,11 @@ __all__ = [
 ]
 
 
+# The one objective each model family trains with.
+OBJECTIVE_OF_FAMILY = {"decoder": "causal_lm", "encoder": "masked_lm",
+                       "encoder_decoder": "denoising"}
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop: batch sizes, schedule, precision, evaluation, checkpoints."""
@@ -54,8 +59,9 @@ class TrainConfig:
     """Sequences per optimizer step; when set it must equal micro × accumulation × world size."""
     max_steps: int = 300
     """Optimizer steps to train for (the run's end; resuming continues up to it)."""
-    objective: Literal["causal_lm"] = "causal_lm"
-    """Training objective; causal language modelling for decoder-only models."""
+    objective: Literal["causal_lm", "masked_lm", "denoising"] = "causal_lm"
+    """Training objective, one per model family: causal_lm (decoder), masked_lm (encoder,
+    BERT 80/10/10) or denoising (encoder_decoder, BART text infilling)."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -90,6 +96,13 @@ class TrainConfig:
     """Steps between checkpoints; 0 means only at the end of training."""
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep; older ones are deleted."""
+    bad_loss_policy: Literal["stop", "skip"] = "stop"
+    """A non-finite or spiking loss: stop the run with an error after ``max_bad_steps`` bad
+    steps in a row (earlier ones are skipped), or skip every bad step (zero gradient)."""
+    max_bad_steps: int = 1
+    """With ``stop``: bad steps in a row that stop the run."""
+    spike_factor: float = 0.0
+    """A loss above this factor x the running mean of good steps counts as bad; 0 disables."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
@@ -112,6 +125,13 @@ class TrainConfig:
         for name in ("eval_every", "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: must be at least 1, got {self.max_bad_steps}")
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ValueError(
+                f"spike_factor: {self.spike_factor} would flag ordinary steps; use a value "
+                "above 1 (e.g. 3.0) or 0 to disable spike detection"
+            )
         if self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("log_every: and keep_checkpoints must be at least 1")
 
@@ -246,6 +266,12 @@ class RunConfig:
             raise ValueError(
                 f"model.vocab_size: {self.model.vocab_size} is smaller than "
                 f"tokenizer.vocab_size {self.tokenizer.vocab_size}"
+            )
+        expected = OBJECTIVE_OF_FAMILY[self.model.family]
+        if train.objective != expected:
+            raise ValueError(
+                f"train.objective: {train.objective!r} does not fit model.family "
+                f"{self.model.family!r}; use train.objective={expected} for that family"
             )
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(

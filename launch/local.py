@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from lmforge.launch.callbacks import REQUEUE_EXIT_CODE
 from lmforge.launch.config import RunConfig
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _has_cuda() -> bool:
@@ -40,13 +33,16 @@ def torchrun_command(
     cfg: RunConfig, run_dir: Path, resume: str | None, run_id: str | None
 ) -> list[str]:
     """The torchrun command line that runs ``lmforge.launch.worker`` on every local rank."""
-    port = cfg.launch.master_port or free_port()
+    if cfg.launch.master_port is None:
+        # torchrun binds a free port itself: no window for another process to take it.
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = ["--nnodes=1", f"--master_addr={cfg.launch.master_addr}",
+                      f"--master_port={cfg.launch.master_port}"]
     command = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={cfg.launch.nproc_per_node}",
-        "--nnodes=1",
-        f"--master_addr={cfg.launch.master_addr}",
-        f"--master_port={port}",
+        *rendezvous,
         "-m", "lmforge.launch.worker",
         "--run-dir", str(run_dir),
     ]

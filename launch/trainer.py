@@ -20,9 +20,10 @@ import torch.distributed as dist
 from lmforge.launch import checkpoint as ckpt
 from lmforge.launch.config import RunConfig
 from lmforge.launch.ds_config import build_deepspeed_config
+from lmforge.launch.loss_guard import LossGuard, zero_loss
+from lmforge.launch.objectives import build_objective, corruption_generator
 from lmforge.launch.optim import build_optimizer, build_scheduler
 from lmforge.launch.parallelize import apply_activation_checkpointing
-from lmforge.model import causal_lm_loss
 from lmforge.pipeline.loader import ShardLoader
 
 log = logging.getLogger("lmforge.train")
@@ -82,7 +83,11 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.train_loader = self._loader("train", infinite=True)
-        self.document_masking = self.cfg.data.loader.document_masking
+        self.objective = build_objective(
+            cfg.train.objective, self.manifest, cfg.model.vocab_size or cfg.tokenizer.vocab_size,
+            cfg.data.loader.document_masking,
+        )
+        self.loss_guard = LossGuard(cfg.train)
 
     def _loader(self, split: str, infinite: bool) -> ShardLoader:
         return ShardLoader(
@@ -103,6 +108,7 @@ class Trainer:
             "train_state": vars(self.state).copy(),
             "loader": self.train_loader.state_dict(),
             "world_size": self.world_size,
+            "loss_guard": self.loss_guard.state_dict(),
         }
 
     def save(self) -> Path:
@@ -123,34 +129,33 @@ class Trainer:
         client = ckpt.load_checkpoint(self.engine, folder)
         self.state = TrainState(**client["train_state"])
         self.train_loader.load_state_dict(client["loader"])
+        if "loss_guard" in client:  # absent from checkpoints of older versions
+            self.loss_guard.load_state_dict(client["loss_guard"])
         if self.rank == 0:
             log.info("resumed from %s at step %d", folder, self.state.step)
         return folder
 
     # -- the loop --------------------------------------------------------------------
 
-    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = self.engine.device
-        inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
-        if self.document_masking:
-            inputs["segment_ids"] = batch["segment_ids"].to(device, non_blocking=True)
-            inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-        return inputs
+    def generator(self, micro: int, step: int | None = None) -> torch.Generator:
+        """Corruption randomness for one micro-batch (masked LM, denoising); see objectives."""
+        step = self.state.step if step is None else step
+        return corruption_generator(self.cfg.seed, step, self.rank, micro)
 
     def train_step(self, batches) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` micro-batches."""
         start = time.perf_counter()
         losses, tokens = [], 0
-        for _ in range(self.cfg.train.grad_accum_steps):
-            batch = next(batches)
-            labels = batch["labels"].to(self.engine.device, non_blocking=True)
-            logits = self.engine(**self.model_inputs(batch))
-            loss = causal_lm_loss(logits, labels)
-            self.engine.backward(loss)
+        for micro in range(self.cfg.train.grad_accum_steps):
+            out = self.objective(self.engine, next(batches), self.engine.device,
+                                 self.generator(micro))
+            bad = self.loss_guard.check(out.loss, self.state.step + 1)
+            self.engine.backward(zero_loss(self.engine.module) if bad else out.loss)
             self.engine.step()
-            losses.append(loss.detach())
-            tokens += int((labels != -100).sum())
+            losses.append(out.loss.detach())
+            tokens += out.tokens
         loss_value = float(torch.stack(losses).float().mean())
+        self.loss_guard.end_step()
         return StepResult(loss_value, tokens, time.perf_counter() - start)
 
     def fit(self) -> TrainState:
@@ -184,12 +189,12 @@ class Trainer:
         for index, batch in enumerate(self._loader("val", infinite=False)):
             if limit is not None and index >= limit:
                 break
-            labels = batch["labels"].to(self.engine.device)
-            logits = self.engine(**self.model_inputs(batch))
-            n = int((labels != -100).sum())
-            if n:
-                loss_sum += float(causal_lm_loss(logits, labels)) * n
-                count += n
+            # A fixed step (-1) for corruption: every pass scores the same masked positions.
+            out = self.objective(self.engine, batch, self.engine.device,
+                                 self.generator(index, step=-1))
+            if out.targets:
+                loss_sum += float(out.loss) * out.targets
+                count += out.targets
         totals = torch.stack([loss_sum, count])
         dist.all_reduce(totals)
         self.engine.train()

@@ -26,6 +26,7 @@ from lmforge.launch.callbacks import (
     PreemptionHandler,
 )
 from lmforge.launch.config import RunConfig, load_resolved
+from lmforge.launch.loss_guard import BadLossError
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.trainer import Trainer
 
@@ -85,7 +86,12 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     try:
         trainer = Trainer(cfg, run_dir, manifest, [metrics, evaluator, preemption])
         trainer.resume(resume)
-        state = trainer.fit()
+        try:
+            state = trainer.fit()
+        except BadLossError as err:  # collective: every rank stops at the same step
+            if rank == 0:
+                log.error("%s", err)
+            return 1
         status = "KILLED" if preemption.stopped else "FINISHED"
         if rank == 0:
             summary = {

@@ -125,7 +125,7 @@ class RayExecutor:
     def close(self) -> None:
         """Stop the stage workers."""
         for actor in self.pool:
-            self.ray.kill(actor)
+            actor.__ray_terminate__.remote()  # graceful; ray.kill makes Ray print a trace
         self.pool = []
 
     def _call(self, fn: Callable[..., Any], item: Any, *args: Any) -> tuple[Any, int]:

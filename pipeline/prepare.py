@@ -148,6 +148,11 @@ def _run(
     seconds["tokenizer"] = time.perf_counter() - t0
 
     encoded, plans, shards = _encode_and_write(data, ctx, ex, tasks, info, seconds)
+    for spec in data.datasets:
+        if data.val_fraction > 0 and not any(p.dataset == spec.name and p.split == "val"
+                                             for p in plans):
+            _say(f"warning: dataset {spec.name!r} got no val documents; raise "
+                 "data.val_fraction or add data", progress)
 
     _remove_stale_shards(out, data, {s["path"] for s in shards})
     shutil.copyfile(model, out / "tokenizer.model")

@@ -111,6 +111,7 @@ class Normalize(Step):
 
 # C0/C1 control characters except tab, newline and carriage return, plus DEL.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_ASCII_CONTROL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
 @dataclass
@@ -118,6 +119,10 @@ class StripControl(Step):
     """Remove control characters (keeps tab, newline, carriage return)."""
 
     def transform(self, text: str) -> str | None:
+        if text.isascii():  # bytes.translate is ~10x faster than a regex search
+            raw = text.encode("ascii")
+            stripped = raw.translate(None, _ASCII_CONTROL)
+            return text if len(stripped) == len(raw) else stripped.decode("ascii")
         return _CONTROL.sub("", text) if _CONTROL.search(text) else text
 
 
@@ -150,12 +155,16 @@ class RepetitionFilter(Step):
         return [None if r else t for t, r in zip(texts, removed, strict=True)]
 
     def _repeated_lines(self, text: str) -> bool:
+        """More than the allowed fraction of the non-empty lines (>= 4) are repeats."""
         if self.max_duplicate_line_fraction >= 1.0 or text.count("\n") < 3:
             return False
-        lines = [line for line in text.split("\n") if line.strip()]
-        if len(lines) < 4:
+        lines = text.split("\n")
+        empty = lines.count("")
+        if len(lines) - empty < 4:
             return False
-        return (len(lines) - len(set(lines))) / len(lines) > self.max_duplicate_line_fraction
+        distinct = len(set(lines)) - (1 if empty else 0)
+        repeated = len(lines) - empty - distinct
+        return repeated / (len(lines) - empty) > self.max_duplicate_line_fraction
 
 
 _SPACE_CODES = np.array([ord(c) for c in " \t\n\r"])
