@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ REQUEUE_EXIT_CODE = 75
 
 
 class MetricsLogger:
-    """Progress bar, console lines and MLflow metrics (loss, lr, grad norm, tokens/s, MFU)."""
+    """Progress bar, console lines and MLflow metrics (loss, lr, grad norm, tokens/s,
+    MFU and HFU where a peak is known, bad steps)."""
 
     def __init__(
         self,
@@ -38,10 +40,12 @@ class MetricsLogger:
         flops_per_token: float | None,
         peak_flops: float | None,
         jsonl: Path | None = None,
+        hardware_flops_per_token: float | None = None,
     ):
         self.tracker = tracker
         self.jsonl = jsonl
         self.flops_per_token = flops_per_token
+        self.hardware_flops_per_token = hardware_flops_per_token
         self.peak_flops = peak_flops
         self.bar: tqdm | None = None
         self.window_tokens = 0
@@ -81,9 +85,11 @@ class MetricsLogger:
             "train/tokens_seen": trainer.state.tokens_seen,
             "train/bad_steps": trainer.loss_guard.bad_steps,
         }
+        per_device = tokens / seconds / trainer.world_size
         if self.flops_per_token and self.peak_flops:
-            achieved = tokens / seconds * self.flops_per_token / trainer.world_size
-            metrics["train/mfu"] = achieved / self.peak_flops
+            metrics["train/mfu"] = per_device * self.flops_per_token / self.peak_flops
+        if self.hardware_flops_per_token and self.peak_flops:
+            metrics["train/hfu"] = per_device * self.hardware_flops_per_token / self.peak_flops
         metrics.update(_memory_metrics())
         self.window_losses, self.window_tokens, self.window_seconds = [], 0, 0.0
         if trainer.rank == 0:
@@ -148,6 +154,65 @@ class Evaluator:
             )
 
 
+class Sampler:
+    """Every ``train.sample_every`` steps rank 0 continues ``sample.prompts`` and logs the
+    texts to MLflow (``samples/step_XXXXXXXX.txt``) and ``samples.jsonl``.
+
+    Decoder models only (``RunConfig`` checks). Under ZeRO-3 every rank holds a shard of
+    the parameters, so generating on rank 0 alone is impossible; sampling is skipped there
+    (the ``sample`` stage after training still works).
+    """
+
+    def __init__(self, tracker: Tracker, jsonl: Path | None = None) -> None:
+        self.tracker = tracker
+        self.jsonl = jsonl
+        self._sp = None
+
+    def on_step_end(self, trainer, result) -> None:
+        every = trainer.cfg.train.sample_every
+        if not every or trainer.state.step % every or trainer.rank != 0:
+            return
+        if trainer.cfg.deepspeed.zero_stage == 3:
+            if trainer.state.step == every:
+                log.info("train.sample_every: no samples during training under ZeRO-3 "
+                         "(parameters are partitioned); use the sample stage afterwards")
+            return
+        module = trainer.engine.module
+        module.eval()
+        try:
+            texts = self._generate(trainer.cfg, module, trainer.manifest)
+        finally:
+            module.train()
+        step = trainer.state.step
+        prompts = trainer.cfg.sample.prompts
+        lines = [f"--- prompt: {p!r}\n{t}\n" for p, t in zip(prompts, texts, strict=True)]
+        self.tracker.log_text("\n".join(lines), f"samples/step_{step:08d}.txt")
+        if self.jsonl is not None:
+            with open(self.jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "texts": texts}) + "\n")
+
+    @torch.no_grad()
+    def _generate(self, cfg, module: torch.nn.Module, manifest: Path) -> list[str]:
+        import sentencepiece as spm
+
+        from lmforge.model import generate
+
+        info = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
+        if self._sp is None:
+            self._sp = spm.SentencePieceProcessor(model_file=str(manifest.parent / info["file"]))
+        device = next(module.parameters()).device
+        # Its own generator: sampling must not consume the training RNG (exact resume).
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        texts = []
+        for prompt in cfg.sample.prompts:
+            ids = torch.tensor([self._sp.encode(prompt)], dtype=torch.long, device=device)
+            out = generate(module, ids, cfg.sample.max_new_tokens, cfg.sample.temperature,
+                           cfg.sample.top_k, cfg.sample.top_p, eos_id=info["eos_id"],
+                           generator=generator)
+            texts.append(self._sp.decode(out[0].tolist()))
+        return texts
+
+
 class PreemptionHandler:
     """SIGTERM/SIGUSR1 (Slurm's pre-kill signal): finish the step, checkpoint, exit 75.
 
@@ -160,6 +225,8 @@ class PreemptionHandler:
         self.stopped = False
 
     def on_train_start(self, trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Ray Train runs the loop in a thread; Ray handles node loss and retries
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 

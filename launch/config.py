@@ -103,6 +103,12 @@ class TrainConfig:
     """With ``stop``: bad steps in a row that stop the run."""
     spike_factor: float = 0.0
     """A loss above this factor x the running mean of good steps counts as bad; 0 disables."""
+    sample_every: int = 0
+    """Steps between generations of ``sample.prompts`` logged as text to MLflow and
+    ``samples.jsonl`` (decoder models; not under ZeRO-3); 0 disables."""
+    peak_flops_per_device: float | None = None
+    """Peak FLOP/s of one device for MFU/HFU (e.g. a CPU's measured matmul peak); None uses
+    the known GPU table (A100, H100, H200 dense bf16) and reports no MFU elsewhere."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
@@ -122,9 +128,14 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         if self.checkpoint_every_n_layers < 1:
             raise ValueError("checkpoint_every_n_layers: must be at least 1")
-        for name in ("eval_every", "eval_batches", "checkpoint_every"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:
+            raise ValueError(
+                f"peak_flops_per_device: must be positive, got {self.peak_flops_per_device}; "
+                "give the device's peak FLOP/s (e.g. 989e12 for an H100) or leave it empty"
+            )
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be at least 1, got {self.max_bad_steps}")
         if self.spike_factor != 0 and self.spike_factor <= 1:
@@ -272,6 +283,11 @@ class RunConfig:
             raise ValueError(
                 f"train.objective: {train.objective!r} does not fit model.family "
                 f"{self.model.family!r}; use train.objective={expected} for that family"
+            )
+        if train.sample_every and self.model.family != "decoder":
+            raise ValueError(
+                f"train.sample_every: generation during training needs model.family=decoder, "
+                f"not {self.model.family!r}; set train.sample_every=0"
             )
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(

@@ -5,9 +5,9 @@ one all-reduce, so every rank sees the same global loss and takes the same decis
 micro-batch is bad when any rank's loss is not finite, or (``train.spike_factor`` > 0) the
 global loss exceeds ``spike_factor`` × the running mean of good steps' losses.
 
-A bad micro-batch backpropagates a zero that is connected to every parameter instead of
-its loss, so DeepSpeed's micro-step and accumulation bookkeeping stays as usual and the
-gradients it contributes are exactly zero. The optimizer still steps: AdamW's moments
+A bad micro-batch backpropagates a zero instead of its loss (:func:`skip_loss`), so
+DeepSpeed's micro-step and accumulation bookkeeping stays as usual and the gradients it
+contributes are exactly zero. The optimizer still steps: AdamW's moments
 decay and weight decay applies on a skipped step, but no gradient from the bad batch
 reaches the weights. ``train.bad_loss_policy``: ``stop`` raises :class:`BadLossError` at
 the ``train.max_bad_steps``-th bad step in a row (earlier ones are skipped); ``skip`` skips
@@ -103,6 +103,20 @@ class LossGuard:
         self.running_mean = state["running_mean"]
         self.in_a_row = state["in_a_row"]
         self.bad_steps = state["bad_steps"]
+
+
+def skip_loss(loss: Tensor, model: nn.Module, zero_stage: int) -> Tensor:
+    """What a bad micro-batch backpropagates in place of ``loss``: gradients of exactly 0.
+
+    A finite (spiking) loss times 0 gives zero gradients through the finite graph, at every
+    ZeRO stage. A non-finite loss cannot (0 x NaN is NaN), so up to ZeRO-2 the zero comes
+    from the parameters (:func:`zero_loss`). Under ZeRO-3 the parameters are partitioned
+    outside forward and cannot be used that way; the NaN gradients then make DeepSpeed's
+    overflow check skip the optimizer step ("OVERFLOW! Skipping step").
+    """
+    if bool(torch.isfinite(loss.detach())) or zero_stage >= 3:
+        return loss * 0.0
+    return zero_loss(model)
 
 
 def zero_loss(model: nn.Module) -> Tensor:

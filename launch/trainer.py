@@ -1,8 +1,10 @@
 """The training loop on a DeepSpeed engine; everything around the step is a callback.
 
-One process per rank runs :class:`Trainer`. The step itself is short (forward, loss,
-backward, optimizer step for each micro-batch); logging, evaluation, checkpointing and
-preemption handling hang off it as callbacks (``launch/callbacks.py``).
+One process per rank runs :class:`Trainer`. The step itself is short (the objective's
+forward and loss, the bad-loss check, backward, optimizer step for each micro-batch);
+objectives live in ``launch/objectives.py``, the bad-loss policy in ``launch/loss_guard.py``,
+and logging, evaluation, sampling, checkpointing and preemption handling hang off the step
+as callbacks (``launch/callbacks.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from lmforge.launch import checkpoint as ckpt
 from lmforge.launch.config import RunConfig
 from lmforge.launch.ds_config import build_deepspeed_config
-from lmforge.launch.loss_guard import LossGuard, zero_loss
+from lmforge.launch.loss_guard import LossGuard, skip_loss
 from lmforge.launch.objectives import build_objective, corruption_generator
 from lmforge.launch.optim import build_optimizer, build_scheduler
 from lmforge.launch.parallelize import apply_activation_checkpointing
@@ -149,8 +151,10 @@ class Trainer:
         for micro in range(self.cfg.train.grad_accum_steps):
             out = self.objective(self.engine, next(batches), self.engine.device,
                                  self.generator(micro))
-            bad = self.loss_guard.check(out.loss, self.state.step + 1)
-            self.engine.backward(zero_loss(self.engine.module) if bad else out.loss)
+            loss = out.loss
+            if self.loss_guard.check(loss, self.state.step + 1):
+                loss = skip_loss(loss, self.engine.module, self.cfg.deepspeed.zero_stage)
+            self.engine.backward(loss)
             self.engine.step()
             losses.append(out.loss.detach())
             tokens += out.tokens

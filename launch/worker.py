@@ -24,6 +24,7 @@ from lmforge.launch.callbacks import (
     Evaluator,
     MetricsLogger,
     PreemptionHandler,
+    Sampler,
 )
 from lmforge.launch.config import RunConfig, load_resolved
 from lmforge.launch.loss_guard import BadLossError
@@ -39,21 +40,36 @@ def resolve_backend(cfg: RunConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def flops_per_token(cfg: RunConfig) -> float | None:
-    """Training FLOPs per token (6N + attention) when the model package can estimate it."""
+def flops_per_token(cfg: RunConfig, hardware: bool = False) -> float | None:
+    """Training FLOPs per data token: model FLOPs (for MFU) or, with ``hardware``, plus the
+    forwards that activation checkpointing recomputes (for HFU)."""
     try:
-        from lmforge.model import estimate_flops
+        from lmforge.model import estimate_flops, estimate_hardware_flops
     except ImportError:
         return None
-    return float(estimate_flops(cfg.model, cfg.data.seq_len))
+    seq_len = cfg.data.seq_len
+    if hardware:
+        flops = estimate_hardware_flops(cfg.model, seq_len, cfg.train.activation_checkpointing)
+    else:
+        flops = estimate_flops(cfg.model, seq_len)
+    # The estimates count an encoder-decoder's source and target tokens; each data token
+    # is both (the row goes through the encoder and is reconstructed by the decoder).
+    return float(flops) * (2 if cfg.model.family == "encoder_decoder" else 1)
 
 
-def peak_flops() -> float | None:
-    """Dense bf16 peak of this GPU, for MFU; None on CPU (MFU is not meaningful there)."""
+# Dense bf16 peak FLOP/s by GPU name.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(configured: float | None = None) -> float | None:
+    """Peak FLOP/s of one device, for MFU/HFU: ``train.peak_flops_per_device`` when set,
+    else the known GPU table; None (no MFU) on other devices such as CPUs."""
+    if configured is not None:
+        return configured
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    for key, value in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items():
+    for key, value in GPU_PEAK_FLOPS.items():
         if key in name:
             return value
     return None
@@ -77,14 +93,16 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     if rank == 0:
         tracker.start(run_name=cfg.name, run_id=run_id)
     metrics = MetricsLogger(
-        tracker, flops_per_token(cfg), peak_flops(), jsonl=run_dir / "metrics.jsonl"
+        tracker, flops_per_token(cfg), peak_flops(cfg.train.peak_flops_per_device),
+        jsonl=run_dir / "metrics.jsonl", hardware_flops_per_token=flops_per_token(cfg, True),
     )
     evaluator = Evaluator(tracker, metrics)
     preemption = PreemptionHandler()
     manifest = Path(cfg.data.output_dir) / "manifest.json"
     status = "FAILED"
     try:
-        trainer = Trainer(cfg, run_dir, manifest, [metrics, evaluator, preemption])
+        sampler = Sampler(tracker, jsonl=run_dir / "samples.jsonl")
+        trainer = Trainer(cfg, run_dir, manifest, [metrics, evaluator, sampler, preemption])
         trainer.resume(resume)
         try:
             state = trainer.fit()

@@ -1,9 +1,10 @@
 """Who runs the stage items: in-process (unit tests) or Ray (local or an existing cluster).
 
-Both executors expose the same two calls: `map(fn, items, ...)` for stages made of plain
-tasks, and `encode(ctx, tasks)` for the tokenizer stage, which under Ray is a Ray Data
-`map_batches` over an actor pool so each actor loads the sentencepiece model once.
-Results always come back in item order.
+Both executors expose the same calls: `map(fn, items, ...)` for stages made of plain
+items (results in item order); `encode_stream(ctx, tasks)` for the tokenizer stage, which
+under Ray is a Ray Data `map_batches` over an actor pool (each actor loads the
+sentencepiece model once) yielding results as they finish; and `submit`/`collect` for
+shard writes that run while encoding goes on.
 """
 
 from __future__ import annotations

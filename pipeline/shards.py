@@ -108,6 +108,58 @@ class ShardResult:
     sha256: str
 
 
+class ShardWriter:
+    """Writes one shard in pieces (memory stays one block of samples, whatever the shard
+    size), atomically (temp file, then rename), hashing it on the way.
+
+    Args:
+        path: Final shard path.
+        relative_to: Folder the manifest path is relative to.
+    """
+
+    def __init__(self, path: Path, relative_to: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.relative_to = path, relative_to
+        self.tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.digest = hashlib.sha256()
+        self.size = self.samples = self.tokens = 0
+
+    def write(
+        self, keys: list[str], samples: np.ndarray, starts: list[np.ndarray], real_tokens: int
+    ) -> None:
+        """Append samples: `__key__`s, (n, seq_len + 1) windows, document-start offsets, and
+        how many of their tokens are not padding."""
+        for key, tokens, offsets in zip(keys, samples, starts, strict=True):
+            # Member names sort as doc_starts < tokens, within a sample.
+            self._put(_member(f"{key}.doc_starts.npy", npy_bytes(offsets))
+                      + _member(f"{key}.tokens.npy", npy_bytes(tokens)))
+        self.samples += len(keys)
+        self.tokens += real_tokens
+
+    def _put(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def close(self, commit: bool = True) -> ShardResult:
+        """Finish the archive and return its manifest entry; `commit` moves it into place
+        (else call `commit()` later, e.g. after recording the result)."""
+        end = b"\0" * (2 * _BLOCK)
+        self._put(end + b"\0" * (-(self.size + len(end)) % _RECORD))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if commit:
+            self.commit()
+        return ShardResult(str(self.path.relative_to(self.relative_to)), self.samples,
+                           self.tokens, self.size, self.digest.hexdigest())
+
+    def commit(self) -> None:
+        """Move the finished temp file to the shard path."""
+        os.replace(self.tmp, self.path)
+
+
 def write_shard(
     path: Path,
     keys: list[str],
@@ -116,37 +168,7 @@ def write_shard(
     real_tokens: int,
     relative_to: Path,
 ) -> ShardResult:
-    """Write one shard atomically (temp file, then rename) and hash it on the way.
-
-    Args:
-        path: Final shard path.
-        keys: `__key__` per sample.
-        samples: (n, seq_len + 1) token windows.
-        starts: Document-start offsets per window.
-        real_tokens: Non-pad tokens in `samples` (for the manifest).
-        relative_to: Folder the manifest path is relative to.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    digest = hashlib.sha256()
-    size = 0
-    with open(tmp, "wb") as f:
-        for key, tokens, offsets in zip(keys, samples, starts, strict=True):
-            # Member names sort as doc_starts < tokens, within a sample.
-            chunk = _member(f"{key}.doc_starts.npy", npy_bytes(offsets)) + _member(
-                f"{key}.tokens.npy", npy_bytes(tokens)
-            )
-            f.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-        end = b"\0" * (2 * _BLOCK)
-        end += b"\0" * (-(size + len(end)) % _RECORD)
-        f.write(end)
-        digest.update(end)
-        size += len(end)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return ShardResult(
-        str(path.relative_to(relative_to)), len(keys), real_tokens, size, digest.hexdigest()
-    )
+    """Write one shard from in-memory samples (see `ShardWriter` for the arguments)."""
+    writer = ShardWriter(path, relative_to)
+    writer.write(keys, samples, starts, real_tokens)
+    return writer.close()

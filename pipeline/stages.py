@@ -21,7 +21,7 @@ import numpy as np
 
 from lmforge.pipeline.readers import BadInputLog, read_piece
 from lmforge.pipeline.sections import CleanConfig, DatasetSpec
-from lmforge.pipeline.shards import pack_windows, sample_key, write_shard
+from lmforge.pipeline.shards import ShardWriter, pack_windows, sample_key
 from lmforge.pipeline.sources import ReadTask
 from lmforge.pipeline.steps import Document, build_clean_steps, run_steps
 from lmforge.pipeline.tokenizer import DocumentEncoder
@@ -31,6 +31,7 @@ REMOVED_ROW = np.dtype([("task", "<u4"), ("doc", "<u4")])
 SPLITS = ("train", "val")
 _STEP_BATCH = 1024
 _ENCODE_BATCH = 2048
+_WRITE_BLOCK_WINDOWS = 2048  # windows packed and written at a time
 
 
 @dataclass
@@ -274,7 +275,11 @@ class ShardPlan:
 
 
 def write_task(plan: ShardPlan, ctx: WorkContext) -> dict:
-    """Write one shard unless a finished copy is already there."""
+    """Write one shard unless a finished copy is already there.
+
+    The marker is written before the shard is moved into place, so a shard at its final
+    path always has a marker and a rerun never rewrites it.
+    """
     key = f"{plan.dataset}-{plan.split}-{plan.index:06d}"
     marker = ctx.path("done", "write", f"{key}.json")
     if marker.exists():
@@ -283,26 +288,36 @@ def write_task(plan: ShardPlan, ctx: WorkContext) -> dict:
         if shard.exists() and shard.stat().st_size == done["bytes"]:
             return done
         marker.unlink()
-    return resumable(ctx, "write", key, lambda: _write(plan, ctx))
+    writer = _write(plan, ctx)
+    result = asdict(writer.close(commit=False))
+    write_json(marker, result)
+    writer.commit()
+    return result
 
 
-def _write(plan: ShardPlan, ctx: WorkContext) -> dict:
+def _write(plan: ShardPlan, ctx: WorkContext) -> ShardWriter:
+    """Pack and write a shard's samples into a `ShardWriter` (not yet closed)."""
     window = ctx.data.seq_len + 1
     start = plan.first_window * window
     stop = start + plan.n_windows * window
-    token_parts, start_parts = [], []
+    sources, start_parts = [], []
     for task, base in plan.tasks:
         stem = f"{task:06d}.{plan.split}"
         tokens = np.load(ctx.path("tokens", f"{stem}.tokens.npy"), mmap_mode="r")
         lengths = np.load(ctx.path("tokens", f"{stem}.lengths.npy"))
-        lo, hi = max(start - base, 0), min(stop - base, len(tokens))
-        if hi > lo:
-            token_parts.append(np.array(tokens[lo:hi]))
+        sources.append((base, tokens))
         start_parts.append(base + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-    tokens = np.concatenate(token_parts)
     doc_starts = np.concatenate(start_parts) if start_parts else np.zeros(0, np.int64)
-    samples, starts = pack_windows(tokens, doc_starts, start, window, ctx.pad_id)
-    keys = [sample_key(plan.dataset, plan.split, plan.index, i) for i in range(len(samples))]
     path = Path(ctx.output_dir) / plan.dataset / f"{plan.split}-{plan.index:06d}.tar"
-    result = write_shard(path, keys, samples, starts, len(tokens), Path(ctx.output_dir))
-    return asdict(result)
+    writer = ShardWriter(path, Path(ctx.output_dir))
+    # A block of windows at a time: memory does not grow with the shard size.
+    for lo in range(start, stop, _WRITE_BLOCK_WINDOWS * window):
+        hi = min(lo + _WRITE_BLOCK_WINDOWS * window, stop)
+        parts = [np.asarray(t[max(lo - b, 0) : max(min(hi - b, len(t)), 0)]) for b, t in sources]
+        tokens = np.concatenate(parts)
+        samples, starts = pack_windows(tokens, doc_starts, lo, window, ctx.pad_id)
+        first = (lo - start) // window
+        keys = [sample_key(plan.dataset, plan.split, plan.index, first + i)
+                for i in range(len(samples))]
+        writer.write(keys, samples, starts, len(tokens))
+    return writer

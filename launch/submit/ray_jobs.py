@@ -122,6 +122,7 @@ def submit_ray(
         runtime_env["env_vars"][RUN_ID_ENV] = run_id
     if dry_run:
         return RaySubmission(submission_id, entrypoint, runtime_env, False, None)
+    use_auth_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -135,6 +136,20 @@ def submit_ray(
             "auth, copy the head's ~/.ray/auth_token here or set RAY_AUTH_TOKEN."
         ) from err
     return RaySubmission(submission_id, entrypoint, runtime_env, True, run_id)
+
+
+def use_auth_token_if_present() -> None:
+    """Sends the Ray auth token when one is available here.
+
+    A cluster started by ``ray start`` (Ray >= 2.5x) requires a token, but clients only send
+    theirs with ``RAY_AUTH_MODE=token``. The token comes from ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (``ray get-auth-token`` prints it).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return  # the user decided
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,

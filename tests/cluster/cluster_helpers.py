@@ -91,3 +91,16 @@ def ray_node_ports(base: int) -> list[str]:
         f"--metrics-export-port={base + 5}", f"--runtime-env-agent-port={base + 6}",
         f"--min-worker-port={base + 10}", f"--max-worker-port={base + 39}",
     ]
+
+
+def session_members(sid: int) -> list[int]:
+    """Processes in session ``sid`` (Ray's workers leave its process group, not its session)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
+            members.append(int(stat.parent.name))
+    return members

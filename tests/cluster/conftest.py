@@ -1,4 +1,4 @@
-"""Fixtures of the cluster tests: a local Slurm cluster and a prepared tiny dataset."""
+"""Fixtures of the cluster tests: local Slurm and Ray clusters, a prepared tiny dataset."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cluster_helpers import REPO, TINY, lmforge, tiny_overrides, write_corpus
+from ray_cluster import RayCluster
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,13 @@ def prepared(tmp_path_factory) -> Path:
     lmforge("prepare", str(TINY), f"--run_dir={tmp / 'prepare'}", *tiny_overrides(tmp), cwd=tmp)
     assert (tmp / "data" / "manifest.json").is_file()
     return tmp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A running two-node Ray cluster (head + worker, 1 CPU each), stopped afterwards."""
+    cluster = RayCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

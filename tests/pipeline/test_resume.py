@@ -95,3 +95,19 @@ def test_killed_run_resumes_to_identical_shards(
     first, again = json.loads(reference.read_text()), json.loads(manifest.read_text())
     assert first["datasets"]["s"]["splits"] == again["datasets"]["s"]["splits"]
     assert first["tokenizer"] == again["tokenizer"]
+
+
+def test_writing_a_shard_in_small_blocks_gives_the_same_bytes(
+    corpus: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.pipeline import stages
+
+    monkeypatch.setattr(stages, "_WRITE_BLOCK_WINDOWS", 3)
+    data, tok = configs(corpus, tmp_path / "blocks")
+    data.shard_target_bytes = 100_000  # ~48 windows per shard: many blocks per shard
+    data_ref, _ = configs(corpus, tmp_path / "one_block")
+    data_ref.shard_target_bytes = 100_000
+    monkeypatched = shard_bytes(prepare(data, tok, progress=False, executor="local"))
+    monkeypatch.setattr(stages, "_WRITE_BLOCK_WINDOWS", 2048)
+    single = shard_bytes(prepare(data_ref, tok, progress=False, executor="local"))
+    assert monkeypatched == single and len(single) > 2
