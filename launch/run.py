@@ -55,16 +55,35 @@ def prepare_stage(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
     stage("prepare: corpus → sentencepiece → WebDataset shards (Ray)")
     manifest = Path(prepare(cfg.data, cfg.tokenizer, progress=True)).resolve()
     if tracker is not None:
-        tracker.log_dataset_lineage(manifest)
-        tokenizer_file = manifest.parent / "tokenizer.model"
-        if tokenizer_file.exists():
-            tracker.log_artifact(tokenizer_file, "data")
-        stats = manifest.parent / "stats.json"
-        if stats.exists():
-            tracker.log_artifact(stats, "data")
-        for plot in sorted(manifest.parent.glob("*.png")):
-            tracker.log_artifact(plot, "data/plots")
+        log_prepared_dataset(tracker, manifest)
     return manifest
+
+
+def log_prepared_dataset(tracker: Tracker, manifest: Path) -> None:
+    """Lineage, tokenizer, stats, plots and the pipeline's counts and throughput to MLflow."""
+    tracker.log_dataset_lineage(manifest)
+    folder = manifest.parent
+    info = json.loads(manifest.read_text())
+    tracker.log_artifact(folder / info["tokenizer"]["file"], "data")
+    stats_file = folder / "stats.json"
+    if not stats_file.exists():
+        return
+    stats = json.loads(stats_file.read_text())
+    files = stats.get("files", {})
+    tracker.log_artifact(stats_file, "data")
+    for plot in files.get("plots", []):
+        tracker.log_artifact(folder / plot, "data/plots")
+    metrics = {f"prepare/{k}": v for k, v in stats.get("throughput", {}).items()}
+    metrics["prepare/dedup_removed_docs"] = stats.get("dedup", {}).get("removed_docs", 0)
+    for name, counts in stats.get("datasets", {}).items():
+        metrics[f"prepare/{name}/docs_read"] = counts.get("read_docs", 0)
+        metrics[f"prepare/{name}/docs_kept"] = counts.get("clean_docs", 0)
+    for name, splits in stats.get("tokens", {}).items():
+        for split, tokens in splits.items():
+            metrics[f"prepare/{name}/{split}_tokens"] = tokens
+    for kind, count in stats.get("bad_input", {}).get("counts", {}).items():
+        metrics[f"prepare/bad_input/{kind}"] = count
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
 
 
 def with_tokenizer_vocab(cfg: RunConfig, manifest: Path) -> RunConfig:

@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", default=None, help="none, auto, or a checkpoint folder")
     parser.add_argument("--run-id", default=None, help="MLflow run to attach to")
     args = parser.parse_args(argv)
-    sys.exit(train_main(args.run_dir.resolve(), args.resume, args.run_id))
+    code = train_main(args.run_dir.resolve(), args.resume, args.run_id)
+    # Everything is saved and the process group is gone; skip interpreter teardown, where
+    # the communication library's threads occasionally abort ("terminate called ...").
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,9 @@ def test_mlflow_holds_params_metrics_and_artifacts(run):
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "export", "samples.json"} <= artifacts
     data_artifacts = {a.path for a in client.list_artifacts(run_id, "data")}
-    assert "data/tokenizer.model" in data_artifacts
+    assert {"data/tokenizer.model", "data/stats.json", "data/plots"} <= data_artifacts
+    docs_read = client.get_metric_history(run_id, "prepare/shakespeare/docs_read")
+    assert docs_read[0].value == len(paragraphs(run["text"]))
 
 
 def test_resume_continues_with_identical_losses(run):

@@ -2,7 +2,7 @@
 
     lmforge submit slurm CONFIG --nodes N --gpus-per-node G [--partition P --time T ...]
     lmforge submit ray CONFIG --address http://HEAD:8265 [--stage prepare|train]
-    lmforge submit local CONFIG [--stage prepare|train]
+    lmforge submit local CONFIG [--stage prepare|train|all]
 
 The same resolved config (YAML plus ``--section.key=value`` overrides) goes to every
 target; ``--dry-run`` prints what would be submitted and submits nothing.

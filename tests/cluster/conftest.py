@@ -1,12 +1,11 @@
-"""Fixtures of the cluster tests: local Slurm and Ray clusters, a prepared tiny dataset."""
+"""Fixtures of the cluster tests: a local Slurm cluster and a local Ray cluster."""
 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
-from cluster_helpers import REPO, TINY, lmforge, tiny_overrides, write_corpus
+from cluster_helpers import REPO
 from ray_cluster import RayCluster
 
 
@@ -18,16 +17,6 @@ def slurm_cluster() -> str:
                           timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """A folder holding the tiny corpus and its prepared shards (``lmforge prepare``)."""
-    tmp = tmp_path_factory.mktemp("cluster-data")
-    write_corpus(tmp)
-    lmforge("prepare", str(TINY), f"--run_dir={tmp / 'prepare'}", *tiny_overrides(tmp), cwd=tmp)
-    assert (tmp / "data" / "manifest.json").is_file()
-    return tmp
 
 
 @pytest.fixture(scope="module")

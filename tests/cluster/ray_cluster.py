@@ -65,6 +65,19 @@ class RayCluster:
         logs = "\n".join(p.read_text()[-2000:] for p in self.temp_dir.glob("*.log"))
         raise RuntimeError(f"Ray cluster did not reach {count} node(s):\n{logs}")
 
+    def processes(self, name: str) -> list[int]:
+        """Pids of this cluster's processes whose command line contains ``name``."""
+        pids = []
+        for node in self.nodes:
+            for pid in session_members(node.pid):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if name.encode() in cmdline:
+                    pids.append(pid)
+        return pids
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             if node.poll() is None:

@@ -1,13 +1,16 @@
 """A real Ray cluster (head + worker node) runs `lmforge submit ray` jobs: prepare, then train.
 
-Training goes through Ray Train with DeepSpeed in each worker; its losses must equal those of
-the same job run with `lmforge submit local` (torchrun), step for step.
+Training goes through Ray Train with DeepSpeed in each worker; one worker is killed part way,
+Ray Train restarts the group from the last checkpoint, and the losses must still equal those
+of the same job run with `lmforge submit local` (torchrun), step for step.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +22,7 @@ from cluster_helpers import STEPS, TINY, lmforge, metrics, tiny_overrides, write
 pytestmark = pytest.mark.slow
 
 JOB_TIMEOUT_S = 600
+CHECKPOINT = 10
 
 
 def submit(cluster, tmp: Path, *args: str) -> tuple[str, str]:
@@ -44,11 +48,12 @@ def wait_for_job(cluster, job_id: str) -> str:
     return "TIMEOUT"
 
 
-def job_logs(cluster, job_id: str) -> str:
-    return subprocess.run(
+def job_logs(cluster, job_id: str, tail: int | None = 4000) -> str:
+    out = subprocess.run(
         [str(cluster.ray_bin), "job", "logs", job_id, "--address", cluster.dashboard],
         capture_output=True, text=True, env=cluster.env,
-    ).stdout[-4000:]
+    ).stdout
+    return out if tail is None else out[-tail:]
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +76,29 @@ def test_prepare_job_writes_the_dataset(ray_cluster, prepared_on_ray):
     assert splits["train"]["tokens"] > 50_000 and splits["train"]["shards"]
 
 
-def test_ray_train_job_matches_a_local_run_step_for_step(ray_cluster, prepared_on_ray):
+def test_ray_train_survives_a_lost_worker_and_matches_a_local_run(ray_cluster, prepared_on_ray):
     from mlflow.tracking import MlflowClient
 
     tmp = prepared_on_ray["tmp"]
     assert prepared_on_ray["state"] == "SUCCEEDED"
     on_ray = tmp / "on-ray"
     job_id, stdout = submit(ray_cluster, tmp, "--stage", "train", "--num-workers", "2",
-                            f"--run_dir={on_ray}")
+                            "--max-failures", "2", f"--run_dir={on_ray}",
+                            f"--train.checkpoint_every={CHECKPOINT}")
+    # Once the first checkpoint exists, kill one training worker: Ray Train must restart
+    # the group (FailureConfig), which resumes from that checkpoint.
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(step > CHECKPOINT + 1 for step in metrics(on_ray)):
+        assert time.monotonic() < deadline, job_logs(ray_cluster, job_id)
+        time.sleep(0.1)
+    victims = ray_cluster.processes("RayTrainWorker")
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[0], signal.SIGKILL)
     state = wait_for_job(ray_cluster, job_id)
-    assert state == "SUCCEEDED", job_logs(ray_cluster, job_id)
-    ray_loss = metrics(on_ray)
+    logs = job_logs(ray_cluster, job_id, tail=None)
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert f"resumed from {on_ray / 'checkpoints' / f'step_{CHECKPOINT:08d}'}" in logs
+    ray_loss = metrics(on_ray)  # the retry's lines win for steps logged twice
     assert sorted(ray_loss) == list(range(1, STEPS + 1))
 
     run_id = (on_ray / "mlflow_run_id").read_text().strip()
@@ -93,5 +110,5 @@ def test_ray_train_job_matches_a_local_run_step_for_step(ray_cluster, prepared_o
     lmforge("submit", "local", str(TINY), "--stage", "train", f"--run_dir={here}",
             *tiny_overrides(tmp), cwd=tmp)
     local_loss = metrics(here)
-    # Same ranks, same data order, same seeds: Ray Train changes nothing about the numbers.
+    # Same ranks, data order and seeds, exact resume: Ray Train changes none of the numbers.
     assert [ray_loss[s] for s in sorted(ray_loss)] == [local_loss[s] for s in sorted(ray_loss)]

@@ -1,31 +1,35 @@
 """Real Slurm (munge, slurmctld, slurmd on this machine) runs jobs from `lmforge submit slurm`.
 
-One uninterrupted 2-task training job, and one that receives the pre-kill signal part way:
-it checkpoints, requeues itself, resumes and must end with exactly the same losses.
+A prepare job starts a Ray cluster inside its allocation and runs the data pipeline on it; a
+2-task training job queued behind it (--after) trains to the end; a second training job
+receives the pre-kill signal part way: it checkpoints, requeues itself, resumes and must end
+with exactly the same losses.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import STEPS, TINY, lmforge, metrics, tiny_overrides
+from cluster_helpers import STEPS, TINY, lmforge, metrics, tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.slow
 
 JOB_TIMEOUT_S = 600
 # Pending reasons that no amount of waiting fixes on a one-node cluster.
-NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNodeNotAvail"}
+NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNodeNotAvail",
+              "DependencyNeverSatisfied"}
 
 
-def submit(prepared: Path, run_name: str) -> tuple[str, Path, str]:
-    run_dir = prepared / run_name
+def submit(tmp: Path, run_name: str, *args: str) -> tuple[str, Path, str]:
+    run_dir = tmp / run_name
     proc = lmforge(
-        "submit", "slurm", str(TINY), "--nodes", "1", "--tasks-per-node", "2",
-        f"--run_dir={run_dir}", *tiny_overrides(prepared), cwd=prepared,
+        "submit", "slurm", str(TINY), "--nodes", "1", *args,
+        f"--run_dir={run_dir}", *tiny_overrides(tmp), cwd=tmp,
     )
     match = re.search(r"submitted Slurm job (\d+)", proc.stdout)
     assert match, proc.stdout
@@ -58,15 +62,34 @@ def job_log(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def straight(slurm_cluster, prepared):
-    job_id, run_dir, stdout = submit(prepared, "straight")
+def jobs(slurm_cluster, tmp_path_factory):
+    """The prepare job and, queued behind it, the uninterrupted training job."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    write_corpus(tmp)
+    prep_id, prep_dir, _ = submit(tmp, "prepare", "--stage", "prepare")
+    job_id, run_dir, stdout = submit(tmp, "straight", "--tasks-per-node", "2", "--after", prep_id)
+    prep_state = wait_for_end(prep_id, prep_dir)
     state = wait_for_end(job_id, run_dir)
-    return {"job": job_id, "run_dir": run_dir, "stdout": stdout, "state": state}
+    return {"tmp": tmp, "prepare": (prep_id, prep_dir, prep_state),
+            "job": job_id, "run_dir": run_dir, "stdout": stdout, "state": state}
 
 
-def test_two_task_job_runs_to_completion(straight):
-    run_dir, job_id = straight["run_dir"], straight["job"]
-    assert straight["state"] == "COMPLETED", job_log(run_dir)[-3000:]
+def test_prepare_job_runs_the_pipeline_on_a_ray_cluster_in_the_allocation(jobs):
+    prep_id, prep_dir, state = jobs["prepare"]
+    log = job_log(prep_dir)
+    assert state == "COMPLETED", log[-3000:]
+    assert "Ray head on" in log and "prepare exited with 0" in log
+    manifest = jobs["tmp"] / "data" / "manifest.json"
+    assert manifest.is_file()
+    # The pipeline's Ray driver connected to the job's own Ray cluster (its logs are there).
+    ray_tmp = Path(f"/tmp/lmforge-ray-{prep_id}")
+    assert list((ray_tmp / "session_latest" / "logs").glob("python-core-driver-*.log"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_two_task_job_runs_to_completion(jobs):
+    run_dir, job_id = jobs["run_dir"], jobs["job"]
+    assert jobs["state"] == "COMPLETED", job_log(run_dir)[-3000:]
     assert job_field(job_id, "ExitCode") == "0:0"
     log = job_log(run_dir)
     assert f"lmforge: job {job_id} on" in log and "2 tasks" in log
@@ -76,10 +99,10 @@ def test_two_task_job_runs_to_completion(straight):
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}").is_dir()
 
 
-def test_submit_says_how_to_follow_the_job_and_mlflow_run_finishes(straight):
+def test_submit_says_how_to_follow_the_job_and_mlflow_run_finishes(jobs):
     from mlflow.tracking import MlflowClient
 
-    out, run_dir, job_id = straight["stdout"], straight["run_dir"], straight["job"]
+    out, run_dir, job_id = jobs["stdout"], jobs["run_dir"], jobs["job"]
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert f"squeue -j {job_id}" in out and f"sacct -j {job_id}" in out
     assert f"tail -f {run_dir}/logs/lmforge-tiny-{job_id}.out" in out
@@ -91,8 +114,8 @@ def test_submit_says_how_to_follow_the_job_and_mlflow_run_finishes(straight):
     assert history == pytest.approx(metrics(run_dir), rel=1e-12)
 
 
-def test_pre_kill_signal_checkpoints_requeues_and_resumes_to_the_same_loss(straight, prepared):
-    job_id, run_dir, _ = submit(prepared, "preempted")
+def test_pre_kill_signal_checkpoints_requeues_and_resumes_to_the_same_loss(jobs):
+    job_id, run_dir, _ = submit(jobs["tmp"], "preempted", "--tasks-per-node", "2")
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not any(step >= 5 for step in metrics(run_dir)):  # some steps done: preempt now
         assert time.monotonic() < deadline, job_log(run_dir)[-3000:]
@@ -106,7 +129,7 @@ def test_pre_kill_signal_checkpoints_requeues_and_resumes_to_the_same_loss(strai
     stopped = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
     assert min(stopped) < STEPS  # the preemption checkpoint, before the end
     resumed = metrics(run_dir)
-    straight_loss = metrics(straight["run_dir"])
+    straight_loss = metrics(jobs["run_dir"])
     assert sorted(resumed) == list(range(1, STEPS + 1))
     # Resume is exact on CPU: every loss after the restart equals the uninterrupted run's.
     assert [resumed[s] for s in range(1, STEPS + 1)] == [straight_loss[s] for s in
