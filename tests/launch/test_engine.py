@@ -6,17 +6,15 @@ mean over ranks written by rank 0 to ``metrics.jsonl`` (exact floats).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from engine_helpers import finish, losses, shard_fixtures, train
 
 from lmforge.launch.callbacks import REQUEUE_EXIT_CODE
 from lmforge.launch.checkpoint import COMPLETE, LATEST
@@ -24,15 +22,6 @@ from lmforge.launch.checkpoint import COMPLETE, LATEST
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _shard_fixtures():
-    path = REPO / "tests" / "pipeline" / "shard_fixtures.py"
-    spec = importlib.util.spec_from_file_location("shard_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 CONFIG = """\
@@ -57,31 +46,12 @@ tracking: {{enabled: false}}
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("engine")
-    _shard_fixtures().write_shards(
+    shard_fixtures().write_shards(
         tmp / "data", {"d": {"train": [64, 64, 64], "val": [16]}}, seq_len=32
     )
     path = tmp / "engine.yaml"
     path.write_text(CONFIG.format(data=tmp / "data"))
     return path
-
-
-def train(config: Path, run_dir: Path, *overrides: str, resume: str | None = None):
-    command = [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
-               f"--run_dir={run_dir}", *overrides]
-    if resume:
-        command += ["--resume", resume]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == expect, out[-5000:]
-    return out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
 
 
 @pytest.mark.parametrize(

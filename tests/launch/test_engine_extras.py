@@ -8,7 +8,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,21 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import shard_fixtures
 
 from lmforge.launch.config import TrainConfig, load_resolved
 from lmforge.launch.loss_guard import BadLossError, LossGuard, skip_loss, zero_loss
 from lmforge.launch.worker import flops_per_token, peak_flops
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _shard_fixtures():
-    path = REPO / "tests" / "pipeline" / "shard_fixtures.py"
-    spec = importlib.util.spec_from_file_location("shard_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_nonfinite_loss_stops_with_a_clear_error():
@@ -135,7 +126,7 @@ def configs(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("spike")
     paths = []
     for name, seed in (("memorise", 0), ("shifted", 1)):
-        _shard_fixtures().write_shards(
+        shard_fixtures().write_shards(
             tmp / name, {"d": {"train": [8], "val": [8]}}, seq_len=32, seed=seed
         )
         path = tmp / f"{name}.yaml"

@@ -8,15 +8,13 @@ the falling loss is memorisation, which a few steps can show.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import finish, losses, shard_fixtures, train
 
 from lmforge.launch.config import ConfigError, load_config
 from lmforge.launch.objectives import (
@@ -33,34 +31,6 @@ MASK_ID = 4
 TINY = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}
 
 
-def _shard_fixtures():
-    path = REPO / "tests" / "pipeline" / "shard_fixtures.py"
-    spec = importlib.util.spec_from_file_location("shard_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def train(config: Path, run_dir: Path, *overrides: str, resume: str | None = None):
-    command = [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
-               f"--run_dir={run_dir}", *overrides]
-    if resume:
-        command += ["--resume", resume]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == expect, out[-5000:]
-    return out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
-
-
 def _with_mask(manifest: Path) -> None:
     data = json.loads(manifest.read_text())
     data["tokenizer"]["special_tokens"] = {"mask": {"piece": "<mask>", "id": MASK_ID}}
@@ -70,7 +40,7 @@ def _with_mask(manifest: Path) -> None:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("objectives") / "data"
-    written = _shard_fixtures().write_shards(
+    written = shard_fixtures().write_shards(
         root, {"d": {"train": [8], "val": [8]}}, seq_len=32
     )
     _with_mask(written.manifest)
@@ -103,7 +73,7 @@ def test_special_ids_come_from_the_manifest(shards):
 
 
 def test_objectives_without_a_mask_token_are_a_clear_error(tmp_path):
-    written = _shard_fixtures().write_shards(tmp_path, {"d": {"train": [4]}}, seq_len=8)
+    written = shard_fixtures().write_shards(tmp_path, {"d": {"train": [4]}}, seq_len=8)
     with pytest.raises(ValueError, match="set tokenizer.mask_token"):
         build_objective("masked_lm", written.manifest, 1000, False)
 
