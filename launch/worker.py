@@ -80,7 +80,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     cfg = load_resolved(run_dir)
     # torch.distributed deprecation notices from inside DeepSpeed: not actionable by users.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     torch.set_num_threads(max(1, cfg.launch.omp_num_threads))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -27,7 +27,7 @@ CHECKPOINT = 10
 
 def submit(cluster, tmp: Path, *args: str) -> tuple[str, str]:
     proc = lmforge("submit", "ray", str(TINY), "--address", cluster.dashboard,
-                   "--python", sys.executable, *args, *tiny_overrides(tmp), cwd=tmp)
+                   "--python", sys.executable, *tiny_overrides(tmp), *args, cwd=tmp)
     match = re.search(r"submitted Ray job (\S+):", proc.stdout)
     assert match, proc.stdout
     return match.group(1), proc.stdout
