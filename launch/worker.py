@@ -120,7 +120,10 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
             }
             (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     finally:
-        tracker.close(status=status if status != "FINISHED" else "RUNNING")
+        # A launcher that passed its run id ends the run itself after export; a run this
+        # process created (plain `lmforge train`) ends here.
+        owned = run_id is None
+        tracker.close(status=status if owned or status != "FINISHED" else "RUNNING")
         if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
     return REQUEUE_EXIT_CODE if preemption.stopped else 0

@@ -125,3 +125,33 @@ def test_no_dataset_is_a_clear_error(tmp_path):
     out = finish(train(path, tmp_path / "run", "--train.max_steps=2"), expect=1)
     assert "no prepared dataset; run `lmforge prepare CONFIG`" in out
     assert os.path.basename(str(tmp_path / "missing")) in out
+
+
+def test_training_survives_mlflow_down_and_delivers_when_it_returns(config, tmp_path):
+    """A real MLflow server that is not up when training starts: training goes on, and
+    every logged step reaches the server once it is started."""
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import MlflowServer, free_port
+
+    port = free_port()
+    run_dir = tmp_path / "tracked"
+    proc = train(config, run_dir, f"--tracking.uri=http://127.0.0.1:{port}",
+                 "--tracking.enabled=true", "--tracking.experiment=engine",
+                 "--tracking.close_timeout_s=240", "--tracking.retry_max_s=2",
+                 "--train.max_steps=40", "--train.eval_every=20")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    with MlflowServer(tmp_path / "mlflow", port=port) as server:  # comes up mid-training
+        out = finish(proc)
+        assert "tracking" in out.lower()  # the outage was reported, not silent
+        client = MlflowClient(tracking_uri=server.uri)
+        experiment = client.get_experiment_by_name("engine")
+        (mlrun,) = client.search_runs([experiment.experiment_id])
+        logged = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id,
+                                                                     "train/loss")}
+        assert logged == losses(run_dir)
+        assert sorted(logged) == list(range(1, 41))
+        assert client.get_metric_history(mlrun.info.run_id, "val/loss")
