@@ -115,20 +115,31 @@ def check_devices(cfg: RunConfig) -> None:
         )
 
 
-def train_stage(
-    cfg: RunConfig, resume: str | None = None, run_id: str | None = None
-) -> int:
-    """Trains on the prepared shards with DeepSpeed across local processes."""
+def config_for_training(cfg: RunConfig) -> RunConfig:
+    """The config training processes read: checked against the prepared dataset, with the
+    tokenizer's vocabulary filled in, saved as ``<run_dir>/config.yaml``.
+
+    Raises:
+        FileNotFoundError: The dataset has not been prepared (names the manifest path).
+    """
     manifest = manifest_of(cfg)
     if not manifest.is_file():
         raise FileNotFoundError(
             f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` "
-            "(or `lmforge run`) first"
+            "(or `lmforge run`, or a `lmforge submit ... --stage prepare` job) first"
         )
     cfg = with_tokenizer_vocab(cfg, manifest)
+    cfg.save(run_dir_of(cfg) / "config.yaml")
+    return cfg
+
+
+def train_stage(
+    cfg: RunConfig, resume: str | None = None, run_id: str | None = None
+) -> int:
+    """Trains on the prepared shards with DeepSpeed across local processes."""
     check_devices(cfg)
+    cfg = config_for_training(cfg)
     run_dir = run_dir_of(cfg)
-    cfg.save(run_dir / "config.yaml")
     stage(
         f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
         f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"

@@ -33,18 +33,10 @@ def setup_run(config: Path | RunConfig, run_id: str | None = None) -> RunConfig:
     Raises:
         FileNotFoundError: The dataset has not been prepared (names the manifest path).
     """
-    from lmforge.launch.run import manifest_of, run_dir_of, with_tokenizer_vocab
+    from lmforge.launch.run import config_for_training, run_dir_of
 
-    cfg = load_config(config) if isinstance(config, Path) else config
-    manifest = manifest_of(cfg)
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"{manifest}: no prepared dataset; run the prepare job first "
-            "(`lmforge submit ... --stage prepare` or `lmforge prepare CONFIG`)"
-        )
-    cfg = with_tokenizer_vocab(cfg, manifest)
+    cfg = config_for_training(load_config(config) if isinstance(config, Path) else config)
     run_dir = run_dir_of(cfg)
-    cfg.save(run_dir / "config.yaml")
     id_file = run_dir / RUN_ID_FILE
     if run_id and not id_file.is_file():
         id_file.write_text(run_id)
