@@ -1,7 +1,10 @@
 """Training-engine costs, side by side in one run (see ../shared/BENCHMARKS.md).
 
 - ``engine_zero2_vs_ddp``: plain PyTorch DDP step time ÷ DeepSpeed ZeRO-2 step time, same
-  model, batch and optimizer (AdamW), 2 processes on gloo (CPU), fp32. Goal ≥ 0.87.
+  model, batch, optimizer (lmforge's AdamW with decay groups) and clipping; the engine gets
+  the DeepSpeed JSON lmforge generates. 2 processes on gloo (CPU), fp32, steps interleaved
+  one by one. Goal ≥ 0.87. The same run times a bare gloo all-reduce + all-gather of the
+  model's size: the part of a ZeRO-2 step that DeepSpeed cannot overlap on CPU.
 - ``ac_full_time_overhead``: extra fwd+bwd time with full activation checkpointing ÷ without.
   Goal ≤ 0.40.
 - ``ac_full_activation_saving``: 1 − (bytes saved for backward with full AC ÷ without),
@@ -18,17 +21,23 @@ import os
 import socket
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lmforge.launch.config import load_config
+from lmforge.launch.ds_config import build_deepspeed_config
+from lmforge.launch.optim import build_optimizer
 from lmforge.launch.parallelize import apply_activation_checkpointing
 from lmforge.model import ModelConfig, causal_lm_loss
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # name: (preset overrides, micro batch, seq len)
     "tiny": ({"vocab_size": 2048}, 8, 128),
     "124m": ({"vocab_size": 50304}, 1, 256),
+    "124m-seq1024": ({"vocab_size": 50304}, 1, 1024),
 }
 
 
@@ -46,14 +55,31 @@ def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, tokens
 
 
-def _timed_steps(step, steps: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_medians(steps: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each step function, run one after another ``rounds`` times.
+
+    Interleaving single steps makes any change in machine load hit every variant alike.
+    """
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _engine_config(size: str):
+    """lmforge's own run config for this benchmark: ZeRO-2, fp32, no checkpointing."""
+    _, batch, _ = SIZES[size]
+    overrides = [
+        "--train.precision=fp32", "--train.activation_checkpointing=none",
+        f"--train.micro_batch_size={batch}", "--train.global_batch_size=null",
+        "--train.grad_accum_steps=1", "--deepspeed.zero_stage=2",
+    ]
+    return load_config(ROOT / "configs" / "tiny.yaml", overrides)
 
 
 def _ddp_vs_zero2(rank: int, world: int, port: int, size: str, steps: int, out) -> None:
@@ -63,30 +89,26 @@ def _ddp_vs_zero2(rank: int, world: int, port: int, size: str, steps: int, out) 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = _engine_config(size)
     model, tokens = build(size)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
+    # The same optimizer (lmforge's AdamW with decay groups) and clipping on both sides.
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+    ddp_opt = build_optimizer(ddp.module, cfg.train)
 
     def ddp_step():
         loss = causal_lm_loss(ddp(x), y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.train.grad_clip)
         ddp_opt.step()
         ddp_opt.zero_grad(set_to_none=True)
 
+    # The engine exactly as lmforge's trainer builds it: generated DeepSpeed JSON.
     ds_model, _ = build(size)
-    config = {
-        "train_micro_batch_size_per_gpu": x.shape[0],
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
     engine, *_ = deepspeed.initialize(
-        model=ds_model, optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4), config=config
+        model=ds_model, optimizer=build_optimizer(ds_model, cfg.train),
+        config=build_deepspeed_config(cfg),
     )
 
     def ds_step():
@@ -94,13 +116,30 @@ def _ddp_vs_zero2(rank: int, world: int, port: int, size: str, steps: int, out) 
         engine.backward(loss)
         engine.step()
 
-    rounds = []
-    for _ in range(2):  # alternate so that load changes hit both alike
-        rounds.append((_timed_steps(ddp_step, steps), _timed_steps(ds_step, steps)))
+    medians = _interleaved_medians({"ddp": ddp_step, "zero2": ds_step}, steps)
+    comm = _exposed_comm_seconds(sum(p.numel() for p in model.parameters()), world)
     if rank == 0:
-        out.put(rounds)
+        out.put((medians["ddp"], medians["zero2"], comm))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _exposed_comm_seconds(numel: int, world: int) -> float:
+    """Seconds for one all-reduce of every gradient plus one all-gather of every parameter.
+
+    ZeRO-2 moves these bytes each step. DDP hides its all-reduce behind backward on a
+    background thread; DeepSpeed on CPU has no streams and reduces synchronously, so this is
+    the time a CPU ZeRO-2 step adds to DDP's at the least.
+    """
+    grads, gathered = torch.ones(numel), torch.empty(numel)
+    shard = torch.ones(numel // world)
+    gathered = gathered[: shard.numel() * world]
+
+    def comm():
+        dist.all_reduce(grads)
+        dist.all_gather_into_tensor(gathered, shard)
+
+    return _interleaved_medians({"comm": comm}, 3)["comm"]
 
 
 def ddp_vs_zero2(size: str, steps: int) -> None:
@@ -111,11 +150,12 @@ def ddp_vs_zero2(size: str, steps: int) -> None:
     queue = ctx.SimpleQueue()
     mp.start_processes(_ddp_vs_zero2, args=(2, port, size, steps, queue), nprocs=2,
                        start_method="spawn")
-    rounds = queue.get()
-    ddp = statistics.median(r[0] for r in rounds)
-    ds = statistics.median(r[1] for r in rounds)
+    ddp, ds, comm = queue.get()
+    _, batch, seq = SIZES[size]
     bench(f"engine_zero2_vs_ddp_{size}", ddp / ds, ">= 0.87", ddp_step_s=round(ddp, 4),
-          zero2_step_s=round(ds, 4), processes=2, backend="gloo", precision="fp32")
+          zero2_step_s=round(ds, 4), batch=batch, seq_len=seq, steps=steps, processes=2,
+          backend="gloo", precision="fp32", gloo_allreduce_plus_allgather_s=round(comm, 4),
+          ratio_bound_without_overlap=round(ddp / (ddp + comm), 4))
 
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -138,7 +178,7 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 
 def activation_checkpointing(size: str, steps: int) -> None:
     torch.set_num_threads(2)
-    results = {}
+    step_fns, saved = {}, {}
     for mode in ("none", "full"):
         model, tokens = build(size)
         apply_activation_checkpointing(model, mode)
@@ -148,10 +188,12 @@ def activation_checkpointing(size: str, steps: int) -> None:
             causal_lm_loss(model(x), y).backward()
             model.zero_grad(set_to_none=True)
 
-        results[mode] = (_timed_steps(step, steps), saved_activation_bytes(model, x, y))
-    (t0, m0), (t1, m1) = results["none"], results["full"]
+        step_fns[mode] = step
+        saved[mode] = saved_activation_bytes(model, x, y)
+    times = _interleaved_medians(step_fns, steps)
+    (t0, m0), (t1, m1) = (times["none"], saved["none"]), (times["full"], saved["full"])
     bench(f"ac_full_time_overhead_{size}", t1 / t0 - 1, "<= 0.40", none_s=round(t0, 4),
-          full_s=round(t1, 4))
+          full_s=round(t1, 4), steps=steps)
     bench(f"ac_full_activation_saving_{size}", 1 - m1 / m0, ">= 0.50",
           none_mb=round(m0 / 2**20, 2), full_mb=round(m1 / 2**20, 2))
 
@@ -161,11 +203,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model only, few steps")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    sizes = ["tiny"] if args.quick else ["tiny", "124m"]
-    steps = 5 if args.quick else 10
+    sizes = ["tiny"] if args.quick else list(SIZES)
     for size in sizes:
-        ddp_vs_zero2(size, steps)
-        activation_checkpointing(size, steps)
+        ddp_vs_zero2(size, 20 if size == "tiny" else 6)
+        if size != "124m-seq1024":
+            activation_checkpointing(size, 20 if size == "tiny" else 4)
 
 
 if __name__ == "__main__":

@@ -157,8 +157,12 @@ class DeepSpeedConfig:
     """Keep optimizer state in CPU memory (ZeRO 1-3)."""
     offload_params: Literal["none", "cpu"] = "none"
     """Keep parameters in CPU memory (ZeRO 3 only)."""
-    overlap_comm: bool = True
-    """Overlap gradient reduction with backward."""
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with backward. Default: on with NCCL; off with gloo (CPU),
+    where DeepSpeed has no streams to overlap on and the option only adds a copy."""
+    reduce_scatter: bool | None = None
+    """Reduce gradients with reduce-scatter. Default: on with NCCL; off with gloo, which has
+    no native reduce-scatter (DeepSpeed falls back to one reduce per rank)."""
     bucket_size: int = 50_000_000
     """Elements per reduce/all-gather bucket."""
     config_file: str | None = None

@@ -34,17 +34,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# Devices with a fused AdamW kernel in every torch this project supports (>= 2.4).
+_FUSED_ADAMW_DEVICES = {"cpu", "cuda"}
+
+
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the weight-decay groups; the fused kernel on CUDA."""
-    fused = torch.cuda.is_available() and all(
-        p.is_cuda for g in param_groups(model, 0.0) for p in g["params"]
-    )
+    """AdamW over the weight-decay groups, with torch's fused kernel where the device has one.
+
+    The fused kernel updates each tensor in one pass with no temporaries; on CPU it cut the
+    AdamW step of gpt2-124m from 0.86 s to 0.26 s (benchmarks/engine.py). The foreach or
+    for-loop implementation is used on devices without it.
+    """
+    groups = param_groups(model, train.weight_decay)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = bool(devices) and devices <= _FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(
-        param_groups(model, train.weight_decay),
-        lr=train.lr,
-        betas=tuple(train.betas),
-        eps=train.eps,
-        fused=fused or None,
+        groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, fused=fused or None
     )
 
 

@@ -27,17 +27,12 @@ from lmforge.launch.callbacks import (
     Sampler,
 )
 from lmforge.launch.config import RunConfig, load_resolved
+from lmforge.launch.ds_config import resolve_backend
 from lmforge.launch.loss_guard import BadLossError
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.trainer import Trainer
 
 log = logging.getLogger("lmforge.train")
-
-
-def resolve_backend(cfg: RunConfig) -> str:
-    if cfg.launch.backend != "auto":
-        return cfg.launch.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def flops_per_token(cfg: RunConfig, hardware: bool = False) -> float | None:
