@@ -175,25 +175,38 @@ def top_char_fraction(text: str) -> float:
     return float(top_char_fractions([text])[0])
 
 
+_PER_DOC_CHARS = 512  # ASCII texts this long are counted one by one (cache-sized arrays)
+
+
 def top_char_fractions(texts: list[str]) -> np.ndarray:
-    """`top_char_fraction` of every text; ASCII texts are counted in one numpy pass."""
+    """`top_char_fraction` of every text.
+
+    ASCII texts are counted with numpy: long ones one at a time (the byte counts stay in
+    cache, 3x faster than one pass over a concatenation), short ones together in one pass
+    (which saves the per-call overhead); other texts by code point.
+    """
     result = np.zeros(len(texts))
-    ascii_ids = [i for i, t in enumerate(texts) if t.isascii()]
-    if ascii_ids:
-        blob = np.frombuffer("".join(texts[i] for i in ascii_ids).encode("ascii"), np.uint8)
-        lengths = np.fromiter((len(texts[i]) for i in ascii_ids), np.int64, len(ascii_ids))
-        owner = np.repeat(np.arange(len(ascii_ids)), lengths)
-        counts = np.bincount(owner * 128 + blob, minlength=len(ascii_ids) * 128)
-        counts = counts.reshape(len(ascii_ids), 128)
-        counts[:, _SPACE_CODES] = 0
-        totals = counts.sum(axis=1)
-        result[ascii_ids] = counts.max(axis=1) / np.maximum(totals, 1)
+    short = []
     for i, text in enumerate(texts):
         if not text.isascii():
             codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
             codes = codes[~np.isin(codes, _SPACE_CODES)]
             if len(codes):
                 result[i] = np.unique(codes, return_counts=True)[1].max() / len(codes)
+        elif len(text) >= _PER_DOC_CHARS:
+            counts = np.bincount(np.frombuffer(text.encode("ascii"), np.uint8), minlength=128)
+            counts[_SPACE_CODES] = 0
+            result[i] = counts.max() / max(int(counts.sum()), 1)
+        else:
+            short.append(i)
+    if short:
+        blob = np.frombuffer("".join(texts[i] for i in short).encode("ascii"), np.uint8)
+        lengths = np.fromiter((len(texts[i]) for i in short), np.int64, len(short))
+        owner = np.repeat(np.arange(len(short)), lengths)
+        counts = np.bincount(owner * 128 + blob, minlength=len(short) * 128)
+        counts = counts.reshape(len(short), 128)
+        counts[:, _SPACE_CODES] = 0
+        result[short] = counts.max(axis=1) / np.maximum(counts.sum(axis=1), 1)
     return result
 
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
-from lmforge.pipeline.shards import npy_bytes, pack_windows, samples_per_shard, write_shard
+from lmforge.pipeline.shards import (
+    member_header,
+    npy_bytes,
+    pack_windows,
+    samples_per_shard,
+    write_shard,
+)
 
 
 def test_pack_windows_cuts_pads_and_finds_doc_starts() -> None:
@@ -25,6 +32,18 @@ def test_npy_bytes_match_numpy_save(tmp_path: Path) -> None:
                   np.zeros(0, np.int32)):
         np.save(tmp_path / "a.npy", array)
         assert npy_bytes(array) == (tmp_path / "a.npy").read_bytes()
+
+
+def test_member_headers_are_what_tarfile_writes() -> None:
+    names = ["a", "shakespeare-train-000001-00000042.tokens.npy", "x" * 99, "x" * 100,
+             "y" * 300, "données-train-000000-00000000.tokens.npy", ""]
+    for name in names:
+        for size in (0, 1, 2178, 4096, 8**11 - 1):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o444
+            info.uname = info.gname = ""
+            expected = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
+            assert member_header(name, size) == expected, (name, size)
 
 
 def test_shard_is_reproducible_and_readable_by_webdataset(tmp_path: Path) -> None:

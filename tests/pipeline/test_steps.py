@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
+import numpy as np
+
 from lmforge.pipeline.config import CleanConfig
 from lmforge.pipeline.steps import (
     Document,
@@ -12,6 +17,7 @@ from lmforge.pipeline.steps import (
     build_clean_steps,
     run_steps,
     top_char_fraction,
+    top_char_fractions,
 )
 
 
@@ -62,3 +68,19 @@ def test_chain_follows_config_order_and_is_fresh_each_build() -> None:
     assert [d.text for d in out] == ["ok"]
     assert steps[1].stats.removed_docs == 1
     assert build_clean_steps(config)[1].stats.removed_docs == 0
+
+
+def test_top_char_fractions_equal_a_plain_count_for_every_length_and_script() -> None:
+    # Long ASCII texts, short ASCII texts and non-ASCII texts take three different paths.
+    rng = random.Random(0)
+    texts = []
+    for _ in range(300):
+        n = rng.choice([0, 1, 5, 40, 511, 512, 513, 3000])
+        alphabet = rng.choice(["ab \n", "abcdefgh!!!!!!!!  ", "é€a b", "xyz\t\r"])
+        texts.append("".join(rng.choice(alphabet) for _ in range(n)))
+
+    def plain(text: str) -> float:
+        counts = Counter(ch for ch in text if ch not in " \t\n\r")
+        return max(counts.values()) / sum(counts.values()) if counts else 0.0
+
+    assert np.allclose(top_char_fractions(texts), [plain(t) for t in texts], rtol=0, atol=1e-12)
