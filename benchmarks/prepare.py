@@ -5,8 +5,12 @@ paragraph tagged with its copy number so dedup keeps them all):
 
 - prepare_vs_spm_limit: end-to-end prepare tokens/s (read → clean → dedup → encode → write,
   tokenizer reused) ÷ (workers × single-thread sentencepiece encode tokens/s).
-- prepare_vs_pool: lmforge tokens/s ÷ a Megatron-style multiprocessing.Pool tokenizer
-  (`imap` over documents, main process packs and writes the same shards).
+- prepare_vs_pool: lmforge tokens/s (the full pipeline above) ÷ a Megatron-style
+  multiprocessing.Pool tokenizer (`imap` over documents, main process packs and writes the
+  same shards). The Pool does none of the cleaning, hashing, dedup or val split.
+- prepare_same_work_vs_pool: the same, with lmforge doing only what the Pool does (no
+  cleaning steps, no dedup, no val split: read → encode → write); the token counts of the
+  two are checked equal.
 - prepare_scaling_2w: tokens/s with 2 workers ÷ with 1.
 - prepare_rss_growth_10x: peak RSS of the largest Ray worker at 10× the corpus ÷ at 1×.
 
@@ -36,7 +40,7 @@ import numpy as np
 import psutil
 import sentencepiece as spm
 
-from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare import prepare
 from lmforge.pipeline.shards import pack_windows, sample_key, samples_per_shard, write_shard
 from lmforge.pipeline.tokenizer import train_tokenizer
@@ -115,14 +119,17 @@ class PeakRss:
 
 
 def run_prepare(
-    paths: list[Path], out: Path, model: Path, workers: int, chunk: int = 2**20
+    paths: list[Path], out: Path, model: Path, workers: int, chunk: int = 2**20,
+    same_work_as_pool: bool = False,
 ) -> tuple[float, int, int]:
     """(tokens/s, tokens, peak worker RSS) of one end-to-end prepare."""
     shutil.rmtree(out, ignore_errors=True)
+    bare = {"val_fraction": 0.0, "dedup": False, "clean": CleanConfig(steps=[])}
     data = DataConfig(
         datasets=[DatasetSpec(name="bench", paths=[str(p) for p in paths])],
-        output_dir=str(out), seq_len=SEQ_LEN, val_fraction=0.01, num_workers=workers,
+        output_dir=str(out), seq_len=SEQ_LEN, num_workers=workers,
         read_chunk_bytes=chunk,  # the same task size at 1x and 10x, for the RSS comparison
+        **(bare if same_work_as_pool else {"val_fraction": 0.01}),
     )
     tok = TokenizerConfig(vocab_size=VOCAB, model_path=str(model))
     with PeakRss() as rss:
@@ -214,17 +221,23 @@ def main() -> None:
         tps2, tokens, rss10 = run_prepare(big, tmp / "w2", model, 2, chunk)
         tps1, _, _ = run_prepare(big, tmp / "w1", model, 1, chunk)
         pool_tps, pool_tokens = run_pool(big, tmp / "pool", model, 2)
+        same_tps, same_tokens, _ = run_prepare(big, tmp / "same", model, 2, chunk, True)
+        if same_tokens != pool_tokens:
+            raise RuntimeError(f"not the same work: {same_tokens:,} vs {pool_tokens:,} tokens")
         mb = sum(p.stat().st_size for p in big) / 1e6
 
         print(f"corpus {mb:.1f} MB, {tokens:,} tokens; tokenizer training {train_s:.1f} s")
         print(f"spm single thread {single:,.0f} tok/s; prepare 2w {tps2:,.0f}, 1w {tps1:,.0f}; "
-              f"pool 2w {pool_tps:,.0f} ({pool_tokens:,} tokens)")
+              f"pool 2w {pool_tps:,.0f} ({pool_tokens:,} tokens); prepare 2w doing the "
+              f"pool's work {same_tps:,.0f}")
         print(f"peak worker RSS {rss1 / 2**20:.0f} MiB at 1x ({tokens1:,} tokens), "
               f"{rss10 / 2**20:.0f} MiB at 10x")
         bench("prepare_vs_spm_limit", tps2 / (2 * single), 0.75, prepare_tokens_per_s=tps2,
               spm_single_thread_tokens_per_s=single, workers=2, corpus_mb=mb)
         bench("prepare_vs_pool", tps2 / pool_tps, 1.0, prepare_tokens_per_s=tps2,
               pool_tokens_per_s=pool_tps)
+        bench("prepare_same_work_vs_pool", same_tps / pool_tps, 1.0,
+              prepare_tokens_per_s=same_tps, pool_tokens_per_s=pool_tps, tokens=same_tokens)
         bench("prepare_scaling_2w", tps2 / tps1, 1.7, one_worker_tokens_per_s=tps1,
               two_workers_tokens_per_s=tps2)
         bench("prepare_rss_growth_10x", rss10 / max(rss1, 1), 1.5, peak_rss_1x_mib=rss1 / 2**20,

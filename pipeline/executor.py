@@ -1,7 +1,7 @@
 """Who runs the stage items: in-process (unit tests) or Ray (local or an existing cluster).
 
 Both executors expose the same calls: `map(fn, items, ...)` for stages made of plain
-items (results in item order); `encode_stream(ctx, tasks)` for the tokenizer stage, which
+items (results in item order); `encode_stream(fn, items, ctx)` for the tokenizer stage, which
 under Ray is a Ray Data `map_batches` over an actor pool (each actor loads the
 sentencepiece model once) yielding results as they finish; and `submit`/`collect` for
 shard writes that run while encoding goes on.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.pipeline.stages import WorkContext, encode_task
+from lmforge.pipeline.stages import WorkContext
 from lmforge.pipeline.tokenizer import DocumentEncoder
 
 
@@ -44,12 +45,14 @@ class LocalExecutor:
                 bar.update()
         return results
 
-    def encode_stream(self, ctx: WorkContext, tasks: list[int]) -> Iterator[dict]:
-        """Encode `tasks` with one encoder, yielding each result when done."""
-        encoder = DocumentEncoder(ctx.tokenizer_model) if tasks else None
-        with _bar(len(tasks), "encode", self.progress) as bar:
-            for task in tasks:
-                yield encode_task(task, ctx, encoder)
+    def encode_stream(
+        self, fn: Callable[..., dict], items: list[Any], ctx: WorkContext
+    ) -> Iterator[dict]:
+        """`fn(item, ctx, encoder)` for every item with one encoder, yielding each result."""
+        encoder = DocumentEncoder(ctx.tokenizer_model) if items else None
+        with _bar(len(items), "encode", self.progress) as bar:
+            for item in items:
+                yield fn(item, ctx, encoder)
                 bar.update()
 
     def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
@@ -64,18 +67,21 @@ class LocalExecutor:
 class EncodeActor:
     """Ray Data actor: holds one sentencepiece model, encodes whole read tasks."""
 
-    def __init__(self, ctx: WorkContext) -> None:
-        self.ctx = ctx
+    def __init__(self, fn: Callable[..., dict], ctx: WorkContext) -> None:
+        self.fn, self.ctx = fn, ctx
         self.encoder = DocumentEncoder(ctx.tokenizer_model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        results = [
-            json.dumps({**encode_task(int(t), self.ctx, self.encoder), "node": node})
-            for t in batch["task"]
-        ]
+        results = []
+        for item in batch["item"]:
+            try:
+                result = self.fn(pickle.loads(item), self.ctx, self.encoder)
+            except ValueError as err:  # bad input or config: hand it to the driver as is
+                result = {"error": pickle.dumps(err).hex()}
+            results.append(json.dumps({**result, "node": node}))
         return {"result": np.array(results, dtype=object)}
 
 
@@ -182,10 +188,16 @@ class RayExecutor:
             self._load[worker] -= 1
         return [results[r] for r in refs]
 
-    def encode_stream(self, ctx: WorkContext, tasks: list[int]) -> Iterator[dict]:
-        """Encode `tasks` with Ray Data `map_batches` on an actor pool of `workers` actors,
-        yielding each task's result as soon as it is done."""
-        if not tasks:
+    def encode_stream(
+        self, fn: Callable[..., dict], items: list[Any], ctx: WorkContext
+    ) -> Iterator[dict]:
+        """`fn(item, ctx, encoder)` for every item, by Ray Data `map_batches` on an actor pool
+        of `workers` actors, yielding each result as soon as it is done.
+
+        A ValueError in `fn` (bad input in strict mode, a config problem) is raised here as
+        itself, with its file:line message, rather than wrapped in Ray's task errors.
+        """
+        if not items:
             return
         self._start_pool()  # the shard writers start up alongside the encoders
         from ray.data import ActorPoolStrategy, DataContext
@@ -194,7 +206,7 @@ class RayExecutor:
         bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
         data_context.print_on_execution_start = False
         dataset = self.ray.data.from_items(
-            [{"task": t} for t in tasks], override_num_blocks=len(tasks)
+            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
         with warnings.catch_warnings():
             # max_restarts still goes through the deprecated **ray_remote_args (Ray 2.60); a
@@ -202,9 +214,9 @@ class RayExecutor:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             encoded = dataset.map_batches(
                 EncodeActor,
-                fn_constructor_kwargs={"ctx": ctx},
+                fn_constructor_kwargs={"fn": fn, "ctx": ctx},
                 batch_size=1,
-                compute=ActorPoolStrategy(size=min(self.workers, len(tasks))),
+                compute=ActorPoolStrategy(size=min(self.workers, len(items))),
                 num_cpus=self.actor_cpus,
                 # A failed actor is not restarted: the stage is resumable, rerun instead.
                 max_restarts=0,
@@ -214,9 +226,12 @@ class RayExecutor:
         level = data_logger.level
         data_logger.setLevel(logging.ERROR)
         try:
-            with _bar(len(tasks), "encode", self.progress) as bar:
+            with _bar(len(items), "encode", self.progress) as bar:
                 for row in encoded.iter_rows():
-                    yield json.loads(row["result"])
+                    result = json.loads(row["result"])
+                    if "error" in result:
+                        raise pickle.loads(bytes.fromhex(result["error"]))
+                    yield result
                     bar.update()
         finally:
             data_logger.setLevel(level)

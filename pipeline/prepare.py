@@ -2,8 +2,10 @@
 
 Stages (each item resumable, see stages.py): plan read tasks → clean → dedup → sample and
 train the tokenizer (or reuse one) → encode (Ray Data actors) → write shards → stats,
-plots, manifest.json (last, atomic). Intermediate files live in
-`<output_dir>/_work/<fingerprint>/` and are removed after success.
+plots, manifest.json (last, atomic). Without dedup and with a given tokenizer nothing needs
+the whole corpus before encoding, so clean and encode run as one pass in the encoders.
+Intermediate files live in `<output_dir>/_work/<fingerprint>/` and are removed after
+success.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
@@ -31,8 +34,10 @@ from lmforge.pipeline.stages import (
     ShardPlan,
     StageSettings,
     WorkContext,
+    clean_and_encode_task,
     clean_task,
     dedup_partition,
+    encode_task,
     sample_task,
     write_json,
     write_task,
@@ -42,6 +47,10 @@ from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
+# (encode results, shard plans, written shards) and, before them, clean results, dedup
+# results, the tokenizer model and its description.
+_Written = tuple[list[dict], list[ShardPlan], list[dict]]
+_Stages = tuple[list[dict], list[dict], Path, dict, _Written]
 
 
 def _say(message: str, progress: bool) -> None:
@@ -121,33 +130,15 @@ def _run(
     )
     seconds: dict[str, float] = {}
 
-    t0 = time.perf_counter()
     tasks = plan_read_tasks(data.datasets, chunk, files)
     empty = [f.url for f in files if f.size == 0]
     _say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
          f"on {ex.workers} workers", progress)
-    clean = ex.map(clean_task, tasks, "clean", ctx)
-    seconds["clean"] = time.perf_counter() - t0
-    if not sum(r["kept"]["docs"] for r in clean):
-        raise ValueError(
-            "datasets: no documents left after reading and cleaning; check the paths, "
-            f"format and data.clean settings (bad input: {_bad_counts(clean)})"
-        )
-
-    t0 = time.perf_counter()
-    dedup: list[dict] = []
-    if data.dedup:
-        bounds = [r["partition_bounds"] for r in clean]
-        dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx, bounds)
-    seconds["dedup"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    model = _tokenizer_model(data, tokenizer, ctx, ex, clean, dedup, progress)
-    info = describe_tokenizer(model, tokenizer)
-    ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
-    seconds["tokenizer"] = time.perf_counter() - t0
-
-    encoded, plans, shards = _encode_and_write(data, ctx, ex, tasks, info, seconds)
+    one_pass = not data.dedup and bool(tokenizer.model_path)
+    stages = _one_pass if one_pass else _staged
+    clean, dedup, model, info, (encoded, plans, shards) = stages(
+        data, tokenizer, ctx, ex, tasks, seconds, progress
+    )
     for spec in data.datasets:
         if data.val_fraction > 0 and not any(p.dataset == spec.name and p.split == "val"
                                              for p in plans):
@@ -175,15 +166,81 @@ def _run(
     return manifest_path
 
 
+def _one_pass(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    ctx: WorkContext,
+    ex: LocalExecutor | RayExecutor,
+    tasks: list[ReadTask],
+    seconds: dict[str, float],
+    progress: bool,
+) -> _Stages:
+    """Read, clean and encode each task in one go (no dedup, tokenizer given)."""
+    t0 = time.perf_counter()
+    model = _tokenizer_model(data, tokenizer, ctx, ex, [], [], progress)
+    info = describe_tokenizer(model, tokenizer)
+    ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
+    seconds["tokenizer"] = time.perf_counter() - t0
+    written = _encode_and_write(data, ctx, ex, tasks, clean_and_encode_task, tasks, info,
+                                seconds, stage="clean+encode")
+    clean = [r.pop("clean") for r in written[0]]
+    _check_some_kept(clean)
+    return clean, [], model, info, written
+
+
+def _staged(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    ctx: WorkContext,
+    ex: LocalExecutor | RayExecutor,
+    tasks: list[ReadTask],
+    seconds: dict[str, float],
+    progress: bool,
+) -> _Stages:
+    """Clean every task, dedup across the corpus, get the tokenizer, then encode."""
+    t0 = time.perf_counter()
+    clean = ex.map(clean_task, tasks, "clean", ctx)
+    seconds["clean"] = time.perf_counter() - t0
+    _check_some_kept(clean)
+
+    t0 = time.perf_counter()
+    dedup = []
+    if data.dedup:
+        bounds = [r["partition_bounds"] for r in clean]
+        dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx, bounds)
+    seconds["dedup"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = _tokenizer_model(data, tokenizer, ctx, ex, clean, dedup, progress)
+    info = describe_tokenizer(model, tokenizer)
+    ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
+    seconds["tokenizer"] = time.perf_counter() - t0
+    written = _encode_and_write(data, ctx, ex, tasks, encode_task, [t.index for t in tasks],
+                                info, seconds)
+    return clean, dedup, model, info, written
+
+
+def _check_some_kept(clean: list[dict]) -> None:
+    if not sum(r["kept"]["docs"] for r in clean):
+        raise ValueError(
+            "datasets: no documents left after reading and cleaning; check the paths, "
+            f"format and data.clean settings (bad input: {_bad_counts(clean)})"
+        )
+
+
 def _encode_and_write(
     data: DataConfig,
     ctx: WorkContext,
     ex: LocalExecutor | RayExecutor,
     tasks: list[ReadTask],
+    encode_fn: Callable[..., dict],
+    items: list[Any],
     info: dict,
     seconds: dict[str, float],
-) -> tuple[list[dict], list[ShardPlan], list[dict]]:
-    """Encode every task and write the shards; returns (encode results, plans, shards).
+    stage: str = "encode",
+) -> _Written:
+    """Encode every task (`encode_fn` over `items`, one per task) and write the shards;
+    returns (encode results, plans, shards).
 
     Writing overlaps encoding: a shard is written as soon as all its tokens are encoded.
     """
@@ -191,12 +248,12 @@ def _encode_and_write(
     itemsize = 2 if info["vocab_size"] <= 2**16 else 4
     planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
     encoded, handles = [], []
-    for result in ex.encode_stream(ctx, [t.index for t in tasks]):
+    for result in ex.encode_stream(encode_fn, items, ctx):
         encoded.append(result)
         handles += [ex.submit(write_task, plan, ctx) for plan in planner.add(result)]
     planner.check_complete()
     encoded.sort(key=lambda r: r["task"])
-    seconds["encode"] = time.perf_counter() - t0
+    seconds[stage] = time.perf_counter() - t0
     t0 = time.perf_counter()
     written = ex.collect(handles, "write")
     seconds["write"] = time.perf_counter() - t0  # only what was left after encoding

@@ -1,7 +1,8 @@
 """The work of each prepare stage, one item at a time, resumable.
 
 Stages: clean (read + clean/filter + hash, per read task) → dedup (per hash partition) →
-sample (per task, for tokenizer training) → encode (per task) → write (per shard). Each
+sample (per task, for tokenizer training) → encode (per task) → write (per shard). Without
+dedup and with a given tokenizer, clean and encode run as one pass per task instead. Each
 item writes its outputs atomically under the work folder and then a `done/` marker holding
 its result, so a rerun after a crash returns finished items from their markers and only
 does the rest. The functions know nothing about who runs them (in-process or Ray).
@@ -117,7 +118,8 @@ def clean_task(task: ReadTask, ctx: WorkContext) -> dict:
     return resumable(ctx, "clean", f"{task.index:06d}", lambda: _clean(task, ctx))
 
 
-def _clean(task: ReadTask, ctx: WorkContext) -> dict:
+def _read_and_clean(task: ReadTask, ctx: WorkContext) -> tuple[list[Document], dict]:
+    """A task's documents that pass the cleaning chain, and the clean result (counts)."""
     spec = next(d for d in ctx.data.datasets if d.name == task.dataset)
     log = BadInputLog(strict=ctx.data.strict)
     steps = build_clean_steps(ctx.data.clean)
@@ -134,6 +136,18 @@ def _clean(task: ReadTask, ctx: WorkContext) -> dict:
                 kept.extend(run_steps(steps, batch))
                 batch = []
         kept.extend(run_steps(steps, batch))
+    return kept, {
+        "task": task.index,
+        "dataset": task.dataset,
+        "read": {"docs": read_docs, "bytes": read_bytes},
+        "steps": {s.name: asdict(s.stats) for s in steps},
+        "kept": {"docs": len(kept), "bytes": sum(d.size() for d in kept)},
+        "bad_input": {"counts": log.counts, "examples": log.examples},
+    }
+
+
+def _clean(task: ReadTask, ctx: WorkContext) -> dict:
+    kept, result = _read_and_clean(task, ctx)
     blobs = [d.text.encode("utf-8", "surrogatepass") for d in kept]
     lengths = np.fromiter(map(len, blobs), np.int64, count=len(blobs))
     digests = _digests(blobs) if blobs else np.zeros((0, 3), "<u8")
@@ -149,15 +163,7 @@ def _clean(task: ReadTask, ctx: WorkContext) -> dict:
     rows["doc"], rows["nbytes"] = order, lengths[order]
     save_npy(ctx.path("hash", f"{name}.npy"), rows)
     bounds = np.searchsorted(partition[order], np.arange(ctx.num_partitions + 1))
-    return {
-        "task": task.index,
-        "dataset": task.dataset,
-        "read": {"docs": read_docs, "bytes": read_bytes},
-        "steps": {s.name: asdict(s.stats) for s in steps},
-        "kept": {"docs": len(blobs), "bytes": int(lengths.sum())},
-        "bad_input": {"counts": log.counts, "examples": log.examples},
-        "partition_bounds": bounds.tolist(),
-    }
+    return {**result, "partition_bounds": bounds.tolist()}
 
 
 def dedup_partition(partition: int, ctx: WorkContext, bounds: list[list[int]]) -> dict:
@@ -243,10 +249,42 @@ def _encode(task: int, ctx: WorkContext, encoder: DocumentEncoder) -> dict:
     text, offsets, digests = _load_clean(task, ctx)
     keep = _kept_mask(task, len(digests), ctx)
     val = is_val(digests, ctx.data.val_fraction)
+    splits = {split: _texts(text, offsets, np.flatnonzero(mask))
+              for split, mask in (("train", keep & ~val), ("val", keep & val))}
+    return _encode_splits(task, splits, ctx, encoder)
+
+
+def clean_and_encode_task(task: ReadTask, ctx: WorkContext, encoder: DocumentEncoder) -> dict:
+    """Read, clean and encode a task in one pass, when nothing global comes in between (no
+    dedup, tokenizer given): no intermediate text files, no wait for the whole corpus.
+
+    The result is `encode_task`'s with the task's clean result under "clean"; the shards
+    are byte for byte those of the staged path.
+    """
+    return resumable(ctx, "encode", f"{task.index:06d}",
+                     lambda: _clean_and_encode(task, ctx, encoder))
+
+
+def _clean_and_encode(task: ReadTask, ctx: WorkContext, encoder: DocumentEncoder) -> dict:
+    kept, clean = _read_and_clean(task, ctx)
+    texts = [d.text for d in kept]
+    if ctx.data.val_fraction > 0 and texts:  # the split is decided by the document hash
+        val = is_val(_digests([t.encode("utf-8", "surrogatepass") for t in texts]),
+                     ctx.data.val_fraction)
+    else:
+        val = np.zeros(len(texts), bool)
+    splits = {"train": [t for t, v in zip(texts, val, strict=True) if not v],
+              "val": [t for t, v in zip(texts, val, strict=True) if v]}
+    return {**_encode_splits(task.index, splits, ctx, encoder), "clean": clean}
+
+
+def _encode_splits(
+    task: int, splits: dict[str, list[str]], ctx: WorkContext, encoder: DocumentEncoder
+) -> dict:
+    """Encode each split's texts into a token stream (tokens + doc lengths) on disk."""
     result: dict[str, Any] = {"task": task, "splits": {}}
     hist = np.zeros(40, np.int64)
-    for split, mask in (("train", keep & ~val), ("val", keep & val)):
-        texts = _texts(text, offsets, np.flatnonzero(mask))
+    for split, texts in splits.items():
         token_parts, length_parts = [], []
         for i in range(0, len(texts), _ENCODE_BATCH):
             tokens, lengths = encoder.encode(texts[i : i + _ENCODE_BATCH])
