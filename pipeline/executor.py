@@ -23,6 +23,8 @@ from tqdm import tqdm
 from lmforge.pipeline.stages import WorkContext
 from lmforge.pipeline.tokenizer import DocumentEncoder
 
+_ENCODERS_PER_WRITER = 16
+
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=f"prepare {desc}", unit="item", disable=not enabled,
@@ -126,8 +128,17 @@ class RayExecutor:
         worker_cls = self.ray.remote(
             num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0
         )(StageWorker)
-        self.pool = [worker_cls.remote() for _ in range(self.workers)]
-        self._load = [0] * self.workers
+        self.pool = [worker_cls.remote() for _ in range(self.stage_workers())]
+        self._load = [0] * len(self.pool)
+
+    def stage_workers(self) -> int:
+        """How many shard writers: one per node, and one per 16 encoders at least.
+
+        A writer packs and writes ~100 MB/s of tokens, an encoder produces ~3 MB/s, so one
+        writer keeps up with many encoders; each extra process costs ~1 s of CPU to start.
+        """
+        nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
+        return max(1, min(self.workers, max(nodes, -(-self.workers // _ENCODERS_PER_WRITER))))
 
     def close(self) -> None:
         """Stop the stage workers."""
