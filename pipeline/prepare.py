@@ -134,9 +134,7 @@ def _run(
     empty = [f.url for f in files if f.size == 0]
     _say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
          f"on {ex.workers} workers", progress)
-    one_pass = not data.dedup and bool(tokenizer.model_path)
-    stages = _one_pass if one_pass else _staged
-    clean, dedup, model, info, (encoded, plans, shards) = stages(
+    clean, dedup, model, info, (encoded, plans, shards) = _stages(
         data, tokenizer, ctx, ex, tasks, seconds, progress
     )
     for spec in data.datasets:
@@ -166,7 +164,7 @@ def _run(
     return manifest_path
 
 
-def _one_pass(
+def _stages(
     data: DataConfig,
     tokenizer: TokenizerConfig,
     ctx: WorkContext,
@@ -175,48 +173,37 @@ def _one_pass(
     seconds: dict[str, float],
     progress: bool,
 ) -> _Stages:
-    """Read, clean and encode each task in one go (no dedup, tokenizer given)."""
-    t0 = time.perf_counter()
-    model = _tokenizer_model(data, tokenizer, ctx, ex, [], [], progress)
-    info = describe_tokenizer(model, tokenizer)
-    ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
-    seconds["tokenizer"] = time.perf_counter() - t0
-    written = _encode_and_write(data, ctx, ex, tasks, clean_and_encode_task, tasks, info,
-                                seconds, stage="clean+encode")
-    clean = [r.pop("clean") for r in written[0]]
-    _check_some_kept(clean)
-    return clean, [], model, info, written
-
-
-def _staged(
-    data: DataConfig,
-    tokenizer: TokenizerConfig,
-    ctx: WorkContext,
-    ex: LocalExecutor | RayExecutor,
-    tasks: list[ReadTask],
-    seconds: dict[str, float],
-    progress: bool,
-) -> _Stages:
-    """Clean every task, dedup across the corpus, get the tokenizer, then encode."""
-    t0 = time.perf_counter()
-    clean = ex.map(clean_task, tasks, "clean", ctx)
-    seconds["clean"] = time.perf_counter() - t0
-    _check_some_kept(clean)
-
-    t0 = time.perf_counter()
-    dedup = []
-    if data.dedup:
-        bounds = [r["partition_bounds"] for r in clean]
-        dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx, bounds)
-    seconds["dedup"] = time.perf_counter() - t0
+    """Clean every task, dedup across the corpus, get the tokenizer, then encode; or, with
+    no dedup and a given tokenizer, read, clean and encode each task in one pass."""
+    one_pass = not data.dedup and bool(tokenizer.model_path)
+    clean: list[dict] = []
+    dedup: list[dict] = []
+    if not one_pass:
+        t0 = time.perf_counter()
+        clean = ex.map(clean_task, tasks, "clean", ctx)
+        seconds["clean"] = time.perf_counter() - t0
+        _check_some_kept(clean)
+        t0 = time.perf_counter()
+        if data.dedup:
+            bounds = [r["partition_bounds"] for r in clean]
+            dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx,
+                           bounds)
+        seconds["dedup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     model = _tokenizer_model(data, tokenizer, ctx, ex, clean, dedup, progress)
     info = describe_tokenizer(model, tokenizer)
     ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
     seconds["tokenizer"] = time.perf_counter() - t0
-    written = _encode_and_write(data, ctx, ex, tasks, encode_task, [t.index for t in tasks],
-                                info, seconds)
+
+    if not one_pass:
+        written = _encode_and_write(data, ctx, ex, tasks, encode_task,
+                                    [t.index for t in tasks], info, seconds)
+        return clean, dedup, model, info, written
+    written = _encode_and_write(data, ctx, ex, tasks, clean_and_encode_task, tasks, info,
+                                seconds, stage="clean+encode")
+    clean = [r.pop("clean") for r in written[0]]
+    _check_some_kept(clean)
     return clean, dedup, model, info, written
 
 

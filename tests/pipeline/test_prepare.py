@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import sentencepiece as spm
 import webdataset as wds
 
@@ -49,14 +47,6 @@ def make_configs(corpus: Path, out: Path) -> tuple[DataConfig, TokenizerConfig]:
         shard_target_bytes=40_000,  # several shards
     )
     return data, TokenizerConfig(vocab_size=512, sample_bytes=1_000_000)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

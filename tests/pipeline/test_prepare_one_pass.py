@@ -5,11 +5,9 @@ raised from inside Ray workers with its file and line."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import ray
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare import prepare
@@ -47,14 +45,6 @@ def staged(inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The staged path (dedup on) trains the tokenizer the one-pass runs then reuse."""
     data, tok = configs(inputs["root"], tmp_path_factory.mktemp("staged"))
     return prepare(data, tok, progress=False, executor="local")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def one_pass_configs(inputs: dict, staged: Path, out: Path, **kw):
