@@ -183,3 +183,46 @@ def test_cli_config_error_exits_2_with_message(tmp_path):
     assert proc.returncode == 2
     assert "train.max_step: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], False),  # no process group and no CUDA here: gloo
+        (["--launch.backend=nccl"], True),
+        (["--deepspeed.overlap_comm=true", "--deepspeed.reduce_scatter=true"], True),
+    ],
+)
+def test_comm_overlap_and_reduce_scatter_follow_the_backend_unless_set(overrides, expected):
+    ds = build_deepspeed_config(load_config(TINY, overrides))
+    assert ds["zero_optimization"]["overlap_comm"] is expected
+    assert ds["zero_optimization"]["reduce_scatter"] is expected
+
+
+def test_adamw_uses_the_fused_kernel_and_keeps_decay_groups():
+    import torch
+
+    from lmforge.launch.optim import build_optimizer
+
+    cfg = load_config(TINY)
+    model = cfg.model.build()
+    optimizer = build_optimizer(model, cfg.train)
+    assert optimizer.defaults["fused"] is True
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == cfg.train.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    # One step equals the unfused implementation's within float rounding.
+    reference = torch.optim.AdamW(
+        [{"params": [p.detach().clone() for p in g["params"]],
+          "weight_decay": g["weight_decay"]} for g in optimizer.param_groups],
+        lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps, foreach=False,
+    )
+    for group, ref_group in zip(optimizer.param_groups, reference.param_groups, strict=True):
+        for p, q in zip(group["params"], ref_group["params"], strict=True):
+            p.grad = torch.full_like(p, 0.5)
+            q.grad = torch.full_like(q, 0.5)
+    optimizer.step()
+    reference.step()
+    for group, ref_group in zip(optimizer.param_groups, reference.param_groups, strict=True):
+        for p, q in zip(group["params"], ref_group["params"], strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
