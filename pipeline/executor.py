@@ -152,7 +152,8 @@ class RayExecutor:
         return self.pool[index].run.remote(fn, item, *args), index
 
     def map(self, fn: Callable[..., Any], items: list[Any], desc: str, *args: Any) -> list[Any]:
-        """Apply `fn(item, *args)` to every item as Ray tasks, at most `workers` at a time."""
+        """Apply `fn(item, *args)` to every item as Ray tasks; 2 × `workers` are queued at a
+        time so that a finished worker starts the next item without waiting for the driver."""
         ray = self.ray
         remote = ray.remote(num_cpus=min(1.0, self.actor_cpus), max_retries=2)(fn)
         arg_refs = [ray.put(a) for a in args]
@@ -161,7 +162,7 @@ class RayExecutor:
         next_item = 0
         with _bar(len(items), desc, self.progress) as bar:
             while next_item < len(items) or pending:
-                while next_item < len(items) and len(pending) < self.workers:
+                while next_item < len(items) and len(pending) < 2 * self.workers:
                     pending[remote.remote(items[next_item], *arg_refs)] = next_item
                     next_item += 1
                 done, _ = ray.wait(list(pending), num_returns=1)
