@@ -24,6 +24,7 @@ from lmforge.pipeline.stages import WorkContext
 from lmforge.pipeline.tokenizer import DocumentEncoder
 
 _ENCODERS_PER_WRITER = 16
+_POOL_START_TIMEOUT_S = 600
 
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -217,6 +218,11 @@ class RayExecutor:
         data_context = DataContext.get_current()
         bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
         data_context.print_on_execution_start = False
+        # By default Ray Data hands items to whichever actors are up: on a small job the
+        # first actor can finish everything before the others (on other nodes) have started.
+        # The pool is sized to what the cluster has, so wait for all of it.
+        min_actors_wait = data_context.wait_for_min_actors_s
+        data_context.wait_for_min_actors_s = _POOL_START_TIMEOUT_S
         dataset = self.ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
@@ -245,9 +251,16 @@ class RayExecutor:
                         raise pickle.loads(bytes.fromhex(result["error"]))
                     yield result
                     bar.update()
+        except self.ray.exceptions.GetTimeoutError as err:
+            raise RuntimeError(
+                f"encode: the {min(self.workers, len(items))} encoder actors did not all start "
+                f"within {_POOL_START_TIMEOUT_S} s ({err}); check that every Ray node is alive "
+                "(`ray status`) or set data.num_workers to what the cluster can hold"
+            ) from err
         finally:
             data_logger.setLevel(level)
             data_context.enable_progress_bars = bars
+            data_context.wait_for_min_actors_s = min_actors_wait
 
 
 @contextlib.contextmanager
