@@ -8,7 +8,6 @@ normalization, no whitespace squeezing, byte fallback for unseen characters.
 from __future__ import annotations
 
 import hashlib
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +159,8 @@ class DocumentEncoder:
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         self.eos_id = self.sp.eos_id()
         self.dtype = np.dtype(token_dtype(self.sp.vocab_size()))
+        self._encode = self.sp.encode
+        self._eos = np.array([self.eos_id], np.int32)
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encode texts, each followed by EOS.
@@ -170,12 +171,12 @@ class DocumentEncoder:
         """
         if not texts:
             return np.zeros(0, self.dtype), np.zeros(0, np.int64)
-        # One thread per encoder: parallelism comes from the actor pool.
-        ids = self.sp.encode(texts, num_threads=1)
-        for piece_ids in ids:
-            piece_ids.append(self.eos_id)
-        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-        tokens = np.fromiter(
-            itertools.chain.from_iterable(ids), self.dtype, count=int(lengths.sum())
-        )
-        return tokens, lengths
+        # One document per call, ids as numpy: ~5% faster than a batch call returning
+        # lists of Python ints (measured; no int objects, no thread pool). Parallelism
+        # comes from the actor pool.
+        parts: list[np.ndarray] = []
+        for text in texts:
+            parts.append(self._encode(text, return_type="numpy"))
+            parts.append(self._eos)
+        lengths = np.fromiter(map(len, parts[::2]), np.int64, count=len(texts)) + 1
+        return np.concatenate(parts, dtype=self.dtype, casting="unsafe"), lengths

@@ -77,6 +77,9 @@ def test_encoder_joins_documents_with_eos(model: tuple[Path, TokenizerConfig]) -
     starts = np.concatenate([[0], ends[:-1] + 1])
     decoded = [encoder.sp.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
     assert decoded == TRICKY
+    # The numpy ids the encoder asks sentencepiece for are its usual list ids, EOS-joined.
+    expected = [i for ids in encoder.sp.encode(TRICKY) for i in [*ids, 3]]
+    assert tokens.tolist() == expected
     assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
 
 
