@@ -35,7 +35,8 @@ class DataConfig:
     val_fraction: float = 0.01
     """Fraction of documents (chosen by a hash of their text) that go to the val split."""
     num_workers: int = 0
-    """Tokenizer actors (and parallel read/write tasks); 0 = one per CPU of the Ray cluster."""
+    """Tokenizer actors, and stage workers running read/clean/dedup items (at most this many
+    at once, placed over the nodes by their CPUs); 0 = one per CPU of the Ray cluster."""
     ray_address: str | None = None
     """None: start a local Ray and stop it afterwards; else the address of a running cluster."""
     shard_target_bytes: int = 256 * 2**20

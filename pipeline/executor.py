@@ -89,20 +89,32 @@ class EncodeActor:
 
 
 class StageWorker:
-    """A Ray actor that writes shards while the encoders run.
+    """A Ray actor that runs stage items (clean, dedup, sample) and shard writes.
 
-    Started together with the encoders, so its process start-up overlaps theirs; plain
-    Ray tasks submitted after encoding would need fresh worker processes (Ray culls idle
-    workers while the encoder actors run), which costs seconds.
+    One pool of them serves every stage: a Ray task per item would need fresh worker
+    processes for each stage and run (Ray culls idle workers while the encoder actors
+    run), and each costs ~1 s of CPU to start.
     """
 
     def run(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
         return fn(item, *args)
 
 
+def spread_over_nodes(node_cpus: dict[str, float], count: int) -> list[str]:
+    """`count` workers placed over nodes in proportion to their CPUs (largest remainder,
+    ties to the node listed first): the node of each worker, grouped by node."""
+    total = sum(node_cpus.values())
+    quotas = {node: count * cpus / total for node, cpus in node_cpus.items()}
+    shares = {node: int(quota) for node, quota in quotas.items()}
+    by_remainder = sorted(quotas, key=lambda node: shares[node] - quotas[node])
+    for node in by_remainder[: count - sum(shares.values())]:
+        shares[node] += 1
+    return [node for node, share in shares.items() for _ in range(share)]
+
+
 class RayExecutor:
-    """Runs stage items as Ray tasks, the encode stage as Ray Data `map_batches` on an
-    actor pool, and shard writes on `StageWorker` actors next to the encoders.
+    """Runs stage items and shard writes on a pool of `StageWorker` actors, and the encode
+    stage as Ray Data `map_batches` on an actor pool.
 
     Args:
         num_workers: Encoder actors and stage workers; 0 = one per CPU of the cluster.
@@ -119,18 +131,56 @@ class RayExecutor:
         # Encoders must not take every CPU or the Ray Data input task starves (FACTS.md).
         self.actor_cpus = min(1.0, max(0.05, (cpus - 0.5) / self.workers))
         self.pool: list[Any] = []
-        self._load: list[int] = []
+        self._nodes: list[str] = []  # node id of each pool actor
+        self._load: list[int] = []  # calls in flight on each pool actor
 
-    def _start_pool(self) -> None:
-        if self.pool:
+    def _node_cpus(self) -> dict[str, float]:
+        nodes = sorted(
+            (n["NodeID"], n["Resources"].get("CPU", 0.0))
+            for n in self.ray.nodes() if n.get("Alive")
+        )
+        return {node: cpus for node, cpus in nodes if cpus > 0} or {nodes[0][0]: 1.0}
+
+    def _grow_pool(self, size: int) -> None:
+        """Start stage workers until there are `size`, placed over the nodes in proportion
+        to their CPUs. They reserve no CPU, so they stay beside the encoders; the executor
+        bounds how many items run at once."""
+        if len(self.pool) >= size:
             return
-        # Stage workers reserve no CPU so they fit beside the encoders; SPREAD puts them
-        # on every node of a cluster.
-        worker_cls = self.ray.remote(
-            num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0
-        )(StageWorker)
-        self.pool = [worker_cls.remote() for _ in range(self.stage_workers())]
-        self._load = [0] * len(self.pool)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        wanted = spread_over_nodes(self._node_cpus(), size)
+        for node in set(wanted):
+            missing = wanted.count(node) - self._nodes.count(node)
+            for _ in range(max(0, missing)):
+                placement = NodeAffinitySchedulingStrategy(node, soft=True)
+                # Not restarted: a failed item fails the stage, and a rerun resumes it.
+                actor = self.ray.remote(num_cpus=0, scheduling_strategy=placement,
+                                        max_restarts=0)(StageWorker)
+                self.pool.append(actor.remote())
+                self._nodes.append(node)
+                self._load.append(0)
+
+    def _shrink_pool(self, size: int) -> None:
+        """Stop stage workers beyond `size`, keeping one on every node that has one (only
+        between stages: `submit` handles hold pool positions)."""
+        if len(self.pool) <= size or any(self._load):
+            return
+        keep: list[int] = []
+        for i, node in enumerate(self._nodes):
+            if node not in (self._nodes[k] for k in keep):
+                keep.append(i)
+        for i in range(len(self.pool)):
+            if len(keep) >= size:
+                break
+            if i not in keep:
+                keep.append(i)
+        for i in set(range(len(self.pool))) - set(keep):
+            self.pool[i].__ray_terminate__.remote()
+        keep.sort()
+        self.pool = [self.pool[i] for i in keep]
+        self._nodes = [self._nodes[i] for i in keep]
+        self._load = [self._load[i] for i in keep]
 
     def stage_workers(self) -> int:
         """How many shard writers: one per node, and one per 16 encoders at least.
@@ -138,14 +188,14 @@ class RayExecutor:
         A writer packs and writes ~100 MB/s of tokens, an encoder produces ~3 MB/s, so one
         writer keeps up with many encoders; each extra process costs ~1 s of CPU to start.
         """
-        nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
+        nodes = len(self._node_cpus())
         return max(1, min(self.workers, max(nodes, -(-self.workers // _ENCODERS_PER_WRITER))))
 
     def close(self) -> None:
         """Stop the stage workers."""
         for actor in self.pool:
             actor.__ray_terminate__.remote()  # graceful; ray.kill makes Ray print a trace
-        self.pool = []
+        self.pool, self._nodes, self._load = [], [], []
 
     def _call(self, fn: Callable[..., Any], item: Any, *args: Any) -> tuple[Any, int]:
         index = min(range(len(self.pool)), key=self._load.__getitem__)
@@ -153,22 +203,26 @@ class RayExecutor:
         return self.pool[index].run.remote(fn, item, *args), index
 
     def map(self, fn: Callable[..., Any], items: list[Any], desc: str, *args: Any) -> list[Any]:
-        """Apply `fn(item, *args)` to every item as Ray tasks; 2 × `workers` are queued at a
-        time so that a finished worker starts the next item without waiting for the driver."""
+        """Apply `fn(item, *args)` to every item on `workers` stage workers, one item at a
+        time each; each has a second item queued, so it starts the next one without waiting
+        for the driver."""
         ray = self.ray
-        remote = ray.remote(num_cpus=min(1.0, self.actor_cpus), max_retries=2)(fn)
+        self._grow_pool(self.workers)
         arg_refs = [ray.put(a) for a in args]
         results: list[Any] = [None] * len(items)
-        pending: dict[Any, int] = {}
+        pending: dict[Any, tuple[int, int]] = {}
         next_item = 0
         with _bar(len(items), desc, self.progress) as bar:
             while next_item < len(items) or pending:
-                while next_item < len(items) and len(pending) < 2 * self.workers:
-                    pending[remote.remote(items[next_item], *arg_refs)] = next_item
+                while next_item < len(items) and min(self._load) < 2:
+                    ref, worker = self._call(fn, items[next_item], *arg_refs)
+                    pending[ref] = (next_item, worker)
                     next_item += 1
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    results[pending.pop(ref)] = self._get(ref)
+                    item, worker = pending.pop(ref)
+                    self._load[worker] -= 1
+                    results[item] = self._get(ref)
                     bar.update()
         return results
 
@@ -183,7 +237,7 @@ class RayExecutor:
 
     def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
         """Queue `fn(item, *args)` on the least busy stage worker; `collect` gets results."""
-        self._start_pool()
+        self._grow_pool(self.stage_workers())
         return self._call(fn, item, *args)
 
     def collect(self, handles: list[Any], desc: str) -> list[Any]:
@@ -212,7 +266,10 @@ class RayExecutor:
         """
         if not items:
             return
-        self._start_pool()  # the shard writers start up alongside the encoders
+        # The shard writers: the stage workers already running (one per node is enough
+        # beside the encoders), or new ones starting up alongside the encoders.
+        self._shrink_pool(self.stage_workers())
+        self._grow_pool(self.stage_workers())
         from ray.data import ActorPoolStrategy, DataContext
 
         data_context = DataContext.get_current()
@@ -223,6 +280,10 @@ class RayExecutor:
         # The pool is sized to what the cluster has, so wait for all of it.
         min_actors_wait = data_context.wait_for_min_actors_s
         data_context.wait_for_min_actors_s = _POOL_START_TIMEOUT_S
+        # Items are small pickled task descriptions: where their blocks live does not
+        # matter, and tracking actor locations costs a Ray actor call per scheduling round.
+        locality = data_context.execution_options.actor_locality_enabled
+        data_context.execution_options.actor_locality_enabled = False
         dataset = self.ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
@@ -261,6 +322,7 @@ class RayExecutor:
             data_logger.setLevel(level)
             data_context.enable_progress_bars = bars
             data_context.wait_for_min_actors_s = min_actors_wait
+            data_context.execution_options.actor_locality_enabled = locality
 
 
 @contextlib.contextmanager
