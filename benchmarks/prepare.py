@@ -17,8 +17,14 @@ paragraph tagged with its copy number so dedup keeps them all):
 Throughput, scaling and the Pool comparison run on the 10× corpus (fixed start-up costs of
 Ray actors, a few seconds, matter less there); the 1× corpus only serves the RSS ratio.
 
-Ray is started once before timing (prepare uses the running Ray), and a small warm-up run
-starts the worker processes, so the figures are steady-state throughput.
+Ray is started once before timing (prepare uses the running Ray), a small warm-up run comes
+first, and every timed run starts once the previous run's actors have exited. Each prepare
+run still starts its own stage workers and encoder actors (~0.6 s of CPU each, 1.2 with
+Ray Data), a cost every real run pays.
+
+The limit uses sentencepiece's fastest single-thread call (one document per call, ids as a
+numpy array), which lmforge's encoders use too; the Pool returns Python lists of ids, as
+Megatron's preprocess_data.py does.
 
 Run: .venv/bin/python benchmarks/prepare.py [--quick]
 """
@@ -37,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import sentencepiece as spm
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
@@ -67,32 +72,62 @@ def make_corpus(folder: Path, copies: int) -> list[Path]:
 
 
 def spm_single_thread(model: Path, paths: list[Path]) -> float:
-    """Single-thread sentencepiece encode tokens/s on the same documents (one file)."""
+    """Single-thread sentencepiece encode tokens/s on the same documents (one file), with
+    its fastest call: one document at a time, ids returned as a numpy array (a batch call
+    returning Python lists is ~5% slower)."""
     sp = spm.SentencePieceProcessor(model_file=str(model))
     docs = [p for p in re.split(r"\n\n+", paths[-1].read_text()) if p]
-    start, tokens = time.perf_counter(), 0
-    for i in range(0, len(docs), 1000):
-        tokens += sum(map(len, sp.encode(docs[i : i + 1000], num_threads=1)))
+    encode = sp.encode
+    start = time.perf_counter()
+    tokens = sum(len(encode(doc, return_type="numpy")) for doc in docs)
     return tokens / (time.perf_counter() - start)
 
 
-def _peak_rss(pid: int, fallback: int) -> int:
-    """The kernel's high-water mark of a process's RSS (Linux), else its current RSS."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return fallback
+def _ray_worker_status(prefix: bytes = b"") -> list[bytes]:
+    """/proc/PID/status of every Ray worker process whose name (the kernel's 15-character
+    process name) starts with `ray::` + `prefix` (Linux)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                status = f.read()
+        except OSError:  # the process has just exited
+            continue
+        if status.startswith(b"Name:\tray::" + prefix):
+            found.append(status)
+    return found
+
+
+def _ray_worker_peaks() -> list[int]:
+    """The kernel's high-water mark of the RSS (VmHWM) of every Ray worker process, read
+    from /proc/PID/status alone (one small read per process)."""
+    peaks = []
+    for status in _ray_worker_status():
+        at = status.find(b"VmHWM:")
+        if at >= 0:
+            peaks.append(int(status[at + 6 : status.index(b"kB", at)]) * 1024)
+    return peaks
+
+
+def wait_for_quiet(timeout: float = 30.0) -> None:
+    """Wait until the actors of the previous prepare run (encoders, stage workers) have
+    exited: Ray tears them down in the background, and a timed run must not share the
+    cores with that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+        _ray_worker_status(b"MapWorker") + _ray_worker_status(b"StageWorke")
+    ):
+        time.sleep(0.1)
 
 
 class PeakRss:
     """The largest peak RSS of any Ray worker process (`ray::...`) while it is active.
 
     Reads each process's kernel high-water mark (VmHWM) every 0.25 s, so a short spike is
-    not missed and the poller itself stays cheap (it shares the 2 cores with the run).
+    not missed, and only /proc/PID/status, so the poller stays cheap (it shares the 2
+    cores with the run it measures).
     """
 
     def __init__(self) -> None:
@@ -102,11 +137,7 @@ class PeakRss:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["name", "memory_info"]):
-                name = proc.info["name"] or ""
-                if name.startswith("ray::") and proc.info["memory_info"]:
-                    rss = _peak_rss(proc.pid, proc.info["memory_info"].rss)
-                    self.peak = max(self.peak, rss)
+            self.peak = max([self.peak, *_ray_worker_peaks()])
             self._stop.wait(0.25)
 
     def __enter__(self) -> PeakRss:
@@ -132,6 +163,7 @@ def run_prepare(
         **(bare if same_work_as_pool else {"val_fraction": 0.01}),
     )
     tok = TokenizerConfig(vocab_size=VOCAB, model_path=str(model))
+    wait_for_quiet()
     with PeakRss() as rss:
         start = time.perf_counter()
         manifest = json.loads(prepare(data, tok, progress=False).read_text())
@@ -160,6 +192,7 @@ def run_pool(paths: list[Path], out: Path, model: Path, workers: int) -> tuple[f
     shutil.rmtree(out, ignore_errors=True)
     window = SEQ_LEN + 1
     per_shard = samples_per_shard(256 * 2**20, SEQ_LEN, 2)
+    wait_for_quiet()
     start = time.perf_counter()
     docs = (p for path in paths for p in re.split(r"\n\n+", path.read_text()) if p)
     buffer: list[np.ndarray] = []
