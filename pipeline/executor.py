@@ -67,6 +67,32 @@ class LocalExecutor:
         return list(handles)
 
 
+class _FirstError:
+    """The error of the earliest failed item, in item order, raised once every item before
+    it has finished: the user sees the corpus's first bad input (file:line) whichever
+    worker happens to report first."""
+
+    def __init__(self) -> None:
+        self.errors: dict[int, Exception] = {}
+        self.finished: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def finish(self, index: int, error: Exception | None = None) -> None:
+        """Record that item `index` finished (with `error`, if it failed)."""
+        self.finished.add(index)
+        if error is not None:
+            self.errors[index] = error
+
+    def raise_when_settled(self) -> None:
+        """Raise the earliest error once no earlier item is still running."""
+        if self.errors:
+            first = min(self.errors)
+            if all(i in self.finished for i in range(first)):
+                raise self.errors[first]
+
+
 class EncodeActor:
     """Ray Data actor: holds one sentencepiece model, encodes whole read tasks."""
 
@@ -79,12 +105,12 @@ class EncodeActor:
 
         node = ray.get_runtime_context().get_node_id()
         results = []
-        for item in batch["item"]:
+        for index, item in zip(batch["index"], batch["item"], strict=True):
             try:
                 result = self.fn(pickle.loads(item), self.ctx, self.encoder)
             except ValueError as err:  # bad input or config: hand it to the driver as is
                 result = {"error": pickle.dumps(err).hex()}
-            results.append(json.dumps({**result, "node": node}))
+            results.append(json.dumps({**result, "node": node, "index": int(index)}))
         return {"result": np.array(results, dtype=object)}
 
 
@@ -150,7 +176,7 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         wanted = spread_over_nodes(self._node_cpus(), size)
-        for node in set(wanted):
+        for node in dict.fromkeys(wanted):  # in node order
             missing = wanted.count(node) - self._nodes.count(node)
             for _ in range(max(0, missing)):
                 placement = NodeAffinitySchedulingStrategy(node, soft=True)
@@ -211,10 +237,11 @@ class RayExecutor:
         arg_refs = [ray.put(a) for a in args]
         results: list[Any] = [None] * len(items)
         pending: dict[Any, tuple[int, int]] = {}
+        failed = _FirstError()  # after a bad item, no new items; the earliest error is raised
         next_item = 0
         with _bar(len(items), desc, self.progress) as bar:
-            while next_item < len(items) or pending:
-                while next_item < len(items) and min(self._load) < 2:
+            while (next_item < len(items) and not failed) or pending:
+                while next_item < len(items) and not failed and min(self._load) < 2:
                     ref, worker = self._call(fn, items[next_item], *arg_refs)
                     pending[ref] = (next_item, worker)
                     next_item += 1
@@ -222,8 +249,14 @@ class RayExecutor:
                 for ref in done:
                     item, worker = pending.pop(ref)
                     self._load[worker] -= 1
-                    results[item] = self._get(ref)
+                    error = None
+                    try:
+                        results[item] = self._get(ref)
+                    except ValueError as err:  # bad input or config, as raised by the item
+                        error = err
+                    failed.finish(item, error)
                     bar.update()
+                failed.raise_when_settled()
         return results
 
     def _get(self, ref: Any) -> Any:
@@ -262,7 +295,8 @@ class RayExecutor:
         of `workers` actors, yielding each result as soon as it is done.
 
         A ValueError in `fn` (bad input in strict mode, a config problem) is raised here as
-        itself, with its file:line message, rather than wrapped in Ray's task errors.
+        itself, with its file:line message, rather than wrapped in Ray's task errors; when
+        several items fail, the earliest in item order.
         """
         if not items:
             return
@@ -280,12 +314,9 @@ class RayExecutor:
         # The pool is sized to what the cluster has, so wait for all of it.
         min_actors_wait = data_context.wait_for_min_actors_s
         data_context.wait_for_min_actors_s = _POOL_START_TIMEOUT_S
-        # Items are small pickled task descriptions: where their blocks live does not
-        # matter, and tracking actor locations costs a Ray actor call per scheduling round.
-        locality = data_context.execution_options.actor_locality_enabled
-        data_context.execution_options.actor_locality_enabled = False
         dataset = self.ray.data.from_items(
-            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
+            [{"item": pickle.dumps(item), "index": i} for i, item in enumerate(items)],
+            override_num_blocks=len(items),
         )
         with warnings.catch_warnings():
             # max_restarts still goes through the deprecated **ray_remote_args (Ray 2.60); a
@@ -305,13 +336,18 @@ class RayExecutor:
         level = data_logger.level
         data_logger.setLevel(logging.ERROR)
         try:
+            failed = _FirstError()  # after a bad item, results are no longer handed on
             with _bar(len(items), "encode", self.progress) as bar:
                 for row in encoded.iter_rows():
                     result = json.loads(row["result"])
+                    index = result.pop("index")
                     if "error" in result:
-                        raise pickle.loads(bytes.fromhex(result["error"]))
-                    yield result
-                    bar.update()
+                        failed.finish(index, pickle.loads(bytes.fromhex(result["error"])))
+                    elif not failed:
+                        yield result
+                        bar.update()
+                    failed.finish(index)
+                    failed.raise_when_settled()
         except self.ray.exceptions.GetTimeoutError as err:
             raise RuntimeError(
                 f"encode: the {min(self.workers, len(items))} encoder actors did not all start "
@@ -322,7 +358,6 @@ class RayExecutor:
             data_logger.setLevel(level)
             data_context.enable_progress_bars = bars
             data_context.wait_for_min_actors_s = min_actors_wait
-            data_context.execution_options.actor_locality_enabled = locality
 
 
 @contextlib.contextmanager

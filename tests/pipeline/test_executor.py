@@ -63,3 +63,20 @@ def test_workers_are_spread_over_nodes_by_cpus() -> None:
     assert spread_over_nodes({"a": 3, "b": 3, "c": 2}, 4) == ["a", "a", "b", "c"]
     for count in range(1, 12):
         assert len(spread_over_nodes({"a": 3, "b": 5, "c": 1}, count)) == count
+
+
+def test_the_earliest_bad_item_is_reported_whichever_fails_first(ray_cluster) -> None:
+    def item(index: int) -> int:
+        if index == 1:  # the earliest bad item fails last
+            time.sleep(0.5)
+            raise ValueError("item 1: bad")
+        if index == 2:
+            raise ValueError("item 2: bad")
+        return index
+
+    executor = RayExecutor(num_workers=2, progress=False)
+    try:
+        with pytest.raises(ValueError, match="item 1: bad"):
+            executor.map(item, [0, 1, 2, 3, 4], "test")
+    finally:
+        executor.close()
