@@ -341,12 +341,13 @@ class RayExecutor:
                 for row in encoded.iter_rows():
                     result = json.loads(row["result"])
                     index = result.pop("index")
+                    error = None
                     if "error" in result:
-                        failed.finish(index, pickle.loads(bytes.fromhex(result["error"])))
-                    elif not failed:
+                        error = pickle.loads(bytes.fromhex(result["error"]))
+                    if error is None and not failed:
                         yield result
                         bar.update()
-                    failed.finish(index)
+                    failed.finish(index, error)
                     failed.raise_when_settled()
         except self.ray.exceptions.GetTimeoutError as err:
             raise RuntimeError(
