@@ -192,18 +192,13 @@ class RayExecutor:
         between stages: `submit` handles hold pool positions)."""
         if len(self.pool) <= size or any(self._load):
             return
-        keep: list[int] = []
+        first_on_node: dict[str, int] = {}
         for i, node in enumerate(self._nodes):
-            if node not in (self._nodes[k] for k in keep):
-                keep.append(i)
-        for i in range(len(self.pool)):
-            if len(keep) >= size:
-                break
-            if i not in keep:
-                keep.append(i)
+            first_on_node.setdefault(node, i)
+        others = [i for i in range(len(self.pool)) if i not in first_on_node.values()]
+        keep = sorted([*first_on_node.values(), *others[: max(0, size - len(first_on_node))]])
         for i in set(range(len(self.pool))) - set(keep):
             self.pool[i].__ray_terminate__.remote()
-        keep.sort()
         self.pool = [self.pool[i] for i in keep]
         self._nodes = [self._nodes[i] for i in keep]
         self._load = [self._load[i] for i in keep]
@@ -270,7 +265,8 @@ class RayExecutor:
 
     def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
         """Queue `fn(item, *args)` on the least busy stage worker; `collect` gets results."""
-        self._grow_pool(self.stage_workers())
+        if not self.pool:  # else the stage workers already running write the shards
+            self._grow_pool(self.stage_workers())
         return self._call(fn, item, *args)
 
     def collect(self, handles: list[Any], desc: str) -> list[Any]:
@@ -302,8 +298,9 @@ class RayExecutor:
             return
         # The shard writers: the stage workers already running (one per node is enough
         # beside the encoders), or new ones starting up alongside the encoders.
-        self._shrink_pool(self.stage_workers())
-        self._grow_pool(self.stage_workers())
+        writers = self.stage_workers()
+        self._shrink_pool(writers)
+        self._grow_pool(writers)
         from ray.data import ActorPoolStrategy, DataContext
 
         data_context = DataContext.get_current()
