@@ -30,6 +30,15 @@ import torch
 import webdataset as wds
 
 from lmforge.pipeline.loader import LoaderConfig, ShardLoader
+from lmforge.pipeline.manifest import (
+    DatasetInfo,
+    DatasetManifest,
+    ManifestError,
+    ShardInfo,
+    SplitInfo,
+    TokenizerInfo,
+)
+from lmforge.pipeline.shard_format import sample_key, shard_file_name
 
 SEQ_LEN = 1024
 VOCAB = 32000
@@ -49,28 +58,26 @@ def write_dataset(root: Path, total_bytes: int, per_shard: int, seed: int = 0) -
                 break
             tokens = rng.integers(4, VOCAB, (count, SEQ_LEN + 1), dtype=np.uint16)
             flat.write(tokens.tobytes())
-            rel = f"web/train-{index:06d}.tar"
+            rel = f"web/{shard_file_name('train', index)}"
             with wds.TarWriter(str(root / rel), mtime=0) as sink:
                 for i in range(count):
                     cuts = np.sort(rng.choice(SEQ_LEN, 2, replace=False) + 1)
                     starts = np.concatenate([[0], cuts]).astype(np.int32)
-                    key = f"web-train-{index:06d}-{i:08d}"
+                    key = sample_key("web", "train", index, i)
                     sink.write({"__key__": key, "tokens.npy": tokens[i], "doc_starts.npy": starts})
             size = (root / rel).stat().st_size
-            shards.append({"path": rel, "samples": count, "tokens": count * (SEQ_LEN + 1),
-                           "bytes": size, "sha256": ""})
+            shards.append(ShardInfo(rel, count, count * (SEQ_LEN + 1), size, ""))
             written += count
-    manifest = {
-        "version": 1, "seq_len": SEQ_LEN, "token_dtype": "uint16",
-        "tokenizer": {"file": "tokenizer.model", "sha256": "", "vocab_size": VOCAB,
-                      "type": "bpe", "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
-                      "special_tokens": {}},
-        "datasets": {"web": {"weight": 1.0, "sources": ["random"], "splits": {"train": {
-            "samples": written, "tokens": written * (SEQ_LEN + 1), "padding_tokens": 0,
-            "shards": shards}}}},
-        "stats": {},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    tokenizer = TokenizerInfo(
+        file="tokenizer.model", sha256="", vocab_size=VOCAB, type="bpe", pad_id=0, unk_id=1,
+        bos_id=2, eos_id=3, special_tokens={}, extra_special_tokens=[], byte_fallback=True,
+    )
+    train = SplitInfo(written, written * (SEQ_LEN + 1), 0, shards)
+    DatasetManifest(
+        seq_len=SEQ_LEN, token_dtype="uint16", tokenizer=tokenizer,
+        datasets={"web": DatasetInfo(1.0, ["random"], {"train": train})},
+        fingerprint="", stats={},
+    ).write(DatasetManifest.path_in(root))
     return written
 
 
@@ -183,12 +190,14 @@ def run(root: Path, args: argparse.Namespace) -> None:
     """Writes the dataset unless it is there, then prints every figure."""
     size = (100 if args.quick else 1024) << 20
     batch, batches = 8, (300 if args.quick else 1500)
-    if not (root / "manifest.json").exists():
+    try:
+        manifest = DatasetManifest.read(root)
+    except ManifestError:  # not written yet, or by an older version of this script
         start = time.perf_counter()
         samples = write_dataset(root, size, per_shard=65536)  # ~256 MB, as prepare writes
         print(f"wrote {samples} samples in {time.perf_counter() - start:.1f} s to {root}")
-    samples = json.loads((root / "manifest.json").read_text())["datasets"]["web"]["splits"][
-        "train"]["samples"]
+        manifest = DatasetManifest.read(root)
+    samples = manifest.datasets["web"].splits["train"].samples
     gb = sum(p.stat().st_size for p in root.rglob("*.tar")) / 1e9
 
     # Best of three interleaved rounds: the first also maps the pages into this process,

@@ -19,7 +19,7 @@ Ray actors, a few seconds, matter less there); the 1× corpus only serves the RS
 
 Ray is started once before timing (prepare uses the running Ray), a small warm-up run comes
 first, and every timed run starts once the previous run's actors have exited. Each prepare
-run still starts its own stage workers and encoder actors (~0.6 s of CPU each, 1.2 with
+run still starts its own phase workers and encoder actors (~0.6 s of CPU each, 1.2 with
 Ray Data), a cost every real run pays.
 
 The limit uses sentencepiece's fastest single-thread call (one document per call, ids as a
@@ -46,8 +46,10 @@ import numpy as np
 import sentencepiece as spm
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.manifest import DatasetManifest
 from lmforge.pipeline.prepare import prepare
-from lmforge.pipeline.shards import pack_windows, sample_key, samples_per_shard, write_shard
+from lmforge.pipeline.shard_format import sample_key, samples_per_shard, shard_file_name
+from lmforge.pipeline.shards import pack_windows, write_shard
 from lmforge.pipeline.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +114,12 @@ def _ray_worker_peaks() -> list[int]:
 
 
 def wait_for_quiet(timeout: float = 30.0) -> None:
-    """Wait until the actors of the previous prepare run (encoders, stage workers) have
+    """Wait until the actors of the previous prepare run (encoders, phase workers) have
     exited: Ray tears them down in the background, and a timed run must not share the
     cores with that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(
-        _ray_worker_status(b"MapWorker") + _ray_worker_status(b"StageWorke")
+        _ray_worker_status(b"MapWorker") + _ray_worker_status(b"PhaseWorke")
     ):
         time.sleep(0.1)
 
@@ -166,9 +168,9 @@ def run_prepare(
     wait_for_quiet()
     with PeakRss() as rss:
         start = time.perf_counter()
-        manifest = json.loads(prepare(data, tok, progress=False).read_text())
+        manifest = DatasetManifest.read(prepare(data, tok, progress=False))
         seconds = time.perf_counter() - start
-    tokens = sum(s["tokens"] for s in manifest["datasets"]["bench"]["splits"].values())
+    tokens = sum(s.tokens for s in manifest.datasets["bench"].splits.values())
     return tokens / seconds, tokens, rss.peak
 
 
@@ -220,7 +222,7 @@ def _flush(buffer: list[np.ndarray], out: Path, shard: int, size: int, window: i
     ends = np.flatnonzero(head == 3) + 1
     samples, starts = pack_windows(head, np.concatenate([[0], ends]), 0, window, 0)
     keys = [sample_key("bench", "train", shard, i) for i in range(len(samples))]
-    write_shard(out / f"train-{shard:06d}.tar", keys, samples, starts, len(head), out)
+    write_shard(out / shard_file_name("train", shard), keys, samples, starts, len(head), out)
     return len(rest)
 
 

@@ -1,25 +1,215 @@
-"""The `data` config section (datasets, cleaning, packing, sharding, the loader).
+"""The pipeline's config sections: `data` (datasets, cleaning, packing, sharding, the
+loader) and `tokenizer`.
 
-The torch-free sections (`DatasetSpec`, `CleanConfig`, `TokenizerConfig`) are defined in
-`pipeline/sections.py` (so Ray workers never import the loader's torch) and re-exported
-here. Each field carries a docstring; `__post_init__` raises
-`ValueError("<field>: what is wrong; what to do")` so the run-config loader can prefix the
-section path and the YAML location.
+Plain dataclasses that import nothing heavy (no torch), so Ray workers unpickle a
+`DataConfig` cheaply and `launch/` composes them into its run config. Each field carries a
+docstring; `__post_init__` raises `ValueError("<field>: what is wrong; what to do")` so the
+run-config loader can prefix the section path and the YAML location.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
-from lmforge.pipeline.loader import LoaderConfig
-from lmforge.pipeline.sections import (
-    CLEAN_STEP_NAMES,
-    CleanConfig,
-    DatasetSpec,
-    TokenizerConfig,
-)
+__all__ = [
+    "CLEAN_STEP_NAMES",
+    "CleanConfig",
+    "DataConfig",
+    "DatasetSpec",
+    "LoaderConfig",
+    "TokenizerConfig",
+]
 
-__all__ = ["CLEAN_STEP_NAMES", "CleanConfig", "DataConfig", "DatasetSpec", "TokenizerConfig"]
+CLEAN_STEP_NAMES = ("normalize", "strip_control", "length", "repetition")
+"""Cleaning steps `CleanConfig.steps` may name, in any order (see pipeline/steps.py)."""
+
+
+@dataclass
+class DatasetSpec:
+    """One named source of documents with its mixture weight."""
+
+    name: str
+    """Dataset name: the shard folder, manifest key and `__key__` prefix (letters, digits, `_`, `-`;
+    no `.`, which WebDataset reads as an extension separator)."""
+    paths: list[str] = field(default_factory=list)
+    """Files, globs or fsspec URLs (`corpus/*.jsonl.gz`, `s3://bucket/x/*.parquet`)."""
+    weight: float = 1.0
+    """Mixture weight, carried into the manifest for the loader to sample by."""
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    """File format; `auto` decides from the extension (.txt, .jsonl/.json, .parquet, +.gz/.zst)."""
+    text_field: str = "text"
+    """Field holding the document text in JSON lines and Parquet rows."""
+    txt_unit: Literal["file", "paragraph", "line"] = "paragraph"
+    """How a .txt file splits into documents: whole file, blank-line separated, or per line."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(
+                f"name: {self.name!r} is not usable as a folder and sample-key prefix; "
+                "use only letters, digits, '_' and '-'"
+            )
+        if not self.paths:
+            raise ValueError("paths: empty; list at least one file, glob or URL")
+        if not self.weight > 0:
+            raise ValueError(f"weight: {self.weight} must be > 0; give a positive mixture weight")
+        if not self.text_field:
+            raise ValueError("text_field: empty; name the field that holds the text")
+
+
+@dataclass
+class CleanConfig:
+    """The cleaning/filter chain applied to every document before dedup and encoding."""
+
+    steps: list[str] = field(
+        default_factory=lambda: ["normalize", "strip_control", "length", "repetition"]
+    )
+    """Steps in the order they run; any of normalize, strip_control, length, repetition."""
+    normalization: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFC"
+    """Unicode normalization form used by the `normalize` step."""
+    min_chars: int = 1
+    """`length` step: documents shorter than this (in characters) are removed."""
+    max_chars: int = 10_000_000
+    """`length` step: documents longer than this (in characters) are removed."""
+    max_duplicate_line_fraction: float = 0.5
+    """`repetition` step: remove a document if more than this fraction of its lines (>= 4
+    lines) are repeats of an earlier line in the same document."""
+    max_top_char_fraction: float = 0.5
+    """`repetition` step: remove a document of >= 32 chars whose most frequent non-space
+    character makes up more than this fraction of it (e.g. '!!!!!!' spam)."""
+
+    def __post_init__(self) -> None:
+        for name in self.steps:
+            if name not in CLEAN_STEP_NAMES:
+                raise ValueError(
+                    f"steps: unknown step {name!r}; choose from {', '.join(CLEAN_STEP_NAMES)}"
+                )
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"steps: {self.steps} names a step twice; list each step once")
+        if self.min_chars < 0:
+            raise ValueError(f"min_chars: {self.min_chars} is negative; use 0 or more")
+        if self.max_chars < max(1, self.min_chars):
+            raise ValueError(
+                f"max_chars: {self.max_chars} is below min_chars ({self.min_chars}); raise it"
+            )
+        for name in ("max_duplicate_line_fraction", "max_top_char_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}: {value} must be in (0, 1]; 1.0 turns the check off")
+
+
+@dataclass
+class TokenizerConfig:
+    """The sentencepiece tokenizer: trained on a sample of the cleaned corpus, or reused."""
+
+    type: Literal["bpe", "unigram"] = "bpe"
+    """sentencepiece model type."""
+    vocab_size: int = 32000
+    """Vocabulary size including special and byte-fallback pieces (needs >= 256 + specials)."""
+    model_path: str | None = None
+    """Reuse this existing sentencepiece .model instead of training one."""
+    sample_bytes: int = 100 * 2**20
+    """Size of the uniform document sample the tokenizer is trained on."""
+    character_coverage: float = 0.9995
+    """Fraction of characters covered by pieces; the rest fall back to bytes."""
+    mask_token: str | None = "<mask>"
+    """Mask special token (None for none)."""
+    sep_token: str | None = "<sep>"
+    """Separator special token (None for none)."""
+    extra_special_tokens: list[str] = field(default_factory=list)
+    """More user-defined special tokens, kept whole by the tokenizer."""
+    seed: int = 0
+    """Random seed of sentencepiece training (training is deterministic for a seed)."""
+
+    def __post_init__(self) -> None:
+        specials = self.special_pieces()
+        if self.vocab_size < 256 + len(specials) + 4:
+            raise ValueError(
+                f"vocab_size: {self.vocab_size} is too small for 256 byte-fallback pieces and "
+                f"{len(specials) + 4} special tokens; use at least {256 + len(specials) + 8}"
+            )
+        if self.vocab_size > 2**31 - 1:
+            raise ValueError(f"vocab_size: {self.vocab_size} is too large; use at most 2**31 - 1")
+        if self.sample_bytes < 1024:
+            raise ValueError(f"sample_bytes: {self.sample_bytes} is below 1024; raise it")
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ValueError(
+                f"character_coverage: {self.character_coverage} must be in [0.9, 1]; "
+                "use e.g. 0.9995"
+            )
+        if len(set(specials)) != len(specials):
+            raise ValueError(
+                f"extra_special_tokens: duplicate special tokens in {specials}; "
+                "list each once"
+            )
+        reserved = {"<pad>", "<unk>", "<s>", "</s>"}
+        for piece in specials:
+            if not piece or piece in reserved:
+                raise ValueError(
+                    f"extra_special_tokens: {piece!r} is empty or reserved "
+                    "(<pad>, <unk>, <s>, </s> are built in); remove it"
+                )
+
+    def special_pieces(self) -> list[str]:
+        """User-defined special pieces in id order (after pad, unk, bos, eos)."""
+        pieces = [p for p in (self.mask_token, self.sep_token) if p is not None]
+        return pieces + list(self.extra_special_tokens)
+
+
+@dataclass
+class LoaderConfig:
+    """How shards are streamed into batches (the ``data.loader`` config section)."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank; 0 builds batches in the training process."""
+
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (only used when ``num_workers > 0``)."""
+
+    shuffle: bool = True
+    """Shuffle training data: shard order per epoch, then samples within windows.
+    Finite loaders (validation) never shuffle."""
+
+    shuffle_buffer: int = 8192
+    """Samples per shuffle window: after the shard order is shuffled, samples are permuted
+    within consecutive windows of this many samples. Larger mixes more; a window's shards
+    are kept open (shards behind fsspec URLs are held in memory, so size windows by
+    shard size there)."""
+
+    document_masking: bool = True
+    """Emit ``segment_ids`` and ``position_ids`` so attention can stay within documents."""
+
+    weights: dict[str, float] | None = None
+    """Mixture weight per dataset name, overriding the manifest's (None keeps them);
+    datasets left out get weight 0. May change between training stages: a resume
+    continues each dataset where it stopped."""
+
+    strict: bool = True
+    """Raise on a missing or corrupt shard or sample (naming it). False skips it with a
+    warning and a count (``ShardLoader.skipped_samples``): training rows get a stand-in
+    from the same shard or the next readable one, chosen by position alone so every rank
+    and every resume agree; a validation pass masks such rows (labels -100) instead."""
+
+    verify_checksums: bool = False
+    """Check each shard's sha256 against the manifest when it is opened (reads it all)."""
+
+    return_keys: bool = False
+    """Also yield ``keys``, the ``__key__`` of every row ("" for padding); for debugging."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError("num_workers: must be >= 0; use 0 to load in the main process")
+        if self.prefetch_factor < 1:
+            raise ValueError("prefetch_factor: must be >= 1")
+        if self.shuffle_buffer < 1:
+            raise ValueError("shuffle_buffer: must be >= 1 sample; use shuffle=false for none")
+        if self.weights is not None:
+            for name, weight in self.weights.items():
+                if not math.isfinite(weight) or weight < 0:
+                    raise ValueError(f"weights: '{name}' is {weight}; weights must be >= 0")
+            if not any(w > 0 for w in self.weights.values()):
+                raise ValueError("weights: at least one dataset needs a weight above 0")
 
 
 @dataclass
@@ -35,7 +225,7 @@ class DataConfig:
     val_fraction: float = 0.01
     """Fraction of documents (chosen by a hash of their text) that go to the val split."""
     num_workers: int = 0
-    """Tokenizer actors, and stage workers running read/clean/dedup items (at most this many
+    """Tokenizer actors, and phase workers running read/clean/dedup items (at most this many
     at once, placed over the nodes by their CPUs); 0 = one per CPU of the Ray cluster."""
     ray_address: str | None = None
     """None: start a local Ray and stop it afterwards; else the address of a running cluster."""

@@ -1,7 +1,7 @@
-"""Who runs the stage items: in-process (unit tests) or Ray (local or an existing cluster).
+"""Who runs the phase items: in-process (unit tests) or Ray (local or an existing cluster).
 
-Both executors expose the same calls: `map(fn, items, ...)` for stages made of plain
-items (results in item order); `encode_stream(fn, items, ctx)` for the tokenizer stage, which
+Both executors expose the same calls: `map(fn, items, ...)` for phases made of plain
+items (results in item order); `encode_stream(fn, items, ctx)` for the tokenizer phase, which
 under Ray is a Ray Data `map_batches` over an actor pool (each actor loads the
 sentencepiece model once) yielding results as they finish; and `submit`/`collect` for
 shard writes that run while encoding goes on.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.pipeline.stages import WorkContext
+from lmforge.pipeline.phases import WorkContext
 from lmforge.pipeline.tokenizer import DocumentEncoder
 
 _ENCODERS_PER_WRITER = 16
@@ -114,11 +114,11 @@ class EncodeActor:
         return {"result": np.array(results, dtype=object)}
 
 
-class StageWorker:
-    """A Ray actor that runs stage items (clean, dedup, sample) and shard writes.
+class PhaseWorker:
+    """A Ray actor that runs phase items (clean, dedup, sample) and shard writes.
 
-    One pool of them serves every stage: a Ray task per item would need fresh worker
-    processes for each stage and run (Ray culls idle workers while the encoder actors
+    One pool of them serves every phase: a Ray task per item would need fresh worker
+    processes for each phase and run (Ray culls idle workers while the encoder actors
     run), and each costs ~1 s of CPU to start.
     """
 
@@ -139,12 +139,12 @@ def spread_over_nodes(node_cpus: dict[str, float], count: int) -> list[str]:
 
 
 class RayExecutor:
-    """Runs stage items and shard writes on a pool of `StageWorker` actors, and the encode
-    stage as Ray Data `map_batches` on an actor pool.
+    """Runs phase items and shard writes on a pool of `PhaseWorker` actors, and the encode
+    phase as Ray Data `map_batches` on an actor pool.
 
     Args:
-        num_workers: Encoder actors and stage workers; 0 = one per CPU of the cluster.
-        progress: Show a progress bar per stage.
+        num_workers: Encoder actors and phase workers; 0 = one per CPU of the cluster.
+        progress: Show a progress bar per phase.
     """
 
     def __init__(self, num_workers: int = 0, progress: bool = True) -> None:
@@ -168,7 +168,7 @@ class RayExecutor:
         return {node: cpus for node, cpus in nodes if cpus > 0} or {nodes[0][0]: 1.0}
 
     def _grow_pool(self, size: int) -> None:
-        """Start stage workers until there are `size`, placed over the nodes in proportion
+        """Start phase workers until there are `size`, placed over the nodes in proportion
         to their CPUs. They reserve no CPU, so they stay beside the encoders; the executor
         bounds how many items run at once."""
         if len(self.pool) >= size:
@@ -180,16 +180,16 @@ class RayExecutor:
             missing = wanted.count(node) - self._nodes.count(node)
             for _ in range(max(0, missing)):
                 placement = NodeAffinitySchedulingStrategy(node, soft=True)
-                # Not restarted: a failed item fails the stage, and a rerun resumes it.
+                # Not restarted: a failed item fails the phase, and a rerun resumes it.
                 actor = self.ray.remote(num_cpus=0, scheduling_strategy=placement,
-                                        max_restarts=0)(StageWorker)
+                                        max_restarts=0)(PhaseWorker)
                 self.pool.append(actor.remote())
                 self._nodes.append(node)
                 self._load.append(0)
 
     def _shrink_pool(self, size: int) -> None:
-        """Stop stage workers beyond `size`, keeping one on every node that has one (only
-        between stages: `submit` handles hold pool positions)."""
+        """Stop phase workers beyond `size`, keeping one on every node that has one (only
+        between phases: `submit` handles hold pool positions)."""
         if len(self.pool) <= size or any(self._load):
             return
         first_on_node: dict[str, int] = {}
@@ -203,7 +203,7 @@ class RayExecutor:
         self._nodes = [self._nodes[i] for i in keep]
         self._load = [self._load[i] for i in keep]
 
-    def stage_workers(self) -> int:
+    def phase_workers(self) -> int:
         """How many shard writers: one per node, and one per 16 encoders at least.
 
         A writer packs and writes ~100 MB/s of tokens, an encoder produces ~3 MB/s, so one
@@ -213,7 +213,7 @@ class RayExecutor:
         return max(1, min(self.workers, max(nodes, -(-self.workers // _ENCODERS_PER_WRITER))))
 
     def close(self) -> None:
-        """Stop the stage workers."""
+        """Stop the phase workers."""
         for actor in self.pool:
             actor.__ray_terminate__.remote()  # graceful; ray.kill makes Ray print a trace
         self.pool, self._nodes, self._load = [], [], []
@@ -224,7 +224,7 @@ class RayExecutor:
         return self.pool[index].run.remote(fn, item, *args), index
 
     def map(self, fn: Callable[..., Any], items: list[Any], desc: str, *args: Any) -> list[Any]:
-        """Apply `fn(item, *args)` to every item on `workers` stage workers, one item at a
+        """Apply `fn(item, *args)` to every item on `workers` phase workers, one item at a
         time each; each has a second item queued, so it starts the next one without waiting
         for the driver."""
         ray = self.ray
@@ -264,9 +264,9 @@ class RayExecutor:
             raise
 
     def submit(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
-        """Queue `fn(item, *args)` on the least busy stage worker; `collect` gets results."""
-        if not self.pool:  # else the stage workers already running write the shards
-            self._grow_pool(self.stage_workers())
+        """Queue `fn(item, *args)` on the least busy phase worker; `collect` gets results."""
+        if not self.pool:  # else the phase workers already running write the shards
+            self._grow_pool(self.phase_workers())
         return self._call(fn, item, *args)
 
     def collect(self, handles: list[Any], desc: str) -> list[Any]:
@@ -296,9 +296,9 @@ class RayExecutor:
         """
         if not items:
             return
-        # The shard writers: the stage workers already running (one per node is enough
+        # The shard writers: the phase workers already running (one per node is enough
         # beside the encoders), or new ones starting up alongside the encoders.
-        writers = self.stage_workers()
+        writers = self.phase_workers()
         self._shrink_pool(writers)
         self._grow_pool(writers)
         from ray.data import ActorPoolStrategy, DataContext
@@ -325,7 +325,7 @@ class RayExecutor:
                 batch_size=1,
                 compute=ActorPoolStrategy(size=min(self.workers, len(items))),
                 num_cpus=self.actor_cpus,
-                # A failed actor is not restarted: the stage is resumable, rerun instead.
+                # A failed actor is not restarted: the phase is resumable, rerun instead.
                 max_restarts=0,
             )
         # Ray Data logs execution banners at INFO/WARNING; our own bar says enough.

@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader
 
+from lmforge.pipeline.config import LoaderConfig
 from lmforge.pipeline.loader_batches import BatchStream, Plan, collate, keep
 from lmforge.pipeline.loader_order import MIXTURE_CHUNK, DatasetSplit, Manifest, Mixture
 from lmforge.pipeline.loader_shard import ReaderCache
@@ -38,61 +38,6 @@ __all__ = ["LoaderConfig", "ShardError", "ShardLoader"]
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-@dataclass
-class LoaderConfig:
-    """How shards are streamed into batches (the ``data.loader`` config section)."""
-
-    num_workers: int = 0
-    """DataLoader worker processes per rank; 0 builds batches in the training process."""
-
-    prefetch_factor: int = 2
-    """Batches each worker prepares ahead (only used when ``num_workers > 0``)."""
-
-    shuffle: bool = True
-    """Shuffle training data: shard order per epoch, then samples within windows.
-    Finite loaders (validation) never shuffle."""
-
-    shuffle_buffer: int = 8192
-    """Samples per shuffle window: after the shard order is shuffled, samples are permuted
-    within consecutive windows of this many samples. Larger mixes more; a window's shards
-    are kept open (shards behind fsspec URLs are held in memory, so size windows by
-    shard size there)."""
-
-    document_masking: bool = True
-    """Emit ``segment_ids`` and ``position_ids`` so attention can stay within documents."""
-
-    weights: dict[str, float] | None = None
-    """Mixture weight per dataset name, overriding the manifest's (None keeps them);
-    datasets left out get weight 0. May change between stages: a resume continues each
-    dataset where it stopped."""
-
-    strict: bool = True
-    """Raise on a missing or corrupt shard or sample (naming it). False skips it with a
-    warning and a count (``ShardLoader.skipped_samples``): training rows get a stand-in
-    from the same shard or the next readable one, chosen by position alone so every rank
-    and every resume agree; a validation pass masks such rows (labels -100) instead."""
-
-    verify_checksums: bool = False
-    """Check each shard's sha256 against the manifest when it is opened (reads it all)."""
-
-    return_keys: bool = False
-    """Also yield ``keys``, the ``__key__`` of every row ("" for padding); for debugging."""
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError("num_workers: must be >= 0; use 0 to load in the main process")
-        if self.prefetch_factor < 1:
-            raise ValueError("prefetch_factor: must be >= 1")
-        if self.shuffle_buffer < 1:
-            raise ValueError("shuffle_buffer: must be >= 1 sample; use shuffle=false for none")
-        if self.weights is not None:
-            for name, weight in self.weights.items():
-                if not math.isfinite(weight) or weight < 0:
-                    raise ValueError(f"weights: '{name}' is {weight}; weights must be >= 0")
-            if not any(w > 0 for w in self.weights.values()):
-                raise ValueError("weights: at least one dataset needs a weight above 0")
 
 
 class ShardLoader:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lmforge.pipeline.config import LoaderConfig
 from lmforge.pipeline.loader_order import DatasetSplit, Mixture
 from lmforge.pipeline.loader_shard import ReaderCache
 from lmforge.pipeline.loader_tar import ShardError
@@ -34,7 +35,7 @@ class Plan:
     seq_len: int
     token_dtype: str
     pad_id: int
-    config: Any  # LoaderConfig
+    config: LoaderConfig
     rank: int
     micro_batch_size: int
     global_batch: int

@@ -25,12 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.pipeline.loader_tar import is_url, local_path, read_bytes
+from lmforge.pipeline.dataset_manifest import DatasetManifest
 
 MIXTURE_CHUNK = 4096
 """Positions per mixture chunk: dataset proportions are exact over every chunk."""
-
-TOKEN_DTYPES = ("uint16", "uint32")
 
 
 @dataclass(frozen=True)
@@ -162,60 +160,43 @@ class Mixture:
 
 
 class Manifest:
-    """The parts of ``manifest.json`` the loader needs, checked against the contract.
+    """The parts of a `DatasetManifest` the loader needs, for one split.
 
     Args:
         path: ``manifest.json``, its folder, or an fsspec URL of either.
         split: ``train`` or ``val``.
 
     Raises:
-        ValueError: The manifest is missing, malformed, or has no such split.
+        ManifestError: The manifest is missing or breaks the contract.
+        ValueError: No dataset has samples in ``split``.
     """
 
     def __init__(self, path: str, split: str) -> None:
-        path = str(path)
-        if not path.endswith(".json"):
-            path = path.rstrip("/") + "/manifest.json"
-        self.path = path
-        try:
-            raw = json.loads(read_bytes(path))
-        except FileNotFoundError as err:
-            raise ValueError(f"{path}: no manifest here; run `lmforge prepare` first") from err
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the manifest: {err}") from err
-        try:
-            self.seq_len = int(raw["seq_len"])
-            self.token_dtype = str(raw["token_dtype"])
-            self.pad_id = int(raw["tokenizer"]["pad_id"])
-            self.vocab_size = int(raw["tokenizer"]["vocab_size"])
-            datasets = raw["datasets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: missing or malformed key {err}") from err
-        if raw.get("version") != 1:
-            raise ValueError(f"{path}: version {raw.get('version')!r}, this loader reads 1")
-        if self.token_dtype not in TOKEN_DTYPES:
-            raise ValueError(f"{path}: token_dtype must be one of {TOKEN_DTYPES}")
-        base = path.rsplit("/", 1)[0] if "/" in path else "."
+        manifest = DatasetManifest.read(path)
+        self.path = manifest.location
+        self.seq_len = manifest.seq_len
+        self.token_dtype = manifest.token_dtype
+        self.pad_id = manifest.tokenizer.pad_id
+        self.vocab_size = manifest.tokenizer.vocab_size
         self.names: list[str] = []
         self.weights: list[float] = []
         self.shards: list[list[ShardEntry]] = []
-        for name, entry in datasets.items():
-            splits = entry.get("splits", {})
-            if split not in splits:
+        for name, dataset in manifest.datasets.items():
+            if split not in dataset.splits:
                 continue
             shards = [
-                ShardEntry(_join(base, s["path"]), s["path"], int(s["samples"]), s.get("sha256"))
-                for s in splits[split]["shards"]
-                if int(s["samples"]) > 0
+                ShardEntry(f"{manifest.folder}/{s.path}", s.path, s.samples, s.sha256)
+                for s in dataset.splits[split].shards
+                if s.samples > 0
             ]
             if shards:
                 self.names.append(name)
-                self.weights.append(float(entry.get("weight", 1.0)))
+                self.weights.append(float(dataset.weight))
                 self.shards.append(shards)
         if not self.names:
             raise ValueError(
-                f"{path}: no dataset has samples in split '{split}' "
-                f"(datasets: {', '.join(datasets) or 'none'})"
+                f"{self.path}: no dataset has samples in split '{split}' "
+                f"(datasets: {', '.join(manifest.datasets) or 'none'})"
             )
 
     def fingerprint(self) -> str:
@@ -232,9 +213,3 @@ def _cached(cache: dict, key, make, size: int):
             del cache[next(iter(cache))]
         value = cache[key] = make(key)
     return value
-
-
-def _join(base: str, rel: str) -> str:
-    if is_url(base):
-        return f"{base}/{rel}"
-    return f"{local_path(base)}/{rel}"

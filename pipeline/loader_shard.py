@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.pipeline.loader_tar import BLOCK, ShardError, npy_header, open_shard, walk_tar
+from lmforge.pipeline.loader_tar import ShardError, npy_header, open_shard, walk_tar
+from lmforge.pipeline.shard_format import BLOCK, DOC_STARTS_MEMBER, RECORD, TOKENS_MEMBER
 
-TOKENS = b".tokens.npy"
-DOC_STARTS = b".doc_starts.npy"
+TOKENS = f".{TOKENS_MEMBER}".encode()
+DOC_STARTS = f".{DOC_STARTS_MEMBER}".encode()
 _TOKENS_TAIL = TOKENS[1:] + b"\0"  # the name field after "<key>."
 _DOC_TAIL = DOC_STARTS[1:] + b"\0"
-_RECORD = 20 * BLOCK  # tar archives are padded to whole records of 10 KiB
 _DOC_HEADS: dict[bytes, tuple[np.dtype, int, int]] = {}  # .npy header → dtype, count, length
 
 
@@ -127,7 +127,7 @@ class ShardReader:
         if len(firsts) == 1:  # one sample sits at 0 whatever the stride
             return (firsts[0][0][:-8], BLOCK) if self.samples == 1 else (b"", 0)
         stride = firsts[1][1]
-        expected = -(-(self.samples * stride + 2 * BLOCK) // _RECORD) * _RECORD
+        expected = -(-(self.samples * stride + 2 * BLOCK) // RECORD) * RECORD
         if len(self.buf) != expected:
             return b"", 0
         return firsts[0][0][:-8], stride
@@ -196,7 +196,7 @@ class ShardReader:
         if key is None:
             return
         if TOKENS not in fields or DOC_STARTS not in fields:
-            missing = "tokens.npy" if TOKENS not in fields else "doc_starts.npy"
+            missing = TOKENS_MEMBER if TOKENS not in fields else DOC_STARTS_MEMBER
             raise ShardError(f"shard {self.url}: sample {key.decode()} has no {missing}")
         self._walked.extend((*fields[TOKENS], *fields[DOC_STARTS]))
         self._keys.append(key)

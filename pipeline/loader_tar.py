@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-BLOCK = 512
+from lmforge.pipeline.shard_format import BLOCK
+
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -33,7 +34,7 @@ def local_path(path: str) -> str:
 
 
 def read_bytes(path: str) -> bytes:
-    """Reads a whole small file (the manifest) from disk or an fsspec URL."""
+    """Reads a whole small file (a manifest) from disk or an fsspec URL."""
     if is_url(path):
         import fsspec
 

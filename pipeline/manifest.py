@@ -1,8 +1,10 @@
-"""The dataset manifest: fingerprint of inputs + config, shard plan, and manifest.json.
+"""The dataset manifest as `prepare` makes it: fingerprint, shard plan, the manifest itself.
 
 `manifest.json` is written last and atomically; its presence means "dataset complete".
 Its `fingerprint` covers the config (minus how it is run: workers, Ray address) and every
-input file's URL, size and mtime, so an unchanged rerun is skipped.
+input file's URL, size and mtime, so an unchanged rerun is skipped. The typed manifest
+(`DatasetManifest` and its parts, the only reader and writer of manifest.json) lives in
+`dataset_manifest.py` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -14,12 +16,40 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
-from lmforge.pipeline.shards import samples_per_shard
+from lmforge.pipeline.dataset_manifest import (
+    DatasetInfo,
+    DatasetManifest,
+    ManifestError,
+    ShardInfo,
+    SpecialToken,
+    SplitInfo,
+    TokenizerInfo,
+)
+from lmforge.pipeline.phases import SPLITS, ShardPlan
+from lmforge.pipeline.shard_format import (
+    MANIFEST_VERSION,
+    TOKENIZER_FILE,
+    samples_per_shard,
+    token_dtype,
+)
 from lmforge.pipeline.sources import SourceFile
-from lmforge.pipeline.stages import SPLITS, ShardPlan, write_json
 from lmforge.pipeline.tokenizer import file_sha256
 
-MANIFEST_VERSION = 1
+__all__ = [
+    "MANIFEST_VERSION",
+    "DatasetInfo",
+    "DatasetManifest",
+    "ManifestError",
+    "ShardInfo",
+    "ShardPlanner",
+    "SpecialToken",
+    "SplitInfo",
+    "TokenizerInfo",
+    "build_manifest",
+    "fingerprint",
+    "is_complete",
+]
+
 FORMAT_REVISION = 1  # bump when the shard bytes for the same inputs would change
 # How the job runs (and how input is chunked into tasks), and the loader's settings, do
 # not change the shards.
@@ -43,40 +73,19 @@ def fingerprint(data: DataConfig, tokenizer: TokenizerConfig, files: list[Source
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(path: Path | str) -> dict[str, Any]:
-    """Load a manifest.json.
-
-    Raises:
-        ValueError: If the file is missing, not JSON, or of another version.
-    """
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise ValueError(f"{path}: no manifest; run `lmforge prepare` first") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); rerun `lmforge prepare`") from err
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: manifest version {manifest.get('version')!r}, expected "
-            f"{MANIFEST_VERSION}; rerun `lmforge prepare`"
-        )
-    return manifest
-
-
 def is_complete(path: Path, fp: str) -> bool:
     """True if `path` is a manifest for fingerprint `fp` whose shards all exist, sized right."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = DatasetManifest.read(path)
+    except ManifestError:
         return False
-    if manifest.get("fingerprint") != fp:
+    if manifest.fingerprint != fp:
         return False
-    for dataset in manifest["datasets"].values():
-        for split in dataset["splits"].values():
-            for shard in split["shards"]:
-                shard_path = path.parent / shard["path"]
-                if not shard_path.exists() or shard_path.stat().st_size != shard["bytes"]:
+    for dataset in manifest.datasets.values():
+        for split in dataset.splits.values():
+            for shard in split.shards:
+                shard_path = path.parent / shard.path
+                if not shard_path.exists() or shard_path.stat().st_size != shard.bytes:
                     return False
     return True
 
@@ -169,41 +178,41 @@ def build_manifest(
     shard_results: list[dict],
     plans: list[ShardPlan],
     summary: dict[str, Any],
-) -> dict[str, Any]:
-    """Assemble the manifest dictionary (paths relative to the output folder)."""
+) -> DatasetManifest:
+    """Assemble the manifest (shard paths relative to the output folder).
+
+    Args:
+        data: The `data` section.
+        tokenizer_info: `describe_tokenizer`'s description of the model.
+        fp: The `fingerprint`.
+        files: Every input file.
+        shard_results: The written shards' entries, in the order of `plans`.
+        plans: The shard plans, sorted by dataset (config order), split and index.
+        summary: The short stats (`stats.summary_for_manifest`).
+    """
     window = data.seq_len + 1
-    datasets: dict[str, Any] = {}
+    datasets: dict[str, DatasetInfo] = {}
     for spec in data.datasets:
         splits = {}
         for split in SPLITS:
             shards = [
-                r for r, p in zip(shard_results, plans, strict=True)
+                ShardInfo(**r) for r, p in zip(shard_results, plans, strict=True)
                 if p.dataset == spec.name and p.split == split
             ]
-            samples = sum(s["samples"] for s in shards)
-            tokens = sum(s["tokens"] for s in shards)
-            splits[split] = {
-                "samples": samples,
-                "tokens": tokens,
-                "padding_tokens": samples * window - tokens,
-                "shards": shards,
-            }
-        datasets[spec.name] = {
-            "weight": spec.weight,
-            "sources": [f.url for f in files if f.dataset == spec.name],
-            "splits": splits,
-        }
-    return {
-        "version": MANIFEST_VERSION,
-        "seq_len": data.seq_len,
-        "token_dtype": "uint16" if tokenizer_info["vocab_size"] <= 2**16 else "uint32",
-        "tokenizer": {"file": "tokenizer.model", **tokenizer_info},
-        "datasets": datasets,
-        "fingerprint": fp,
-        "stats": summary,
-    }
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (the last file a prepare run writes)."""
-    write_json(path, manifest)
+            samples = sum(s.samples for s in shards)
+            tokens = sum(s.tokens for s in shards)
+            splits[split] = SplitInfo(samples, tokens, samples * window - tokens, shards)
+        datasets[spec.name] = DatasetInfo(
+            weight=spec.weight,
+            sources=[f.url for f in files if f.dataset == spec.name],
+            splits=splits,
+        )
+    tokenizer = TokenizerInfo.from_dict({"file": TOKENIZER_FILE, **tokenizer_info})
+    return DatasetManifest(
+        seq_len=data.seq_len,
+        token_dtype=token_dtype(tokenizer.vocab_size),
+        tokenizer=tokenizer,
+        datasets=datasets,
+        fingerprint=fp,
+        stats=summary,
+    )

@@ -1,6 +1,6 @@
 """`prepare`: raw text → cleaned, deduplicated, tokenized, packed WebDataset shards.
 
-Stages (each item resumable, see stages.py): plan read tasks → clean → dedup → sample and
+Phases (each item resumable, see phases.py): plan read tasks → clean → dedup → sample and
 train the tokenizer (or reuse one) → encode (Ray Data actors) → write shards → stats,
 plots, manifest.json (last, atomic). Without dedup and with a given tokenizer nothing needs
 the whole corpus before encoding, so clean and encode run as one pass in the encoders.
@@ -19,20 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from lmforge.pipeline.manifest import (
+    DatasetManifest,
     ShardPlanner,
     build_manifest,
     fingerprint,
     is_complete,
-    write_manifest,
 )
-from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
-from lmforge.pipeline.stages import (
+from lmforge.pipeline.phases import (
     SPLITS,
     ShardPlan,
-    StageSettings,
     WorkContext,
     clean_and_encode_task,
     clean_task,
@@ -42,6 +42,8 @@ from lmforge.pipeline.stages import (
     write_json,
     write_task,
 )
+from lmforge.pipeline.shard_format import TOKENIZER_FILE, token_dtype
+from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
 from lmforge.pipeline.stats import summarize, summary_for_manifest, write_plots
 from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
 
@@ -50,7 +52,7 @@ PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its mem
 # (encode results, shard plans, written shards) and, before them, clean results, dedup
 # results, the tokenizer model and its description.
 _Written = tuple[list[dict], list[ShardPlan], list[dict]]
-_Stages = tuple[list[dict], list[dict], Path, dict, _Written]
+_Phases = tuple[list[dict], list[dict], Path, dict, _Written]
 
 
 def _say(message: str, progress: bool) -> None:
@@ -71,7 +73,7 @@ def prepare(
     Args:
         data: The `data` section.
         tokenizer: The `tokenizer` section.
-        progress: Show a progress bar per stage and say what is happening.
+        progress: Show a progress bar per phase and say what is happening.
         executor: "ray" (local Ray, or the cluster at `data.ray_address`; a Ray already
             initialised in this process is used and left running) or "local" (all in this
             process; for tests and tiny corpora).
@@ -80,7 +82,7 @@ def prepare(
         Path of the written (or already complete) manifest.json.
     """
     out = Path(data.output_dir)
-    manifest_path = out / "manifest.json"
+    manifest_path = DatasetManifest.path_in(out)
     files = [f for spec in data.datasets for f in _discover(spec, data)]
     fp = fingerprint(data, tokenizer, files)
     if is_complete(manifest_path, fp):
@@ -125,7 +127,7 @@ def _run(
     ctx = WorkContext(
         work_dir=str(work_root / work_name),
         output_dir=str(out),
-        data=StageSettings.of(data),
+        data=data,
         num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
     )
     seconds: dict[str, float] = {}
@@ -134,7 +136,7 @@ def _run(
     empty = [f.url for f in files if f.size == 0]
     _say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
          f"on {ex.workers} workers", progress)
-    clean, dedup, model, info, (encoded, plans, shards) = _stages(
+    clean, dedup, model, info, (encoded, plans, shards) = _phases(
         data, tokenizer, ctx, ex, tasks, seconds, progress
     )
     for spec in data.datasets:
@@ -144,16 +146,16 @@ def _run(
                  "data.val_fraction or add data", progress)
 
     _remove_stale_shards(out, data, {s["path"] for s in shards})
-    shutil.copyfile(model, out / "tokenizer.model")
+    shutil.copyfile(model, out / TOKENIZER_FILE)
     manifest = build_manifest(data, info, fp, files, shards, plans, {})
-    stats = summarize(clean, dedup, encoded, manifest["datasets"], empty, seconds)
+    stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds)
     plots = write_plots(stats, out / "plots")
     stats["files"] = {"stats": "stats.json",
                       "plots": [str(p.relative_to(out)) for p in plots]}
     write_json(out / "stats.json", stats)
-    manifest["stats"] = summary_for_manifest(stats)
-    manifest_path = out / "manifest.json"
-    write_manifest(manifest_path, manifest)
+    manifest.stats = summary_for_manifest(stats)
+    manifest_path = DatasetManifest.path_in(out)
+    manifest.write(manifest_path)
     if not data.keep_work:
         shutil.rmtree(work_root, ignore_errors=True)
     total = sum(sum(v.values()) for v in stats["tokens"].values())
@@ -164,7 +166,7 @@ def _run(
     return manifest_path
 
 
-def _stages(
+def _phases(
     data: DataConfig,
     tokenizer: TokenizerConfig,
     ctx: WorkContext,
@@ -172,7 +174,7 @@ def _stages(
     tasks: list[ReadTask],
     seconds: dict[str, float],
     progress: bool,
-) -> _Stages:
+) -> _Phases:
     """Clean every task, dedup across the corpus, get the tokenizer, then encode; or, with
     no dedup and a given tokenizer, read, clean and encode each task in one pass."""
     one_pass = not data.dedup and bool(tokenizer.model_path)
@@ -201,7 +203,7 @@ def _stages(
                                     [t.index for t in tasks], info, seconds)
         return clean, dedup, model, info, written
     written = _encode_and_write(data, ctx, ex, tasks, clean_and_encode_task, tasks, info,
-                                seconds, stage="clean+encode")
+                                seconds, phase="clean+encode")
     clean = [r.pop("clean") for r in written[0]]
     _check_some_kept(clean)
     return clean, dedup, model, info, written
@@ -224,7 +226,7 @@ def _encode_and_write(
     items: list[Any],
     info: dict,
     seconds: dict[str, float],
-    stage: str = "encode",
+    phase: str = "encode",
 ) -> _Written:
     """Encode every task (`encode_fn` over `items`, one per task) and write the shards;
     returns (encode results, plans, shards).
@@ -232,7 +234,7 @@ def _encode_and_write(
     Writing overlaps encoding: a shard is written as soon as all its tokens are encoded.
     """
     t0 = time.perf_counter()
-    itemsize = 2 if info["vocab_size"] <= 2**16 else 4
+    itemsize = np.dtype(token_dtype(info["vocab_size"])).itemsize
     planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
     encoded, handles = [], []
     for result in ex.encode_stream(encode_fn, items, ctx):
@@ -240,7 +242,7 @@ def _encode_and_write(
         handles += [ex.submit(write_task, plan, ctx) for plan in planner.add(result)]
     planner.check_complete()
     encoded.sort(key=lambda r: r["task"])
-    seconds[stage] = time.perf_counter() - t0
+    seconds[phase] = time.perf_counter() - t0
     t0 = time.perf_counter()
     written = ex.collect(handles, "write")
     seconds["write"] = time.perf_counter() - t0  # only what was left after encoding

@@ -2,8 +2,8 @@
 
 A split's documents (each ending in EOS) form one stream that is cut into consecutive
 windows of `seq_len + 1` tokens; the last window is padded with the pad id. A shard holds a
-range of windows. Tar members have fixed metadata (mtime 0, uid/gid 0, no user names,
-mode 0444) and sorted names, so rewriting a shard gives the same bytes.
+range of windows, in the byte format of `shard_format.py` (fixed member metadata, sorted
+member names), so rewriting a shard gives the same bytes.
 """
 
 from __future__ import annotations
@@ -12,30 +12,19 @@ import hashlib
 import io
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-_BLOCK = 512
-_RECORD = 20 * _BLOCK  # tarfile pads archives to whole records; we do the same
-
-
-def sample_key(dataset: str, split: str, shard_index: int, sample_index: int) -> str:
-    """The deterministic `__key__` of a sample."""
-    return f"{dataset}-{split}-{shard_index:06d}-{sample_index:08d}"
-
-
-def shard_name(split: str, index: int) -> str:
-    """File name of a shard inside its dataset folder."""
-    return f"{split}-{index:06d}.tar"
-
-
-def samples_per_shard(target_bytes: int, seq_len: int, itemsize: int) -> int:
-    """How many samples make a shard of about `target_bytes`."""
-    token_member = _BLOCK + -(-(128 + (seq_len + 1) * itemsize) // _BLOCK) * _BLOCK
-    sample_bytes = token_member + 2 * _BLOCK  # doc_starts member: header + one block
-    return max(1, target_bytes // sample_bytes)
+from lmforge.pipeline.dataset_manifest import ShardInfo
+from lmforge.pipeline.shard_format import (
+    BLOCK,
+    DOC_STARTS_MEMBER,
+    MEMBER_MODE,
+    MEMBER_MTIME,
+    RECORD,
+    TOKENS_MEMBER,
+)
 
 
 def pack_windows(
@@ -90,7 +79,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def _tarinfo_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.size, info.mtime, info.mode = size, MEMBER_MTIME, MEMBER_MODE
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
@@ -122,18 +111,7 @@ def member_header(name: str, size: int) -> bytes:
 
 
 def _member(name: str, data: bytes) -> bytes:
-    return member_header(name, len(data)) + data + b"\0" * (-len(data) % _BLOCK)
-
-
-@dataclass
-class ShardResult:
-    """What was written: the manifest's per-shard entry."""
-
-    path: str
-    samples: int
-    tokens: int
-    bytes: int
-    sha256: str
+    return member_header(name, len(data)) + data + b"\0" * (-len(data) % BLOCK)
 
 
 class ShardWriter:
@@ -160,8 +138,8 @@ class ShardWriter:
         how many of their tokens are not padding."""
         for key, tokens, offsets in zip(keys, samples, starts, strict=True):
             # Member names sort as doc_starts < tokens, within a sample.
-            self._put(_member(f"{key}.doc_starts.npy", npy_bytes(offsets))
-                      + _member(f"{key}.tokens.npy", npy_bytes(tokens)))
+            self._put(_member(f"{key}.{DOC_STARTS_MEMBER}", npy_bytes(offsets))
+                      + _member(f"{key}.{TOKENS_MEMBER}", npy_bytes(tokens)))
         self.samples += len(keys)
         self.tokens += real_tokens
 
@@ -170,18 +148,18 @@ class ShardWriter:
         self.digest.update(data)
         self.size += len(data)
 
-    def close(self, commit: bool = True) -> ShardResult:
+    def close(self, commit: bool = True) -> ShardInfo:
         """Finish the archive and return its manifest entry; `commit` moves it into place
         (else call `commit()` later, e.g. after recording the result)."""
-        end = b"\0" * (2 * _BLOCK)
-        self._put(end + b"\0" * (-(self.size + len(end)) % _RECORD))
+        end = b"\0" * (2 * BLOCK)
+        self._put(end + b"\0" * (-(self.size + len(end)) % RECORD))
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         if commit:
             self.commit()
-        return ShardResult(str(self.path.relative_to(self.relative_to)), self.samples,
-                           self.tokens, self.size, self.digest.hexdigest())
+        return ShardInfo(str(self.path.relative_to(self.relative_to)), self.samples,
+                         self.tokens, self.size, self.digest.hexdigest())
 
     def commit(self) -> None:
         """Move the finished temp file to the shard path."""
@@ -195,7 +173,7 @@ def write_shard(
     starts: list[np.ndarray],
     real_tokens: int,
     relative_to: Path,
-) -> ShardResult:
+) -> ShardInfo:
     """Write one shard from in-memory samples (see `ShardWriter` for the arguments)."""
     writer = ShardWriter(path, relative_to)
     writer.write(keys, samples, starts, real_tokens)

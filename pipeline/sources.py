@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.core import url_to_fs
 
-from lmforge.pipeline.sections import DatasetSpec
+from lmforge.pipeline.config import DatasetSpec
 
 FORMAT_BY_EXTENSION = {
     ".txt": "txt", ".text": "txt", ".md": "txt",
@@ -49,7 +49,7 @@ class ReadPiece:
 
 @dataclass
 class ReadTask:
-    """The unit of work of the read/clean stage: consecutive pieces of one dataset."""
+    """The unit of work of the read/clean phase: consecutive pieces of one dataset."""
 
     index: int
     dataset: str

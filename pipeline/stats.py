@@ -1,4 +1,4 @@
-"""Aggregating per-item stage results into stats.json and plots.
+"""Aggregating per-item phase results into stats.json and plots.
 
 The pipeline never talks to MLflow: `launch/` logs `stats.json` and the PNG files listed
 under `files` in it (and in the manifest's `stats`).
@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmforge.pipeline.dataset_manifest import DatasetInfo
 from lmforge.pipeline.steps import StepStats
 
 MAX_REPORTED_EXAMPLES = 200
@@ -18,11 +19,11 @@ def summarize(
     clean_results: list[dict],
     dedup_results: list[dict],
     encode_results: list[dict],
-    manifest_datasets: dict[str, Any],
+    manifest_datasets: dict[str, DatasetInfo],
     empty_files: list[str],
     seconds: dict[str, float],
 ) -> dict[str, Any]:
-    """Counts per stage, step, dataset and bad-input kind, plus throughput.
+    """Counts per phase, step, dataset and bad-input kind, plus throughput.
 
     Returns:
         The full stats (stats.json); `summary_for_manifest` picks the short part.
@@ -55,7 +56,7 @@ def summarize(
     for r in encode_results:
         hist = [a + b for a, b in zip(hist, r["doc_tokens_log2_hist"], strict=True)]
     tokens = {
-        name: {split: s["tokens"] for split, s in d["splits"].items()}
+        name: {split: s.tokens for split, s in d.splits.items()}
         for name, d in manifest_datasets.items()
     }
     total_tokens = sum(sum(v.values()) for v in tokens.values())
@@ -68,7 +69,7 @@ def summarize(
         "bad_input": {"counts": bad_counts, "examples": examples[:MAX_REPORTED_EXAMPLES]},
         "tokens": tokens,
         "padding_tokens": {
-            name: {split: s["padding_tokens"] for split, s in d["splits"].items()}
+            name: {split: s.padding_tokens for split, s in d.splits.items()}
             for name, d in manifest_datasets.items()
         },
         "doc_tokens_log2_hist": hist,

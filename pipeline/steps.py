@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from lmforge.pipeline.sections import CleanConfig
+from lmforge.pipeline.config import CleanConfig
 
 
 @dataclass(slots=True)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from lmforge.pipeline.sections import TokenizerConfig
+from lmforge.pipeline.config import TokenizerConfig
+from lmforge.pipeline.shard_format import token_dtype
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -102,11 +103,6 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def token_dtype(vocab_size: int) -> str:
-    """The smallest unsigned dtype that holds every token id."""
-    return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
 def describe_tokenizer(model_path: Path | str, config: TokenizerConfig) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The loader tests use these rather than the pipeline's writer so that they pin down the
 contract itself: ``<dataset>/<split>-<index:06d>.tar`` with ``tokens.npy`` (seq_len + 1
-ids) and ``doc_starts.npy`` per sample, and a ``manifest.json`` next to the folders.
+ids) and ``doc_starts.npy`` per sample, and a ``manifest.json`` (every key the contract
+requires, written as plain JSON) next to the folders.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def write_shards(
         "tokenizer": {
             "file": "tokenizer.model", "sha256": "0" * 64, "vocab_size": VOCAB, "type": "bpe",
             "pad_id": PAD_ID, "unk_id": 1, "bos_id": 2, "eos_id": 3, "special_tokens": {},
+            "byte_fallback": True,
         },
-        "datasets": entries, "stats": {},
+        "datasets": entries, "fingerprint": f"fixture-{seed}", "stats": {},
     }
     out.manifest.write_text(json.dumps(manifest, indent=1))
     return out

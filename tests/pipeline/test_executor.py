@@ -1,5 +1,5 @@
-"""RayExecutor on a real local Ray (2 CPUs): stage items run `num_workers` at a time on one
-pool of stage workers; placement over nodes follows their CPUs."""
+"""RayExecutor on a real local Ray (2 CPUs): phase items run `num_workers` at a time on one
+pool of phase workers; placement over nodes follows their CPUs."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _max_overlap(spans: list[tuple[float, float]]) -> int:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_stage_items_run_at_most_num_workers_at_once(ray_cluster, workers: int) -> None:
+def test_phase_items_run_at_most_num_workers_at_once(ray_cluster, workers: int) -> None:
     def item(seconds: float) -> tuple[float, float, int]:  # a closure: pickled by value
         start = time.time()
         time.sleep(seconds)
@@ -36,18 +36,18 @@ def test_stage_items_run_at_most_num_workers_at_once(ray_cluster, workers: int) 
     assert [len(r) for r in (first, second)] == [4, 4]
     # Two CPUs, so one-CPU Ray tasks would run two at a time even with num_workers=1.
     assert max(_max_overlap(first), _max_overlap(second)) <= workers
-    # Both stages ran on the same `workers` processes: no process start per stage.
+    # Both phases ran on the same `workers` processes: no process start per phase.
     assert len({pid for *_, pid in first + second}) == workers
     if workers == 1:
         assert first[-1][1] - first[0][0] >= 4 * 0.3  # one after another
 
 
-def test_shard_writers_are_the_stage_workers_already_running(ray_cluster) -> None:
+def test_shard_writers_are_the_phase_workers_already_running(ray_cluster) -> None:
     executor = RayExecutor(num_workers=2, progress=False)
     try:
         executor.map(lambda _: os.getpid(), [0, 1], "test")
         assert len(executor.pool) == 2
-        executor._shrink_pool(executor.stage_workers())  # what the encode stage does
+        executor._shrink_pool(executor.phase_workers())  # what the encode phase does
         assert len(executor.pool) == 1  # one node, two encoders: one writer
         pid = executor.collect([executor.submit(lambda _: os.getpid(), 0)], "test")[0]
         assert pid in executor.map(lambda _: os.getpid(), [0], "test")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
+
 import pytest
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
@@ -46,3 +50,12 @@ def test_defaults_are_valid_and_special_pieces_are_ordered() -> None:
     tok = TokenizerConfig(extra_special_tokens=["<tool>"])
     assert tok.special_pieces() == ["<mask>", "<sep>", "<tool>"]
     assert TokenizerConfig(mask_token=None, sep_token=None).special_pieces() == []
+
+
+def test_the_config_sections_import_no_torch() -> None:
+    # Ray workers unpickle a DataConfig; launch/ composes the sections into its config.
+    code = ("import sys, lmforge.pipeline.config, lmforge.pipeline.manifest; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    data = DataConfig(datasets=[spec()])
+    assert pickle.loads(pickle.dumps(data)) == data

@@ -15,6 +15,7 @@ import sentencepiece as spm
 import webdataset as wds
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.manifest import DatasetManifest
 from lmforge.pipeline.prepare import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
@@ -85,6 +86,21 @@ def test_datasets_weights_and_dedup_across_datasets(prepared: Path, inputs: dict
     stats = json.loads((prepared.parent / "stats.json").read_text())
     assert stats["dedup"]["removed_docs"] == 10
     assert stats["datasets"]["web"]["clean_docs"] == 210
+
+
+def test_the_prepared_manifest_reads_back_and_writes_the_same_bytes(
+    prepared: Path, tmp_path: Path
+) -> None:
+    manifest = DatasetManifest.read(prepared)
+    raw = json.loads(prepared.read_text())
+    assert manifest.fingerprint == raw["fingerprint"] and manifest.seq_len == 32
+    assert manifest.tokenizer_path == str(prepared.parent / "tokenizer.model")
+    assert manifest.tokenizer.mask_id == raw["tokenizer"]["special_tokens"]["mask"]["id"] == 4
+    assert manifest.tokenizer.special_ids() == (0, 1, 2, 3, 4, 5)
+    books = manifest.datasets["books"].splits["train"]
+    assert books.tokens == sum(s.tokens for s in books.shards) > 0
+    manifest.write(tmp_path / "manifest.json")
+    assert (tmp_path / "manifest.json").read_bytes() == prepared.read_bytes()
 
 
 def test_bad_input_is_reported_with_file_and_line(prepared: Path) -> None:

@@ -1,6 +1,7 @@
 """The one-pass path (no dedup, tokenizer given: read, clean and encode in the encoders)
-against the staged path, in-process and on a real local Ray, and strict-mode bad input
-raised from inside Ray workers with its file and line."""
+against the multi-pass path (clean, dedup and encode as separate phases), in-process and on
+a real local Ray, and strict-mode bad input raised from inside Ray workers with its file and
+line."""
 
 from __future__ import annotations
 
@@ -41,15 +42,15 @@ def configs(root: Path, out: Path, **data_kw) -> tuple[DataConfig, TokenizerConf
 
 
 @pytest.fixture(scope="module")
-def staged(inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The staged path (dedup on) trains the tokenizer the one-pass runs then reuse."""
-    data, tok = configs(inputs["root"], tmp_path_factory.mktemp("staged"))
+def multi_pass(inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multi-pass path (dedup on) trains the tokenizer the one-pass runs then reuse."""
+    data, tok = configs(inputs["root"], tmp_path_factory.mktemp("multi_pass"))
     return prepare(data, tok, progress=False, executor="local")
 
 
-def one_pass_configs(inputs: dict, staged: Path, out: Path, **kw):
+def one_pass_configs(inputs: dict, multi_pass: Path, out: Path, **kw):
     data, tok = configs(inputs["root"], out, dedup=False, **kw)
-    tok.model_path = str(staged.parent / "tokenizer.model")
+    tok.model_path = str(multi_pass.parent / "tokenizer.model")
     return data, tok
 
 
@@ -60,9 +61,9 @@ def shards(manifest_path: Path) -> dict[str, bytes]:
             for s in split["shards"]}
 
 
-def check_same_as_staged(one_pass: Path, staged: Path) -> None:
-    assert shards(one_pass) == shards(staged) and len(shards(staged)) > 4
-    a, b = (json.loads((p.parent / "stats.json").read_text()) for p in (one_pass, staged))
+def check_same_as_multi_pass(one_pass: Path, multi_pass: Path) -> None:
+    assert shards(one_pass) == shards(multi_pass) and len(shards(multi_pass)) > 4
+    a, b = (json.loads((p.parent / "stats.json").read_text()) for p in (one_pass, multi_pass))
     assert a["datasets"] == b["datasets"]  # read and kept documents and bytes
     assert a["steps"] == b["steps"]
     assert a["bad_input"] == b["bad_input"]
@@ -71,19 +72,19 @@ def check_same_as_staged(one_pass: Path, staged: Path) -> None:
     assert b["dedup"]["removed_docs"] == 0
 
 
-def test_one_pass_in_process_gives_the_staged_shards(
-    inputs: dict, staged: Path, tmp_path: Path
+def test_one_pass_in_process_gives_the_multi_pass_shards(
+    inputs: dict, multi_pass: Path, tmp_path: Path
 ) -> None:
-    data, tok = one_pass_configs(inputs, staged, tmp_path / "out")
-    check_same_as_staged(prepare(data, tok, progress=False, executor="local"), staged)
+    data, tok = one_pass_configs(inputs, multi_pass, tmp_path / "out")
+    check_same_as_multi_pass(prepare(data, tok, progress=False, executor="local"), multi_pass)
 
 
-def test_one_pass_on_ray_gives_the_staged_shards_and_resumes(
-    ray_cluster, inputs: dict, staged: Path, tmp_path: Path
+def test_one_pass_on_ray_gives_the_multi_pass_shards_and_resumes(
+    ray_cluster, inputs: dict, multi_pass: Path, tmp_path: Path
 ) -> None:
-    data, tok = one_pass_configs(inputs, staged, tmp_path / "out", keep_work=True)
+    data, tok = one_pass_configs(inputs, multi_pass, tmp_path / "out", keep_work=True)
     manifest = prepare(data, tok, progress=False)
-    check_same_as_staged(manifest, staged)
+    check_same_as_multi_pass(manifest, multi_pass)
     # Drop the manifest, half the encode markers and every written shard: the rerun redoes
     # only that and gives the same bytes (finished tasks come from their markers, with
     # their clean counts).
@@ -96,14 +97,14 @@ def test_one_pass_on_ray_gives_the_staged_shards_and_resumes(
         marker.unlink()
     again = prepare(data, tok, progress=False)
     assert shards(again) == before
-    check_same_as_staged(again, staged)
+    check_same_as_multi_pass(again, multi_pass)
 
 
-@pytest.mark.parametrize("dedup", [False, True], ids=["one_pass", "staged"])
+@pytest.mark.parametrize("dedup", [False, True], ids=["one_pass", "multi_pass"])
 def test_strict_mode_error_from_a_ray_worker_names_file_and_line(
-    ray_cluster, inputs: dict, staged: Path, tmp_path: Path, dedup: bool
+    ray_cluster, inputs: dict, multi_pass: Path, tmp_path: Path, dedup: bool
 ) -> None:
-    data, tok = one_pass_configs(inputs, staged, tmp_path / "strict", strict=True)
+    data, tok = one_pass_configs(inputs, multi_pass, tmp_path / "strict", strict=True)
     data.dedup = dedup
     with pytest.raises(BadInputError, match=r"bad\.txt:3: invalid_utf8.*data\.strict=false"):
         prepare(data, tok, progress=False)

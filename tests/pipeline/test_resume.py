@@ -1,6 +1,6 @@
-"""Kill `prepare` at different stages, rerun it, and get the uninterrupted result.
+"""Kill `prepare` at different phases, rerun it, and get the uninterrupted result.
 
-The interrupted runs are real processes killed with SIGKILL once a stage has finished some
+The interrupted runs are real processes killed with SIGKILL once a phase has finished some
 of its items; the rerun must finish the rest, keep shards that were already written, and
 produce exactly the bytes of an uninterrupted run.
 """
@@ -61,13 +61,13 @@ def shard_bytes(manifest_path: Path) -> dict[str, bytes]:
             for s in split["shards"]}
 
 
-def kill_when(out: Path, stage: str, count: int, corpus: Path) -> None:
+def kill_when(out: Path, phase: str, count: int, corpus: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", RUN, str(corpus), str(out)], env=env)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list(out.glob(f"_work/*/done/{stage}/*.json"))) >= count:
+            if len(list(out.glob(f"_work/*/done/{phase}/*.json"))) >= count:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.002)
@@ -77,14 +77,14 @@ def kill_when(out: Path, stage: str, count: int, corpus: Path) -> None:
     assert not (out / "manifest.json").exists()
 
 
-@pytest.mark.parametrize(("stage", "count"), [("clean", 3), ("encode", 2), ("write", 20)])
+@pytest.mark.parametrize(("phase", "count"), [("clean", 3), ("encode", 2), ("write", 20)])
 def test_killed_run_resumes_to_identical_shards(
-    stage: str, count: int, corpus: Path, reference: Path, tmp_path: Path
+    phase: str, count: int, corpus: Path, reference: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    kill_when(out, stage, count, corpus)
+    kill_when(out, phase, count, corpus)
     written = {p: p.stat().st_mtime_ns for p in out.glob("s/*.tar")}
-    if stage == "write":
+    if phase == "write":
         assert len(written) >= count
     data, tok = configs(corpus, out)
     manifest = prepare(data, tok, progress=False, executor="local")
@@ -100,14 +100,14 @@ def test_killed_run_resumes_to_identical_shards(
 def test_writing_a_shard_in_small_blocks_gives_the_same_bytes(
     corpus: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lmforge.pipeline import stages
+    from lmforge.pipeline import phases
 
-    monkeypatch.setattr(stages, "_WRITE_BLOCK_WINDOWS", 3)
+    monkeypatch.setattr(phases, "_WRITE_BLOCK_WINDOWS", 3)
     data, tok = configs(corpus, tmp_path / "blocks")
     data.shard_target_bytes = 100_000  # ~48 windows per shard: many blocks per shard
     data_ref, _ = configs(corpus, tmp_path / "one_block")
     data_ref.shard_target_bytes = 100_000
     monkeypatched = shard_bytes(prepare(data, tok, progress=False, executor="local"))
-    monkeypatch.setattr(stages, "_WRITE_BLOCK_WINDOWS", 2048)
+    monkeypatch.setattr(phases, "_WRITE_BLOCK_WINDOWS", 2048)
     single = shard_bytes(prepare(data_ref, tok, progress=False, executor="local"))
     assert monkeypatched == single and len(single) > 2

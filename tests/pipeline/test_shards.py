@@ -9,13 +9,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from lmforge.pipeline.shards import (
-    member_header,
-    npy_bytes,
-    pack_windows,
-    samples_per_shard,
-    write_shard,
-)
+from lmforge.pipeline.shard_format import samples_per_shard
+from lmforge.pipeline.shards import member_header, npy_bytes, pack_windows, write_shard
 
 
 def test_pack_windows_cuts_pads_and_finds_doc_starts() -> None:

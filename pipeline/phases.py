@@ -1,6 +1,6 @@
-"""The work of each prepare stage, one item at a time, resumable.
+"""The work of each prepare phase, one item at a time, resumable.
 
-Stages: clean (read + clean/filter + hash, per read task) → dedup (per hash partition) →
+Phases: clean (read + clean/filter + hash, per read task) → dedup (per hash partition) →
 sample (per task, for tokenizer training) → encode (per task) → write (per shard). Without
 dedup and with a given tokenizer, clean and encode run as one pass per task instead. Each
 item writes its outputs atomically under the work folder and then a `done/` marker holding
@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.readers import BadInputLog, read_piece
-from lmforge.pipeline.sections import CleanConfig, DatasetSpec
-from lmforge.pipeline.shards import ShardWriter, pack_windows, sample_key
+from lmforge.pipeline.shard_format import sample_key, shard_file_name
+from lmforge.pipeline.shards import ShardWriter, pack_windows
 from lmforge.pipeline.sources import ReadTask
 from lmforge.pipeline.steps import Document, build_clean_steps, run_steps
 from lmforge.pipeline.tokenizer import DocumentEncoder
@@ -36,32 +37,12 @@ _WRITE_BLOCK_WINDOWS = 2048  # windows packed and written at a time
 
 
 @dataclass
-class StageSettings:
-    """The parts of `DataConfig` the stage items use (torch-free, unlike `DataConfig`,
-    whose loader section imports torch: Ray workers unpickle this)."""
-
-    datasets: list[DatasetSpec]
-    clean: CleanConfig
-    seq_len: int
-    val_fraction: float
-    dedup: bool
-    strict: bool
-    max_record_bytes: int
-
-    @classmethod
-    def of(cls, data: Any) -> StageSettings:
-        """Copy the stage settings out of a `DataConfig`."""
-        return cls(data.datasets, data.clean, data.seq_len, data.val_fraction, data.dedup,
-                   data.strict, data.max_record_bytes)
-
-
-@dataclass
 class WorkContext:
-    """What every stage item needs; small and picklable."""
+    """What every phase item needs; small and picklable (Ray workers unpickle it)."""
 
     work_dir: str
     output_dir: str
-    data: StageSettings
+    data: DataConfig
     num_partitions: int
     tokenizer_model: str = ""
     sample_threshold: float = 0.0
@@ -87,9 +68,9 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def resumable(ctx: WorkContext, stage: str, key: str, work: Callable[[], dict]) -> dict:
+def resumable(ctx: WorkContext, phase: str, key: str, work: Callable[[], dict]) -> dict:
     """Return the stored result of a finished item, or run `work` and store its result."""
-    marker = ctx.path("done", stage, f"{key}.json")
+    marker = ctx.path("done", phase, f"{key}.json")
     if marker.exists():
         return json.loads(marker.read_text())
     result = work()
@@ -259,7 +240,7 @@ def clean_and_encode_task(task: ReadTask, ctx: WorkContext, encoder: DocumentEnc
     dedup, tokenizer given): no intermediate text files, no wait for the whole corpus.
 
     The result is `encode_task`'s with the task's clean result under "clean"; the shards
-    are byte for byte those of the staged path.
+    are byte for byte those of the separate clean, dedup and encode phases.
     """
     return resumable(ctx, "encode", f"{task.index:06d}",
                      lambda: _clean_and_encode(task, ctx, encoder))
@@ -346,7 +327,7 @@ def _write(plan: ShardPlan, ctx: WorkContext) -> ShardWriter:
         sources.append((base, tokens))
         start_parts.append(base + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
     doc_starts = np.concatenate(start_parts) if start_parts else np.zeros(0, np.int64)
-    path = Path(ctx.output_dir) / plan.dataset / f"{plan.split}-{plan.index:06d}.tar"
+    path = Path(ctx.output_dir) / plan.dataset / shard_file_name(plan.split, plan.index)
     writer = ShardWriter(path, Path(ctx.output_dir))
     # A block of windows at a time: memory does not grow with the shard size.
     for lo in range(start, stop, _WRITE_BLOCK_WINDOWS * window):

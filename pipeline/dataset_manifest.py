@@ -1,0 +1,380 @@
+"""The dataset contract: `DatasetManifest`, the typed form of a dataset's manifest.json.
+
+This is the only code that opens a manifest.json. `DatasetManifest.read` checks the
+version and the type of every key and names the file and the key of the first problem;
+`write` produces exactly the JSON `prepare` always wrote (same keys, same order, two-space
+indent), so a manifest read and written again keeps its bytes. The shard format the
+manifest describes is in `shard_format.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.pipeline.loader_tar import is_url, local_path, read_bytes
+from lmforge.pipeline.shard_format import MANIFEST_FILE, MANIFEST_VERSION, TOKEN_DTYPES
+
+_AGAIN = "run `lmforge prepare` again"
+
+
+class ManifestError(ValueError):
+    """A manifest.json that is missing, unreadable or breaks the contract.
+
+    The message names the file (and the key) and says what to do.
+    """
+
+
+@dataclass(frozen=True)
+class SpecialToken:
+    """A special piece of the tokenizer and its id."""
+
+    piece: str
+    id: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The manifest's `tokenizer` section: the sentencepiece model the tokens come from."""
+
+    file: str
+    """The model file, relative to the dataset folder (`tokenizer.model`)."""
+    sha256: str
+    """Hex sha256 of the model file."""
+    vocab_size: int
+    """Pieces in the vocabulary, special and byte-fallback pieces included."""
+    type: str
+    """sentencepiece model type (`bpe`, `unigram`, ...)."""
+    pad_id: int
+    """Pads the last window of a split (-1 if the model has none)."""
+    unk_id: int
+    bos_id: int
+    eos_id: int
+    """Ends every document of the token stream."""
+    special_tokens: dict[str, SpecialToken]
+    """Special pieces by role (pad, unk, bos, eos, mask, sep; those the model has)."""
+    extra_special_tokens: list[SpecialToken]
+    """User-defined special pieces beyond the roles (the JSON's `special_tokens.extra`)."""
+    byte_fallback: bool
+    """Unknown characters are encoded as byte pieces."""
+
+    @property
+    def mask_id(self) -> int | None:
+        """Id of the mask piece, None when the tokenizer has none."""
+        mask = self.special_tokens.get("mask")
+        return None if mask is None else mask.id
+
+    def special_ids(self) -> tuple[int, ...]:
+        """Every special id (pad, unk, bos, eos, each role, the extras) that exists, sorted."""
+        ids = {self.pad_id, self.unk_id, self.bos_id, self.eos_id}
+        ids |= {t.id for t in self.special_tokens.values()}
+        ids |= {t.id for t in self.extra_special_tokens}
+        return tuple(sorted(i for i in ids if i >= 0))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TokenizerInfo:
+        """Build from the JSON form (e.g. `describe_tokenizer`'s, plus `file`), checked.
+
+        Raises:
+            ManifestError: A key is missing or of the wrong type.
+        """
+        return _tokenizer(_Object(raw, "tokenizer description", "tokenizer"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the extras go under `special_tokens.extra`)."""
+        special: dict[str, Any] = {role: asdict(t) for role, t in self.special_tokens.items()}
+        special["extra"] = [asdict(t) for t in self.extra_special_tokens]
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "type": self.type,
+            "pad_id": self.pad_id,
+            "unk_id": self.unk_id,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "special_tokens": special,
+            "byte_fallback": self.byte_fallback,
+        }
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard tar: the manifest's per-shard entry."""
+
+    path: str
+    """Relative to the dataset folder: `<dataset>/<split>-NNNNNN.tar`."""
+    samples: int
+    tokens: int
+    """Tokens that are not padding."""
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split (`train`, `val`) of a dataset."""
+
+    samples: int
+    tokens: int
+    """Tokens that are not padding."""
+    padding_tokens: int
+    shards: list[ShardInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "padding_tokens": self.padding_tokens,
+            "shards": [asdict(s) for s in self.shards],
+        }
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One named dataset of the manifest."""
+
+    weight: float
+    """Mixture weight (as configured; the loader may override it)."""
+    sources: list[str]
+    """The input files it was prepared from."""
+    splits: dict[str, SplitInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        splits = {name: split.to_dict() for name, split in self.splits.items()}
+        return {"weight": self.weight, "sources": list(self.sources), "splits": splits}
+
+
+@dataclass
+class DatasetManifest:
+    """A prepared dataset: token format, tokenizer, and every shard of every split."""
+
+    seq_len: int
+    """Training sequence length; each sample holds seq_len + 1 tokens."""
+    token_dtype: str
+    """`uint16` or `uint32` (see `shard_format.token_dtype`)."""
+    tokenizer: TokenizerInfo
+    datasets: dict[str, DatasetInfo]
+    fingerprint: str
+    """Hash of the inputs and config that decide the shards (an unchanged rerun is skipped)."""
+    stats: dict[str, Any]
+    """Short prepare statistics (the full ones are in stats.json)."""
+    version: int = MANIFEST_VERSION
+    location: str = ""
+    """The manifest.json path or URL this was read from or written to (not in the JSON)."""
+
+    @classmethod
+    def read(cls, path: str | Path) -> DatasetManifest:
+        """Read and check a manifest.
+
+        Args:
+            path: manifest.json, its folder, or an fsspec URL of either.
+
+        Raises:
+            ManifestError: Missing, not JSON, another version, or a key missing or of the
+                wrong type (the message names the file and the key).
+        """
+        location = _manifest_location(path)
+        try:
+            raw = json.loads(read_bytes(location))
+        except FileNotFoundError as err:
+            raise ManifestError(f"{location}: no manifest here; run `lmforge prepare` first") \
+                from err
+        except OSError as err:
+            raise ManifestError(
+                f"{location}: cannot read the manifest ({err}); check the path and access"
+            ) from err
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ManifestError(f"{location}: not valid JSON ({err}); {_AGAIN}") from err
+        return cls.from_dict(raw, location)
+
+    @classmethod
+    def from_dict(cls, raw: Any, location: str = "") -> DatasetManifest:
+        """Build from parsed manifest JSON, checking it as `read` does."""
+        top = _Object(raw, location or "manifest", "")
+        version = raw.get("version")
+        if version != MANIFEST_VERSION or isinstance(version, bool):
+            raise ManifestError(
+                f"{top.location}: manifest version {version!r}, this lmforge reads "
+                f"{MANIFEST_VERSION}; {_AGAIN}"
+            )
+        dtype = top.text("token_dtype")
+        if dtype not in TOKEN_DTYPES:
+            raise ManifestError(
+                f"{top.location}: key 'token_dtype' is {dtype!r}, expected one of "
+                f"{', '.join(TOKEN_DTYPES)}; {_AGAIN}"
+            )
+        return cls(
+            seq_len=top.integer("seq_len"),
+            token_dtype=dtype,
+            tokenizer=_tokenizer(top.obj("tokenizer")),
+            datasets={name: _dataset(entry) for name, entry in top.obj("datasets").objects()},
+            fingerprint=top.text("fingerprint"),
+            stats=top.obj("stats").raw,
+            version=version,
+            location=location,
+        )
+
+    @staticmethod
+    def path_in(folder: str | Path) -> Path:
+        """The manifest path of a dataset folder."""
+        return Path(folder) / MANIFEST_FILE
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically (temp file, fsync, rename) and remember `path` as `location`.
+
+        Args:
+            path: The manifest.json to write (a local path), or an existing folder.
+        """
+        if is_url(str(path)):
+            raise ValueError(f"{path}: manifests are written locally; copy the folder after")
+        path = Path(local_path(str(path)))
+        if path.is_dir():
+            path = self.path_in(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.location = str(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout, key order included."""
+        return {
+            "version": self.version,
+            "seq_len": self.seq_len,
+            "token_dtype": self.token_dtype,
+            "tokenizer": self.tokenizer.to_dict(),
+            "datasets": {name: d.to_dict() for name, d in self.datasets.items()},
+            "fingerprint": self.fingerprint,
+            "stats": self.stats,
+        }
+
+    @property
+    def folder(self) -> str:
+        """The dataset folder: where `location` is (a path, or a URL for remote ones)."""
+        if is_url(self.location):
+            return self.location.rsplit("/", 1)[0]
+        return os.path.dirname(local_path(self.location)) or "."
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The sentencepiece model (a path, or a URL for remote datasets)."""
+        return f"{self.folder}/{self.tokenizer.file}"
+
+
+def _manifest_location(path: str | Path) -> str:
+    """`path` itself if it names a .json (or an existing file), else `path/manifest.json`."""
+    text = str(path)
+    if text.endswith(".json") or (not is_url(text) and Path(local_path(text)).is_file()):
+        return text
+    return text.rstrip("/") + "/" + MANIFEST_FILE
+
+
+# -- reading, key by key ------------------------------------------------------------------
+
+
+class _Object:
+    """One JSON object of a manifest: typed look-ups whose errors name the file and key."""
+
+    def __init__(self, raw: Any, location: str, key: str) -> None:
+        self.raw, self.location, self.key = raw, location, key
+        if not isinstance(raw, dict):
+            where = f"key '{key}'" if key else "the top level"
+            raise ManifestError(f"{location}: {where} should be an object; {_AGAIN}")
+
+    def _key(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, types: tuple[type, ...], what: str) -> Any:
+        if name not in self.raw:
+            raise ManifestError(f"{self.location}: key '{self._key(name)}' is missing; {_AGAIN}")
+        value = self.raw[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            shown = repr(value) if len(repr(value)) <= 40 else type(value).__name__
+            raise ManifestError(
+                f"{self.location}: key '{self._key(name)}' should be {what}, got {shown}; "
+                f"{_AGAIN}"
+            )
+        return value
+
+    def integer(self, name: str) -> int:
+        return self.get(name, (int,), "an integer")
+
+    def number(self, name: str) -> float:
+        return self.get(name, (int, float), "a number")
+
+    def text(self, name: str) -> str:
+        return self.get(name, (str,), "a string")
+
+    def flag(self, name: str) -> bool:
+        return self.get(name, (bool,), "true or false")
+
+    def obj(self, name: str) -> _Object:
+        return _Object(self.get(name, (dict,), "an object"), self.location, self._key(name))
+
+    def objects(self) -> list[tuple[str, _Object]]:
+        """Every value of this object, each as an object."""
+        return [(k, _Object(v, self.location, self._key(k))) for k, v in self.raw.items()]
+
+    def array(self, name: str) -> list[_Object]:
+        """A list of objects."""
+        items = self.get(name, (list,), "a list")
+        key = self._key(name)
+        return [_Object(item, self.location, f"{key}[{i}]") for i, item in enumerate(items)]
+
+
+def _special(entry: _Object) -> SpecialToken:
+    return SpecialToken(entry.text("piece"), entry.integer("id"))
+
+
+def _tokenizer(t: _Object) -> TokenizerInfo:
+    special = t.obj("special_tokens")
+    # `prepare` always writes `extra`; manifests edited by hand may leave it out.
+    extras = special.array("extra") if "extra" in special.raw else []
+    return TokenizerInfo(
+        file=t.text("file"),
+        sha256=t.text("sha256"),
+        vocab_size=t.integer("vocab_size"),
+        type=t.text("type"),
+        pad_id=t.integer("pad_id"),
+        unk_id=t.integer("unk_id"),
+        bos_id=t.integer("bos_id"),
+        eos_id=t.integer("eos_id"),
+        special_tokens={
+            role: _special(special.obj(role)) for role in special.raw if role != "extra"
+        },
+        extra_special_tokens=[_special(e) for e in extras],
+        byte_fallback=t.flag("byte_fallback"),
+    )
+
+
+def _dataset(d: _Object) -> DatasetInfo:
+    sources = d.get("sources", (list,), "a list")
+    for i, source in enumerate(sources):
+        if not isinstance(source, str):
+            raise ManifestError(
+                f"{d.location}: key '{d.key}.sources[{i}]' should be a string; {_AGAIN}"
+            )
+    return DatasetInfo(
+        weight=d.number("weight"),
+        sources=list(sources),
+        splits={name: _split(s) for name, s in d.obj("splits").objects()},
+    )
+
+
+def _split(s: _Object) -> SplitInfo:
+    shards = [
+        ShardInfo(e.text("path"), e.integer("samples"), e.integer("tokens"),
+                  e.integer("bytes"), e.text("sha256"))
+        for e in s.array("shards")
+    ]
+    return SplitInfo(s.integer("samples"), s.integer("tokens"), s.integer("padding_tokens"),
+                     shards)

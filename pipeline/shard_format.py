@@ -1,0 +1,83 @@
+"""The shard byte format and the dataset folder layout, stated once.
+
+The writer (`shards.py`, `phases.py`), the loader (`loader_tar.py`, `loader_shard.py`,
+`loader_order.py`), the tokenizer and the manifest all take these from here.
+
+A prepared dataset folder holds::
+
+    manifest.json            the DatasetManifest (see dataset_manifest.py), version 1
+    tokenizer.model          the sentencepiece model the tokens come from
+    <dataset>/<split>-NNNNNN.tar
+
+Each shard is an uncompressed GNU tar in WebDataset layout. Sample ``k`` of shard ``i`` of
+``<dataset>/<split>`` has the key ``<dataset>-<split>-<i:06d>-<k:08d>`` and two members,
+in this order (their names sort so):
+
+- ``<key>.doc_starts.npy``: int32 offsets within the sample where a document starts,
+  ascending, always beginning with 0.
+- ``<key>.tokens.npy``: ``seq_len + 1`` token ids (inputs plus the label shift) of the
+  manifest's ``token_dtype``: uint16 while the vocabulary fits in 16 bits, else uint32.
+  Windows are cut consecutively from the split's stream of EOS-terminated documents; only
+  the last window of a split is padded, with the pad id.
+
+Both are plain ``.npy`` files (version 1.0 headers, C order). Every member header has the
+same fixed metadata (mtime 0, mode 0444, uid/gid 0, empty user and group names); the
+archive ends with two zero blocks and is padded to a whole record, as ``tarfile`` does.
+So the same tokens always give the same bytes, and sample ``k`` of a shard starts at
+``k * stride`` when all its samples are the same size (the loader's fast path).
+"""
+
+from __future__ import annotations
+
+MANIFEST_FILE = "manifest.json"
+"""Name of the manifest inside a dataset folder; its presence means the dataset is complete."""
+MANIFEST_VERSION = 1
+"""Version of the manifest layout; a reader refuses any other."""
+TOKENIZER_FILE = "tokenizer.model"
+"""Name of the sentencepiece model inside a dataset folder (the manifest's `tokenizer.file`)."""
+
+TOKEN_DTYPES = ("uint16", "uint32")
+"""Token dtypes a shard may hold."""
+
+BLOCK = 512
+"""Tar block: headers and member data are padded to whole blocks."""
+RECORD = 20 * BLOCK
+"""Tar record: the archive is padded to whole records (tarfile's default blocking)."""
+MEMBER_MTIME = 0
+"""Modification time of every member."""
+MEMBER_MODE = 0o444
+"""File mode of every member."""
+
+TOKENS_MEMBER = "tokens.npy"
+"""Member suffix (after ``"{key}."``) of a sample's token ids."""
+DOC_STARTS_MEMBER = "doc_starts.npy"
+"""Member suffix (after ``"{key}."``) of a sample's document-start offsets."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned dtype that holds every token id of a vocabulary."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def shard_file_name(split: str, index: int) -> str:
+    """File name of a shard inside its dataset folder: ``{split}-{index:06d}.tar``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(dataset: str, split: str, shard_index: int, sample_index: int) -> str:
+    """The deterministic ``__key__`` of a sample."""
+    return f"{dataset}-{split}-{shard_index:06d}-{sample_index:08d}"
+
+
+def samples_per_shard(target_bytes: int, seq_len: int, itemsize: int) -> int:
+    """How many samples make a shard of about `target_bytes`.
+
+    Args:
+        target_bytes: Wanted shard size.
+        seq_len: The manifest's seq_len (a sample holds seq_len + 1 tokens).
+        itemsize: Bytes per token (2 or 4).
+    """
+    # tokens.npy: header block + (128-byte .npy header + tokens) in whole blocks.
+    token_member = BLOCK + -(-(128 + (seq_len + 1) * itemsize) // BLOCK) * BLOCK
+    sample_bytes = token_member + 2 * BLOCK  # doc_starts member: header + one block
+    return max(1, target_bytes // sample_bytes)
