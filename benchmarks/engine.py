@@ -28,9 +28,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lmforge.launch.config import load_config
-from lmforge.launch.ds_config import build_deepspeed_config
-from lmforge.launch.optim import build_optimizer
-from lmforge.launch.parallelize import apply_activation_checkpointing
+from lmforge.launch.config.deepspeed import build_deepspeed_config
+from lmforge.launch.train.activation_checkpointing import apply_activation_checkpointing
+from lmforge.launch.train.optim import build_optimizer
 from lmforge.model import ModelConfig, causal_lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,8 @@ def _ddp_vs_zero2(rank: int, world: int, port: int, size: str, steps: int, out) 
     ds_model, _ = build(size)
     engine, *_ = deepspeed.initialize(
         model=ds_model, optimizer=build_optimizer(ds_model, cfg.train),
-        config=build_deepspeed_config(cfg),
+        config=build_deepspeed_config(cfg.train, cfg.deepspeed, cfg.world_size,
+                                      dist.get_backend()),
     )
 
     def ds_step():

@@ -28,7 +28,8 @@ import psutil
 import torch
 from torch import nn
 
-from lmforge.launch.tracking import Tracker, TrackingConfig
+from lmforge.launch.config import TrackingConfig
+from lmforge.launch.tracking import Tracker
 
 
 def build_model(d_model: int, layers: int, vocab: int) -> nn.Module:

@@ -1,0 +1,13 @@
+"""Everything that runs a job (``launch/``), one concern per subpackage.
+
+- ``config/``   the run config: sections, typed YAML + overrides, the DeepSpeed JSON, the
+  check of a config against a prepared dataset
+- ``train/``    the per-rank worker, its wiring, the loop, callbacks, checkpoints, objectives
+- ``tracking/`` MLflow, delivered from a background thread
+- ``export/``   checkpoint → verified Hugging Face folder
+- ``submit/``   Slurm, Ray and local job submission, apart from the job body on the cluster
+- ``commands.py`` the ``lmforge`` commands (prepare, train, export, sample, run), ``cli.py``
+  their command line, ``rundir.py`` the run directory's layout, ``sample.py`` text generation
+
+Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse.
+"""

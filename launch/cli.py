@@ -16,7 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from lmforge.launch.config import ConfigError, RunConfig, load_config
+from lmforge.launch.config import PREPARE_SECTIONS, ConfigError, RunConfig, load_config
+from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit import allocation_overrides, build_submit_parser, dispatch_submit
 
 COMMANDS = {
@@ -64,7 +65,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def dry_run(cfg: RunConfig) -> None:
-    from lmforge.launch.ds_config import build_deepspeed_config
+    from lmforge.launch.config.deepspeed import build_deepspeed_config
     from lmforge.model import parameter_count
 
     print("# resolved config")
@@ -74,14 +75,20 @@ def dry_run(cfg: RunConfig) -> None:
     else:
         print("# parameters: unknown until the tokenizer is loaded (model.vocab_size unset)")
     print("# DeepSpeed config")
-    print(json.dumps(build_deepspeed_config(cfg), indent=2))
+    ds_config = build_deepspeed_config(
+        cfg.train, cfg.deepspeed, cfg.world_size, cfg.launch.resolved_backend()
+    )
+    print(json.dumps(ds_config, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = load_config(args.config, overrides + allocation_overrides(args))
+        # Preparing data reads only the data and tokenizer sections: a model or training
+        # setting that does not fit them yet must not stop it.
+        sections = PREPARE_SECTIONS if args.command == "prepare" else None
+        cfg = load_config(args.config, overrides + allocation_overrides(args), sections)
         if args.dry_run:
             dry_run(cfg)
             return
@@ -96,23 +103,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from lmforge.launch import run as stages
+    from lmforge.launch import commands
 
     if args.command == "run":
-        return stages.run_all(cfg, resume=args.resume).exit_code
+        return commands.run_job(cfg, resume=args.resume).exit_code
     if args.command == "prepare":
-        print(f"manifest: {stages.prepare_stage(cfg)}")
+        print(f"manifest: {commands.prepare_data(cfg)}")
         return 0
     if args.command == "train":
-        run_dir = stages.run_dir_of(cfg)
-        id_file = run_dir / stages.RUN_ID_FILE
-        run_id = id_file.read_text().strip() if args.resume and id_file.exists() else None
-        return stages.train_stage(cfg, resume=args.resume, run_id=run_id)
+        run_id = RunDir.of(cfg.run_dir).read_run_id() if args.resume else None
+        return commands.train(cfg, resume=args.resume, run_id=run_id)
     if args.command == "export":
-        print(f"export: {stages.export_stage(cfg, args.checkpoint, args.out)}")
+        print(f"export: {commands.export(cfg, args.checkpoint, args.out)}")
         return 0
     if args.command == "sample":
-        stages.sample_stage(cfg, args.checkpoint)
+        commands.sample(cfg, args.checkpoint)
         return 0
     if args.command == "submit":
         return dispatch_submit(args, cfg)

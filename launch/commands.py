@@ -1,25 +1,26 @@
-"""The stages of a run, in order: prepare → train → export → sample.
+"""The commands of ``lmforge``: prepare → train → export → sample, and ``run`` for all four.
 
-``lmforge run`` calls :func:`run_all`; the single-stage commands (``prepare``, ``train``,
-``export``, ``sample``) call the stage functions directly. Each stage reads the run
-directory the earlier stages wrote, so any of them can be rerun on its own.
+``lmforge run`` calls :func:`run_job`; the single commands (``prepare``, ``train``,
+``export``, ``sample``) call the functions here directly. Each reads what the earlier ones
+wrote (the prepared dataset's manifest, the run directory), so any of them can be rerun on
+its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.launch.config import ConfigError, RunConfig
-from lmforge.launch.local import launch_training
+from lmforge.launch.config.dataset_check import config_for_dataset, read_prepared
+from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
+from lmforge.launch.train.torchrun import launch_training
+from lmforge.pipeline.manifest import DatasetManifest
 
 log = logging.getLogger("lmforge")
-
-RUN_ID_FILE = "mlflow_run_id"
 
 
 @dataclass
@@ -33,38 +34,30 @@ class RunResult:
     exit_code: int
 
 
-def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir).resolve()
-
-
-def manifest_of(cfg: RunConfig) -> Path:
-    return Path(cfg.data.output_dir).resolve() / "manifest.json"
-
-
-def stage(title: str) -> None:
+def heading(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
 
 # -- prepare -------------------------------------------------------------------------
 
 
-def prepare_stage(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
-    """Shards the corpus (skipped when an identical prepared dataset exists)."""
+def prepare_data(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
+    """Shards the corpus (skipped when an identical prepared dataset exists); returns the
+    path of its manifest."""
     from lmforge.pipeline.prepare import prepare
 
-    stage("prepare: corpus → sentencepiece → WebDataset shards (Ray)")
+    heading("prepare: corpus → sentencepiece → WebDataset shards (Ray)")
     manifest = Path(prepare(cfg.data, cfg.tokenizer, progress=True)).resolve()
     if tracker is not None:
-        log_prepared_dataset(tracker, manifest)
+        log_prepared_dataset(tracker, DatasetManifest.read(manifest))
     return manifest
 
 
-def log_prepared_dataset(tracker: Tracker, manifest: Path) -> None:
+def log_prepared_dataset(tracker: Tracker, manifest: DatasetManifest) -> None:
     """Lineage, tokenizer, stats, plots and the pipeline's counts and throughput to MLflow."""
-    tracker.log_dataset_lineage(manifest)
-    folder = manifest.parent
-    info = json.loads(manifest.read_text())
-    tracker.log_artifact(folder / info["tokenizer"]["file"], "data")
+    tracker.log_dataset_lineage(manifest.location)
+    folder = Path(manifest.folder)
+    tracker.log_artifact(manifest.tokenizer_path, "data")
     stats_file = folder / "stats.json"
     if not stats_file.exists():
         return
@@ -86,21 +79,6 @@ def log_prepared_dataset(tracker: Tracker, manifest: Path) -> None:
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
 
 
-def with_tokenizer_vocab(cfg: RunConfig, manifest: Path) -> RunConfig:
-    """Sets ``model.vocab_size`` from the prepared tokenizer when the config left it open."""
-    vocab = json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
-    if cfg.model.vocab_size == vocab:
-        return cfg
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
-        raise ValueError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{vocab} ({manifest}); raise it or leave it unset"
-        )
-    if cfg.model.vocab_size is None:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-    return cfg
-
-
 # -- train ---------------------------------------------------------------------------
 
 
@@ -117,108 +95,103 @@ def check_devices(cfg: RunConfig) -> None:
 
 def config_for_training(cfg: RunConfig) -> RunConfig:
     """The config training processes read: checked against the prepared dataset, with the
-    tokenizer's vocabulary filled in, saved as ``<run_dir>/config.yaml``.
+    tokenizer's vocabulary filled in, saved as the run directory's ``config.yaml``.
 
     Raises:
         FileNotFoundError: The dataset has not been prepared (names the manifest path).
+        DatasetMismatchError: The config does not fit the prepared dataset.
     """
-    manifest = manifest_of(cfg)
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` "
-            "(or `lmforge run`, or a `lmforge submit ... --stage prepare` job) first"
-        )
-    cfg = with_tokenizer_vocab(cfg, manifest)
-    cfg.save(run_dir_of(cfg) / "config.yaml")
+    cfg = config_for_dataset(cfg, read_prepared(cfg.data))
+    cfg.save(RunDir.of(cfg.run_dir).config)
     return cfg
 
 
-def train_stage(
-    cfg: RunConfig, resume: str | None = None, run_id: str | None = None
-) -> int:
+def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None) -> int:
     """Trains on the prepared shards with DeepSpeed across local processes."""
     check_devices(cfg)
     cfg = config_for_training(cfg)
-    run_dir = run_dir_of(cfg)
-    stage(
+    heading(
         f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
         f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"
     )
-    return launch_training(cfg, run_dir, resume=resume, run_id=run_id)
+    return launch_training(cfg.launch, RunDir.of(cfg.run_dir).path, resume=resume, run_id=run_id)
 
 
 # -- export and sample ---------------------------------------------------------------
 
 
-def export_stage(cfg: RunConfig, checkpoint: str | None = None, out_dir: str | None = None) -> Path:
+def export(cfg: RunConfig, checkpoint: str | None = None, out_dir: str | None = None) -> Path:
     """Writes the Hugging Face folder for a checkpoint and verifies it by logit parity."""
-    from lmforge.launch.exporting import export_run
+    from lmforge.launch.export.from_checkpoint import export_checkpoint, load_trained_model
 
-    stage("export: checkpoint → Hugging Face folder (verified)")
-    cfg = with_tokenizer_vocab(cfg, manifest_of(cfg))
-    target = Path(out_dir or cfg.export.output_dir or run_dir_of(cfg) / "export")
-    return export_run(cfg, run_dir_of(cfg), manifest_of(cfg), target, checkpoint)
+    heading("export: checkpoint → Hugging Face folder (verified)")
+    manifest = read_prepared(cfg.data)
+    cfg = config_for_dataset(cfg, manifest)
+    run = RunDir.of(cfg.run_dir)
+    target = Path(out_dir or cfg.export.output_dir or run.export)
+    model = load_trained_model(cfg.model, run.checkpoints, checkpoint)
+    return export_checkpoint(model, cfg.model, cfg.export, manifest, target, seed=cfg.seed)
 
 
-def sample_stage(cfg: RunConfig, checkpoint: str | None = None) -> list[str]:
+def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[str]:
     """Generates continuations of ``sample.prompts`` with the trained model."""
-    from lmforge.launch.exporting import load_trained_model, sample_texts
+    from lmforge.launch.export.from_checkpoint import load_trained_model
+    from lmforge.launch.sample import TextSampler
 
-    stage("sample")
-    cfg = with_tokenizer_vocab(cfg, manifest_of(cfg))
-    model = load_trained_model(cfg, run_dir_of(cfg), checkpoint)
-    texts = sample_texts(cfg, model, manifest_of(cfg))
+    heading("sample")
+    manifest = read_prepared(cfg.data)
+    cfg = config_for_dataset(cfg, manifest)
+    model = load_trained_model(cfg.model, RunDir.of(cfg.run_dir).checkpoints, checkpoint)
+    texts = TextSampler(cfg.sample, manifest.tokenizer_path, manifest.tokenizer, cfg.seed)(model)
     for prompt, text in zip(cfg.sample.prompts, texts, strict=True):
         print(f"--- prompt: {prompt!r}\n{text}\n", flush=True)
     return texts
 
 
-# -- the whole run -------------------------------------------------------------------
+# -- the whole job -------------------------------------------------------------------
 
 
-def run_all(cfg: RunConfig, resume: str | None = None) -> RunResult:
+def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
     """prepare → train → export → sample, tracked in one MLflow run."""
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    tracker = Tracker(cfg.tracking, run_dir)
-    previous = run_dir / RUN_ID_FILE
+    run = RunDir.of(cfg.run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.config)
+    tracker = Tracker(cfg.tracking, run.path)
     run_id = tracker.start(
         run_name=cfg.name,
-        run_id=previous.read_text().strip() if resume and previous.exists() else None,
+        run_id=run.read_run_id() if resume else None,
         system_metrics=False,  # rank 0 samples them while training runs
     )
     if run_id:
-        previous.write_text(run_id)
+        run.write_run_id(run_id)
     tracker.log_params(cfg.to_dict())
-    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_artifact(run.config)
     status = "FAILED"
     export_dir, samples, code = None, [], 1
     try:
-        manifest = prepare_stage(cfg, tracker)
-        cfg = with_tokenizer_vocab(cfg, manifest)
+        manifest = prepare_data(cfg, tracker)
         tracker.flush()
-        code = train_stage(cfg, resume=resume, run_id=run_id)
+        code = train(cfg, resume=resume, run_id=run_id)
         if code != 0:
             status = "KILLED"
             log.error("training exited with status %d; the run stops here", code)
-            return RunResult(run_dir, manifest, tracker.uri, run_id, None, [], code)
+            return RunResult(run.path, manifest, tracker.uri, run_id, None, [], code)
         if cfg.export.enabled:
-            export_dir = export_stage(cfg)
+            export_dir = export(cfg)
             tracker.log_artifacts(export_dir, "export")
-        samples = sample_stage(cfg)
+        samples = sample(cfg)
         records = [
             {"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, samples, strict=True)
         ]
-        (run_dir / "samples.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
-        tracker.log_artifact(run_dir / "samples.json")
+        run.final_samples.write_text(json.dumps(records, indent=2), encoding="utf-8")
+        tracker.log_artifact(run.final_samples)
         status = "FINISHED"
     finally:
         tracker.close(status=status)
     if tracker.run_id:  # the real id, also when MLflow answered only after start() returned
         run_id = tracker.run_id
-        previous.write_text(run_id)
-    result = RunResult(run_dir, manifest, tracker.uri, run_id, export_dir, samples, code)
+        run.write_run_id(run_id)
+    result = RunResult(run.path, manifest, tracker.uri, run_id, export_dir, samples, code)
     print_summary(result)
     return result
 
@@ -229,7 +202,7 @@ def print_summary(result: RunResult) -> None:
     print(f"MLflow store  : {result.tracking_uri}  (run {result.run_id})")
     if result.export_dir is not None:
         print(f"HF export     : {result.export_dir}")
-    print(f"resume        : lmforge train {result.run_dir / 'config.yaml'} --resume auto")
+    print(f"resume        : lmforge train {RunDir(result.run_dir).config} --resume auto")
     if result.tracking_uri.startswith("sqlite:"):
         print(
             "open the UI   : mlflow ui --backend-store-uri "

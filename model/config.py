@@ -159,11 +159,6 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
-    def kv_groups(self) -> int:
-        """Query heads sharing one key/value head."""
-        return self.n_heads // self.kv_heads
-
-    @property
     def ffn_dim(self) -> int:
         """Resolved feed-forward hidden width."""
         if self.d_ff is not None:

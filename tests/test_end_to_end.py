@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 
 from lmforge.launch.config import load_config
-from lmforge.launch.exporting import load_trained_model
+from lmforge.launch.export.from_checkpoint import load_trained_model
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +183,7 @@ def test_export_loads_in_transformers_with_the_same_logits(run):
     text = run["text"][5000:5600]
     ids = sp.encode(text)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
-    native = load_trained_model(run["cfg"], run["run_dir"])
+    native = load_trained_model(run["cfg"].model, run["run_dir"] / "checkpoints")
     input_ids = torch.tensor([ids[:64]])
     with torch.no_grad():
         diff = (hf_model(input_ids).logits - native(input_ids)).abs().max().item()

@@ -1,6 +1,6 @@
 """The DeepSpeed JSON, generated from the typed config.
 
-The optimizer and LR schedule are built by lmforge (``launch/optim.py``) and handed to
+The optimizer and LR schedule are built by lmforge (``launch/train/optim.py``) and handed to
 ``deepspeed.initialize`` as client objects, so the generated JSON carries no
 ``optimizer``/``scheduler`` blocks; a user JSON that has them is refused with a message.
 """
@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lmforge.launch.typed_yaml import ConfigError
+from lmforge.launch.config.sections import DeepSpeedConfig, TrainConfig
+from lmforge.launch.config.typed_yaml import ConfigError
 
 # Keys whose values lmforge derives from the typed config; a user JSON may repeat them only
 # with the same value.
@@ -26,15 +25,10 @@ _DERIVED = (
 )
 
 
-def resolve_backend(cfg: Any) -> str:
-    """The torch.distributed backend: ``launch.backend``, or NCCL with CUDA, else gloo."""
-    if cfg.launch.backend != "auto":
-        return cfg.launch.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def build_deepspeed_config(cfg: Any) -> dict[str, Any]:
-    """Builds the DeepSpeed config dict for a :class:`~lmforge.launch.config.RunConfig`.
+def build_deepspeed_config(
+    train: TrainConfig, ds: DeepSpeedConfig, world_size: int, backend: str
+) -> dict[str, Any]:
+    """Builds the DeepSpeed config dict from the train and deepspeed sections.
 
     ``overlap_comm`` and ``reduce_scatter`` left unset follow the backend: on with NCCL,
     off with gloo. On CPU, DeepSpeed reduces synchronously either way; overlap only adds a
@@ -42,7 +36,11 @@ def build_deepspeed_config(cfg: Any) -> dict[str, Any]:
     processes: backward 3.28 s with both on, 2.80 s with both off; benchmarks/engine.py).
 
     Args:
-        cfg: The run config (uses its ``train``, ``deepspeed`` and ``launch`` sections).
+        train: The train section (batch sizes, clipping, precision).
+        ds: The deepspeed section.
+        world_size: Data-parallel processes (``launch.world_size``).
+        backend: The torch.distributed backend training runs on (``nccl`` or ``gloo``;
+            see ``LaunchConfig.resolved_backend``).
 
     Returns:
         The dict passed to ``deepspeed.initialize(config=...)``.
@@ -50,9 +48,7 @@ def build_deepspeed_config(cfg: Any) -> dict[str, Any]:
     Raises:
         ConfigError: The user's DeepSpeed JSON conflicts with the typed config.
     """
-    train, ds = cfg.train, cfg.deepspeed
-    running = torch.distributed.is_available() and torch.distributed.is_initialized()
-    nccl = (torch.distributed.get_backend() if running else resolve_backend(cfg)) == "nccl"
+    nccl = backend == "nccl"
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": nccl if ds.overlap_comm is None else ds.overlap_comm,
@@ -71,7 +67,7 @@ def build_deepspeed_config(cfg: Any) -> dict[str, Any]:
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": cfg.global_batch_size,
+        "train_batch_size": train.sequences_per_step(world_size),
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},

@@ -1,27 +1,36 @@
-"""The run configuration: one typed dataclass per section, composed in :class:`RunConfig`.
+"""The run configuration: the sections composed in :class:`RunConfig`, and its loader.
 
-Precedence is defaults < YAML file < ``--section.key=value`` overrides. Everything is
-checked here, before any process starts; each component later receives only its own
-section (``cfg.model``, ``cfg.train``, ...).
+Precedence is defaults < YAML file < ``--section.key=value`` overrides. Each section checks
+itself when it is built; :meth:`RunConfig.check_training` checks the sections against each
+other (batch sizes, objective vs family, lengths, vocabulary) before any training process
+starts. ``lmforge prepare`` loads only the sections preparation uses (data, tokenizer).
+Each component later receives only its own section (``cfg.model``, ``cfg.train``, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from lmforge.launch.tracking import TrackingConfig
-from lmforge.launch.typed_yaml import (
+from lmforge.launch.config.sections import (
+    DeepSpeedConfig,
+    ExportConfig,
+    LaunchConfig,
+    SampleConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from lmforge.launch.config.typed_yaml import (
     ConfigError,
     Where,
     apply_override,
     build,
+    located_error,
     parse_override,
     read_yaml,
     to_plain,
@@ -30,217 +39,15 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.presets import PRESETS
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
 
-__all__ = [
-    "ConfigError",
-    "DeepSpeedConfig",
-    "ExportConfig",
-    "LaunchConfig",
-    "RunConfig",
-    "SampleConfig",
-    "TrainConfig",
-    "load_config",
-]
-
+CONFIG_FILE = "config.yaml"
+"""The resolved config's file name inside a run directory (see ``launch/rundir.py``)."""
 
 # The one objective each model family trains with.
 OBJECTIVE_OF_FAMILY = {"decoder": "causal_lm", "encoder": "masked_lm",
                        "encoder_decoder": "denoising"}
 
-
-@dataclass
-class TrainConfig:
-    """The optimisation loop: batch sizes, schedule, precision, evaluation, checkpoints."""
-
-    micro_batch_size: int = 8
-    """Sequences per process per forward/backward."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    global_batch_size: int | None = None
-    """Sequences per optimizer step; when set it must equal micro × accumulation × world size."""
-    max_steps: int = 300
-    """Optimizer steps to train for (the run's end; resuming continues up to it)."""
-    objective: Literal["causal_lm", "masked_lm", "denoising"] = "causal_lm"
-    """Training objective, one per model family: causal_lm (decoder), masked_lm (encoder,
-    BERT 80/10/10) or denoising (encoder_decoder, BART text infilling)."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of ``lr`` for decaying schedules."""
-    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    """Shape after warm-up: cosine or linear decay, constant, or warmup-stable-decay."""
-    warmup_steps: int = 20
-    """Steps of linear warm-up from 0 to ``lr``."""
-    decay_fraction: float = 0.2
-    """For ``wsd``: the final fraction of steps spent decaying."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not norms, biases or embeddings)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Parameter/activation precision; bf16 and fp16 keep fp32 master weights (fp16: GPU only)."""
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    """Recompute activations in backward: whole blocks (full) or attention only (selective)."""
-    checkpoint_every_n_layers: int = 1
-    """With activation checkpointing: apply it to every n-th block only."""
-    eval_every: int = 100
-    """Steps between validation passes; 0 means only the one at the end."""
-    eval_batches: int = 20
-    """Validation micro-batches per pass per process; 0 means the whole validation split."""
-    log_every: int = 10
-    """Steps between metric logs."""
-    checkpoint_every: int = 0
-    """Steps between checkpoints; 0 means only at the end of training."""
-    keep_checkpoints: int = 3
-    """How many recent checkpoints to keep; older ones are deleted."""
-    bad_loss_policy: Literal["stop", "skip"] = "stop"
-    """A non-finite or spiking loss: stop the run with an error after ``max_bad_steps`` bad
-    steps in a row (earlier ones are skipped), or skip every bad step (zero gradient)."""
-    max_bad_steps: int = 1
-    """With ``stop``: bad steps in a row that stop the run."""
-    spike_factor: float = 0.0
-    """A loss above this factor x the running mean of good steps counts as bad; 0 disables."""
-    sample_every: int = 0
-    """Steps between generations of ``sample.prompts`` logged as text to MLflow and
-    ``samples.jsonl`` (decoder models; not under ZeRO-3); 0 disables."""
-    peak_flops_per_device: float | None = None
-    """Peak FLOP/s of one device for MFU/HFU (e.g. a CPU's measured matmul peak); None uses
-    the known GPU table (A100, H100, H200 dense bf16) and reports no MFU elsewhere."""
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"decay_fraction: must be in (0, 1], got {self.decay_fraction}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas: expected two values in [0, 1), got {self.betas}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
-        if self.checkpoint_every_n_layers < 1:
-            raise ValueError("checkpoint_every_n_layers: must be at least 1")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "sample_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:
-            raise ValueError(
-                f"peak_flops_per_device: must be positive, got {self.peak_flops_per_device}; "
-                "give the device's peak FLOP/s (e.g. 989e12 for an H100) or leave it empty"
-            )
-        if self.max_bad_steps < 1:
-            raise ValueError(f"max_bad_steps: must be at least 1, got {self.max_bad_steps}")
-        if self.spike_factor != 0 and self.spike_factor <= 1:
-            raise ValueError(
-                f"spike_factor: {self.spike_factor} would flag ordinary steps; use a value "
-                "above 1 (e.g. 3.0) or 0 to disable spike detection"
-            )
-        if self.log_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("log_every: and keep_checkpoints must be at least 1")
-
-
-@dataclass
-class DeepSpeedConfig:
-    """DeepSpeed settings; the DeepSpeed JSON is generated from these and the train section."""
-
-    zero_stage: int = 2
-    """ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+gradients), 3 (+parameters)."""
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    """Keep optimizer state in CPU memory (ZeRO 1-3)."""
-    offload_params: Literal["none", "cpu"] = "none"
-    """Keep parameters in CPU memory (ZeRO 3 only)."""
-    overlap_comm: bool | None = None
-    """Overlap gradient reduction with backward. Default: on with NCCL; off with gloo (CPU),
-    where DeepSpeed has no streams to overlap on and the option only adds a copy."""
-    reduce_scatter: bool | None = None
-    """Reduce gradients with reduce-scatter. Default: on with NCCL; off with gloo, which has
-    no native reduce-scatter (DeepSpeed falls back to one reduce per rank)."""
-    bucket_size: int = 50_000_000
-    """Elements per reduce/all-gather bucket."""
-    config_file: str | None = None
-    """An existing DeepSpeed JSON; its keys must agree with the typed config (conflicts fail)."""
-    overrides: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed keys added to (or replacing) the generated JSON."""
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload_params != "none" and self.zero_stage != 3:
-            raise ValueError("offload_params: parameter offload needs zero_stage 3")
-        if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ValueError("offload_optimizer: optimizer offload needs zero_stage 1, 2 or 3")
-        if self.config_file is not None and not Path(self.config_file).is_file():
-            raise ValueError(f"config_file: no such DeepSpeed JSON '{self.config_file}'")
-
-
-@dataclass
-class LaunchConfig:
-    """How many processes run training and how they find each other."""
-
-    nnodes: int = 1
-    """Machines taking part."""
-    nproc_per_node: int = 2
-    """Training processes per machine (one per GPU; on a CPU, processes sharing the cores)."""
-    master_addr: str = "127.0.0.1"
-    """Rendezvous address (rank 0's host) for local runs."""
-    master_port: int | None = None
-    """Rendezvous port; None picks a free one."""
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """torch.distributed backend; auto is nccl with CUDA, gloo without."""
-    omp_num_threads: int = 1
-    """OMP_NUM_THREADS per process (CPU runs are much faster with 1 per process)."""
-
-    def __post_init__(self) -> None:
-        if self.nnodes < 1 or self.nproc_per_node < 1:
-            raise ValueError("nproc_per_node: nnodes and nproc_per_node must be at least 1")
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc_per_node
-
-
-@dataclass
-class SampleConfig:
-    """Text generated from the trained model at the end of a run (and logged to MLflow)."""
-
-    prompts: list[str] = field(default_factory=lambda: ["The "])
-    """Prompts to continue."""
-    max_new_tokens: int = 48
-    """Tokens generated per prompt."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 means greedy."""
-    top_k: int | None = 40
-    """Sample only from the k most likely tokens; None disables."""
-    top_p: float | None = None
-    """Nucleus sampling threshold; None disables."""
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k: must be at least 1, got {self.top_k}")
-
-
-@dataclass
-class ExportConfig:
-    """The Hugging Face export written after training."""
-
-    enabled: bool = True
-    """Write the export at the end of ``lmforge run``."""
-    output_dir: str | None = None
-    """Export folder; None means ``<run_dir>/export``."""
-    verify_atol: float = 1e-4
-    """Largest logit difference accepted between transformers and lmforge (fp32)."""
+# The sections `lmforge prepare` reads; the others keep their defaults there.
+PREPARE_SECTIONS = ("data", "tokenizer")
 
 
 @dataclass
@@ -266,17 +73,24 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.name)
+        if self.model.vocab_size is None and self.tokenizer.model_path is None:
+            self.model = dataclasses.replace(self.model, vocab_size=self.tokenizer.vocab_size)
+
+    def check_training(self) -> None:
+        """Checks the sections against each other, as training needs them.
+
+        Raises:
+            ValueError: ``"<section.key>: what is wrong; what to do"`` for the first problem.
+        """
         world = self.launch.world_size
         train = self.train
-        per_step = train.micro_batch_size * train.grad_accum_steps * world
+        per_step = train.sequences_per_step(world)
         if train.global_batch_size is not None and train.global_batch_size != per_step:
             raise ValueError(
                 f"train.global_batch_size: {train.global_batch_size} != micro_batch_size "
                 f"{train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} x world "
                 f"size {world} (= {per_step}); change one of them"
             )
-        if self.model.vocab_size is None and self.tokenizer.model_path is None:
-            self.model = dataclasses.replace(self.model, vocab_size=self.tokenizer.vocab_size)
         if self.model.vocab_size is not None and self.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
                 f"model.vocab_size: {self.model.vocab_size} is smaller than "
@@ -305,7 +119,7 @@ class RunConfig:
 
     @property
     def global_batch_size(self) -> int:
-        return self.train.micro_batch_size * self.train.grad_accum_steps * self.world_size
+        return self.train.sequences_per_step(self.world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -322,15 +136,23 @@ class RunConfig:
         os.replace(tmp, path)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(
+    path: str | Path | RunConfig | None,
+    overrides: list[str] = (),
+    sections: tuple[str, ...] | None = None,
+) -> RunConfig:
     """Loads a run config: defaults < YAML file < ``--section.key=value`` overrides.
 
     A ``model.preset`` key starts the model section from a named preset (see
     ``lmforge.model.presets``); other model keys then override the preset's values.
 
     Args:
-        path: The YAML file, or None for defaults only.
+        path: The YAML file, None for defaults only, or an already loaded config (returned
+            as is when there are no overrides).
         overrides: Command-line overrides such as ``--train.max_steps=50``.
+        sections: Build and check only these sections (e.g. :data:`PREPARE_SECTIONS`); the
+            others keep their defaults and the cross-section checks are skipped. None: the
+            whole config, checked for training.
 
     Returns:
         The validated config.
@@ -338,6 +160,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     Raises:
         ConfigError: Naming the file, line and key of the first problem found.
     """
+    if isinstance(path, RunConfig):
+        if overrides:
+            raise ConfigError("overrides apply to a YAML file, not to a loaded config")
+        return path
     data, lines = read_yaml(path) if path is not None else ({}, {})
     overridden: set[tuple[str, ...]] = set()
     for arg in overrides:
@@ -345,11 +171,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         apply_override(data, key, value)
         overridden.add(key)
     where = Where(str(path) if path is not None else None, lines, overridden)
+    if sections is not None:
+        every = [f.name for f in dataclasses.fields(RunConfig) if f.default_factory is not None
+                 and f.default_factory is not dataclasses.MISSING]
+        data = {k: v for k, v in data.items() if k in sections or k not in every}
     data = _expand_model_preset(data, where)
-    try:
-        return build(RunConfig, data, (), where)
-    except ConfigError:
-        raise
+    cfg = build(RunConfig, data, (), where)
+    if sections is None:
+        try:
+            cfg.check_training()
+        except ValueError as err:
+            raise located_error(err, (), where) from err
+    return cfg
 
 
 def _expand_model_preset(data: dict[str, Any], where: Where) -> dict[str, Any]:
@@ -366,12 +199,4 @@ def _expand_model_preset(data: dict[str, Any], where: Where) -> dict[str, Any]:
 
 def load_resolved(run_dir: str | Path) -> RunConfig:
     """Reads the resolved ``config.yaml`` that a run wrote into its directory."""
-    return load_config(Path(run_dir) / "config.yaml")
-
-
-def config_digest(cfg: RunConfig) -> str:
-    """A short stable fingerprint of the resolved config (for tags and sanity checks)."""
-    import hashlib
-
-    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return load_config(Path(run_dir) / CONFIG_FILE)

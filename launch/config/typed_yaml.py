@@ -134,10 +134,12 @@ def build(cls: type, data: Any, path: tuple[str, ...] = (), where: Where | None 
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
-        raise _post_init_error(err, path, where) from err
+        raise located_error(err, path, where) from err
 
 
-def _post_init_error(err: Exception, path: tuple[str, ...], where: Where) -> ConfigError:
+def located_error(err: Exception, path: tuple[str, ...], where: Where) -> ConfigError:
+    """A ConfigError for a check's ``"<key>: message"``, located at the key under ``path``
+    (its YAML line, or the override that set it)."""
     message = str(err)
     head, sep, rest = message.partition(":")
     if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:

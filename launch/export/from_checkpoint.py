@@ -1,18 +1,17 @@
-"""From a DeepSpeed checkpoint to a native model, a verified Hugging Face folder and samples."""
+"""From a DeepSpeed checkpoint to the native model and to a verified Hugging Face folder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from torch import nn
 
-from lmforge.launch import checkpoint as ckpt
-from lmforge.launch.config import RunConfig
-from lmforge.launch.export import verify_logits, write_hf_folder
-from lmforge.model import generate, to_hf
+from lmforge.launch.config import ExportConfig
+from lmforge.launch.export.hf_folder import verify_logits, write_hf_folder
+from lmforge.launch.train import checkpoint as ckpt
+from lmforge.model import ModelConfig, to_hf
+from lmforge.pipeline.manifest import DatasetManifest
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -28,14 +27,22 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def load_trained_model(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None) -> nn.Module:
-    """Builds the model and loads a checkpoint (default: the newest complete one)."""
-    folder = ckpt.find_resume(run_dir / "checkpoints", checkpoint or "auto")
+def load_trained_model(
+    model_cfg: ModelConfig, checkpoints: Path, checkpoint: str | None = None
+) -> nn.Module:
+    """Builds the model and loads a checkpoint's weights into it.
+
+    Args:
+        model_cfg: The model section (with the vocabulary size filled in).
+        checkpoints: The run's checkpoints folder.
+        checkpoint: A checkpoint folder; None takes the newest complete one.
+    """
+    folder = ckpt.find_resume(checkpoints, checkpoint or "auto")
     if folder is None:
         raise FileNotFoundError(
-            f"{run_dir / 'checkpoints'}: no complete checkpoint; train first (`lmforge train`)"
+            f"{checkpoints}: no complete checkpoint; train first (`lmforge train`)"
         )
-    model = cfg.model.build()
+    model = model_cfg.build()
     state = consolidated_state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied output head is saved once, under the embedding's name.
@@ -54,10 +61,23 @@ def _is_tied_copy(model: nn.Module, name: str) -> bool:
     return name in params and name not in unique
 
 
-def export_run(
-    cfg: RunConfig, run_dir: Path, manifest: Path, out_dir: Path, checkpoint: str | None = None
+def export_checkpoint(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    export: ExportConfig,
+    manifest: DatasetManifest,
+    out_dir: Path,
+    seed: int = 0,
 ) -> Path:
     """Writes ``out_dir`` (config.json, model.safetensors, tokenizer) and checks logit parity.
+
+    Args:
+        model: The trained model (see :func:`load_trained_model`).
+        model_cfg: Its model section.
+        export: The export section (the logit tolerance).
+        manifest: The dataset it was trained on (tokenizer file and special ids).
+        out_dir: The export folder; replaced only once the new export is complete.
+        seed: Seeds the random token ids the logits are compared on.
 
     Returns:
         The export folder.
@@ -66,44 +86,20 @@ def export_run(
         ExportError: transformers' logits differ from lmforge's by more than
             ``export.verify_atol``, or the exported tokenizer encodes differently.
     """
-    tokenizer = json.loads(manifest.read_text())["tokenizer"]
-    model = load_trained_model(cfg, run_dir, checkpoint)
+    tokenizer = manifest.tokenizer
     hf_config, hf_state = to_hf(
-        cfg.model,
+        model_cfg,
         model.state_dict(),
-        bos_token_id=tokenizer["bos_id"],
-        eos_token_id=tokenizer["eos_id"],
-        pad_token_id=tokenizer["pad_id"],
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
     )
-    out = write_hf_folder(out_dir, hf_config, hf_state, manifest.parent / tokenizer["file"])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    length = min(cfg.data.seq_len, 64)
-    input_ids = torch.randint(0, tokenizer["vocab_size"], (2, length), generator=generator)
+    out = write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_path)
+    generator = torch.Generator().manual_seed(seed)
+    length = min(manifest.seq_len, 64)
+    input_ids = torch.randint(0, tokenizer.vocab_size, (2, length), generator=generator)
     with torch.no_grad():
         reference = model(input_ids)
-    diff = verify_logits(out, reference, input_ids, atol=cfg.export.verify_atol)
+    diff = verify_logits(out, reference, input_ids, atol=export.verify_atol)
     print(f"export verified: max |logit diff| vs transformers = {diff:.2e}", flush=True)
     return out
-
-
-def sample_texts(cfg: RunConfig, model: nn.Module, manifest: Path) -> list[str]:
-    """Continues each ``sample.prompts`` entry; returns prompt + continuation texts."""
-    info = json.loads(manifest.read_text())["tokenizer"]
-    sp = spm.SentencePieceProcessor(model_file=str(manifest.parent / info["file"]))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    texts = []
-    for prompt in cfg.sample.prompts:
-        ids = torch.tensor([sp.encode(prompt)], dtype=torch.long)
-        with torch.no_grad():
-            out = generate(
-                model,
-                ids,
-                max_new_tokens=cfg.sample.max_new_tokens,
-                temperature=cfg.sample.temperature,
-                top_k=cfg.sample.top_k,
-                top_p=cfg.sample.top_p,
-                eos_id=info["eos_id"],
-                generator=generator,
-            )
-        texts.append(sp.decode(out[0].tolist()))
-    return texts

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmforge.launch.hf_tokenizer import ExportError, export_tokenizer
+from lmforge.launch.export import ExportError
+from lmforge.launch.export.hf_tokenizer import export_tokenizer
 
 __all__ = ["ExportError", "verify_logits", "write_hf_folder"]
 

@@ -38,14 +38,12 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from lmforge.launch.export import ExportError
+
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
 _Piece = spm_pb2.ModelProto.SentencePiece
 _BPE, _UNIGRAM = spm_pb2.TrainerSpec.BPE, spm_pb2.TrainerSpec.UNIGRAM
 
-
-
-class ExportError(Exception):
-    """An export could not be written or does not reproduce the trained model/tokenizer."""
 
 
 # Varied strings every export is checked on: whitespace runs and edges, newlines, tabs,

@@ -1,11 +1,16 @@
-"""``lmforge submit slurm|ray|local CONFIG``: run a stage of the job on a cluster.
+"""``lmforge submit slurm|ray|local CONFIG``: run the data preparation or training as a job.
 
-    lmforge submit slurm CONFIG --nodes N --gpus-per-node G [--partition P --time T ...]
-    lmforge submit ray CONFIG --address http://HEAD:8265 [--stage prepare|train]
-    lmforge submit local CONFIG [--stage prepare|train|all]
+    lmforge submit slurm CONFIG --nodes N --gpus-per-node G [--job prepare|train] [...]
+    lmforge submit ray CONFIG --address http://HEAD:8265 [--job prepare|train]
+    lmforge submit local CONFIG [--job prepare|train|all]
 
 The same resolved config (YAML plus ``--section.key=value`` overrides) goes to every
 target; ``--dry-run`` prints what would be submitted and submits nothing.
+
+Owns the submitting side (``slurm.py``, ``ray_jobs.py``, ``local.py``, shared parts in
+``spec.py``) and, kept apart, the job body's steps on the cluster (``job.py``; Ray Train in
+``ray_train.py``). May import: ``launch.config``, ``launch.rundir``, ``launch.tracking``,
+``launch.commands`` and ``launch.train`` (inside the job), ``pipeline.manifest``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ TARGETS = {
 def build_submit_parser(sub: argparse._SubParsersAction) -> None:
     """Adds ``submit`` and its targets to the ``lmforge`` command's subparsers."""
     submit = sub.add_parser(
-        "submit", help="submit a stage of the job to Slurm, a Ray cluster, or this machine",
+        "submit", help="submit data preparation or training to Slurm, a Ray cluster, or this "
+        "machine",
         description=__doc__.split("\n\n")[0],
     )
     targets = submit.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -41,12 +47,13 @@ def build_submit_parser(sub: argparse._SubParsersAction) -> None:
         elif name == "ray":
             _add_ray_flags(cmd)
         else:
-            cmd.add_argument("--stage", choices=["prepare", "train", "all"], default="train",
+            cmd.add_argument("--job", dest="work", choices=["prepare", "train", "all"],
+                             default="train",
                              help="what to run (default train; all = prepare then train)")
 
 
 def _add_slurm_flags(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--stage", choices=["train", "prepare"], default="train",
+    cmd.add_argument("--job", dest="work", choices=["train", "prepare"], default="train",
                      help="train (default; prepared data must exist, or use --after) or prepare "
                           "(a Ray cluster across the allocation runs the data pipeline)")
     cmd.add_argument("--nodes", type=int, default=None,
@@ -76,7 +83,7 @@ def _add_slurm_flags(cmd: argparse.ArgumentParser) -> None:
 def _add_ray_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--address", required=True,
                      help="Ray dashboard (job server) address, e.g. http://127.0.0.1:8265")
-    cmd.add_argument("--stage", choices=["prepare", "train"], default="train",
+    cmd.add_argument("--job", dest="work", choices=["prepare", "train"], default="train",
                      help="prepare (Ray Data pipeline) or train (Ray Train; the default)")
     cmd.add_argument("--num-workers", type=int, default=None,
                      help="training workers (ranks); default the config's world size")
@@ -106,10 +113,10 @@ def allocation_overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "command", None) != "submit" or args.target == "local":
         return []
     if args.target == "ray":
-        if args.stage != "train" or args.num_workers is None:
+        if args.work != "train" or args.num_workers is None:
             return []
         return ["--launch.nnodes=1", f"--launch.nproc_per_node={args.num_workers}"]
-    if args.stage == "prepare":
+    if args.work == "prepare":
         return []
     overrides = []
     if args.nodes is not None:
@@ -140,7 +147,7 @@ def dispatch_submit(args: argparse.Namespace, cfg: RunConfig) -> int:
             after=args.after,
             sbatch_args=args.sbatch_args,
         )
-        result = submit_slurm(cfg, job, args.stage, dry_run=args.print_only)
+        result = submit_slurm(cfg, job, args.work, dry_run=args.print_only)
         print_submission(cfg, job, result)
         return 0
     if args.target == "ray":
@@ -150,14 +157,14 @@ def dispatch_submit(args: argparse.Namespace, cfg: RunConfig) -> int:
         env = dict(_name_value(item) for item in args.env)
         train = RayTrainJob(args.num_workers or cfg.world_size, args.gpus_per_worker,
                             args.cpus_per_worker, args.max_failures)
-        job = ray_jobs.RayJob(args.address, args.stage, train, args.python, args.working_dir, env)
+        job = ray_jobs.RayJob(args.address, args.work, train, args.python, args.working_dir, env)
         result = ray_jobs.submit_ray(cfg, job, dry_run=args.print_only)
         ray_jobs.print_submission(cfg, job, result)
         return 0
     if args.target == "local":
         from lmforge.launch.submit.local import run_local
 
-        return run_local(cfg, args.stage, dry_run=args.print_only)
+        return run_local(cfg, args.work, dry_run=args.print_only)
     raise AssertionError(args.target)
 
 

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from lmforge.launch.config import RunConfig, load_config
-from lmforge.launch.submit.spec import RUN_ID_FILE, ensure_mlflow_run
+from lmforge.launch.rundir import RunDir
+from lmforge.launch.submit.spec import ensure_mlflow_run
 
 
 def setup_run(config: Path | RunConfig, run_id: str | None = None) -> RunConfig:
@@ -33,34 +34,33 @@ def setup_run(config: Path | RunConfig, run_id: str | None = None) -> RunConfig:
     Raises:
         FileNotFoundError: The dataset has not been prepared (names the manifest path).
     """
-    from lmforge.launch.run import config_for_training, run_dir_of
+    from lmforge.launch.commands import config_for_training
 
-    cfg = config_for_training(load_config(config) if isinstance(config, Path) else config)
-    run_dir = run_dir_of(cfg)
-    id_file = run_dir / RUN_ID_FILE
-    if run_id and not id_file.is_file():
-        id_file.write_text(run_id)
-    ensure_mlflow_run(cfg, run_dir)
+    cfg = config_for_training(load_config(config))
+    run = RunDir.of(cfg.run_dir)
+    if run_id and run.read_run_id() is None:
+        run.write_run_id(run_id)
+    ensure_mlflow_run(cfg, run.path)
     return cfg
 
 
 def finish_run(run_dir: Path, status: str) -> None:
-    """Ends the job's MLflow run (recorded in ``<run_dir>/mlflow_run_id``) with ``status``."""
+    """Ends the job's MLflow run (recorded in the run directory) with ``status``."""
     from lmforge.launch.config import load_resolved
     from lmforge.launch.tracking import Tracker
 
-    id_file = run_dir / RUN_ID_FILE
+    run_id = RunDir.of(run_dir).read_run_id()
     cfg = load_resolved(run_dir)
-    if not cfg.tracking.enabled or not id_file.is_file():
+    if not cfg.tracking.enabled or run_id is None:
         return
     tracker = Tracker(cfg.tracking, run_dir)
-    tracker.start(run_id=id_file.read_text().strip(), system_metrics=False)
+    tracker.start(run_id=run_id, system_metrics=False)
     tracker.close(status=status)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmforge.launch.submit.job")
-    sub = parser.add_subparsers(dest="step", required=True)
+    sub = parser.add_subparsers(dest="action", required=True)
     setup = sub.add_parser("setup", help="write RUN_DIR/config.yaml and the MLflow run id")
     setup.add_argument("--config", type=Path, required=True)
     finish = sub.add_parser("finish", help="end the job's MLflow run")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     finish.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], required=True)
     args = parser.parse_args(argv)
     try:
-        if args.step == "setup":
+        if args.action == "setup":
             setup_run(args.config)
         else:
             finish_run(args.run_dir, args.status)

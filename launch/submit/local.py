@@ -1,4 +1,4 @@
-"""``lmforge submit local``: run a submitted stage on this machine, in the foreground.
+"""``lmforge submit local``: run a submitted job on this machine, in the foreground.
 
 The job goes through the same steps as on a cluster (the submitted config in
 ``<run_dir>/submit/config.yaml``, one MLflow run per job recorded in the run directory,
@@ -9,59 +9,57 @@ it again after an interruption and it continues from the newest complete checkpo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from lmforge.launch.callbacks import REQUEUE_EXIT_CODE
 from lmforge.launch.config import RunConfig
-from lmforge.launch.submit.spec import RUN_ID_FILE, JobFiles, mlflow_line
+from lmforge.launch.rundir import RunDir
+from lmforge.launch.submit.spec import WORK, mlflow_line
+from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE
+from lmforge.pipeline.manifest import DatasetManifest
 
-STAGES = ("prepare", "train", "all")
 
-
-def describe(cfg: RunConfig, stage: str) -> dict[str, object]:
+def describe(cfg: RunConfig, work: str) -> dict[str, object]:
     """The job spec shown by ``--dry-run``."""
-    from lmforge.launch.run import manifest_of, run_dir_of
-
     return {
         "target": "local",
-        "stage": stage,
-        "processes": cfg.world_size if stage != "prepare" else None,
-        "run_dir": str(run_dir_of(cfg)),
-        "manifest": str(manifest_of(cfg)),
-        "resume": "auto" if stage != "prepare" else None,
+        "job": work,
+        "processes": cfg.world_size if work != "prepare" else None,
+        "run_dir": str(RunDir.of(cfg.run_dir).path),
+        "manifest": str(DatasetManifest.path_in(Path(cfg.data.output_dir).resolve())),
+        "resume": "auto" if work != "prepare" else None,
     }
 
 
-def run_local(cfg: RunConfig, stage: str, dry_run: bool = False) -> int:
-    """Runs ``stage`` (prepare, train or all) of the job here; returns its exit status.
+def run_local(cfg: RunConfig, work: str, dry_run: bool = False) -> int:
+    """Runs ``work`` (prepare, train or all) here; returns the job's exit status.
 
     Training exits with 75 when it was stopped by SIGTERM/SIGUSR1 after a checkpoint; the
     MLflow run then stays open for the next ``submit local``, which resumes.
     """
-    if stage not in STAGES:
-        raise ValueError(f"--stage: '{stage}' is not one of {', '.join(STAGES)}")
+    if work not in WORK:
+        raise ValueError(f"--job: '{work}' is not one of {', '.join(WORK)}")
     if dry_run:
-        print(json.dumps(describe(cfg, stage), indent=2))
+        print(json.dumps(describe(cfg, work), indent=2))
         print("# dry run: nothing started")
         return 0
-    from lmforge.launch.run import prepare_stage, run_dir_of
+    from lmforge.launch.commands import prepare_data
 
-    if stage in ("prepare", "all"):
-        print(f"manifest: {prepare_stage(cfg)}", flush=True)
-    if stage == "prepare":
+    if work in ("prepare", "all"):
+        print(f"manifest: {prepare_data(cfg)}", flush=True)
+    if work == "prepare":
         return 0
-    from lmforge.launch.local import launch_training
     from lmforge.launch.submit.job import finish_run, setup_run
+    from lmforge.launch.train.torchrun import launch_training
 
-    run_dir = run_dir_of(cfg)
-    cfg.save(JobFiles(run_dir).config("train"))
+    run = RunDir.of(cfg.run_dir)
+    cfg.save(run.job_config("train"))
     cfg = setup_run(cfg)
-    id_file = run_dir / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
-    print(f"local job: train on {cfg.world_size} process(es); run directory {run_dir}")
-    print(f"  MLflow : {mlflow_line(cfg, run_dir, run_id)}", flush=True)
-    code = launch_training(cfg, run_dir, resume="auto", run_id=run_id)
+    run_id = run.read_run_id()
+    print(f"local job: train on {cfg.world_size} process(es); run directory {run.path}")
+    print(f"  MLflow : {mlflow_line(cfg, run.path, run_id)}", flush=True)
+    code = launch_training(cfg.launch, run.path, resume="auto", run_id=run_id)
     if code == 0:
-        finish_run(run_dir, "FINISHED")
+        finish_run(run.path, "FINISHED")
     elif code != REQUEUE_EXIT_CODE:
-        finish_run(run_dir, "FAILED")
+        finish_run(run.path, "FAILED")
     return code

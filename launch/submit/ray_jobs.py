@@ -3,7 +3,7 @@
 The job carries its resolved config in its runtime environment (``LMFORGE_JOB_CONFIG``),
 so the cluster needs lmforge installed but not the user's YAML. It runs this module:
 
-    python -m lmforge.launch.submit.ray_jobs --stage prepare|train [--num-workers N ...]
+    python -m lmforge.launch.submit.ray_jobs --job prepare|train [--num-workers N ...]
 
 ``prepare`` runs the Ray Data pipeline on the cluster the job lives in; ``train`` goes
 through Ray Train (:mod:`lmforge.launch.submit.ray_train`). Paths in the config are seen
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.launch.config import RunConfig, load_config
+from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit.ray_train import RayTrainJob
-from lmforge.launch.submit.spec import JobFiles, ensure_mlflow_run, mlflow_line, resolve_in
+from lmforge.launch.submit.spec import ensure_mlflow_run, mlflow_line, resolve_in
 
 CONFIG_ENV = "LMFORGE_JOB_CONFIG"
 RUN_ID_ENV = "LMFORGE_MLFLOW_RUN_ID"
@@ -37,7 +38,7 @@ class RayJob:
 
     address: str
     """Ray dashboard (job server) address, e.g. http://127.0.0.1:8265."""
-    stage: str = "train"
+    work: str = "train"
     """prepare (Ray Data pipeline) or train (Ray Train + DeepSpeed)."""
     train: RayTrainJob = field(default_factory=RayTrainJob)
     """Workers, resources and retries of training."""
@@ -50,8 +51,8 @@ class RayJob:
     """Extra environment variables for every process of the job."""
 
     def __post_init__(self) -> None:
-        if self.stage not in ("prepare", "train"):
-            raise ValueError(f"--stage: '{self.stage}' is not prepare or train")
+        if self.work not in ("prepare", "train"):
+            raise ValueError(f"--job: '{self.work}' is not prepare or train")
         if not self.address:
             raise ValueError("--address: give the Ray dashboard address, e.g. http://HEAD:8265")
 
@@ -69,8 +70,8 @@ class RaySubmission:
 
 def job_spec(cfg: RunConfig, job: RayJob, workdir: Path) -> tuple[str, dict[str, Any]]:
     """The entrypoint command and runtime environment of the Ray Job."""
-    command = [job.python, "-m", "lmforge.launch.submit.ray_jobs", "--stage", job.stage]
-    if job.stage == "train":
+    command = [job.python, "-m", "lmforge.launch.submit.ray_jobs", "--job", job.work]
+    if job.work == "train":
         t = job.train
         command += ["--num-workers", str(t.num_workers), "--gpus-per-worker",
                     str(t.gpus_per_worker), "--cpus-per-worker", str(t.cpus_per_worker),
@@ -83,7 +84,7 @@ def job_spec(cfg: RunConfig, job: RayJob, workdir: Path) -> tuple[str, dict[str,
         "TOKENIZERS_PARALLELISM": "false",
         **job.env,
     }
-    if job.stage == "train" and not job.train.gpus_per_worker:
+    if job.work == "train" and not job.train.gpus_per_worker:
         env.setdefault("DS_ACCELERATOR", "cpu")
     runtime_env: dict[str, Any] = {"env_vars": env}
     if job.working_dir is not None:
@@ -96,11 +97,11 @@ def job_spec(cfg: RunConfig, job: RayJob, workdir: Path) -> tuple[str, dict[str,
 def submit_ray(
     cfg: RunConfig, job: RayJob, dry_run: bool = False, workdir: Path | None = None
 ) -> RaySubmission:
-    """Submits a prepare or train stage to a Ray cluster through Ray Jobs.
+    """Submits data preparation or training to a Ray cluster through Ray Jobs.
 
     Args:
         cfg: The resolved config; for training its world size must equal the worker count.
-        job: Address, stage, workers and environment.
+        job: Address, work, workers and environment.
         dry_run: Build the job spec only: contact nothing, write nothing.
         workdir: Directory the job runs in when nothing is uploaded; default the current one.
 
@@ -108,15 +109,15 @@ def submit_ray(
         ValueError: The job server refused the job or could not be reached.
     """
     workdir = (workdir or Path.cwd()).resolve()
-    if job.stage == "train" and cfg.world_size != job.train.num_workers:
+    if job.work == "train" and cfg.world_size != job.train.num_workers:
         raise ValueError(f"--num-workers: {job.train.num_workers} workers but the config's "
                          f"world size is {cfg.world_size}; they must match")
-    submission_id = f"lmforge-{cfg.name}-{job.stage}-{secrets.token_hex(3)}"
+    submission_id = f"lmforge-{cfg.name}-{job.work}-{secrets.token_hex(3)}"
     run_id = None
-    if job.stage == "train" and not dry_run:
+    if job.work == "train" and not dry_run:
         run_dir = resolve_in(cfg.run_dir, workdir)
         run_id = ensure_mlflow_run(cfg, run_dir)
-        cfg.save(JobFiles(run_dir).config("train"))
+        cfg.save(RunDir.of(run_dir).job_config("train"))
     entrypoint, runtime_env = job_spec(cfg, job, workdir)
     if run_id:
         runtime_env["env_vars"][RUN_ID_ENV] = run_id
@@ -128,7 +129,7 @@ def submit_ray(
     try:
         client = JobSubmissionClient(job.address)
         client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                          submission_id=submission_id, metadata={"lmforge_stage": job.stage})
+                          submission_id=submission_id, metadata={"lmforge_job": job.work})
     except Exception as err:  # connection, auth and validation errors all end up here
         raise ValueError(
             f"--address: Ray job server at {job.address} did not accept the job ({err}). Is "
@@ -165,14 +166,14 @@ def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,
         print("# dry run: nothing submitted")
         return
     sid, address = result.submission_id, shlex.quote(job.address)
-    what = "prepare (Ray Data)" if job.stage == "prepare" else (
+    what = "prepare (Ray Data)" if job.work == "prepare" else (
         f"train with {job.train.num_workers} Ray Train worker(s), "
         + (f"{job.train.gpus_per_worker} GPU(s) each" if job.train.gpus_per_worker else "CPU"))
     print(f"submitted Ray job {sid}: {what}")
     print(f"  status : ray job status {sid} --address {address}")
     print(f"  logs   : ray job logs --follow {sid} --address {address}")
     print(f"  stop   : ray job stop {sid} --address {address}")
-    if job.stage == "train":
+    if job.work == "train":
         run_dir = resolve_in(cfg.run_dir, (workdir or Path.cwd()).resolve())
         print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")
     else:
@@ -182,7 +183,7 @@ def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,
 # -- inside the job ------------------------------------------------------------------
 
 
-def run_job(stage: str, train: RayTrainJob) -> None:
+def run_job(work: str, train: RayTrainJob) -> None:
     """The job's body, on the cluster: the config comes from ``LMFORGE_JOB_CONFIG``."""
     import ray
 
@@ -194,33 +195,29 @@ def run_job(stage: str, train: RayTrainJob) -> None:
         path.write_text(text, encoding="utf-8")
         cfg = load_config(path)
     ray.init()  # the cluster this job runs on (RAY_ADDRESS is set by the job server)
-    if stage == "prepare":
-        from lmforge.launch.run import prepare_stage
+    if work == "prepare":
+        from lmforge.launch.commands import prepare_data
 
-        print(f"manifest: {prepare_stage(cfg)}", flush=True)
+        print(f"manifest: {prepare_data(cfg)}", flush=True)
         return
-    from lmforge.launch.run import run_dir_of
     from lmforge.launch.submit.job import finish_run, setup_run
     from lmforge.launch.submit.ray_train import fit
 
     cfg = setup_run(cfg, run_id=os.environ.get(RUN_ID_ENV))
-    run_dir = run_dir_of(cfg)
-    run_id_file = run_dir / "mlflow_run_id"
-    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    run = RunDir.of(cfg.run_dir)
     # The job driver may run where there is no GPU: the workers' resources decide.
-    backend = cfg.launch.backend if cfg.launch.backend != "auto" else (
-        "nccl" if train.gpus_per_worker else "gloo")
+    backend = cfg.launch.resolved_backend(cuda=train.gpus_per_worker > 0)
     try:
-        fit(run_dir, train, run_id, backend)
+        fit(run.path, train, run.read_run_id(), backend)
     except Exception:
-        finish_run(run_dir, "FAILED")
+        finish_run(run.path, "FAILED")
         raise
-    finish_run(run_dir, "FINISHED")
+    finish_run(run.path, "FINISHED")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmforge.launch.submit.ray_jobs")
-    parser.add_argument("--stage", choices=["prepare", "train"], required=True)
+    parser.add_argument("--job", dest="work", choices=["prepare", "train"], required=True)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--gpus-per-worker", type=int, default=0)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -229,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     train = RayTrainJob(args.num_workers, args.gpus_per_worker, args.cpus_per_worker,
                         args.max_failures)
     try:
-        run_job(args.stage, train)
+        run_job(args.work, train)
     except (FileNotFoundError, ValueError) as err:
         print(f"lmforge: {err}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """Training on a Ray cluster: Ray Train's TorchTrainer, DeepSpeed inside each worker.
 
 Ray Train creates the process group (gloo or NCCL) and places the workers; each worker
-then runs the ordinary per-rank entry point, :func:`lmforge.launch.worker.train_main`,
+then runs the ordinary per-rank entry point, :func:`lmforge.launch.train.worker.train_main`,
 which sees the existing process group and keeps it. A worker that fails (or is stopped
 for preemption, exit 75) fails the attempt; ``FailureConfig(max_failures)`` restarts the
 whole group, which resumes from the newest complete checkpoint (``--resume auto``).
@@ -38,7 +38,7 @@ class RayTrainJob:
 
 def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker: one DeepSpeed rank."""
-    from lmforge.launch.worker import train_main
+    from lmforge.launch.train.worker import train_main
 
     code = train_main(Path(config["run_dir"]), "auto", config["run_id"])
     if code != 0:  # preempted or failed: let FailureConfig restart the group

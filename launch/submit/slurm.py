@@ -18,15 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.launch.config import RunConfig
+from lmforge.launch.config.dataset_check import config_for_dataset
+from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit.spec import (
     SLURM_TEMPLATES,
-    JobFiles,
     ensure_mlflow_run,
     mlflow_line,
     render_template,
     resolve_in,
     with_allocation,
 )
+from lmforge.pipeline.manifest import DatasetManifest
 
 TEMPLATES = {"train": "train.sbatch", "prepare": "ray-prepare.sbatch"}
 TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
@@ -104,56 +106,56 @@ def job_config(cfg: RunConfig, job: SlurmJob) -> RunConfig:
 
 
 def render_script(
-    cfg: RunConfig, job: SlurmJob, stage: str = "train", workdir: Path | None = None
+    cfg: RunConfig, job: SlurmJob, work: str = "train", workdir: Path | None = None
 ) -> str:
-    """The sbatch script for ``stage`` of ``cfg`` on the allocation ``job`` describes.
+    """The sbatch script that does ``work`` for ``cfg`` on the allocation ``job`` describes.
 
     Args:
         cfg: The resolved config; for training its ``launch`` section must already match
             the allocation (see :func:`job_config`).
         job: Nodes, GPUs, scheduling options.
-        stage: ``train`` (slurm/train.sbatch) or ``prepare`` (slurm/ray-prepare.sbatch: a
+        work: ``train`` (slurm/train.sbatch) or ``prepare`` (slurm/ray-prepare.sbatch: a
             Ray cluster across the allocation runs the data pipeline).
         workdir: The job's working directory (relative config paths resolve against it);
             default the current one.
     """
-    if stage not in TEMPLATES:
-        raise ValueError(f"--stage: '{stage}' is not one of {', '.join(TEMPLATES)}")
+    if work not in TEMPLATES:
+        raise ValueError(f"--job: '{work}' is not one of {', '.join(TEMPLATES)}")
     workdir = (workdir or Path.cwd()).resolve()
-    files = JobFiles(resolve_in(cfg.run_dir, workdir))
-    for what, path in (("working directory", workdir), ("run_dir", files.run_dir)):
+    run = RunDir(resolve_in(cfg.run_dir, workdir))
+    for what, path in (("working directory", workdir), ("run_dir", run.path)):
         if re.search(r"\s", str(path)):
             raise ValueError(f"{what}: '{path}' contains whitespace, which #SBATCH cannot quote")
     values = {
-        "job_name": f"lmforge-{cfg.name}" + ("-prepare" if stage == "prepare" else ""),
+        "job_name": f"lmforge-{cfg.name}" + ("-prepare" if work == "prepare" else ""),
         "nodes": job.nodes,
-        "resource_directives": _directives(_resource_options(job, stage)),
+        "resource_directives": _directives(_resource_options(job, work)),
         "workdir": workdir,
-        "log_dir": files.log_dir,
+        "log_dir": run.logs,
         "extra_directives": _directives(_scheduling_options(job)),
         "python": shlex.quote(sys.executable),
-        "job_config": shlex.quote(str(files.config(stage))),
+        "job_config": shlex.quote(str(run.job_config(work))),
     }
-    if stage == "train":
+    if work == "train":
         values.update({
             "tasks_per_node": job.processes_per_node(cfg),
             "signal_seconds": job.signal_seconds,
-            "run_dir": shlex.quote(str(files.run_dir)),
+            "run_dir": shlex.quote(str(run.path)),
             "omp_num_threads": cfg.launch.omp_num_threads,
             "backend_env": _backend_env(cfg, job),
             "master_port": job.master_port or cfg.launch.master_port
             or "$((20000 + SLURM_JOB_ID % 20000))",
         })
-    return render_template(SLURM_TEMPLATES / TEMPLATES[stage], values)
+    return render_template(SLURM_TEMPLATES / TEMPLATES[work], values)
 
 
-def _resource_options(job: SlurmJob, stage: str) -> list[str]:
+def _resource_options(job: SlurmJob, work: str) -> list[str]:
     options = []
     if job.gpus_per_node:
         options.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task:
         options.append(f"--cpus-per-task={job.cpus_per_task}")
-    elif stage == "prepare":  # one Ray node per machine uses all of its cores
+    elif work == "prepare":  # one Ray node per machine uses all of its cores
         options.append("--exclusive")
     if job.mem:
         options.append(f"--mem={job.mem}")
@@ -175,10 +177,7 @@ def _directives(options: list[str]) -> str:
 
 
 def _backend_env(cfg: RunConfig, job: SlurmJob) -> str:
-    backend = cfg.launch.backend
-    if backend == "auto":
-        backend = "nccl" if job.gpus_per_node else "gloo"
-    if backend == "nccl":
+    if cfg.launch.resolved_backend(cuda=job.gpus_per_node > 0) == "nccl":
         lines = [
             "# NCCL (GPU): report problems, and fail instead of hanging when a peer dies.",
             "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
@@ -199,16 +198,16 @@ def _backend_env(cfg: RunConfig, job: SlurmJob) -> str:
 def submit_slurm(
     cfg: RunConfig,
     job: SlurmJob,
-    stage: str = "train",
+    work: str = "train",
     dry_run: bool = False,
     workdir: Path | None = None,
 ) -> SlurmSubmission:
-    """Renders the job script for ``stage`` and submits it with sbatch (or only renders it).
+    """Renders the job script for ``work`` and submits it with sbatch (or only renders it).
 
     Args:
         cfg: The resolved config (YAML plus overrides).
         job: The allocation and scheduling options.
-        stage: ``train`` or ``prepare``.
+        work: ``train`` or ``prepare``.
         dry_run: Render only: write nothing, create no MLflow run, submit nothing.
         workdir: The job's working directory; default the current one.
 
@@ -220,31 +219,33 @@ def submit_slurm(
         FileNotFoundError: sbatch is not installed here.
     """
     workdir = (workdir or Path.cwd()).resolve()
-    if stage == "train":
+    if work == "train":
         cfg = job_config(cfg, job)
-    script = render_script(cfg, job, stage, workdir)
-    files = JobFiles(resolve_in(cfg.run_dir, workdir))
-    script_path = files.script(TEMPLATES[stage])
-    job_name = f"lmforge-{cfg.name}" + ("-prepare" if stage == "prepare" else "")
-    log_pattern = str(files.log_dir / f"{job_name}-%j.out")
+    script = render_script(cfg, job, work, workdir)
+    run = RunDir(resolve_in(cfg.run_dir, workdir))
+    script_path = run.job_script(TEMPLATES[work])
+    job_name = f"lmforge-{cfg.name}" + ("-prepare" if work == "prepare" else "")
+    log_pattern = str(run.logs / f"{job_name}-%j.out")
     if dry_run:
         return SlurmSubmission(script, script_path, None, log_pattern, None)
-    manifest = resolve_in(cfg.data.output_dir, workdir) / "manifest.json"
-    if stage == "train" and job.after is None and not manifest.is_file():
-        raise ValueError(
-            f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge submit "
-            "slurm CONFIG --stage prepare`) first, or pass --after PREPARE_JOB_ID"
-        )
+    manifest = DatasetManifest.path_in(resolve_in(cfg.data.output_dir, workdir))
+    if work == "train" and job.after is None:
+        if not manifest.is_file():
+            raise ValueError(
+                f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge "
+                "submit slurm CONFIG --job prepare`) first, or pass --after PREPARE_JOB_ID"
+            )
+        config_for_dataset(cfg, DatasetManifest.read(manifest))  # refuse now, not in the queue
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise FileNotFoundError(
             "sbatch: not found; submit from a Slurm login node (for a local test cluster run "
             "slurm/local-test-cluster.sh), or use --dry-run to only print the script"
         )
-    files.log_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(files.config(stage))
+    run.logs.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.job_config(work))
     script_path.write_text(script, encoding="utf-8")
-    run_id = ensure_mlflow_run(cfg, files.run_dir) if stage == "train" else None
+    run_id = ensure_mlflow_run(cfg, run.path) if work == "train" else None
     proc = subprocess.run(
         [sbatch, "--parsable", str(script_path)], capture_output=True, text=True, cwd=workdir
     )

@@ -1,9 +1,10 @@
-"""What every submit target shares: the job's config, its files, templates and the MLflow run.
+"""What every submit target shares: the job's config, templates and the MLflow run.
 
 A submitted job never sees the user's YAML or overrides: ``lmforge submit`` resolves them
 once, adjusts the ``launch`` section to the requested allocation (so batch-size checks fail
-here, before anything is queued) and writes ``<run_dir>/submit/<stage>-config.yaml``. The job reads
-that file, on any machine, from the same working directory.
+here, before anything is queued) and writes ``<run_dir>/submit/<work>-config.yaml`` (see
+``RunDir.job_config``). The job reads that file, on any machine, from the same working
+directory.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.launch.config import RunConfig
+from lmforge.launch.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLURM_TEMPLATES = REPO_ROOT / "slurm"
-RUN_ID_FILE = "mlflow_run_id"  # same file name as lmforge.launch.run.RUN_ID_FILE
+WORK = ("prepare", "train", "all")
+"""What a submitted job does (``--job``): prepare the data, train, or both in turn."""
 
 
 class JobTemplate(string.Template):
@@ -56,28 +58,6 @@ def _placeholders(text: str) -> list[str]:
     return re.findall(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}", text)
 
 
-@dataclass
-class JobFiles:
-    """Where a submitted job keeps its inputs and logs (all under the run directory)."""
-
-    run_dir: Path
-
-    @property
-    def submit_dir(self) -> Path:
-        return self.run_dir / "submit"
-
-    def config(self, stage: str) -> Path:
-        """The resolved config a job of ``stage`` (prepare, train) starts from."""
-        return self.submit_dir / f"{stage}-config.yaml"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
-
-    def script(self, name: str) -> Path:
-        return self.submit_dir / name
-
-
 def resolve_in(path: str | Path, workdir: Path) -> Path:
     """A config path as the job sees it: relative paths resolve against its working dir."""
     path = Path(path)
@@ -91,8 +71,10 @@ def with_allocation(cfg: RunConfig, nnodes: int, nproc_per_node: int) -> RunConf
         ValueError: The allocation does not fit the config (e.g. ``train.global_batch_size``).
     """
     launch = dataclasses.replace(cfg.launch, nnodes=nnodes, nproc_per_node=nproc_per_node)
+    cfg = dataclasses.replace(cfg, launch=launch)
     try:
-        return dataclasses.replace(cfg, launch=launch)
+        cfg.check_training()
+        return cfg
     except ValueError as err:
         raise ValueError(
             f"{err} (for {nnodes} node(s) x {nproc_per_node} process(es) per node; "
@@ -101,16 +83,17 @@ def with_allocation(cfg: RunConfig, nnodes: int, nproc_per_node: int) -> RunConf
 
 
 def ensure_mlflow_run(cfg: RunConfig, run_dir: Path) -> str | None:
-    """Creates the job's MLflow run once and records its id in ``<run_dir>/mlflow_run_id``.
+    """Creates the job's MLflow run once and records its id in the run directory.
 
     Every attempt of the job (requeues, Ray Train retries) attaches to the recorded run, so
     one job is one MLflow run. Returns None when tracking is off.
     """
     if not cfg.tracking.enabled:
         return None
-    id_file = run_dir / RUN_ID_FILE
-    if id_file.is_file() and id_file.read_text().strip():
-        return id_file.read_text().strip()
+    run = RunDir.of(run_dir)
+    recorded = run.read_run_id()
+    if recorded:
+        return recorded
     from lmforge.launch.tracking import Tracker
 
     tracker = Tracker(cfg.tracking, run_dir)
@@ -118,8 +101,7 @@ def ensure_mlflow_run(cfg: RunConfig, run_dir: Path) -> str | None:
     tracker.log_params(cfg.to_dict())
     tracker.close(status="RUNNING")  # the job's last step ends the run
     run_id = tracker.run_id or run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    run.write_run_id(run_id)
     return run_id
 
 
@@ -127,6 +109,6 @@ def mlflow_line(cfg: RunConfig, run_dir: Path, run_id: str | None) -> str:
     """One line saying where the job's metrics go."""
     if not cfg.tracking.enabled:
         return "off (tracking.enabled=false)"
-    uri = cfg.tracking.uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+    uri = cfg.tracking.uri or f"sqlite:///{RunDir.of(run_dir).mlflow_db}"
     run = run_id or "created when the job starts"
     return f"{uri}  experiment '{cfg.tracking.experiment}'  run {run}"

@@ -1,4 +1,4 @@
-"""Background delivery of tracking records to MLflow, used by `launch/tracking.py`.
+"""Background delivery of tracking records to MLflow, used by `tracking/tracker.py`.
 
 One daemon thread owns the `MlflowClient`. Callers only append to in-memory queues, so a slow
 or dead tracking server costs the training loop nothing: the thread creates (or re-attaches to)
@@ -21,6 +21,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
+from lmforge.launch.tracking.errors import is_permanent, short_reason
+
 log = logging.getLogger("lmforge.launch.tracking")
 
 RUN_KEY_TAG = "lmforge.run_key"
@@ -28,48 +30,14 @@ RUN_KEY_TAG = "lmforge.run_key"
 PENDING_PREFIX = "lmforge-pending-"
 """Prefix of the handle `Tracker.start` returns while the run does not exist yet."""
 
-# Error codes a retry cannot fix: the record is dropped with a warning instead of retried forever.
-_PERMANENT_ERRORS = frozenset({
-    "INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS",
-    "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
-})
 _FIRST_BACKOFF_S = 1.0
 # While someone waits in flush()/close(), retry often so a server coming back is noticed.
 _FLUSH_RETRY_S = 0.5
-
-_NETWORK_REASONS = (
-    ("Connection refused", "connection refused"),
-    ("NewConnectionError", "cannot connect"),
-    ("Read timed out", "no answer within the request timeout"),
-    ("ConnectTimeout", "connect timed out"),
-    ("RemoteDisconnected", "server closed the connection"),
-    ("Connection reset", "connection reset"),
-    ("Name or service not known", "unknown host"),
-)
 
 MetricRecord = tuple[str, float, int, int]
 """(key, value, timestamp in ms, step): what callers enqueue; converted to `Metric` here."""
 Operation = Callable[[MlflowClient, str], None]
 """A queued non-metric record: called with the client and the run id once the run exists."""
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """Whether retrying `exc` cannot succeed (bad value, conflicting param, missing run)."""
-    return isinstance(exc, MlflowException) and exc.error_code in _PERMANENT_ERRORS
-
-
-def short_reason(exc: BaseException) -> str:
-    """A one-line cause for warnings: the root network error when there is one.
-
-    MLflow wraps connection failures in a long "API request to ... failed with exception
-    HTTPConnectionPool(...)" message; the useful part is the last words of it.
-    """
-    text = str(exc).strip()
-    for marker, reason in _NETWORK_REASONS:
-        if marker in text:
-            return reason
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first if len(first) <= 240 else first[:237] + "..."
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """How each kind of tracking record is built: params, dataset lineage, system metrics.
 
-Used by launch/tracking.py. MLflow is imported inside the functions, so importing this module
+Used by tracking/tracker.py. MLflow is imported inside the functions, so importing this module
 (and with it the config) stays cheap on ranks that never track.
 """
 
@@ -12,6 +12,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lmforge.launch.tracking.errors import is_permanent
+from lmforge.pipeline.manifest import DatasetManifest
 
 log = logging.getLogger("lmforge.launch.tracking")
 
@@ -52,8 +55,6 @@ def params_operation(params: list[tuple[str, str]]) -> Callable[[Any, str], None
 
     from mlflow.entities import Param
 
-    from lmforge.launch.tracking_worker import is_permanent
-
     def send(client: Any, run_id: str) -> None:
         entities = [Param(k, v) for k, v in params]
         try:
@@ -79,62 +80,46 @@ def params_operation(params: list[tuple[str, str]]) -> Callable[[Any, str], None
 
 
 
-def manifest_shards(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Every shard entry of a manifest with the group it belongs to, in manifest order.
-
-    Reads the pipeline's layout (`datasets.<name>.splits.<split>.shards`, group
-    "<name>/<split>") and also a flat top-level `shards` list (group "all").
-    """
-    found: list[tuple[str, dict[str, Any]]] = []
-    for shard in manifest.get("shards", []):
-        found.append(("all", shard))
-    for name, dataset in (manifest.get("datasets") or {}).items():
-        for split, part in (dataset.get("splits") or {}).items():
-            found.extend((f"{name}/{split}", shard) for shard in part.get("shards", []))
-    return [(group, shard) for group, shard in found if isinstance(shard, dict)]
-
-
-def dataset_entity(manifest_path: Path) -> Any:
-    """The `mlflow.entities.Dataset` describing a shard manifest (see log_dataset_lineage).
+def dataset_entity(manifest: DatasetManifest) -> Any:
+    """The `mlflow.entities.Dataset` describing a prepared dataset (see log_dataset_lineage).
 
     The digest is sha256(tokenizer sha256 + every shard's sha256, in manifest order); the
-    profile holds sample/token counts per "<dataset>/<split>".
+    profile holds shard/sample/token counts per "<dataset>/<split>".
 
     Raises:
-        ValueError: the manifest is not valid JSON or lists no shard checksums.
+        ValueError: the manifest lists a shard without a checksum.
     """
     from mlflow.entities import Dataset
 
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    tokenizer = manifest.get("tokenizer")
-    tokenizer_sha = manifest.get("tokenizer_sha256") or (
-        tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
-    )
-    shards = manifest_shards(manifest)
-    if not shards or any("sha256" not in shard for _, shard in shards):
-        raise ValueError(f"{manifest_path}: shards without a sha256; re-run `lmforge prepare`")
-    digest = hashlib.sha256((tokenizer_sha or "").encode())
+    shards = [
+        (f"{name}/{split}", shard)
+        for name, dataset in manifest.datasets.items()
+        for split, part in dataset.splits.items()
+        for shard in part.shards
+    ]
+    if not shards or any(not shard.sha256 for _, shard in shards):
+        raise ValueError(f"{manifest.location}: shards without a sha256; re-run `lmforge prepare`")
+    digest = hashlib.sha256(manifest.tokenizer.sha256.encode())
     groups: dict[str, dict[str, int]] = {}
     for group, shard in shards:
-        digest.update(shard["sha256"].encode())
+        digest.update(shard.sha256.encode())
         totals = groups.setdefault(group, {"shards": 0, "samples": 0, "tokens": 0})
         totals["shards"] += 1
-        totals["samples"] += int(shard.get("samples", 0))
-        totals["tokens"] += int(shard.get("tokens", 0))
+        totals["samples"] += shard.samples
+        totals["tokens"] += shard.tokens
     profile = {
         **{key: sum(g[key] for g in groups.values()) for key in ("shards", "samples", "tokens")},
         "splits": groups,
-        "tokenizer_sha256": tokenizer_sha,
+        "tokenizer_sha256": manifest.tokenizer.sha256,
         "digest_sha256": digest.hexdigest(),
     }
+    location = manifest.location
+    uri = location if "://" in location else Path(location).resolve().as_uri()
     return Dataset(
-        name=str(manifest.get("name") or manifest_path.parent.name),
+        name=Path(manifest.folder).name,
         digest=digest.hexdigest()[:32],  # MLflow stores at most 36 characters
         source_type="local",
-        source=json.dumps({"uri": manifest_path.resolve().as_uri()}),
+        source=json.dumps({"uri": uri}),
         profile=json.dumps(profile),
     )
 

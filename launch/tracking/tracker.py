@@ -1,6 +1,6 @@
 """MLflow tracking for rank 0: params, batched metrics, system metrics, artifacts, lineage.
 
-Every logging call only enqueues and returns; a background thread (launch/tracking_worker.py)
+Every logging call only enqueues and returns; a background thread (tracking/delivery.py)
 talks to MLflow. If the tracking server is down or slow, training goes on: the records stay
 queued (bounded), are retried with backoff, and arrive once it answers again. Other ranks use
 `Tracker.disabled()`, which does nothing and does not import MLflow.
@@ -21,92 +21,29 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from lmforge.launch.tracking_records import (
+from lmforge.launch.config import TrackingConfig
+from lmforge.launch.config.sections import VALID_MLFLOW_KEY
+from lmforge.launch.rundir import RunDir
+from lmforge.launch.tracking.records import (
     SystemSampler,
     dataset_entity,
     flatten_params,
     params_operation,
 )
+from lmforge.pipeline.manifest import DatasetManifest
 
 log = logging.getLogger("lmforge.launch.tracking")
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED", "RUNNING"]
 """How `close()` leaves the run; RUNNING detaches and leaves it open for another process."""
-# MLflow's rules for metric/param/tag keys; a bad key is dropped here, not at the server, so
-# it cannot fail a batch of good values.
-_VALID_KEY = re.compile(r"^[\w\-. /:]{1,250}$")
+# A metric/param/tag key that breaks MLflow's rules (VALID_MLFLOW_KEY) is dropped here, not
+# at the server, so it cannot fail a batch of good values.
 _MAX_PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
-
-
-@dataclass
-class TrackingConfig:
-    """The `tracking:` section: where and how rank 0 reports a run to MLflow."""
-
-    enabled: bool = True
-    """Log to MLflow at all. Off: every Tracker call is a no-op."""
-    uri: str | None = None
-    """MLflow tracking URI, e.g. `http://127.0.0.1:5000`. None: a sqlite store inside the run
-    directory (`<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifacts`), no server needed."""
-    experiment: str = "lmforge"
-    """MLflow experiment the run is filed under (created if missing)."""
-    run_name: str | None = None
-    """MLflow run name; None lets the launcher pick one (or MLflow a random one)."""
-    tags: dict[str, Any] = field(default_factory=dict)
-    """Extra run tags, e.g. `{team: nlp, ticket: ABC-12}`."""
-    flush_interval_s: float = 5.0
-    """Seconds between background deliveries; values are batched in between."""
-    max_queue: int = 100_000
-    """Metric values kept while MLflow is unreachable; beyond this the oldest are dropped
-    (counted and reported)."""
-    timeout_s: float = 10.0
-    """Per-request HTTP timeout towards the tracking server. Requests are not retried inside
-    MLflow (our thread retries with backoff), so a dead server never stalls for minutes."""
-    start_timeout_s: float = 15.0
-    """Longest `start()` waits for its first attempt to create the run; if MLflow did not
-    answer, it returns a pending handle and the run is created once MLflow answers."""
-    close_timeout_s: float = 30.0
-    """Longest `close()` waits to deliver what is queued before giving up."""
-    retry_max_s: float = 30.0
-    """Ceiling of the exponential backoff between attempts while MLflow is unreachable."""
-    system_metrics: bool = True
-    """Log CPU, memory, disk, network (and NVIDIA GPU when present) as `system/*` metrics."""
-    system_metrics_interval_s: float = 10.0
-    """Seconds between system metric samples."""
-
-    def __post_init__(self) -> None:
-        if self.uri is not None:
-            if not self.uri.strip():
-                raise ValueError("uri: is empty; leave it unset for a sqlite store in the run "
-                                 "directory, or give a URI such as http://host:5000")
-            if "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):
-                raise ValueError(
-                    f"uri: '{self.uri}' is not an MLflow tracking URI; use e.g. "
-                    "http://host:5000 or sqlite:////abs/path/mlflow.db"
-                )
-        if not self.experiment.strip():
-            raise ValueError("experiment: is empty; give an MLflow experiment name")
-        for key in self.tags:
-            if not _VALID_KEY.match(str(key)):
-                raise ValueError(f"tags: key '{key}' is not a valid MLflow tag key; use "
-                                 "letters, digits, '_', '-', '.', ' ', '/' or ':'")
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue: must be >= 1, got {self.max_queue}")
-        positive = ("flush_interval_s", "timeout_s", "retry_max_s", "system_metrics_interval_s")
-        for name in positive:
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name}: must be > 0 seconds, got {value}")
-        for name in ("start_timeout_s", "close_timeout_s"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"{name}: must be >= 0 seconds, got {value}")
 
 
 def configure_mlflow_quiet(timeout_s: float) -> None:
@@ -152,7 +89,7 @@ class Tracker:
         """The MLflow tracking URI in use (the sqlite store in the run dir by default)."""
         if self.cfg.uri is not None:
             return self.cfg.uri
-        return f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        return f"sqlite:///{RunDir.of(self.run_dir).mlflow_db}"
 
     @property
     def uri(self) -> str:
@@ -197,7 +134,7 @@ class Tracker:
         if self._worker is not None:
             raise RuntimeError("Tracker.start() called twice; use one Tracker per run")
         configure_mlflow_quiet(self.cfg.timeout_s)
-        from lmforge.launch.tracking_worker import (
+        from lmforge.launch.tracking.delivery import (
             PENDING_PREFIX,
             DeliveryThread,
             RunTarget,
@@ -206,7 +143,7 @@ class Tracker:
         artifact_location = None
         if self.cfg.uri is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            artifact_location = (self.run_dir / "mlartifacts").resolve().as_uri()
+            artifact_location = RunDir.of(self.run_dir).mlflow_artifacts.as_uri()
         all_tags = {str(k): str(v) for k, v in {**self.cfg.tags, **(tags or {})}.items()}
         target = RunTarget(self.cfg.experiment, artifact_location, run_name or self.cfg.run_name,
                            tags=all_tags)
@@ -324,7 +261,7 @@ class Tracker:
             return
         manifest_path = Path(manifest_path)
         try:
-            dataset = dataset_entity(manifest_path)
+            dataset = dataset_entity(DatasetManifest.read(manifest_path))
         except (OSError, ValueError) as exc:
             log.warning("tracking: dataset lineage not logged: %s", exc)
             return
@@ -391,7 +328,7 @@ class Tracker:
 
     @staticmethod
     def _key_ok(key: str, kind: str) -> bool:
-        if _VALID_KEY.match(key):
+        if VALID_MLFLOW_KEY.match(key):
             return True
         log.warning("tracking: %s key %r is not valid in MLflow (letters, digits, _-. /:); "
                     "skipped", kind, key)

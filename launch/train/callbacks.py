@@ -1,36 +1,57 @@
-"""What hangs off the training step: progress and metrics, evaluation, preemption.
+"""What hangs off the training step: the :class:`Callback` API and the built-in callbacks
+(progress and metrics, validation history, samples during training).
 
-A callback is any object with some of ``on_train_start(trainer)``,
-``on_step_end(trainer, result)``, ``on_checkpoint(trainer, folder)`` and
-``on_train_end(trainer)``. Collective calls (``all_mean``) happen on every rank at the
-same steps, so each callback runs on every rank and only rank 0 prints or logs.
+The trainer calls every callback's methods directly, in list order, on every rank.
+Collective calls (``trainer.all_mean``, ``trainer.evaluate``) must happen on every rank at
+the same steps, so each callback runs everywhere and only rank 0 prints or logs.
+Preemption handling is in ``train/preemption.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from lmforge.launch.tracking import Tracker
 
+if TYPE_CHECKING:  # the trainer imports this module
+    from lmforge.launch.sample import TextSampler
+    from lmforge.launch.train.trainer import StepResult, Trainer
+
 log = logging.getLogger("lmforge.train")
 
-# Exit status of a run stopped by SIGTERM/SIGUSR1 after checkpointing: EX_TEMPFAIL, so a
-# job script can tell "requeue me" from success (0) and failure (anything else).
-REQUEUE_EXIT_CODE = 75
+
+class Callback:
+    """Something that hangs off the training loop; override the events you need.
+
+    Every method receives the :class:`~lmforge.launch.train.trainer.Trainer` (its
+    ``state``, ``config`` (the train section), ``engine``, ``rank`` and ``world_size``).
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first step of this process (after any resume)."""
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        """After each optimizer step; ``trainer.state.step`` is the step just completed."""
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """After each validation pass, with its ``val_loss`` and ``val_ppl`` (all ranks)."""
+
+    def on_checkpoint(self, trainer: Trainer, folder: Path) -> None:
+        """After a checkpoint is complete and published as ``latest``."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After the last step and its checkpoint."""
 
 
-class MetricsLogger:
+class MetricsLogger(Callback):
     """Progress bar, console lines and MLflow metrics (loss, lr, grad norm, tokens/s,
     MFU and HFU where a peak is known, bad steps)."""
 
@@ -55,7 +76,7 @@ class MetricsLogger:
     def on_train_start(self, trainer) -> None:
         if trainer.rank == 0:
             self.bar = tqdm(
-                total=trainer.cfg.train.max_steps, initial=trainer.state.step, desc="train",
+                total=trainer.config.max_steps, initial=trainer.state.step, desc="train",
                 unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0,
             )
         self.last = time.perf_counter()
@@ -67,7 +88,7 @@ class MetricsLogger:
         self.last = now
         self.window_tokens += result.tokens
         step = trainer.state.step
-        if step % trainer.cfg.train.log_every and step != trainer.cfg.train.max_steps:
+        if step % trainer.config.log_every and step != trainer.config.max_steps:
             if self.bar is not None:
                 self.bar.update(1)
             return
@@ -80,7 +101,7 @@ class MetricsLogger:
             "train/lr": trainer.scheduler.get_last_lr()[0],
             "train/grad_norm": _float(trainer.engine.get_global_grad_norm()),
             "train/tokens_per_s": tokens / seconds,
-            "train/samples_per_s": trainer.cfg.global_batch_size * steps / seconds,
+            "train/samples_per_s": trainer.global_batch_size * steps / seconds,
             "train/step_time_s": seconds / steps,
             "train/tokens_seen": trainer.state.tokens_seen,
             "train/bad_steps": trainer.loss_guard.bad_steps,
@@ -105,6 +126,15 @@ class MetricsLogger:
             self.tracker.set_tags({"lmforge.last_checkpoint": str(folder)})
             self._write(f"checkpoint {folder}")
 
+    def on_eval(self, trainer, metrics: dict[str, float]) -> None:
+        if trainer.rank != 0:
+            return
+        step = trainer.state.step
+        record = {"val/loss": metrics["val_loss"], "val/ppl": metrics["val_ppl"]}
+        self.tracker.log_metrics(record, step=step)
+        self._append({"step": step, **record})
+        self._write(f"step {step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}")
+
     def on_train_end(self, trainer) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -122,130 +152,53 @@ class MetricsLogger:
             print(line, flush=True)
 
 
-class Evaluator:
-    """Validation loss/perplexity every ``train.eval_every`` steps and at the end."""
+class EvalHistory(Callback):
+    """Keeps every validation loss with its step (for the run's summary)."""
 
-    def __init__(self, tracker: Tracker, logger: MetricsLogger):
-        self.tracker = tracker
-        self.logger = logger
+    def __init__(self) -> None:
         self.history: list[tuple[int, float]] = []
-        self._last_step = -1
 
-    def on_step_end(self, trainer, result) -> None:
-        every = trainer.cfg.train.eval_every
-        if every and trainer.state.step % every == 0:
-            self._run(trainer)
-
-    def on_train_end(self, trainer) -> None:
-        if self._last_step != trainer.state.step:
-            self._run(trainer)
-
-    def _run(self, trainer) -> None:
-        metrics = trainer.evaluate()
-        self._last_step = trainer.state.step
+    def on_eval(self, trainer, metrics: dict[str, float]) -> None:
         self.history.append((trainer.state.step, metrics["val_loss"]))
-        if trainer.rank == 0:
-            record = {"val/loss": metrics["val_loss"], "val/ppl": metrics["val_ppl"]}
-            self.tracker.log_metrics(record, step=trainer.state.step)
-            self.logger._append({"step": trainer.state.step, **record})
-            self.logger._write(
-                f"step {trainer.state.step}: val_loss {metrics['val_loss']:.4f} "
-                f"ppl {metrics['val_ppl']:.2f}"
-            )
 
 
-class Sampler:
-    """Every ``train.sample_every`` steps rank 0 continues ``sample.prompts`` and logs the
-    texts to MLflow (``samples/step_XXXXXXXX.txt``) and ``samples.jsonl``.
+class Sampler(Callback):
+    """Every ``every`` steps rank 0 continues the sample prompts and logs the texts to
+    MLflow (``samples/step_XXXXXXXX.txt``) and ``samples.jsonl``.
 
-    Decoder models only (``RunConfig`` checks). Under ZeRO-3 every rank holds a shard of
-    the parameters, so generating on rank 0 alone is impossible; sampling is skipped there
-    (the ``sample`` stage after training still works).
+    Decoder models only (``RunConfig.check_training`` checks). Under ZeRO-3 every rank holds
+    a shard of the parameters, so generating on rank 0 alone is impossible; sampling is
+    skipped there (``lmforge sample`` after training still works).
     """
 
-    def __init__(self, tracker: Tracker, jsonl: Path | None = None) -> None:
+    def __init__(self, tracker: Tracker, texts: TextSampler, every: int,
+                 jsonl: Path | None = None) -> None:
         self.tracker = tracker
+        self.texts = texts
+        self.every = every
         self.jsonl = jsonl
-        self._sp = None
 
     def on_step_end(self, trainer, result) -> None:
-        every = trainer.cfg.train.sample_every
-        if not every or trainer.state.step % every or trainer.rank != 0:
+        if not self.every or trainer.state.step % self.every or trainer.rank != 0:
             return
-        if trainer.cfg.deepspeed.zero_stage == 3:
-            if trainer.state.step == every:
+        if trainer.zero_stage == 3:
+            if trainer.state.step == self.every:
                 log.info("train.sample_every: no samples during training under ZeRO-3 "
-                         "(parameters are partitioned); use the sample stage afterwards")
+                         "(parameters are partitioned); use `lmforge sample` afterwards")
             return
         module = trainer.engine.module
         module.eval()
         try:
-            texts = self._generate(trainer.cfg, module, trainer.manifest)
+            texts = self.texts(module)
         finally:
             module.train()
         step = trainer.state.step
-        prompts = trainer.cfg.sample.prompts
+        prompts = self.texts.sample.prompts
         lines = [f"--- prompt: {p!r}\n{t}\n" for p, t in zip(prompts, texts, strict=True)]
         self.tracker.log_text("\n".join(lines), f"samples/step_{step:08d}.txt")
         if self.jsonl is not None:
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "texts": texts}) + "\n")
-
-    @torch.no_grad()
-    def _generate(self, cfg, module: torch.nn.Module, manifest: Path) -> list[str]:
-        import sentencepiece as spm
-
-        from lmforge.model import generate
-
-        info = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
-        if self._sp is None:
-            self._sp = spm.SentencePieceProcessor(model_file=str(manifest.parent / info["file"]))
-        device = next(module.parameters()).device
-        # Its own generator: sampling must not consume the training RNG (exact resume).
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        texts = []
-        for prompt in cfg.sample.prompts:
-            ids = torch.tensor([self._sp.encode(prompt)], dtype=torch.long, device=device)
-            out = generate(module, ids, cfg.sample.max_new_tokens, cfg.sample.temperature,
-                           cfg.sample.top_k, cfg.sample.top_p, eos_id=info["eos_id"],
-                           generator=generator)
-            texts.append(self._sp.decode(out[0].tolist()))
-        return texts
-
-
-class PreemptionHandler:
-    """SIGTERM/SIGUSR1 (Slurm's pre-kill signal): finish the step, checkpoint, exit 75.
-
-    The signal may reach only some ranks, so the flag is max-reduced each step and every
-    rank stops at the same step.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.stopped = False
-
-    def on_train_start(self, trainer) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # Ray Train runs the loop in a thread; Ray handles node loss and retries
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def on_step_end(self, trainer, result) -> None:
-        flag = torch.tensor(0 if self.received is None else 1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and trainer.state.step < trainer.cfg.train.max_steps:
-            trainer.stop_requested = True
-            self.stopped = True
-            if trainer.rank == 0:
-                log.warning(
-                    "stop signal received: checkpointing at step %d and exiting with %d "
-                    "so the job can be requeued",
-                    trainer.state.step,
-                    REQUEUE_EXIT_CODE,
-                )
 
 
 def _float(value: Any) -> float:

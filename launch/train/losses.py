@@ -1,5 +1,8 @@
 """Training objectives: a loader batch in, the model's loss out, one small object per family.
 
+The tensor maths (the losses, BERT and BART corruption) is in ``model/objectives.py``; this
+module applies it to loader batches on the engine's device.
+
 ``train.objective`` picks one (``RunConfig`` checks it against ``model.family``):
 
 - ``causal_lm`` (decoder): next-token loss on the loader's shifted ``labels``.
@@ -16,21 +19,20 @@ work runs on CPU (where the loader's tensors are) and only the results move to t
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.model import causal_lm_loss, denoising_inputs, masked_lm_inputs, masked_lm_loss
+from lmforge.pipeline.manifest import TokenizerInfo
 
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """Token ids the objectives need, read from the dataset manifest's tokenizer section."""
+    """Token ids the objectives need, from the dataset manifest's tokenizer section."""
 
     pad: int
     eos: int
@@ -47,24 +49,10 @@ class ObjectiveOutput:
     tokens: int  # real (non-padding) input tokens, for throughput and tokens_seen
 
 
-def special_ids(manifest: Path | str) -> SpecialIds:
-    """Pad/EOS/mask ids of the dataset's tokenizer.
-
-    Args:
-        manifest: The prepared dataset's ``manifest.json``.
-
-    Returns:
-        The ids; ``mask`` is None when the tokenizer has no mask piece.
-    """
-    tokenizer = json.loads(Path(manifest).read_text(encoding="utf-8"))["tokenizer"]
-    specials = tokenizer.get("special_tokens") or {}
-    mask = specials.get("mask", {}).get("id")
-    never = {tokenizer[k] for k in ("pad_id", "unk_id", "bos_id", "eos_id") if k in tokenizer}
-    never |= {entry["id"] for role, entry in specials.items() if role != "extra"}
-    never |= {entry["id"] for entry in specials.get("extra", [])}
-    never = {i for i in never if i is not None and i >= 0}
-    return SpecialIds(pad=int(tokenizer["pad_id"]), eos=int(tokenizer["eos_id"]),
-                      mask=None if mask is None else int(mask), never_masked=tuple(sorted(never)))
+def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
+    """Pad/EOS/mask ids of the dataset's tokenizer (``mask`` None when it has no mask piece)."""
+    return SpecialIds(pad=tokenizer.pad_id, eos=tokenizer.eos_id, mask=tokenizer.mask_id,
+                      never_masked=tokenizer.special_ids())
 
 
 def corruption_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -149,26 +137,27 @@ class Denoising:
 Objective = CausalLM | MaskedLM | Denoising
 
 
-def build_objective(name: str, manifest: Path | str, vocab_size: int,
+def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
                     document_masking: bool) -> Objective:
     """The objective ``train.objective`` names.
 
     Args:
         name: ``causal_lm``, ``masked_lm`` or ``denoising``.
-        manifest: The prepared dataset's ``manifest.json`` (special token ids).
+        tokenizer: The prepared dataset's tokenizer (special token ids).
         vocab_size: Model vocabulary (masked LM's random replacements come from it).
         document_masking: Whether batches carry segment/position ids to pass on.
 
     Raises:
-        ValueError: The objective needs a mask token the dataset's tokenizer lacks.
+        ValueError: The objective needs a mask token the dataset's tokenizer lacks (the
+            dataset check refuses such a config before training; this is the backstop).
     """
     if name == "causal_lm":
         return CausalLM(document_masking)
-    ids = special_ids(manifest)
+    ids = special_ids(tokenizer)
     if ids.mask is None:
         raise ValueError(
-            f"train.objective: {name} needs a mask token, but the tokenizer of {manifest} has "
-            "none; set tokenizer.mask_token (e.g. '<mask>') and run `lmforge prepare` again"
+            f"train.objective: {name} needs a mask token, but the tokenizer has none; set "
+            "tokenizer.mask_token (e.g. '<mask>') and run `lmforge prepare` again"
         )
     if name == "masked_lm":
         return MaskedLM(ids, vocab_size, document_masking)

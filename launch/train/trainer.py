@@ -2,30 +2,29 @@
 
 One process per rank runs :class:`Trainer`. The step itself is short (the objective's
 forward and loss, the bad-loss check, backward, optimizer step for each micro-batch);
-objectives live in ``launch/objectives.py``, the bad-loss policy in ``launch/loss_guard.py``,
-and logging, evaluation, sampling, checkpointing and preemption handling hang off the step
-as callbacks (``launch/callbacks.py``).
+objectives live in ``train/losses.py``, the bad-loss policy in ``train/loss_guard.py``,
+and logging, evaluation, sampling and preemption handling hang off the step as
+:class:`~lmforge.launch.train.callbacks.Callback` objects (``train/callbacks.py``).
+``train/build.py`` wires a trainer together from the run config's sections.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
-from lmforge.launch import checkpoint as ckpt
-from lmforge.launch.config import RunConfig
-from lmforge.launch.ds_config import build_deepspeed_config
-from lmforge.launch.loss_guard import LossGuard, skip_loss
-from lmforge.launch.objectives import build_objective, corruption_generator
-from lmforge.launch.optim import build_optimizer, build_scheduler
-from lmforge.launch.parallelize import apply_activation_checkpointing
+from lmforge.launch.config import TrainConfig
+from lmforge.launch.train import checkpoint as ckpt
+from lmforge.launch.train.callbacks import Callback
+from lmforge.launch.train.loss_guard import LossGuard, skip_loss
+from lmforge.launch.train.losses import Objective, corruption_generator
 from lmforge.pipeline.loader import ShardLoader
 
 log = logging.getLogger("lmforge.train")
@@ -51,57 +50,46 @@ class StepResult:
 
 
 class Trainer:
-    """Builds model, engine and loaders for one rank and runs the loop.
+    """Runs the loop for one rank.
 
     Args:
-        cfg: The resolved run config.
-        run_dir: The run directory (checkpoints go to ``run_dir/checkpoints``).
-        manifest: The prepared dataset's ``manifest.json``.
-        callbacks: Objects with any of ``on_train_start(trainer)``,
-            ``on_step_end(trainer, result)``, ``on_train_end(trainer)``.
+        engine: The DeepSpeed engine (model, optimizer and LR scheduler inside).
+        train: The train section.
+        objective: Turns a loader batch into the loss (``train/losses.py``).
+        train_loader: This rank's training batches (infinite).
+        val_loader: Makes a fresh one-pass validation loader for each evaluation.
+        checkpoints: The run's checkpoints folder.
+        seed: The run's seed (corruption streams of masked LM and denoising).
+        callbacks: What hangs off the loop, called in this order.
     """
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, manifest: Path, callbacks: list[Any] = ()
+        self,
+        engine: Any,
+        train: TrainConfig,
+        objective: Objective,
+        train_loader: ShardLoader,
+        val_loader: Callable[[], Iterable[dict[str, torch.Tensor]]],
+        checkpoints: Path,
+        seed: int,
+        callbacks: list[Callback] = (),
     ) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.manifest = Path(manifest)
+        self.engine = engine
+        self.scheduler = engine.lr_scheduler
+        self.config = train
+        self.objective = objective
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.checkpoints = Path(checkpoints)
+        self.seed = seed
         self.callbacks = list(callbacks)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.global_batch_size = train.sequences_per_step(self.world_size)
+        self.zero_stage = engine.zero_optimization_stage()
         self.state = TrainState()
         self.stop_requested = False
-
-        torch.manual_seed(cfg.seed)  # identical init on every rank
-        model = cfg.model.build()
-        apply_activation_checkpointing(
-            model, cfg.train.activation_checkpointing, cfg.train.checkpoint_every_n_layers
-        )
-        optimizer = build_optimizer(model, cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train)
-        self.ds_config = build_deepspeed_config(cfg)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        self.train_loader = self._loader("train", infinite=True)
-        self.objective = build_objective(
-            cfg.train.objective, self.manifest, cfg.model.vocab_size or cfg.tokenizer.vocab_size,
-            cfg.data.loader.document_masking,
-        )
-        self.loss_guard = LossGuard(cfg.train)
-
-    def _loader(self, split: str, infinite: bool) -> ShardLoader:
-        return ShardLoader(
-            self.manifest,
-            split,
-            self.cfg.train.micro_batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.cfg.seed,
-            config=self.cfg.data.loader,
-            infinite=infinite,
-        )
+        self.loss_guard = LossGuard(train)
 
     # -- state -----------------------------------------------------------------------
 
@@ -114,16 +102,17 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        root = self.run_dir / "checkpoints"
         folder = ckpt.save_checkpoint(
-            self.engine, root, self.state.step, self.client_state(), self.cfg.train.keep_checkpoints
+            self.engine, self.checkpoints, self.state.step, self.client_state(),
+            self.config.keep_checkpoints,
         )
-        self._emit("on_checkpoint", folder)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, folder)
         return folder
 
     def resume(self, resume: str | None) -> Path | None:
         """Restores engine, RNG, loader position and counters from a checkpoint."""
-        folder = ckpt.find_resume(self.run_dir / "checkpoints", resume)
+        folder = ckpt.find_resume(self.checkpoints, resume)
         if folder is None:
             if resume not in (None, "none") and self.rank == 0:
                 log.info("no checkpoint to resume from; starting at step 0")
@@ -142,18 +131,18 @@ class Trainer:
     def generator(self, micro: int, step: int | None = None) -> torch.Generator:
         """Corruption randomness for one micro-batch (masked LM, denoising); see objectives."""
         step = self.state.step if step is None else step
-        return corruption_generator(self.cfg.seed, step, self.rank, micro)
+        return corruption_generator(self.seed, step, self.rank, micro)
 
     def train_step(self, batches) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` micro-batches."""
         start = time.perf_counter()
         losses, tokens = [], 0
-        for micro in range(self.cfg.train.grad_accum_steps):
+        for micro in range(self.config.grad_accum_steps):
             out = self.objective(self.engine, next(batches), self.engine.device,
                                  self.generator(micro))
             loss = out.loss
             if self.loss_guard.check(loss, self.state.step + 1):
-                loss = skip_loss(loss, self.engine.module, self.cfg.deepspeed.zero_stage)
+                loss = skip_loss(loss, self.engine.module, self.zero_stage)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(out.loss.detach())
@@ -163,34 +152,48 @@ class Trainer:
         return StepResult(loss_value, tokens, time.perf_counter() - start)
 
     def fit(self) -> TrainState:
-        """Trains until ``train.max_steps`` (or a stop request) and checkpoints at the end."""
+        """Trains until ``train.max_steps`` (or a stop request), evaluating every
+        ``train.eval_every`` steps and checkpointing every ``train.checkpoint_every`` steps;
+        the last step is always evaluated and checkpointed.
+
+        Each step's events reach the callbacks in this order: ``on_step_end``, then
+        ``on_eval`` and ``on_checkpoint`` when due; at the end ``on_train_end``.
+        """
         self.engine.train()
         batches = iter(self.train_loader)
-        self._emit("on_train_start")
-        saved_at = -1
-        while self.state.step < self.cfg.train.max_steps and not self.stop_requested:
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        evaluated_at = saved_at = -1
+        while self.state.step < self.config.max_steps and not self.stop_requested:
             result = self.train_step(batches)
             self.state.step += 1
             self.state.tokens_seen += self.all_sum(result.tokens)
-            self.state.samples_seen += self.cfg.global_batch_size
-            self._emit("on_step_end", result)
-            every = self.cfg.train.checkpoint_every
-            if every and self.state.step % every == 0:
+            self.state.samples_seen += self.global_batch_size
+            for callback in self.callbacks:
+                callback.on_step_end(self, result)
+            if _due(self.state.step, self.config.eval_every):
+                self.evaluate()
+                evaluated_at = self.state.step
+            if _due(self.state.step, self.config.checkpoint_every):
                 self.save()
                 saved_at = self.state.step
         if saved_at != self.state.step:
             self.save()
-        self._emit("on_train_end")
+        if evaluated_at != self.state.step:
+            self.evaluate()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
         return self.state
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity, averaged over tokens across all ranks."""
+        """Validation loss and perplexity, averaged over tokens across all ranks; every
+        callback's ``on_eval`` receives them."""
         self.engine.eval()
-        limit = self.cfg.train.eval_batches or None
+        limit = self.config.eval_batches or None
         loss_sum = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
-        for index, batch in enumerate(self._loader("val", infinite=False)):
+        for index, batch in enumerate(self.val_loader()):
             if limit is not None and index >= limit:
                 break
             # A fixed step (-1) for corruption: every pass scores the same masked positions.
@@ -203,7 +206,10 @@ class Trainer:
         dist.all_reduce(totals)
         self.engine.train()
         loss = float(totals[0] / totals[1].clamp(min=1))
-        return {"val_loss": loss, "val_ppl": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+        metrics = {"val_loss": loss, "val_ppl": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+        for callback in self.callbacks:
+            callback.on_eval(self, metrics)
+        return metrics
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -215,8 +221,7 @@ class Trainer:
     def all_mean(self, value: float) -> float:
         return self.all_sum(float(value)) / self.world_size
 
-    def _emit(self, event: str, *args: Any) -> None:
-        for callback in self.callbacks:
-            handler = getattr(callback, event, None)
-            if handler is not None:
-                handler(self, *args)
+
+def _due(step: int, every: int) -> bool:
+    """Whether an every-``every``-steps event falls on ``step`` (0 means never)."""
+    return every > 0 and step % every == 0

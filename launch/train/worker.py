@@ -1,4 +1,4 @@
-"""The per-rank training entry point: ``python -m lmforge.launch.worker --run-dir DIR``.
+"""The per-rank training entry point: ``python -m lmforge.launch.train.worker --run-dir DIR``.
 
 Started by torchrun (``lmforge run``/``train`` on one machine), ``srun`` (Slurm) or Ray
 Train; it reads the rank layout from the usual variables (RANK, WORLD_SIZE, LOCAL_RANK,
@@ -19,18 +19,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from lmforge.launch.callbacks import (
-    REQUEUE_EXIT_CODE,
-    Evaluator,
-    MetricsLogger,
-    PreemptionHandler,
-    Sampler,
-)
 from lmforge.launch.config import RunConfig, load_resolved
-from lmforge.launch.ds_config import resolve_backend
-from lmforge.launch.loss_guard import BadLossError
+from lmforge.launch.rundir import RunDir
+from lmforge.launch.sample import TextSampler
 from lmforge.launch.tracking import Tracker
-from lmforge.launch.trainer import Trainer
+from lmforge.launch.train.build import build_trainer
+from lmforge.launch.train.callbacks import EvalHistory, MetricsLogger, Sampler
+from lmforge.launch.train.loss_guard import BadLossError
+from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from lmforge.model import estimate_flops, estimate_hardware_flops
+from lmforge.pipeline.manifest import DatasetManifest
 
 log = logging.getLogger("lmforge.train")
 
@@ -38,10 +36,6 @@ log = logging.getLogger("lmforge.train")
 def flops_per_token(cfg: RunConfig, hardware: bool = False) -> float | None:
     """Training FLOPs per data token: model FLOPs (for MFU) or, with ``hardware``, plus the
     forwards that activation checkpointing recomputes (for HFU)."""
-    try:
-        from lmforge.model import estimate_flops, estimate_hardware_flops
-    except ImportError:
-        return None
     seq_len = cfg.data.seq_len
     if hardware:
         flops = estimate_hardware_flops(cfg.model, seq_len, cfg.train.activation_checkpointing)
@@ -73,6 +67,7 @@ def peak_flops(configured: float | None = None) -> float | None:
 def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     """Trains one rank to the end of the run; returns the process exit status."""
     cfg = load_resolved(run_dir)
+    run = RunDir.of(run_dir)
     # torch.distributed deprecation notices from inside DeepSpeed: not actionable by users.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
@@ -80,24 +75,25 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     owns_process_group = not dist.is_initialized()  # Ray Train sets it up itself
-    deepspeed.init_distributed(dist_backend=resolve_backend(cfg), verbose=False)
+    deepspeed.init_distributed(dist_backend=cfg.launch.resolved_backend(), verbose=False)
     rank = dist.get_rank()
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    tracker = Tracker(cfg.tracking, run_dir) if rank == 0 else Tracker.disabled()
+    tracker = Tracker(cfg.tracking, run.path) if rank == 0 else Tracker.disabled()
     if rank == 0:
         tracker.start(run_name=cfg.name, run_id=run_id)
+    manifest = DatasetManifest.read(DatasetManifest.path_in(cfg.data.output_dir))
     metrics = MetricsLogger(
         tracker, flops_per_token(cfg), peak_flops(cfg.train.peak_flops_per_device),
-        jsonl=run_dir / "metrics.jsonl", hardware_flops_per_token=flops_per_token(cfg, True),
+        jsonl=run.metrics, hardware_flops_per_token=flops_per_token(cfg, True),
     )
-    evaluator = Evaluator(tracker, metrics)
+    history = EvalHistory()
     preemption = PreemptionHandler()
-    manifest = Path(cfg.data.output_dir) / "manifest.json"
     status = "FAILED"
     try:
-        sampler = Sampler(tracker, jsonl=run_dir / "samples.jsonl")
-        trainer = Trainer(cfg, run_dir, manifest, [metrics, evaluator, sampler, preemption])
+        texts = TextSampler(cfg.sample, manifest.tokenizer_path, manifest.tokenizer, cfg.seed)
+        sampler = Sampler(tracker, texts, cfg.train.sample_every, jsonl=run.training_samples)
+        trainer = build_trainer(cfg, manifest, run, [metrics, history, sampler, preemption])
         trainer.resume(resume)
         try:
             state = trainer.fit()
@@ -110,10 +106,10 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
             summary = {
                 "step": state.step,
                 "tokens_seen": state.tokens_seen,
-                "val_loss": evaluator.history,
+                "val_loss": history.history,
                 "preempted": preemption.stopped,
             }
-            (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            run.train_summary.write_text(json.dumps(summary, indent=2))
     finally:
         # A launcher that passed its run id ends the run itself after export; a run this
         # process created (plain `lmforge train`) ends here.
@@ -125,7 +121,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lmforge.launch.worker")
+    parser = argparse.ArgumentParser(prog="python -m lmforge.launch.train.worker")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--resume", default=None, help="none, auto, or a checkpoint folder")
     parser.add_argument("--run-id", default=None, help="MLflow run to attach to")

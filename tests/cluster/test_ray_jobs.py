@@ -60,7 +60,7 @@ def job_logs(cluster, job_id: str, tail: int | None = 4000) -> str:
 def prepared_on_ray(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
     write_corpus(tmp)
-    job_id, stdout = submit(ray_cluster, tmp, "--stage", "prepare", f"--run_dir={tmp / 'run'}")
+    job_id, stdout = submit(ray_cluster, tmp, "--job", "prepare", f"--run_dir={tmp / 'run'}")
     state = wait_for_job(ray_cluster, job_id)
     return {"tmp": tmp, "job": job_id, "stdout": stdout, "state": state}
 
@@ -82,7 +82,7 @@ def test_ray_train_survives_a_lost_worker_and_matches_a_local_run(ray_cluster, p
     tmp = prepared_on_ray["tmp"]
     assert prepared_on_ray["state"] == "SUCCEEDED"
     on_ray = tmp / "on-ray"
-    job_id, stdout = submit(ray_cluster, tmp, "--stage", "train", "--num-workers", "2",
+    job_id, stdout = submit(ray_cluster, tmp, "--job", "train", "--num-workers", "2",
                             "--max-failures", "2", f"--run_dir={on_ray}",
                             f"--train.checkpoint_every={CHECKPOINT}")
     # Once the first checkpoint exists, kill one training worker: Ray Train must restart
@@ -112,7 +112,7 @@ def test_ray_train_survives_a_lost_worker_and_matches_a_local_run(ray_cluster, p
     assert client.get_run(run_id).info.status == "FINISHED"
 
     here = tmp / "local"
-    lmforge("submit", "local", str(TINY), "--stage", "train", f"--run_dir={here}",
+    lmforge("submit", "local", str(TINY), "--job", "train", f"--run_dir={here}",
             *tiny_overrides(tmp), cwd=tmp)
     local_loss = metrics(here)
     # Same ranks, data order and seeds, exact resume: Ray Train changes none of the numbers.

@@ -66,7 +66,7 @@ def jobs(slurm_cluster, tmp_path_factory):
     """The prepare job and, queued behind it, the uninterrupted training job."""
     tmp = tmp_path_factory.mktemp("slurm")
     write_corpus(tmp)
-    prep_id, prep_dir, _ = submit(tmp, "prepare", "--stage", "prepare")
+    prep_id, prep_dir, _ = submit(tmp, "prepare", "--job", "prepare")
     job_id, run_dir, stdout = submit(tmp, "straight", "--tasks-per-node", "2", "--after", prep_id)
     prep_state = wait_for_end(prep_id, prep_dir)
     state = wait_for_end(job_id, run_dir)

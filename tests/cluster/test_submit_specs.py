@@ -37,7 +37,7 @@ def test_ray_train_spec_carries_config_and_cpu_environment(capsys, tmp_path, mon
     spec = ray_spec(out)
     assert spec["address"] == "http://head:8265"
     assert spec["entrypoint"].startswith(f"cd {tmp_path} && python -m lmforge.launch.submit")
-    assert "--stage train --num-workers 4" in spec["entrypoint"]
+    assert "--job train --num-workers 4" in spec["entrypoint"]
     assert "--max-failures 3" in spec["entrypoint"]
     env = spec["runtime_env"]["env_vars"]
     assert env["FOO"] == "bar" and env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"]
@@ -53,7 +53,7 @@ def test_ray_job_config_round_trips(tmp_path):
     cfg = load_config(TINY, ["--train.max_steps=7", "--launch.nproc_per_node=2"])
     job = RayJob("http://h:8265", "prepare", RayTrainJob(), "python3", str(tmp_path), {})
     entrypoint, runtime_env = job_spec(cfg, job, tmp_path)
-    assert entrypoint == "python3 -m lmforge.launch.submit.ray_jobs --stage prepare"
+    assert entrypoint == "python3 -m lmforge.launch.submit.ray_jobs --job prepare"
     assert runtime_env["working_dir"] == str(tmp_path)
     assert "DS_ACCELERATOR" not in runtime_env["env_vars"]
     sent = yaml.safe_load(runtime_env["env_vars"][CONFIG_ENV])
@@ -80,18 +80,18 @@ def test_token_mode_only_when_a_token_exists(tmp_path, monkeypatch):
 
 
 def test_local_dry_run_describes_the_job(capsys, tmp_path):
-    code, out, _ = cli(capsys, "submit", "local", str(TINY), "--stage", "all",
+    code, out, _ = cli(capsys, "submit", "local", str(TINY), "--job", "all",
                        f"--run_dir={tmp_path / 'r'}", "--dry-run")
     assert code == 0
     spec = json.loads(out.split("# dry run")[0])
-    assert spec == {"target": "local", "stage": "all", "processes": 2,
+    assert spec == {"target": "local", "job": "all", "processes": 2,
                     "run_dir": str(tmp_path / "r"), "manifest": spec["manifest"],
                     "resume": "auto"}
     assert not (tmp_path / "r").exists()
 
 
 def test_ray_on_slurm_prepare_script(capsys, tmp_path):
-    code, out, _ = cli(capsys, "submit", "slurm", str(TINY), "--stage", "prepare", "--nodes",
+    code, out, _ = cli(capsys, "submit", "slurm", str(TINY), "--job", "prepare", "--nodes",
                        "4", "--partition", "cpu", f"--run_dir={tmp_path / 'r'}", "--dry-run")
     assert code == 0
     script = out.split("# dry run")[0]

@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 
 from lmforge.launch.config import ConfigError, TrainConfig, load_config
-from lmforge.launch.ds_config import build_deepspeed_config
+from lmforge.launch.config.deepspeed import build_deepspeed_config
+from lmforge.launch.config.run_config import RunConfig
 from lmforge.model import parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
+
+
+def deepspeed_json(cfg: RunConfig) -> dict:
+    """The DeepSpeed JSON as `lmforge --dry-run` shows it (backend from this machine)."""
+    return build_deepspeed_config(cfg.train, cfg.deepspeed, cfg.world_size,
+                                  cfg.launch.resolved_backend())
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "run.yaml"
@@ -129,7 +136,7 @@ def test_missing_file():
 def test_deepspeed_json_generated_from_typed_config():
     cfg = load_config(TINY, ["--deepspeed.zero_stage=3", "--train.grad_accum_steps=2",
                              "--train.global_batch_size=32"])
-    ds = build_deepspeed_config(cfg)
+    ds = deepspeed_json(cfg)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 2
@@ -143,7 +150,7 @@ def test_user_deepspeed_json_conflicts_are_reported(tmp_path):
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}))
     cfg = load_config(TINY, [f"--deepspeed.config_file={user}"])
     with pytest.raises(ConfigError) as err:
-        build_deepspeed_config(cfg)
+        deepspeed_json(cfg)
     assert "zero_optimization.stage: JSON has 3, config gives 2" in str(err.value)
     assert "gradient_clipping: JSON has 0.5, config gives 1.0" in str(err.value)
 
@@ -154,7 +161,7 @@ def test_user_deepspeed_json_and_raw_overrides_merge(tmp_path):
                                 "train_batch_size": "auto"}))
     cfg = load_config(TINY, [f"--deepspeed.config_file={user}",
                              "--deepspeed.overrides={wall_clock_breakdown: true}"])
-    ds = build_deepspeed_config(cfg)
+    ds = deepspeed_json(cfg)
     assert ds["zero_optimization"]["round_robin_gradients"] is True
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["train_batch_size"] == 16
@@ -171,7 +178,7 @@ def test_dry_run_prints_config_params_and_deepspeed_json():
     assert f"# parameters: {parameter_count(cfg.model):,}" in out
     assert "n_layers: 2" in out
     ds_json = json.loads(out.split("# DeepSpeed config\n", 1)[1])
-    assert ds_json == build_deepspeed_config(cfg)
+    assert ds_json == deepspeed_json(cfg)
 
 
 def test_cli_config_error_exits_2_with_message(tmp_path):
@@ -194,7 +201,7 @@ def test_cli_config_error_exits_2_with_message(tmp_path):
     ],
 )
 def test_comm_overlap_and_reduce_scatter_follow_the_backend_unless_set(overrides, expected):
-    ds = build_deepspeed_config(load_config(TINY, overrides))
+    ds = deepspeed_json(load_config(TINY, overrides))
     assert ds["zero_optimization"]["overlap_comm"] is expected
     assert ds["zero_optimization"]["reduce_scatter"] is expected
 
@@ -202,7 +209,7 @@ def test_comm_overlap_and_reduce_scatter_follow_the_backend_unless_set(overrides
 def test_adamw_uses_the_fused_kernel_and_keeps_decay_groups():
     import torch
 
-    from lmforge.launch.optim import build_optimizer
+    from lmforge.launch.train.optim import build_optimizer
 
     cfg = load_config(TINY)
     model = cfg.model.build()

@@ -16,8 +16,8 @@ import psutil
 import pytest
 from engine_helpers import finish, losses, shard_fixtures, train
 
-from lmforge.launch.callbacks import REQUEUE_EXIT_CODE
-from lmforge.launch.checkpoint import COMPLETE, LATEST
+from lmforge.launch.train.checkpoint import COMPLETE, LATEST
+from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_resume_is_bit_identical(config, tmp_path, zero_stage, precision):
 def _rank0_worker(parent: psutil.Process) -> psutil.Process | None:
     for child in parent.children(recursive=True):
         try:
-            if "lmforge.launch.worker" in " ".join(child.cmdline()):
+            if "lmforge.launch.train.worker" in " ".join(child.cmdline()):
                 if child.environ().get("RANK") == "0":
                     return child
         except psutil.Error:

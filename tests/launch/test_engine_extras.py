@@ -19,8 +19,8 @@ import torch
 from engine_helpers import shard_fixtures
 
 from lmforge.launch.config import TrainConfig, load_resolved
-from lmforge.launch.loss_guard import BadLossError, LossGuard, skip_loss, zero_loss
-from lmforge.launch.worker import flops_per_token, peak_flops
+from lmforge.launch.train.loss_guard import BadLossError, LossGuard, skip_loss, zero_loss
+from lmforge.launch.train.worker import flops_per_token, peak_flops
 
 REPO = Path(__file__).resolve().parents[2]
 

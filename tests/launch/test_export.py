@@ -11,7 +11,8 @@ import sentencepiece as spm
 import torch
 from safetensors import safe_open
 
-from lmforge.launch.export import ExportError, verify_logits, write_hf_folder
+from lmforge.launch.export import ExportError
+from lmforge.launch.export.hf_folder import verify_logits, write_hf_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import (  # noqa: E402  (after the offline switch)

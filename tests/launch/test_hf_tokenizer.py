@@ -11,7 +11,11 @@ import pytest
 import sentencepiece as spm
 
 from lmforge.launch.export import ExportError
-from lmforge.launch.hf_tokenizer import DEFAULT_VERIFY_TEXTS, export_tokenizer, verify_tokenizer
+from lmforge.launch.export.hf_tokenizer import (
+    DEFAULT_VERIFY_TEXTS,
+    export_tokenizer,
+    verify_tokenizer,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoTokenizer  # noqa: E402  (after the offline switch)

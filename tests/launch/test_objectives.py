@@ -17,7 +17,7 @@ import torch
 from engine_helpers import finish, losses, shard_fixtures, train
 
 from lmforge.launch.config import ConfigError, load_config
-from lmforge.launch.objectives import (
+from lmforge.launch.train.losses import (
     Denoising,
     MaskedLM,
     build_objective,
@@ -25,6 +25,7 @@ from lmforge.launch.objectives import (
     special_ids,
 )
 from lmforge.model.config import ModelConfig
+from lmforge.pipeline.manifest import DatasetManifest
 
 REPO = Path(__file__).resolve().parents[2]
 MASK_ID = 4
@@ -67,7 +68,7 @@ def test_objective_must_fit_the_family(tmp_path, family, objective):
 
 
 def test_special_ids_come_from_the_manifest(shards):
-    ids = special_ids(shards / "manifest.json")
+    ids = special_ids(DatasetManifest.read(shards / "manifest.json").tokenizer)
     assert (ids.pad, ids.eos, ids.mask) == (0, 3, MASK_ID)
     assert set(ids.never_masked) == {0, 1, 2, 3, MASK_ID}
 
@@ -75,7 +76,7 @@ def test_special_ids_come_from_the_manifest(shards):
 def test_objectives_without_a_mask_token_are_a_clear_error(tmp_path):
     written = shard_fixtures().write_shards(tmp_path, {"d": {"train": [4]}}, seq_len=8)
     with pytest.raises(ValueError, match="set tokenizer.mask_token"):
-        build_objective("masked_lm", written.manifest, 1000, False)
+        build_objective("masked_lm", DatasetManifest.read(written.manifest).tokenizer, 1000, False)
 
 
 def test_corruption_generator_depends_on_coordinates_only():
@@ -97,7 +98,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_objective_is_reproducible_and_counts_real_tokens(shards, family):
     torch.manual_seed(0)
     model = _model(family).build()
-    ids = special_ids(shards / "manifest.json")
+    ids = special_ids(DatasetManifest.read(shards / "manifest.json").tokenizer)
     objective = MaskedLM(ids, 1000, False) if family == "encoder" else Denoising(ids)
     batch = _batch()
     cpu = torch.device("cpu")

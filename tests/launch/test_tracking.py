@@ -18,7 +18,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, free_port
 
-from lmforge.launch.tracking import Tracker, TrackingConfig, flatten_params
+from lmforge.launch.config import TrackingConfig
+from lmforge.launch.tracking import Tracker
+from lmforge.launch.tracking.records import flatten_params
 
 # Small delivery interval so tests see records quickly; no system metrics unless tested.
 FAST = {"flush_interval_s": 0.2, "system_metrics": False, "retry_max_s": 1.0, "timeout_s": 5.0}
@@ -146,7 +148,8 @@ def test_bad_keys_and_values_are_skipped_not_raised(
 REATTACH = textwrap.dedent(
     """
     import sys
-    from lmforge.launch.tracking import Tracker, TrackingConfig
+    from lmforge.launch.config import TrackingConfig
+    from lmforge.launch.tracking import Tracker
     run_dir, run_id = sys.argv[1], sys.argv[2]
     cfg = TrackingConfig(flush_interval_s=0.2, system_metrics_interval_s=0.2)
     tracker = Tracker(cfg, run_dir)
@@ -219,22 +222,33 @@ def first_run_id(tracker: Tracker, run_dir: Path) -> str:
     return runs[0].info.run_id
 
 
+def shard(path: str, samples: int, sha: str) -> dict[str, object]:
+    """A manifest shard entry; ``sha`` repeated to 64 characters ("" for none)."""
+    return {"path": path, "samples": samples, "tokens": samples * 1000, "bytes": samples * 4096,
+            "sha256": sha * 64}
+
+
+def manifest_json(splits: dict[str, list[dict[str, object]]]) -> dict[str, object]:
+    """A complete manifest.json of one dataset, "shakespeare", with these shards."""
+    tokenizer = {"file": "tokenizer.model", "sha256": "t" * 64, "vocab_size": 8192,
+                 "type": "bpe", "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
+                 "special_tokens": {"extra": []}, "byte_fallback": True}
+    parts = {
+        name: {"samples": sum(s["samples"] for s in shards),
+               "tokens": sum(s["tokens"] for s in shards), "padding_tokens": 0, "shards": shards}
+        for name, shards in splits.items()
+    }
+    return {"version": 1, "seq_len": 1023, "token_dtype": "uint16", "tokenizer": tokenizer,
+            "datasets": {"shakespeare": {"weight": 1.0, "sources": [], "splits": parts}},
+            "fingerprint": "f" * 64, "stats": {}}
+
+
 def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> None:
     # The layout pipeline/manifest.py writes: datasets -> splits -> shards.
-    def shard(path: str, samples: int, sha: str) -> dict[str, object]:
-        return {"path": path, "samples": samples, "tokens": samples * 1000, "sha256": sha * 64}
-
-    manifest = {
-        "version": 1,
-        "tokenizer": {"file": "tokenizer.model", "sha256": "t" * 64, "vocab_size": 8192},
-        "datasets": {
-            "shakespeare": {"splits": {
-                "train": {"shards": [shard("s/train-000000.tar", 3, "a"),
-                                     shard("s/train-000001.tar", 2, "b")]},
-                "val": {"shards": [shard("s/val-000000.tar", 1, "c")]},
-            }},
-        },
-    }
+    manifest = manifest_json({
+        "train": [shard("s/train-000000.tar", 3, "a"), shard("s/train-000001.tar", 2, "b")],
+        "val": [shard("s/val-000000.tar", 1, "c")],
+    })
     path = tmp_path / "tinyshakespeare" / "manifest.json"
     path.parent.mkdir()
     path.write_text(json.dumps(manifest))
@@ -264,7 +278,7 @@ def test_dataset_lineage_without_checksums_warns_and_training_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "manifest.json"
-    path.write_text(json.dumps({"shards": [{"path": "train-000000.tar", "samples": 1}]}))
+    path.write_text(json.dumps(manifest_json({"train": [shard("train-000000.tar", 1, "")]})))
     tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
     run_id = tracker.start()
     with caplog.at_level(logging.WARNING, logger="lmforge.launch.tracking"):

@@ -1,0 +1,44 @@
+"""The run configuration (``launch/config/``).
+
+Owns: the sections launch/ defines (``sections.py``), typed YAML loading with overrides and
+located errors (``typed_yaml.py``), :class:`RunConfig` and its loader (``run_config.py``),
+the DeepSpeed JSON generated from the sections (``deepspeed.py``), and the check of a run
+config against a prepared dataset (``dataset_check.py``).
+
+May import: ``pipeline.config`` and ``pipeline.manifest`` (the data/tokenizer sections and
+the dataset contract), ``model.config`` and ``model.presets``; nothing else of lmforge.
+"""
+
+from lmforge.launch.config.run_config import (
+    CONFIG_FILE,
+    OBJECTIVE_OF_FAMILY,
+    PREPARE_SECTIONS,
+    RunConfig,
+    load_config,
+    load_resolved,
+)
+from lmforge.launch.config.sections import (
+    DeepSpeedConfig,
+    ExportConfig,
+    LaunchConfig,
+    SampleConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from lmforge.launch.config.typed_yaml import ConfigError
+
+__all__ = [
+    "CONFIG_FILE",
+    "OBJECTIVE_OF_FAMILY",
+    "PREPARE_SECTIONS",
+    "ConfigError",
+    "DeepSpeedConfig",
+    "ExportConfig",
+    "LaunchConfig",
+    "RunConfig",
+    "SampleConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "load_config",
+    "load_resolved",
+]

@@ -1,0 +1,95 @@
+"""The run config against the dataset it trains on, checked before any process starts.
+
+``pipeline/`` prepared the dataset and recorded what it was prepared with in its
+``DatasetManifest`` (sequence length, tokenizer file and hash, vocabulary, special tokens).
+Training must agree with every one of them; a disagreement is reported with both values
+and what to do, all problems at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lmforge.launch.config.run_config import RunConfig
+from lmforge.launch.config.typed_yaml import ConfigError
+from lmforge.pipeline.config import DataConfig
+from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.tokenizer import file_sha256
+
+# Objectives that replace tokens by the tokenizer's mask piece.
+MASKING_OBJECTIVES = ("masked_lm", "denoising")
+
+
+class DatasetMismatchError(ConfigError):
+    """The run config does not fit the prepared dataset."""
+
+
+def read_prepared(data: DataConfig) -> DatasetManifest:
+    """The manifest of the dataset ``data.output_dir`` holds.
+
+    Raises:
+        FileNotFoundError: Nothing has been prepared there (names the path and what to run).
+        ManifestError: The manifest is unreadable or of another version.
+    """
+    path = DatasetManifest.path_in(Path(data.output_dir).resolve())
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge run`, or "
+            "a `lmforge submit ... --job prepare` job) first"
+        )
+    return DatasetManifest.read(path)
+
+
+def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
+    """``cfg`` checked against the prepared dataset, with ``model.vocab_size`` taken from its
+    tokenizer when the config leaves it open.
+
+    Raises:
+        DatasetMismatchError: Listing every mismatch: sequence length, a model vocabulary
+            smaller than the tokenizer's, a configured tokenizer that is not the one the
+            data was encoded with, a mask token the objective needs and the tokenizer lacks.
+    """
+    data = cfg.data.output_dir
+    tokenizer = manifest.tokenizer
+    problems = []
+    if cfg.data.seq_len != manifest.seq_len:
+        problems.append(
+            f"data.seq_len: {cfg.data.seq_len}, but {data} was prepared with "
+            f"{manifest.seq_len}: prepare again, or set data.seq_len={manifest.seq_len}"
+        )
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
+        problems.append(
+            f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {data} was prepared "
+            f"with has {tokenizer.vocab_size} pieces: set model.vocab_size to at least "
+            f"{tokenizer.vocab_size}, or leave it unset to take the tokenizer's"
+        )
+    if cfg.tokenizer.model_path is not None:
+        problems += _tokenizer_problems(cfg.tokenizer.model_path, manifest, data)
+    if cfg.train.objective in MASKING_OBJECTIVES and tokenizer.mask_id is None:
+        problems.append(
+            f"train.objective: {cfg.train.objective} needs a mask token, but the tokenizer "
+            f"{data} was prepared with has none: set tokenizer.mask_token (e.g. '<mask>') "
+            "and prepare again"
+        )
+    if problems:
+        head = "" if len(problems) == 1 else "the run config does not fit the prepared data:\n  "
+        raise DatasetMismatchError(head + "\n  ".join(problems))
+    if cfg.model.vocab_size is None:
+        model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+        cfg = dataclasses.replace(cfg, model=model)
+    return cfg
+
+
+def _tokenizer_problems(model_path: str, manifest: DatasetManifest, data: str) -> list[str]:
+    if not Path(model_path).is_file():
+        return [f"tokenizer.model_path: {model_path} does not exist: point it at the "
+                f"sentencepiece model the data was prepared with ({manifest.tokenizer_path})"]
+    digest = file_sha256(model_path)
+    if digest == manifest.tokenizer.sha256:
+        return []
+    return [
+        f"tokenizer.model_path: {model_path} (sha256 {digest[:12]}…) is not the tokenizer "
+        f"{data} was prepared with (sha256 {manifest.tokenizer.sha256[:12]}…): prepare again "
+        f"with it, or set tokenizer.model_path={manifest.tokenizer_path}"
+    ]

@@ -1,0 +1,14 @@
+"""MLflow tracking for rank 0 (``launch/tracking/``).
+
+Owns: the :class:`Tracker` callers log through (``tracker.py``), the background thread that
+delivers to MLflow (``delivery.py``), how records are built (``records.py``: params, dataset
+lineage, system metrics) and how MLflow failures are classified (``errors.py``). Tracking
+failure never stops training.
+
+May import: ``launch.config`` (the tracking section), ``launch.rundir``, ``pipeline.manifest``
+(dataset lineage) and MLflow (inside functions, so ranks that never track stay light).
+"""
+
+from lmforge.launch.tracking.tracker import RunStatus, Tracker
+
+__all__ = ["RunStatus", "Tracker"]
