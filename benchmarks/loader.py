@@ -17,6 +17,7 @@ Usage: ``.venv/bin/python benchmarks/loader.py [--quick] [--data DIR]``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -66,7 +67,9 @@ def write_dataset(root: Path, total_bytes: int, per_shard: int, seed: int = 0) -
                     key = sample_key("web", "train", index, i)
                     sink.write({"__key__": key, "tokens.npy": tokens[i], "doc_starts.npy": starts})
             size = (root / rel).stat().st_size
-            shards.append(ShardInfo(rel, count, count * (SEQ_LEN + 1), size, ""))
+            with open(root / rel, "rb") as f:  # what prepare records; the loader checks it
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            shards.append(ShardInfo(rel, count, count * (SEQ_LEN + 1), size, sha256))
             written += count
     tokenizer = TokenizerInfo(
         file="tokenizer.model", sha256="", vocab_size=VOCAB, type="bpe", pad_id=0, unk_id=1,
@@ -99,6 +102,15 @@ def loader_rate(root: Path, batch: int, batches: int, workers: int, masking: boo
     for _ in range(batches):
         next(it)
     return batch * SEQ_LEN * batches / (time.perf_counter() - start)
+
+
+def first_batch_seconds(root: Path, batch: int, verify: bool) -> float:
+    """Seconds from a fresh loader to its first batch: opens (and maybe hashes) the shards."""
+    drop_page_cache(root)
+    config = LoaderConfig(num_workers=0, verify_checksums=verify)
+    start = time.perf_counter()
+    next(iter(ShardLoader(root, "train", batch, seed=1, config=config)))
+    return time.perf_counter() - start
 
 
 def memmap_rate(root: Path, batch: int, batches: int) -> float:
@@ -224,6 +236,16 @@ def run(root: Path, args: argparse.Namespace) -> None:
         print(f"train {preset} ({source}) fwd+bwd+step: {rate:.0f} tokens/s")
         bench(f"loader_vs_train_consumption_{preset}", best / rate, ">= 10",
               loader_tokens_s=best, train_tokens_s=rate, model=source, batch=b, seq=seq)
+    # Checksums on first read (data.loader.verify_checksums, on by default): the extra time
+    # a fresh process pays, against one pass of the loader over the same data.
+    plain = min(first_batch_seconds(root, batch, False) for _ in range(3))
+    hashed = min(first_batch_seconds(root, batch, True) for _ in range(3))
+    one_pass = samples * SEQ_LEN / rates[(0, True)]
+    print(f"first batch: {plain:.2f} s unverified, {hashed:.2f} s verified ({gb:.2f} GB hashed)")
+    bench("checksum_first_read_cost", (hashed - plain) / one_pass, "<= 0.1",
+          extra_seconds=hashed - plain, verified_first_batch_s=hashed,
+          unverified_first_batch_s=plain, one_pass_s=one_pass, dataset_gb=round(gb, 2),
+          hash_gb_s=gb / max(hashed - plain, 1e-9), page_cache="dropped before each")
     seconds = [resume_seconds(root, samples, batch) for _ in range(3)]
     bench("loader_resume_seconds", max(seconds), "<= 2", dataset_gb=round(gb, 2),
           runs=[round(s, 3) for s in seconds], page_cache="dropped for the shards")

@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 
 from lmforge.launch.config import PREPARE_SECTIONS, ConfigError, RunConfig, load_config
+from lmforge.launch.export import ExportError
+from lmforge.launch.redact import redact, redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit import allocation_overrides, build_submit_parser, dispatch_submit
+from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 
 COMMANDS = {
     "run": "prepare data, train, export and sample: the whole job",
@@ -65,11 +68,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def dry_run(cfg: RunConfig) -> None:
+    import yaml
+
     from lmforge.launch.config.deepspeed import build_deepspeed_config
     from lmforge.model import parameter_count
 
-    print("# resolved config")
-    print(cfg.to_yaml())
+    print("# resolved config (secrets shown as ***)")
+    print(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, allow_unicode=True))
     if cfg.model.vocab_size is not None:
         print(f"# parameters: {parameter_count(cfg.model):,}")
     else:
@@ -78,7 +83,7 @@ def dry_run(cfg: RunConfig) -> None:
     ds_config = build_deepspeed_config(
         cfg.train, cfg.deepspeed, cfg.world_size, cfg.launch.resolved_backend()
     )
-    print(json.dumps(ds_config, indent=2))
+    print(json.dumps(redact(ds_config), indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         code = dispatch(args, cfg)
     except ConfigError as err:
-        print(f"lmforge: config error: {err}", file=sys.stderr)
+        print(f"lmforge: config error: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(2)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"lmforge: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, ExportError, CheckpointError,
+            UnsafeCheckpointError) as err:
+        print(f"lmforge: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lmforge.launch.config import ConfigError, RunConfig
 from lmforge.launch.config.dataset_check import config_for_dataset, read_prepared
+from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.torchrun import launch_training
@@ -91,6 +92,11 @@ def check_devices(cfg: RunConfig) -> None:
             "train.precision: fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
             "use bf16 or fp32 here"
         )
+    if cfg.launch.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            "launch.backend: nccl needs CUDA GPUs (NCCL reduces only CUDA tensors); "
+            "use auto or gloo here"
+        )
 
 
 def config_for_training(cfg: RunConfig) -> RunConfig:
@@ -133,26 +139,46 @@ def export(cfg: RunConfig, checkpoint: str | None = None, out_dir: str | None = 
     return export_checkpoint(model, cfg.model, cfg.export, manifest, target, seed=cfg.seed)
 
 
-def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[str]:
-    """Generates continuations of ``sample.prompts`` with the trained model."""
+def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
+    """The family's demonstration with the trained model, printed: a decoder continues
+    ``sample.prompts``, an encoder fills their mask tokens (top-k), an encoder-decoder
+    writes a target for each with beam search. Returns one record per prompt
+    (``{"prompt", "text", ...}``)."""
     from lmforge.launch.export.from_checkpoint import load_trained_model
-    from lmforge.launch.sample import TextSampler
+    from lmforge.launch.sample import FillMaskSampler, Seq2SeqSampler, TextSampler
 
-    heading("sample")
+    family = cfg.model.family
+    heading({"decoder": "sample: continuations", "encoder": "sample: fill-mask top-k",
+             "encoder_decoder": f"sample: source → target ({cfg.sample.num_beams} beams)"}[family])
     manifest = read_prepared(cfg.data)
     cfg = config_for_dataset(cfg, manifest)
     model = load_trained_model(cfg.model, RunDir.of(cfg.run_dir).checkpoints, checkpoint)
-    texts = TextSampler(cfg.sample, manifest.tokenizer_path, manifest.tokenizer, cfg.seed)(model)
-    for prompt, text in zip(cfg.sample.prompts, texts, strict=True):
-        print(f"--- prompt: {prompt!r}\n{text}\n", flush=True)
-    return texts
+    tokenizer_path, tokenizer = manifest.tokenizer_path, manifest.tokenizer
+    if family == "encoder":
+        records = FillMaskSampler(cfg.sample, tokenizer_path, tokenizer)(model)
+        for record in records:
+            tops = "; ".join(f"#{m['position']}: {' | '.join(m['top_tokens'])}"
+                             for m in record["masks"])
+            print(f"--- prompt: {record['prompt']!r}\ntop-{cfg.sample.mask_top_k} at masks: "
+                  f"{tops}\nfilled: {record['text']}\n", flush=True)
+        return records
+    if family == "encoder_decoder":
+        records = Seq2SeqSampler(cfg.sample, tokenizer_path, tokenizer)(model)
+        for record in records:
+            print(f"--- source: {record['prompt']!r}\ntarget: {record['text']}\n", flush=True)
+        return records
+    texts = TextSampler(cfg.sample, tokenizer_path, tokenizer, cfg.seed)(model)
+    records = [{"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, texts, strict=True)]
+    for record in records:
+        print(f"--- prompt: {record['prompt']!r}\n{record['text']}\n", flush=True)
+    return records
 
 
 # -- the whole job -------------------------------------------------------------------
 
 
 def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
-    """prepare → train → export → sample, tracked in one MLflow run."""
+    """prepare → train → export → the family's demonstration, tracked in one MLflow run."""
     run = RunDir.of(cfg.run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     cfg.save(run.config)
@@ -164,8 +190,8 @@ def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
     )
     if run_id:
         run.write_run_id(run_id)
-    tracker.log_params(cfg.to_dict())
-    tracker.log_artifact(run.config)
+    tracker.log_params(cfg.to_dict())  # secrets redacted; run.config keeps the real values
+    tracker.log_config(cfg.to_dict())
     status = "FAILED"
     export_dir, samples, code = None, [], 1
     try:
@@ -179,10 +205,8 @@ def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
         if cfg.export.enabled:
             export_dir = export(cfg)
             tracker.log_artifacts(export_dir, "export")
-        samples = sample(cfg)
-        records = [
-            {"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, samples, strict=True)
-        ]
+        records = sample(cfg)
+        samples = [record["text"] for record in records]
         run.final_samples.write_text(json.dumps(records, indent=2), encoding="utf-8")
         tracker.log_artifact(run.final_samples)
         status = "FINISHED"
@@ -199,7 +223,8 @@ def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
 def print_summary(result: RunResult) -> None:
     print("\n== done ==")
     print(f"run directory : {result.run_dir}")
-    print(f"MLflow store  : {result.tracking_uri}  (run {result.run_id})")
+    uri = redact_text(result.tracking_uri)
+    print(f"MLflow store  : {uri}  (run {result.run_id})")
     if result.export_dir is not None:
         print(f"HF export     : {result.export_dir}")
     print(f"resume        : lmforge train {RunDir(result.run_dir).config} --resume auto")
@@ -209,4 +234,4 @@ def print_summary(result: RunResult) -> None:
             f"{result.tracking_uri} --host 127.0.0.1 --port 5000   # then http://127.0.0.1:5000"
         )
     else:
-        print(f"open the UI   : {result.tracking_uri}")
+        print(f"open the UI   : {uri}")

@@ -1,7 +1,9 @@
-"""Text from a trained model: prompts → sentencepiece ids → ``model.generate`` → text.
+"""Text from a trained model, the demonstration that fits its family.
 
-Used at the end of ``lmforge run`` / by ``lmforge sample`` and, every
-``train.sample_every`` steps, by the training callback that logs samples to MLflow.
+``TextSampler`` (decoder: prompts → sentencepiece ids → ``generate`` → text) runs at the end
+of ``lmforge run`` / in ``lmforge sample`` and, every ``train.sample_every`` steps, in the
+training callback that logs samples to MLflow. ``FillMaskSampler`` (encoder: top-k at mask
+tokens) and ``Seq2SeqSampler`` (encoder-decoder: beam search from a source) run at the end.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from lmforge.launch.config import SampleConfig
-from lmforge.model import generate
+from lmforge.model import generate, generate_seq2seq
 from lmforge.pipeline.manifest import TokenizerInfo
 
 
@@ -31,7 +33,7 @@ class TextSampler:
     ) -> None:
         self.sample = sample
         self.tokenizer_path = str(tokenizer_path)
-        self.eos_id = tokenizer.eos_id
+        self.eos_id = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
         self.seed = seed
         self._sp: spm.SentencePieceProcessor | None = None  # loaded on first use
 
@@ -58,3 +60,73 @@ class TextSampler:
             )
             texts.append(sp.decode(out[0].tolist()))
         return texts
+
+
+class FillMaskSampler:
+    """The encoder's demonstration: the top ``sample.mask_top_k`` tokens at every mask token
+    of each prompt, from the masked-LM logits.
+
+    Args:
+        sample: The sample section (prompts with the mask token, ``mask_top_k``).
+        tokenizer_path: The sentencepiece model the data was encoded with.
+        tokenizer: Its manifest entry (the mask id).
+    """
+
+    def __init__(self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo
+                 ) -> None:
+        if tokenizer.mask_id is None:
+            raise ValueError("tokenizer.mask_token: the fill-mask demonstration needs a mask "
+                             "token; set it and prepare again")
+        self.sample, self.mask_id = sample, tokenizer.mask_id
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> list[dict]:
+        """Per prompt: ``{"prompt", "text" (masks filled with the top token), "masks":
+        [{"position", "top_ids", "top_tokens"}]}``."""
+        model.eval()
+        device = next(model.parameters()).device
+        records = []
+        for prompt in self.sample.prompts:
+            ids = self.sp.encode(prompt)
+            positions = [i for i, t in enumerate(ids) if t == self.mask_id]
+            logits = model(torch.tensor([ids], device=device))[0]  # (T, V)
+            top = logits[positions].topk(self.sample.mask_top_k, dim=-1).indices.tolist()
+            filled = list(ids)
+            for position, candidates in zip(positions, top, strict=True):
+                filled[position] = candidates[0]
+            masks = [{"position": p, "top_ids": c, "top_tokens": [self.sp.id_to_piece(t)
+                                                                  for t in c]}
+                     for p, c in zip(positions, top, strict=True)]
+            records.append({"prompt": prompt, "text": self.sp.decode(filled), "masks": masks})
+        return records
+
+
+class Seq2SeqSampler:
+    """The encoder-decoder's demonstration: each prompt is a source (mask tokens are spans to
+    fill in, as in denoising) and beam search with ``sample.num_beams`` writes its target.
+
+    Args:
+        sample: The sample section (prompts, ``max_new_tokens``, ``num_beams``).
+        tokenizer_path: The sentencepiece model the data was encoded with.
+        tokenizer: Its manifest entry (EOS: the decoder start and the end of a target).
+    """
+
+    def __init__(self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo
+                 ) -> None:
+        self.sample, self.eos_id = sample, tokenizer.eos_id
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> list[dict]:
+        """Per prompt: ``{"prompt", "text" (the target), "ids" (target ids, decoder start
+        first)}``."""
+        device = next(model.parameters()).device
+        records = []
+        for prompt in self.sample.prompts:
+            src = torch.tensor([self.sp.encode(prompt)], device=device)
+            out = generate_seq2seq(model, src, self.sample.max_new_tokens,
+                                   decoder_start_id=self.eos_id, eos_id=self.eos_id,
+                                   num_beams=self.sample.num_beams)[0].tolist()
+            records.append({"prompt": prompt, "text": self.sp.decode(out[1:]), "ids": out})
+        return records

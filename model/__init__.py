@@ -17,7 +17,7 @@ from lmforge.model.estimates import (
     parameter_count,
 )
 from lmforge.model.generate import generate, generate_seq2seq, sample_next
-from lmforge.model.hf import from_hf, hf_architecture, to_hf
+from lmforge.model.hf import from_hf, hf_architecture, hf_mismatch, to_hf
 from lmforge.model.layers import KVCache
 from lmforge.model.objectives import (
     causal_lm_loss,
@@ -52,6 +52,7 @@ __all__ = [
     "generate",
     "generate_seq2seq",
     "hf_architecture",
+    "hf_mismatch",
     "masked_lm_inputs",
     "masked_lm_loss",
     "mfu",

@@ -191,8 +191,10 @@ class LoaderConfig:
     from the same shard or the next readable one, chosen by position alone so every rank
     and every resume agree; a validation pass masks such rows (labels -100) instead."""
 
-    verify_checksums: bool = False
-    """Check each shard's sha256 against the manifest when it is opened (reads it all)."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest the first time a process opens it
+    (reads the whole shard once; see ``checksum_first_read_cost`` in benchmarks/RESULTS.md).
+    A mismatch is a corrupt shard: an error naming it, or skipped when ``strict`` is false."""
 
     return_keys: bool = False
     """Also yield ``keys``, the ``__key__`` of every row ("" for padding); for debugging."""

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.loader_tar import is_url, local_path, read_bytes
-from lmforge.pipeline.shard_format import MANIFEST_FILE, MANIFEST_VERSION, TOKEN_DTYPES
+from lmforge.pipeline.shard_format import (
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    TOKEN_DTYPES,
+    padding_id,
+)
 
 _AGAIN = "run `lmforge prepare` again"
 
@@ -49,17 +54,24 @@ class TokenizerInfo:
     type: str
     """sentencepiece model type (`bpe`, `unigram`, ...)."""
     pad_id: int
-    """Pads the last window of a split (-1 if the model has none)."""
+    """The pad piece (-1 if the model has none; `padding_id` is what pads)."""
     unk_id: int
     bos_id: int
     eos_id: int
-    """Ends every document of the token stream."""
+    """Ends every document of the token stream (-1: the model has none; documents are then
+    only marked by the shards' ``doc_starts``)."""
     special_tokens: dict[str, SpecialToken]
     """Special pieces by role (pad, unk, bos, eos, mask, sep; those the model has)."""
     extra_special_tokens: list[SpecialToken]
     """User-defined special pieces beyond the roles (the JSON's `special_tokens.extra`)."""
     byte_fallback: bool
     """Unknown characters are encoded as byte pieces."""
+
+    @property
+    def padding_id(self) -> int:
+        """What pads the last window of a split: the pad piece, or `vocab_size` without one
+        (see `shard_format.padding_id`)."""
+        return padding_id(self.pad_id, self.vocab_size)
 
     @property
     def mask_id(self) -> int | None:
@@ -226,7 +238,8 @@ class DatasetManifest:
         return Path(folder) / MANIFEST_FILE
 
     def write(self, path: str | Path) -> None:
-        """Write atomically (temp file, fsync, rename) and remember `path` as `location`.
+        """Write atomically (temp file, fsync, rename, folder fsync); remember `path` as
+        `location`.
 
         Args:
             path: The manifest.json to write (a local path), or an existing folder.
@@ -243,6 +256,11 @@ class DatasetManifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
         self.location = str(path)
 
     def to_dict(self) -> dict[str, Any]:

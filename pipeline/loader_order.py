@@ -176,7 +176,7 @@ class Manifest:
         self.path = manifest.location
         self.seq_len = manifest.seq_len
         self.token_dtype = manifest.token_dtype
-        self.pad_id = manifest.tokenizer.pad_id
+        self.pad_id = manifest.tokenizer.padding_id
         self.vocab_size = manifest.tokenizer.vocab_size
         self.names: list[str] = []
         self.weights: list[float] = []

@@ -267,7 +267,8 @@ class ReaderCache:
 
     Args:
         capacity: Shards kept open (mmaps are cheap; streamed shards cost their size).
-        verify: Check each shard's sha256 when it is opened.
+        verify: Check each shard's sha256 the first time this process opens it (a shard
+            reopened after eviction is not hashed again).
     """
 
     def __init__(self, capacity: int, verify: bool = False) -> None:
@@ -275,6 +276,7 @@ class ReaderCache:
         self.verify = verify
         self._open: OrderedDict[str, ShardReader] = OrderedDict()
         self.bad: dict[str, str] = {}
+        self.verified: set[str] = set()
 
     def get(self, shard: Any, seq_len: int, token_dtype: str) -> ShardReader | None:
         """The reader of ``shard`` (a manifest entry), or None when it is bad."""
@@ -285,12 +287,15 @@ class ReaderCache:
         if shard.url in self.bad:
             return None
         try:
+            verify = self.verify and shard.url not in self.verified
             reader = ShardReader(
-                shard.url, shard.samples, seq_len, token_dtype, shard.sha256, self.verify
+                shard.url, shard.samples, seq_len, token_dtype, shard.sha256, verify
             )
         except ShardError as err:
             self.bad[shard.url] = str(err)
             return None
+        if verify:
+            self.verified.add(shard.url)
         self._open[shard.url] = reader
         if len(self._open) > self.capacity:
             self._open.popitem(last=False)

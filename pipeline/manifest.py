@@ -210,7 +210,7 @@ def build_manifest(
     tokenizer = TokenizerInfo.from_dict({"file": TOKENIZER_FILE, **tokenizer_info})
     return DatasetManifest(
         seq_len=data.seq_len,
-        token_dtype=token_dtype(tokenizer.vocab_size),
+        token_dtype=token_dtype(tokenizer.vocab_size, tokenizer.pad_id),
         tokenizer=tokenizer,
         datasets=datasets,
         fingerprint=fp,

@@ -11,7 +11,6 @@ does the rest. The functions know nothing about who runs them (in-process or Ray
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig
+from lmforge.pipeline.durable import disk_space_errors, read_marker, write_json
 from lmforge.pipeline.readers import BadInputLog, read_piece
 from lmforge.pipeline.shard_format import sample_key, shard_file_name
 from lmforge.pipeline.shards import ShardWriter, pack_windows
@@ -46,7 +46,7 @@ class WorkContext:
     num_partitions: int
     tokenizer_model: str = ""
     sample_threshold: float = 0.0
-    pad_id: int = 0
+    pad_id: int = 0  # the padding id (`shard_format.padding_id`), not always a piece
 
     def path(self, *parts: str) -> Path:
         return Path(self.work_dir).joinpath(*parts)
@@ -60,21 +60,15 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def resumable(ctx: WorkContext, phase: str, key: str, work: Callable[[], dict]) -> dict:
     """Return the stored result of a finished item, or run `work` and store its result."""
     marker = ctx.path("done", phase, f"{key}.json")
-    if marker.exists():
-        return json.loads(marker.read_text())
-    result = work()
-    write_json(marker, result)
+    done = read_marker(marker)
+    if done is not None:
+        return done
+    with disk_space_errors(ctx.work_dir):
+        result = work()
+        write_json(marker, result)
     return result
 
 
@@ -301,21 +295,28 @@ def write_task(plan: ShardPlan, ctx: WorkContext) -> dict:
     """
     key = f"{plan.dataset}-{plan.split}-{plan.index:06d}"
     marker = ctx.path("done", "write", f"{key}.json")
-    if marker.exists():
-        done = json.loads(marker.read_text())
+    done = read_marker(marker)
+    if done is not None:
         shard = Path(ctx.output_dir) / done["path"]
         if shard.exists() and shard.stat().st_size == done["bytes"]:
             return done
         marker.unlink()
-    writer = _write(plan, ctx)
-    result = asdict(writer.close(commit=False))
-    write_json(marker, result)
-    writer.commit()
+    path = Path(ctx.output_dir) / plan.dataset / shard_file_name(plan.split, plan.index)
+    with disk_space_errors(ctx.output_dir, path):
+        writer = ShardWriter(path, Path(ctx.output_dir))
+        try:
+            _write(plan, ctx, writer)
+            result = asdict(writer.close(commit=False))
+            write_json(marker, result)
+        except BaseException:
+            writer.discard()
+            raise
+        writer.commit()
     return result
 
 
-def _write(plan: ShardPlan, ctx: WorkContext) -> ShardWriter:
-    """Pack and write a shard's samples into a `ShardWriter` (not yet closed)."""
+def _write(plan: ShardPlan, ctx: WorkContext, writer: ShardWriter) -> None:
+    """Pack and write a shard's samples into `writer` (not closed here)."""
     window = ctx.data.seq_len + 1
     start = plan.first_window * window
     stop = start + plan.n_windows * window
@@ -327,8 +328,6 @@ def _write(plan: ShardPlan, ctx: WorkContext) -> ShardWriter:
         sources.append((base, tokens))
         start_parts.append(base + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
     doc_starts = np.concatenate(start_parts) if start_parts else np.zeros(0, np.int64)
-    path = Path(ctx.output_dir) / plan.dataset / shard_file_name(plan.split, plan.index)
-    writer = ShardWriter(path, Path(ctx.output_dir))
     # A block of windows at a time: memory does not grow with the shard size.
     for lo in range(start, stop, _WRITE_BLOCK_WINDOWS * window):
         hi = min(lo + _WRITE_BLOCK_WINDOWS * window, stop)
@@ -339,4 +338,3 @@ def _write(plan: ShardPlan, ctx: WorkContext) -> ShardWriter:
         keys = [sample_key(plan.dataset, plan.split, plan.index, first + i)
                 for i in range(len(samples))]
         writer.write(keys, samples, starts, len(tokens))
-    return writer

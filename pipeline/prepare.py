@@ -5,13 +5,16 @@ train the tokenizer (or reuse one) → encode (Ray Data actors) → write shards
 plots, manifest.json (last, atomic). Without dedup and with a given tokenizer nothing needs
 the whole corpus before encoding, so clean and encode run as one pass in the encoders.
 Intermediate files live in `<output_dir>/_work/<fingerprint>/` and are removed after
-success.
+success. The new dataset is built there too (`dataset/`) and moved into `<output_dir>` only
+once complete, so a failed or interrupted re-prepare (a full disk) leaves the previous
+dataset readable.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -22,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.durable import disk_space_errors, fsync_dir
 from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from lmforge.pipeline.manifest import (
     DatasetManifest,
@@ -42,7 +46,7 @@ from lmforge.pipeline.phases import (
     write_json,
     write_task,
 )
-from lmforge.pipeline.shard_format import TOKENIZER_FILE, token_dtype
+from lmforge.pipeline.shard_format import TOKENIZER_FILE, padding_id, token_dtype
 from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
 from lmforge.pipeline.stats import summarize, summary_for_manifest, write_plots
 from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
@@ -88,8 +92,8 @@ def prepare(
     if is_complete(manifest_path, fp):
         _say(f"{manifest_path} is complete for these inputs and config; skipping", progress)
         return manifest_path
-    if manifest_path.exists():  # stale: the dataset is no longer complete
-        manifest_path.unlink()
+    # A previous dataset in `out` stays readable: the new one is built beside it (under
+    # _work/) and replaces it only once complete (see _publish).
     if executor == "local":
         return _run(data, tokenizer, files, fp, LocalExecutor(progress), progress)
     with ray_session(data.ray_address):
@@ -124,9 +128,10 @@ def _run(
     for stale in work_root.glob("*"):
         if stale.name != work_name:
             shutil.rmtree(stale, ignore_errors=True)
+    staging = work_root / work_name / "dataset"  # the new dataset, until _publish
     ctx = WorkContext(
         work_dir=str(work_root / work_name),
-        output_dir=str(out),
+        output_dir=str(staging),
         data=data,
         num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
     )
@@ -145,17 +150,17 @@ def _run(
             _say(f"warning: dataset {spec.name!r} got no val documents; raise "
                  "data.val_fraction or add data", progress)
 
-    _remove_stale_shards(out, data, {s["path"] for s in shards})
-    shutil.copyfile(model, out / TOKENIZER_FILE)
-    manifest = build_manifest(data, info, fp, files, shards, plans, {})
-    stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds)
-    plots = write_plots(stats, out / "plots")
-    stats["files"] = {"stats": "stats.json",
-                      "plots": [str(p.relative_to(out)) for p in plots]}
-    write_json(out / "stats.json", stats)
-    manifest.stats = summary_for_manifest(stats)
-    manifest_path = DatasetManifest.path_in(out)
-    manifest.write(manifest_path)
+    with disk_space_errors(staging):
+        shutil.copyfile(model, staging / TOKENIZER_FILE)
+        manifest = build_manifest(data, info, fp, files, shards, plans, {})
+        stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds)
+        plots = write_plots(stats, staging / "plots")
+        stats["files"] = {"stats": "stats.json",
+                          "plots": [str(p.relative_to(staging)) for p in plots]}
+        write_json(staging / "stats.json", stats)
+        manifest.stats = summary_for_manifest(stats)
+        manifest.write(DatasetManifest.path_in(staging))
+    manifest_path = _publish(staging, out, data, {s["path"] for s in shards})
     if not data.keep_work:
         shutil.rmtree(work_root, ignore_errors=True)
     total = sum(sum(v.values()) for v in stats["tokens"].values())
@@ -195,7 +200,8 @@ def _phases(
     t0 = time.perf_counter()
     model = _tokenizer_model(data, tokenizer, ctx, ex, clean, dedup, progress)
     info = describe_tokenizer(model, tokenizer)
-    ctx.tokenizer_model, ctx.pad_id = str(model), info["pad_id"]
+    ctx.tokenizer_model = str(model)
+    ctx.pad_id = padding_id(info["pad_id"], info["vocab_size"])
     seconds["tokenizer"] = time.perf_counter() - t0
 
     if not one_pass:
@@ -234,7 +240,7 @@ def _encode_and_write(
     Writing overlaps encoding: a shard is written as soon as all its tokens are encoded.
     """
     t0 = time.perf_counter()
-    itemsize = np.dtype(token_dtype(info["vocab_size"])).itemsize
+    itemsize = np.dtype(token_dtype(info["vocab_size"], info["pad_id"])).itemsize
     planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
     encoded, handles = [], []
     for result in ex.encode_stream(encode_fn, items, ctx):
@@ -305,6 +311,33 @@ def _tokenizer_model(
     tmp.replace(model)
     sample_file.unlink()
     return model
+
+
+def _publish(staging: Path, out: Path, data: DataConfig, written: set[str]) -> Path:
+    """Move the complete new dataset from `staging` into `out`, its manifest last.
+
+    Until now a previous dataset in `out` was untouched. Its manifest goes first (so no
+    manifest ever lists shards of the other dataset), then every staged file is renamed into
+    place (same filesystem), stale shards are removed, and the new manifest lands last. A
+    crash in between leaves `out` without a manifest and the rest of the new dataset staged:
+    the next `prepare` rewrites only the shards that had been moved, then publishes again.
+    """
+    target = DatasetManifest.path_in(out)
+    target.unlink(missing_ok=True)
+    fsync_dir(out)
+    folders = {out}
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path.name != target.name:
+            dest = out / path.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+            folders.add(dest.parent)
+    for folder in folders:
+        fsync_dir(folder)
+    _remove_stale_shards(out, data, written)
+    os.replace(DatasetManifest.path_in(staging), target)
+    fsync_dir(out)
+    return target
 
 
 def _remove_stale_shards(out: Path, data: DataConfig, written: set[str]) -> None:

@@ -10,12 +10,13 @@ ever being held whole.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 
@@ -82,10 +83,54 @@ def _open(piece: ReadPiece) -> IO[bytes]:
             raise BadInputError(
                 f"{piece.file.url}: reading .zst needs the 'zstandard' package; install it"
             ) from err
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return _ZstdReader(raw, zstandard)
     if piece.start:
         raw.seek(piece.start)
     return raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """Streams a .zst file frame by frame and raises EOFError when it ends inside a frame
+    (zstandard's own stream reader reports a silent end-of-file for a truncated file).
+
+    Input goes in small pieces: a zstd block can expand ~30000-fold, so what one call
+    returns stays a few MB even for a long run of one byte (a 100 MB line is never whole).
+    """
+
+    _INPUT = 256  # bytes of input per call: at most ~8 MiB out (all-RLE worst case)
+
+    def __init__(self, raw: IO[bytes], zstandard: Any) -> None:
+        self.raw, self.zstandard = raw, zstandard
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""  # input not yet given to a frame
+        self.started = False  # whether the current frame has received any input
+
+    def readable(self) -> bool:
+        return True
+
+    def read1(self, size: int = -1) -> bytes:
+        while True:
+            if not self.pending:
+                self.pending = self.raw.read(self._INPUT)
+                if not self.pending:
+                    if self.started and not self.frame.eof:
+                        raise EOFError("zstd stream ended inside a frame (truncated file)")
+                    return b""
+            if self.frame.eof:  # a new frame follows the finished one
+                self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+            chunk, self.pending = self.pending, b""
+            self.started = True
+            out = self.frame.decompress(chunk)
+            if self.frame.eof:
+                self.pending = self.frame.unused_data
+            if out:
+                return out
+
+    read = read1
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 _SEPARATORS = {

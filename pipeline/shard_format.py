@@ -16,9 +16,10 @@ in this order (their names sort so):
 - ``<key>.doc_starts.npy``: int32 offsets within the sample where a document starts,
   ascending, always beginning with 0.
 - ``<key>.tokens.npy``: ``seq_len + 1`` token ids (inputs plus the label shift) of the
-  manifest's ``token_dtype``: uint16 while the vocabulary fits in 16 bits, else uint32.
-  Windows are cut consecutively from the split's stream of EOS-terminated documents; only
-  the last window of a split is padded, with the pad id.
+  manifest's ``token_dtype``: uint16 while the vocabulary (and the padding id) fits in
+  16 bits, else uint32. Windows are cut consecutively from the split's stream of documents
+  (each ends with EOS when the tokenizer has an eos piece; ``doc_starts`` marks them either
+  way); only the last window of a split is padded, with the padding id (``padding_id``).
 
 Both are plain ``.npy`` files (version 1.0 headers, C order). Every member header has the
 same fixed metadata (mtime 0, mode 0444, uid/gid 0, empty user and group names); the
@@ -54,9 +55,22 @@ DOC_STARTS_MEMBER = "doc_starts.npy"
 """Member suffix (after ``"{key}."``) of a sample's document-start offsets."""
 
 
-def token_dtype(vocab_size: int) -> str:
-    """The smallest unsigned dtype that holds every token id of a vocabulary."""
-    return "uint16" if vocab_size <= 2**16 else "uint32"
+def padding_id(pad_id: int, vocab_size: int) -> int:
+    """The id that pads a split's last window and that the loader masks out of the labels.
+
+    The tokenizer's pad piece when it has one (sentencepiece never emits it). Many published
+    models have none (``pad_id=-1``, e.g. Llama's ``tokenizer.model``); then it is
+    ``vocab_size``, one past the last piece, so it can never be mistaken for a real token.
+    It is never a model input: the objectives mask it and feed a valid id in its place.
+    """
+    return pad_id if pad_id >= 0 else vocab_size
+
+
+def token_dtype(vocab_size: int, pad_id: int = 0) -> str:
+    """The smallest unsigned dtype that holds every token id of a vocabulary and its
+    padding id (see `padding_id`)."""
+    ids = max(vocab_size, padding_id(pad_id, vocab_size) + 1)
+    return "uint16" if ids <= 2**16 else "uint32"
 
 
 def shard_file_name(split: str, index: int) -> str:

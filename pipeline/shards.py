@@ -1,9 +1,10 @@
 """Packing token streams into fixed windows and writing them as reproducible WebDataset tars.
 
-A split's documents (each ending in EOS) form one stream that is cut into consecutive
-windows of `seq_len + 1` tokens; the last window is padded with the pad id. A shard holds a
-range of windows, in the byte format of `shard_format.py` (fixed member metadata, sorted
-member names), so rewriting a shard gives the same bytes.
+A split's documents (each ending in EOS, if the tokenizer has one) form one stream that is
+cut into consecutive windows of `seq_len + 1` tokens; the last window is padded with the
+padding id (`shard_format.padding_id`). A shard holds a range of windows, in the byte
+format of `shard_format.py` (fixed member metadata, sorted member names), so rewriting a
+shard gives the same bytes.
 """
 
 from __future__ import annotations
@@ -164,6 +165,15 @@ class ShardWriter:
     def commit(self) -> None:
         """Move the finished temp file to the shard path."""
         os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Close and delete the temp file (after a failed write: a full disk stays full
+        otherwise)."""
+        try:
+            self.file.close()  # flushing what is buffered can fail again on a full disk
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_shard(

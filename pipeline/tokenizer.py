@@ -108,17 +108,13 @@ def file_sha256(path: Path | str) -> str:
 def describe_tokenizer(model_path: Path | str, config: TokenizerConfig) -> dict[str, Any]:
     """The manifest's `tokenizer` entry (without `file`) for a sentencepiece model.
 
-    Raises:
-        ValueError: If the model lacks a pad or eos piece (both are needed for packing).
+    Any sentencepiece model works: without a pad piece (``pad_id`` -1, as in Llama's
+    ``tokenizer.model``) padding uses `shard_format.padding_id`; without an eos piece
+    documents are joined without a separator (the shards' ``doc_starts`` still mark them).
     """
     from sentencepiece import sentencepiece_model_pb2
 
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    if sp.pad_id() < 0 or sp.eos_id() < 0:
-        raise ValueError(
-            f"model_path: {model_path} has no pad or eos piece; retrain it with pad_id and "
-            "eos_id set, or leave model_path empty to train one"
-        )
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(model_path).read_bytes())
     model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}[proto.trainer_spec.model_type]
@@ -154,12 +150,13 @@ class DocumentEncoder:
     def __init__(self, model_path: Path | str) -> None:
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         self.eos_id = self.sp.eos_id()
-        self.dtype = np.dtype(token_dtype(self.sp.vocab_size()))
+        self.dtype = np.dtype(token_dtype(self.sp.vocab_size(), self.sp.pad_id()))
         self._encode = self.sp.encode
-        self._eos = np.array([self.eos_id], np.int32)
+        # A model without an eos piece: documents follow each other directly.
+        self._eos = np.array([self.eos_id] if self.eos_id >= 0 else [], np.int32)
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Encode texts, each followed by EOS.
+        """Encode texts, each followed by EOS (when the model has an eos piece).
 
         Returns:
             (tokens, lengths): the concatenated ids (1-D, uint16/uint32) and each
@@ -174,5 +171,5 @@ class DocumentEncoder:
         for text in texts:
             parts.append(self._encode(text, return_type="numpy"))
             parts.append(self._eos)
-        lengths = np.fromiter(map(len, parts[::2]), np.int64, count=len(texts)) + 1
+        lengths = np.fromiter(map(len, parts[::2]), np.int64, count=len(texts)) + len(self._eos)
         return np.concatenate(parts, dtype=self.dtype, casting="unsafe"), lengths

@@ -72,6 +72,12 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
             f"{data} was prepared with has none: set tokenizer.mask_token (e.g. '<mask>') "
             "and prepare again"
         )
+    if cfg.train.objective == "denoising" and tokenizer.eos_id < 0:
+        problems.append(
+            f"train.objective: denoising starts the decoder with the eos piece, but the "
+            f"tokenizer {data} was prepared with has none: prepare with a tokenizer that "
+            "has one (leave tokenizer.model_path unset to train one)"
+        )
     if problems:
         head = "" if len(problems) == 1 else "the run config does not fit the prepared data:\n  "
         raise DatasetMismatchError(head + "\n  ".join(problems))

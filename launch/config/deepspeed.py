@@ -26,7 +26,8 @@ _DERIVED = (
 
 
 def build_deepspeed_config(
-    train: TrainConfig, ds: DeepSpeedConfig, world_size: int, backend: str
+    train: TrainConfig, ds: DeepSpeedConfig, world_size: int, backend: str,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """Builds the DeepSpeed config dict from the train and deepspeed sections.
 
@@ -41,6 +42,8 @@ def build_deepspeed_config(
         world_size: Data-parallel processes (``launch.world_size``).
         backend: The torch.distributed backend training runs on (``nccl`` or ``gloo``;
             see ``LaunchConfig.resolved_backend``).
+        load_universal: The run resumes from a checkpoint's universal copy (a resume on
+            another world size; ``launch/train/checkpoint.py``).
 
     Returns:
         The dict passed to ``deepspeed.initialize(config=...)``.
@@ -76,6 +79,8 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,  # lmforge logs; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        generated["checkpoint"] = {"load_universal": True}
     if ds.config_file is not None:
         generated = _merge_user_json(generated, Path(ds.config_file))
     return _deep_update(generated, ds.overrides)

@@ -36,6 +36,7 @@ from lmforge.launch.config.typed_yaml import (
     to_plain,
 )
 from lmforge.model.config import ModelConfig
+from lmforge.model.hf import hf_mismatch
 from lmforge.model.presets import PRESETS
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
 
@@ -77,7 +78,10 @@ class RunConfig:
             self.model = dataclasses.replace(self.model, vocab_size=self.tokenizer.vocab_size)
 
     def check_training(self) -> None:
-        """Checks the sections against each other, as training needs them.
+        """Checks the sections against each other, as training needs them: batch sizes,
+        objective vs family, lengths, vocabulary, the encoder's fill-mask prompts, and, with
+        ``export.enabled``, that a ``transformers`` class represents the model exactly (so a
+        model that cannot be exported is refused now, not after training).
 
         Raises:
             ValueError: ``"<section.key>: what is wrong; what to do"`` for the first problem.
@@ -91,7 +95,11 @@ class RunConfig:
                 f"{train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} x world "
                 f"size {world} (= {per_step}); change one of them"
             )
-        if self.model.vocab_size is not None and self.model.vocab_size < self.tokenizer.vocab_size:
+        # With tokenizer.model_path, tokenizer.vocab_size is unused: the dataset check compares
+        # model.vocab_size with the given model's real vocabulary (from the manifest).
+        trained_here = self.tokenizer.model_path is None
+        vocab = self.model.vocab_size
+        if trained_here and vocab is not None and vocab < self.tokenizer.vocab_size:
             raise ValueError(
                 f"model.vocab_size: {self.model.vocab_size} is smaller than "
                 f"tokenizer.vocab_size {self.tokenizer.vocab_size}"
@@ -112,6 +120,22 @@ class RunConfig:
                 f"model.max_seq_len: {self.model.max_seq_len} is shorter than data.seq_len "
                 f"{self.data.seq_len}"
             )
+        mask = self.tokenizer.mask_token
+        if self.model.family == "encoder" and not self.model.num_labels and mask and [
+                p for p in self.sample.prompts if mask not in p]:
+            raise ValueError(
+                f"sample.prompts: the encoder's fill-mask demonstration needs {mask!r} in every "
+                f"prompt; e.g. ['ROMEO:\\nWhat {mask} is this?']"
+            )
+        if self.export.enabled:
+            closest, diffs = hf_mismatch(self.model)
+            if diffs:
+                raise ValueError(
+                    f"export.enabled: no transformers class represents this model exactly, so "
+                    f"it could not be exported after training; the closest, {closest}, differs "
+                    f"in {'; '.join(diffs)}. Change those model fields, or set "
+                    "export.enabled=false to train without an export"
+                )
 
     @property
     def world_size(self) -> int:
@@ -164,13 +188,13 @@ def load_config(
         if overrides:
             raise ConfigError("overrides apply to a YAML file, not to a loaded config")
         return path
-    data, lines = read_yaml(path) if path is not None else ({}, {})
+    data, lines, texts = read_yaml(path) if path is not None else ({}, {}, {})
     overridden: set[tuple[str, ...]] = set()
     for arg in overrides:
-        key, value = parse_override(arg)
+        key, value = parse_override(arg, texts)
         apply_override(data, key, value)
         overridden.add(key)
-    where = Where(str(path) if path is not None else None, lines, overridden)
+    where = Where(str(path) if path is not None else None, lines, overridden, texts)
     if sections is not None:
         every = [f.name for f in dataclasses.fields(RunConfig) if f.default_factory is not None
                  and f.default_factory is not dataclasses.MISSING]

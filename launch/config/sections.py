@@ -129,7 +129,8 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+gradients), 3 (+parameters)."""
     offload_optimizer: Literal["none", "cpu"] = "none"
-    """Keep optimizer state in CPU memory (ZeRO 1-3)."""
+    """Keep optimizer state in CPU memory (ZeRO 1-3); the optimizer becomes DeepSpeed's CPU
+    AdamW (same groups and schedule), JIT-compiled on first use and cached."""
     offload_params: Literal["none", "cpu"] = "none"
     """Keep parameters in CPU memory (ZeRO 3 only)."""
     overlap_comm: bool | None = None
@@ -196,7 +197,9 @@ class LaunchConfig:
 
 @dataclass
 class SampleConfig:
-    """Text generated from the trained model at the end of a run (and logged to MLflow)."""
+    """The demonstration at the end of a run (logged to MLflow), fitting the family: a
+    decoder continues the prompts, an encoder fills their mask tokens (top-k), an
+    encoder-decoder turns each prompt into a target with beam search."""
 
     prompts: list[str] = field(default_factory=lambda: ["The "])
     """Prompts to continue."""
@@ -208,8 +211,17 @@ class SampleConfig:
     """Sample only from the k most likely tokens; None disables."""
     top_p: float | None = None
     """Nucleus sampling threshold; None disables."""
+    num_beams: int = 4
+    """Beams of the encoder-decoder demonstration (each prompt is a source, the beam search
+    output its target); 1 = greedy."""
+    mask_top_k: int = 5
+    """Candidates shown per masked position in the encoder's fill-mask demonstration (its
+    prompts must contain the tokenizer's mask token)."""
 
     def __post_init__(self) -> None:
+        for name in ("num_beams", "mask_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -228,6 +240,10 @@ class ExportConfig:
     """Export folder; None means ``<run_dir>/export``."""
     verify_atol: float = 1e-4
     """Largest logit difference accepted between transformers and lmforge (fp32)."""
+
+    def __post_init__(self) -> None:
+        if not self.verify_atol >= 0:
+            raise ValueError(f"verify_atol: must be >= 0, got {self.verify_atol}; e.g. 1e-4")
 
 
 

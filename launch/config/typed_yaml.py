@@ -25,16 +25,24 @@ class ConfigError(ValueError):
 
 
 LineMap = dict[tuple[str, ...], int]
+TextMap = dict[tuple[str, ...], str]
+"""Key path -> the source text of an unquoted scalar, so a ``str`` field can take ``off``,
+``123`` or ``1.10`` literally although YAML 1.1 reads them as ``False``, ``123``, ``1.1``."""
+
+# YAML 1.1 booleans other than true/false: refused for a bool field (ambiguous, and YAML 1.2
+# reads them as strings), taken as text for a str field.
+_YAML11_BOOL_WORDS = {"y", "yes", "n", "no", "on", "off"}
 
 
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap]:
-    """Reads a YAML mapping and the line number of every key in it.
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap, TextMap]:
+    """Reads a YAML mapping, the line number of every key and the text of unquoted scalars.
 
     Args:
         path: The YAML file.
 
     Returns:
-        The parsed mapping and a map from key path (tuple of keys) to 1-based line.
+        The parsed mapping, a map from key path (tuple of keys) to 1-based line, and a map
+        from key path to the source text of every unquoted scalar value.
 
     Raises:
         ConfigError: The file is missing, is not valid YAML, or is not a mapping.
@@ -49,25 +57,30 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:
-        return {}, {}
+        return {}, {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     lines: LineMap = {}
-    _collect_lines(node, (), lines)
-    return data, lines
+    texts: TextMap = {}
+    _collect(node, (), lines, texts)
+    return data, lines, texts
 
 
-def _collect_lines(node: yaml.Node | None, prefix: tuple[str, ...], lines: LineMap) -> None:
+def _collect(
+    node: yaml.Node | None, prefix: tuple[str, ...], lines: LineMap, texts: TextMap
+) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, str(key_node.value))
             lines[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, lines)
+            _collect(value_node, key, lines, texts)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             key = (*prefix, str(index))
             lines[key] = item.start_mark.line + 1
-            _collect_lines(item, key, lines)
+            _collect(item, key, lines, texts)
+    elif isinstance(node, yaml.ScalarNode) and node.style is None:
+        texts[prefix] = node.value
 
 
 class Where:
@@ -78,10 +91,12 @@ class Where:
         source: str | None = None,
         lines: LineMap | None = None,
         overridden: set[tuple[str, ...]] | None = None,
+        texts: TextMap | None = None,
     ) -> None:
         self.source = source
         self.lines = lines or {}
         self.overridden = overridden or set()
+        self.texts = texts or {}
 
     def __call__(self, path: tuple[str, ...]) -> str:
         dotted = ".".join(path)
@@ -167,8 +182,11 @@ def convert(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
             raise errors[0]
         raise ConfigError(f"{where(path)}: expected {_name(hint)}, got {_show(value)}")
     if origin is Literal:
-        if value in args:
+        if value in args and type(value) in {type(a) for a in args}:
             return value
+        text = where.texts.get(path)
+        if text in args:  # an unquoted choice YAML 1.1 reads as a bool or number
+            return text
         choices = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{where(path)}: must be one of {choices}, got {_show(value)}")
     if dataclasses.is_dataclass(hint):
@@ -187,7 +205,13 @@ def convert(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
 
 
 def _scalar(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
+    text = where.texts.get(path)
     if hint is bool:
+        word = (value if isinstance(value, str) else text or "").lower()
+        if word in _YAML11_BOOL_WORDS:
+            raise ConfigError(
+                f"{where(path)}: {word!r} is ambiguous for a bool; write true or false"
+            )
         if isinstance(value, bool):
             return value
     elif hint is int:
@@ -211,6 +235,8 @@ def _scalar(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if text is not None and value is not None:  # unquoted off, 123, 1.10: as written
+            return text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     else:
@@ -228,8 +254,13 @@ def _show(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def parse_override(arg: str) -> tuple[tuple[str, ...], Any]:
+def parse_override(arg: str, texts: TextMap | None = None) -> tuple[tuple[str, ...], Any]:
     """Parses ``--section.key=value`` into a key path and a YAML-typed value.
+
+    Args:
+        arg: The command-line argument.
+        texts: If given, the source texts of the value's unquoted scalars replace those
+            recorded under the key (a ``str`` field takes ``--name=off`` as ``"off"``).
 
     Raises:
         ConfigError: The argument is not of that form.
@@ -238,11 +269,17 @@ def parse_override(arg: str) -> tuple[tuple[str, ...], Any]:
     key, sep, raw = body.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{arg}': expected --section.key=value")
+    path = tuple(key.split("."))
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
+        node = yaml.compose(raw) if raw != "" else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{arg}': value is not valid YAML: {err}") from err
-    return tuple(key.split(".")), value
+    if texts is not None:
+        for stale in [k for k in texts if k[: len(path)] == path]:
+            del texts[stale]
+        _collect(node, path, {}, texts)
+    return path, value
 
 
 def apply_override(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

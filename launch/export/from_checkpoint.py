@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from lmforge.launch.config import ExportConfig
-from lmforge.launch.export.hf_folder import verify_logits, write_hf_folder
+from lmforge.launch.export.hf_folder import write_hf_folder
+from lmforge.launch.export.verify import ExportCheck
 from lmforge.launch.train import checkpoint as ckpt
+from lmforge.launch.train.safe_load import weights_only_loads
 from lmforge.model import ModelConfig, to_hf
 from lmforge.pipeline.manifest import DatasetManifest
 
@@ -20,10 +22,11 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
     model_states = folder / "mp_rank_00_model_states.pt"
     zero_files = list(folder.glob("*optim_states.pt"))
-    if zero_files:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    else:  # ZeRO stage 0 keeps the module's own weights
-        state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    with weights_only_loads():  # DeepSpeed's reader unpickles freely; a payload is refused
+        if zero_files:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        else:  # ZeRO stage 0 keeps the module's own weights
+            state = torch.load(model_states, map_location="cpu")["module"]
     return {k: v.float() for k, v in state.items()}
 
 
@@ -69,7 +72,9 @@ def export_checkpoint(
     out_dir: Path,
     seed: int = 0,
 ) -> Path:
-    """Writes ``out_dir`` (config.json, model.safetensors, tokenizer) and checks logit parity.
+    """Writes ``out_dir`` (config.json, model.safetensors, tokenizer), verified in a temporary
+    folder (logit parity; identical greedy tokens for the generative families) before it
+    replaces an earlier export.
 
     Args:
         model: The trained model (see :func:`load_trained_model`).
@@ -84,7 +89,8 @@ def export_checkpoint(
 
     Raises:
         ExportError: transformers' logits differ from lmforge's by more than
-            ``export.verify_atol``, or the exported tokenizer encodes differently.
+            ``export.verify_atol`` (the message gives the measured difference), greedy tokens
+            differ, or the exported tokenizer encodes differently; ``out_dir`` is untouched.
     """
     tokenizer = manifest.tokenizer
     hf_config, hf_state = to_hf(
@@ -93,13 +99,8 @@ def export_checkpoint(
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id,
+        decoder_start_token_id=tokenizer.eos_id,  # BART's convention; denoising trains with it
     )
-    out = write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_path)
-    generator = torch.Generator().manual_seed(seed)
-    length = min(manifest.seq_len, 64)
-    input_ids = torch.randint(0, tokenizer.vocab_size, (2, length), generator=generator)
-    with torch.no_grad():
-        reference = model(input_ids)
-    diff = verify_logits(out, reference, input_ids, atol=export.verify_atol)
-    print(f"export verified: max |logit diff| vs transformers = {diff:.2e}", flush=True)
-    return out
+    check = ExportCheck(model, model_cfg, manifest.tokenizer_path, tokenizer,
+                        atol=export.verify_atol, length=min(manifest.seq_len, 64), seed=seed)
+    return write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_path, verify=check)

@@ -3,9 +3,11 @@
 `write_hf_folder` takes the Hugging Face config and state dict (from
 `lmforge.model.hf.to_hf`) and the run's sentencepiece model, and writes `config.json`,
 `model.safetensors`, `generation_config.json`, the tokenizer files and the sentencepiece
-`tokenizer.model` into a temporary sibling folder that is renamed into place only when
-complete, so a crash never leaves a half export. `verify_logits` reloads the folder with
-`AutoModelForCausalLM` and compares its logits with the training model's.
+`tokenizer.model` into a temporary sibling folder; a `verify` callback checks that folder,
+and only then is it renamed into place, so a crash or a failed check never replaces the
+previous export. `verify_logits` reloads a folder with the Auto class of its architecture
+(`AutoModelForCausalLM`, `AutoModelForMaskedLM`, `AutoModelForSeq2SeqLM`) and compares
+its logits with the training model's.
 
 Load exports with the Auto classes: `LlamaTokenizer.from_pretrained(export)` in transformers
 5.x rebuilds its own pre-tokenizer around the vocabulary and differs from sentencepiece on
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,24 @@ __all__ = ["ExportError", "verify_logits", "write_hf_folder"]
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _causal_lm_class_name(hf_config: dict[str, Any]) -> str:
-    """The `*ForCausalLM` class `AutoModelForCausalLM` builds for this config's model_type."""
+# The Auto class that loads each architecture lmforge exports (see model.hf.hf_architecture).
+AUTO_CLASS_OF = {
+    "LlamaForCausalLM": "AutoModelForCausalLM",
+    "GPT2LMHeadModel": "AutoModelForCausalLM",
+    "BertForMaskedLM": "AutoModelForMaskedLM",
+    "BertForSequenceClassification": "AutoModelForSequenceClassification",
+    "BartForConditionalGeneration": "AutoModelForSeq2SeqLM",
+}
+
+
+def _model_class_name(hf_config: dict[str, Any]) -> str:
+    """The class the export holds: the config's `architectures`, else the `*ForCausalLM`
+    class `AutoModelForCausalLM` builds for its model_type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    named = (hf_config.get("architectures") or [None])[0]
+    if named in AUTO_CLASS_OF:
+        return named
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ExportError(
@@ -137,8 +154,9 @@ def write_hf_folder(
     spm_model: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Writes a Hugging Face model folder, atomically.
+    """Writes a Hugging Face model folder, atomically, verified before it is published.
 
     Args:
         out_dir: Destination folder; an existing export there is replaced.
@@ -146,18 +164,20 @@ def write_hf_folder(
         hf_state_dict: Tensors under Hugging Face names.
         spm_model: The run's sentencepiece `.model`; exported and verified as the tokenizer.
         dtype: Dtype of the floating tensors in `model.safetensors` (and `config.dtype`).
+        verify: Called with the complete temporary folder before it takes `out_dir`'s
+            place; whatever it raises leaves an existing export at `out_dir` untouched.
 
     Returns:
         The export folder.
 
     Raises:
         ExportError: The config, state dict and tokenizer do not fit together, or the
-            tokenizer does not reproduce sentencepiece's ids.
+            tokenizer does not reproduce sentencepiece's ids (or `verify` raises it).
     """
     if dtype not in _DTYPE_NAMES:
         raise ExportError(f"dtype: {dtype} is not exportable; use one of {list(_DTYPE_NAMES)}")
     out_dir = Path(out_dir)
-    class_name = _causal_lm_class_name(hf_config)
+    class_name = _model_class_name(hf_config)
     _check_token_ids(hf_config, spm_model)
     config = dict(hf_config)
     config["architectures"] = config.get("architectures") or [class_name]
@@ -174,7 +194,7 @@ def write_hf_folder(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         generation = {
             key: config[key]
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
             if config.get(key) is not None
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -183,6 +203,8 @@ def write_hf_folder(
         shutil.copyfile(spm_model, tmp / "tokenizer.model")
         export_tokenizer(spm_model, tmp)
         _fsync_tree(tmp)
+        if verify is not None:
+            verify(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -196,32 +218,19 @@ def write_hf_folder(
     return out_dir
 
 
-def verify_logits(
-    out_dir: str | Path,
-    reference_logits: torch.Tensor,
-    input_ids: torch.LongTensor,
-    atol: float = 1e-4,
-) -> float:
-    """Reloads an export with `AutoModelForCausalLM` and compares its logits.
-
-    Args:
-        out_dir: Folder written by `write_hf_folder`.
-        reference_logits: Logits of the source model on `input_ids`, shape (B, T, V).
-        input_ids: Token ids, shape (B, T).
-        atol: Largest allowed absolute difference.
-
-    Returns:
-        The largest absolute logit difference.
+def load_export(out_dir: str | Path) -> torch.nn.Module:
+    """Loads an export in fp32 with the Auto class of its architecture, in eval mode.
 
     Raises:
-        ExportError: Weights are missing or unused on load, shapes differ, or the difference
-            exceeds `atol`.
+        ExportError: Weights are missing or unused on load.
     """
-    from transformers import AutoModelForCausalLM  # slow import; only when exporting
+    import transformers  # slow import; only when exporting
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(out_dir), dtype=torch.float32, output_loading_info=True
-    )
+    config = json.loads((Path(out_dir) / "config.json").read_text())
+    auto = getattr(transformers, AUTO_CLASS_OF.get(_model_class_name(config),
+                                                   "AutoModelForCausalLM"))
+    model, info = auto.from_pretrained(str(out_dir), dtype=torch.float32, output_loading_info=True,
+                                       use_safetensors=True)  # never a pickled .bin
     missing, unexpected = info.get("missing_keys", []), info.get("unexpected_keys", [])
     if missing or unexpected:
         raise ExportError(
@@ -229,9 +238,42 @@ def verify_logits(
             f"weights {sorted(unexpected)}; the state dict names do not match the config's "
             "architecture (check lmforge.model.hf.to_hf)"
         )
-    model.eval()
+    return model.eval()
+
+
+def verify_logits(
+    out_dir: str | Path,
+    reference_logits: torch.Tensor,
+    input_ids: torch.LongTensor,
+    atol: float = 1e-4,
+    *,
+    decoder_input_ids: torch.LongTensor | None = None,
+    model: torch.nn.Module | None = None,
+) -> float:
+    """Reloads an export with its Auto class (CausalLM, MaskedLM, Seq2SeqLM) and compares
+    its logits.
+
+    Args:
+        out_dir: Folder written by `write_hf_folder`.
+        reference_logits: Logits of the source model on `input_ids`, shape (B, T, V).
+        input_ids: Token ids, shape (B, T) (an encoder-decoder's source).
+        atol: Largest allowed absolute difference.
+        decoder_input_ids: An encoder-decoder's teacher-forced target ids, shape (B, T).
+        model: The export already loaded with :func:`load_export` (loaded here when None).
+
+    Returns:
+        The largest absolute logit difference.
+
+    Raises:
+        ExportError: Weights are missing or unused on load, shapes differ, or the difference
+            exceeds `atol` (the message gives the measured difference).
+    """
+    model = load_export(out_dir) if model is None else model
+    inputs = {"input_ids": input_ids}
+    if decoder_input_ids is not None:
+        inputs["decoder_input_ids"] = decoder_input_ids
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits  # (B, T, V)
+        logits = model(**inputs).logits  # (B, T, V)
     if logits.shape != reference_logits.shape:
         raise ExportError(
             f"{out_dir}: exported model gives logits of shape {tuple(logits.shape)} but the "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -24,9 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.launch.config import RunConfig, load_config
+from lmforge.launch.redact import REDACTED, is_secret_key, redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit.ray_train import RayTrainJob
-from lmforge.launch.submit.spec import ensure_mlflow_run, mlflow_line, resolve_in
+from lmforge.launch.submit.spec import (
+    check_job_value,
+    ensure_mlflow_run,
+    mlflow_line,
+    resolve_in,
+)
 
 CONFIG_ENV = "LMFORGE_JOB_CONFIG"
 RUN_ID_ENV = "LMFORGE_MLFLOW_RUN_ID"
@@ -55,6 +62,14 @@ class RayJob:
             raise ValueError(f"--job: '{self.work}' is not prepare or train")
         if not self.address:
             raise ValueError("--address: give the Ray dashboard address, e.g. http://HEAD:8265")
+        check_job_value("--address", self.address)
+        check_job_value("--python", self.python)
+        if self.working_dir is not None:
+            check_job_value("--working-dir", self.working_dir)
+        for name, value in self.env.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"--env: '{name}' is not a valid environment variable name")
+            check_job_value(f"--env {name}", value)
 
 
 @dataclass
@@ -109,10 +124,14 @@ def submit_ray(
         ValueError: The job server refused the job or could not be reached.
     """
     workdir = (workdir or Path.cwd()).resolve()
+    if job.work == "train" and cfg.launch.backend == "nccl" and not job.train.gpus_per_worker:
+        raise ValueError("launch.backend: nccl needs GPUs (NCCL reduces only CUDA tensors); "
+                         "give --gpus-per-worker, or use launch.backend=auto or gloo")
     if job.work == "train" and cfg.world_size != job.train.num_workers:
         raise ValueError(f"--num-workers: {job.train.num_workers} workers but the config's "
                          f"world size is {cfg.world_size}; they must match")
-    submission_id = f"lmforge-{cfg.name}-{job.work}-{secrets.token_hex(3)}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", cfg.name)
+    submission_id = f"lmforge-{name}-{job.work}-{secrets.token_hex(3)}"
     run_id = None
     if job.work == "train" and not dry_run:
         run_dir = resolve_in(cfg.run_dir, workdir)
@@ -132,7 +151,8 @@ def submit_ray(
                           submission_id=submission_id, metadata={"lmforge_job": job.work})
     except Exception as err:  # connection, auth and validation errors all end up here
         raise ValueError(
-            f"--address: Ray job server at {job.address} did not accept the job ({err}). Is "
+            f"--address: Ray job server at {redact_text(job.address)} did not accept the job "
+            f"({redact_text(str(err))}). Is "
             "the dashboard reachable (tunnel: ssh -L 8265:127.0.0.1:8265 HEAD)? With token "
             "auth, copy the head's ~/.ray/auth_token here or set RAY_AUTH_TOKEN."
         ) from err
@@ -157,15 +177,16 @@ def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,
                      workdir: Path | None = None) -> None:
     """Says what was submitted and how to follow it (or shows the job spec on a dry run)."""
     if not result.submitted:
-        env = dict(result.runtime_env["env_vars"])
+        env = {name: REDACTED if is_secret_key(name) else redact_text(value)
+               for name, value in result.runtime_env["env_vars"].items()}
         env[CONFIG_ENV] = f"<resolved config, {len(env[CONFIG_ENV])} characters>"
-        spec = {"address": job.address, "submission_id": result.submission_id,
+        spec = {"address": redact_text(job.address), "submission_id": result.submission_id,
                 "entrypoint": result.entrypoint, "runtime_env": {**result.runtime_env,
                                                                  "env_vars": env}}
         print(json.dumps(spec, indent=2))
         print("# dry run: nothing submitted")
         return
-    sid, address = result.submission_id, shlex.quote(job.address)
+    sid, address = result.submission_id, shlex.quote(redact_text(job.address))
     what = "prepare (Ray Data)" if job.work == "prepare" else (
         f"train with {job.train.num_workers} Ray Train worker(s), "
         + (f"{job.train.gpus_per_worker} GPU(s) each" if job.train.gpus_per_worker else "CPU"))

@@ -22,6 +22,7 @@ from lmforge.launch.config.dataset_check import config_for_dataset
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit.spec import (
     SLURM_TEMPLATES,
+    check_job_value,
     ensure_mlflow_run,
     mlflow_line,
     render_template,
@@ -84,6 +85,12 @@ class SlurmJob:
         for arg in self.sbatch_args:
             if not arg.startswith("--"):
                 raise ValueError(f"--sbatch-arg: '{arg}' must be a long option like --qos=high")
+            check_job_value("--sbatch-arg", arg, directive=True)
+        for flag in ("mem", "partition", "time", "account", "after"):
+            if getattr(self, flag) is not None:
+                check_job_value(f"--{flag}", getattr(self, flag), directive=True)
+        if self.socket_ifname is not None:
+            check_job_value("--socket-ifname", self.socket_ifname)  # quoted in the body
 
     def processes_per_node(self, cfg: RunConfig) -> int:
         return self.gpus_per_node or self.tasks_per_node or cfg.launch.nproc_per_node
@@ -121,13 +128,18 @@ def render_script(
     """
     if work not in TEMPLATES:
         raise ValueError(f"--job: '{work}' is not one of {', '.join(TEMPLATES)}")
+    if work == "train" and cfg.launch.backend == "nccl" and not job.gpus_per_node:
+        raise ValueError("launch.backend: nccl needs GPUs (NCCL reduces only CUDA tensors); "
+                         "give --gpus-per-node, or use launch.backend=auto or gloo")
     workdir = (workdir or Path.cwd()).resolve()
     run = RunDir(resolve_in(cfg.run_dir, workdir))
+    check_job_value("name", cfg.name)
     for what, path in (("working directory", workdir), ("run_dir", run.path)):
+        check_job_value(what, path)
         if re.search(r"\s", str(path)):
             raise ValueError(f"{what}: '{path}' contains whitespace, which #SBATCH cannot quote")
     values = {
-        "job_name": f"lmforge-{cfg.name}" + ("-prepare" if work == "prepare" else ""),
+        "job_name": job_name(cfg, work),
         "nodes": job.nodes,
         "resource_directives": _directives(_resource_options(job, work)),
         "workdir": workdir,
@@ -147,6 +159,13 @@ def render_script(
             or "$((20000 + SLURM_JOB_ID % 20000))",
         })
     return render_template(SLURM_TEMPLATES / TEMPLATES[work], values)
+
+
+def job_name(cfg: RunConfig, work: str) -> str:
+    """The Slurm job name: ``lmforge-<name>``, with anything but ``[A-Za-z0-9._-]`` as ``_``
+    (it lands in an ``#SBATCH`` line and in log file names)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", cfg.name)
+    return f"lmforge-{name}" + ("-prepare" if work == "prepare" else "")
 
 
 def _resource_options(job: SlurmJob, work: str) -> list[str]:
@@ -224,8 +243,7 @@ def submit_slurm(
     script = render_script(cfg, job, work, workdir)
     run = RunDir(resolve_in(cfg.run_dir, workdir))
     script_path = run.job_script(TEMPLATES[work])
-    job_name = f"lmforge-{cfg.name}" + ("-prepare" if work == "prepare" else "")
-    log_pattern = str(run.logs / f"{job_name}-%j.out")
+    log_pattern = str(run.logs / f"{job_name(cfg, work)}-%j.out")
     if dry_run:
         return SlurmSubmission(script, script_path, None, log_pattern, None)
     manifest = DatasetManifest.path_in(resolve_in(cfg.data.output_dir, workdir))

@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 
 from lmforge.launch.config import RunConfig
+from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,39 @@ def render_template(path: Path, values: dict[str, object]) -> str:
 
 def _placeholders(text: str) -> list[str]:
     return re.findall(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_job_value(what: str, value: object, directive: bool = False) -> str:
+    """A value that goes into a job script or job spec, refused when it could change it.
+
+    Every value is one line of printable text: a newline would end an ``#SBATCH`` line (the
+    rest becoming a command, and the directives after it ignored). Values of ``#SBATCH``
+    lines also hold no whitespace or quotes, which sbatch would split on.
+
+    Args:
+        what: the flag or key the value came from, named in the error.
+        value: the value.
+        directive: whether it goes into an ``#SBATCH`` line.
+
+    Raises:
+        ValueError: naming ``what`` and the offending character.
+    """
+    text = str(value)
+    bad = _CONTROL.search(text)
+    if bad:
+        raise ValueError(
+            f"{what}: {text!r} contains the control character {bad.group()!r}; job script "
+            "values must be one line of printable text"
+        )
+    if directive and re.search(r"[\s'\"]", text):
+        raise ValueError(
+            f"{what}: {text!r} contains whitespace or a quote, which an #SBATCH line cannot "
+            "hold; remove it"
+        )
+    return text
 
 
 def resolve_in(path: str | Path, workdir: Path) -> Path:
@@ -109,6 +143,6 @@ def mlflow_line(cfg: RunConfig, run_dir: Path, run_id: str | None) -> str:
     """One line saying where the job's metrics go."""
     if not cfg.tracking.enabled:
         return "off (tracking.enabled=false)"
-    uri = cfg.tracking.uri or f"sqlite:///{RunDir.of(run_dir).mlflow_db}"
+    uri = redact_text(cfg.tracking.uri or f"sqlite:///{RunDir.of(run_dir).mlflow_db}")
     run = run_id or "created when the job starts"
     return f"{uri}  experiment '{cfg.tracking.experiment}'  run {run}"

@@ -21,6 +21,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
+from lmforge.launch.redact import redact_text
 from lmforge.launch.tracking.errors import is_permanent, short_reason
 
 log = logging.getLogger("lmforge.launch.tracking")
@@ -83,6 +84,7 @@ class DeliveryThread(threading.Thread):
     ) -> None:
         super().__init__(name="lmforge-tracking", daemon=True)
         self.uri = uri
+        self.shown_uri = redact_text(uri)  # what warnings print: no credentials
         self.target = target
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
@@ -170,7 +172,7 @@ class DeliveryThread(threading.Thread):
             left = self.pending()
             log.warning(
                 "tracking: gave up after %.0f s with %d record(s) not delivered to %s",
-                timeout, left, self.uri,
+                timeout, left, self.shown_uri,
             )
             return False
         return delivered and self._terminal_status is None
@@ -209,7 +211,8 @@ class DeliveryThread(threading.Thread):
             self._on_failure(exc)
             return False
         if self._failing:
-            log.warning("tracking: MLflow at %s is reachable again; queued records sent", self.uri)
+            log.warning("tracking: MLflow at %s is reachable again; queued records sent",
+                        self.shown_uri)
             if self.dropped:
                 log.warning("tracking: %d metric value(s) were dropped while it was away",
                             self.dropped)
@@ -222,7 +225,7 @@ class DeliveryThread(threading.Thread):
             log.warning(
                 "tracking: MLflow at %s is unreachable (%s); training continues, records stay "
                 "queued (up to %d metric values) and are retried in the background",
-                self.uri, short_reason(exc), self.max_queue,
+                self.shown_uri, short_reason(exc), self.max_queue,
             )
         else:
             log.debug("tracking: delivery failed again: %s", short_reason(exc))
@@ -243,7 +246,7 @@ class DeliveryThread(threading.Thread):
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 log.warning("tracking: run %s does not exist at %s; starting a new run",
-                            run_id, self.uri)
+                            run_id, self.shown_uri)
                 run_id = None
         if run_id is None:
             experiment_id = self._ensure_experiment(client)
@@ -279,7 +282,8 @@ class DeliveryThread(threading.Thread):
                 experiment = client.get_experiment_by_name(name)
                 assert experiment is not None
         if experiment.lifecycle_stage == "deleted":
-            log.warning("tracking: experiment '%s' was deleted at %s; restoring it", name, self.uri)
+            log.warning("tracking: experiment '%s' was deleted at %s; restoring it", name,
+                        self.shown_uri)
             client.restore_experiment(experiment.experiment_id)
         self._experiment_id = experiment.experiment_id
         return self._experiment_id
@@ -364,7 +368,7 @@ class DeliveryThread(threading.Thread):
         if not self.dropped:
             log.warning(
                 "tracking: metric queue full (max_queue=%d); dropping the oldest values until "
-                "MLflow at %s answers again", self.max_queue, self.uri,
+                "MLflow at %s answers again", self.max_queue, self.shown_uri,
             )
         self.dropped += overflow
 

@@ -34,7 +34,9 @@ def short_reason(exc: BaseException) -> str:
     MLflow wraps connection failures in a long "API request to ... failed with exception
     HTTPConnectionPool(...)" message; the useful part is the last words of it.
     """
-    text = str(exc).strip()
+    from lmforge.launch.redact import redact_text
+
+    text = redact_text(str(exc).strip())
     for marker, reason in _NETWORK_REASONS:
         if marker in text:
             return reason

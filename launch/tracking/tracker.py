@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from lmforge.launch.config import TrackingConfig
 from lmforge.launch.config.sections import VALID_MLFLOW_KEY
+from lmforge.launch.redact import redact
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking.records import (
     SystemSampler,
@@ -144,7 +145,7 @@ class Tracker:
         if self.cfg.uri is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             artifact_location = RunDir.of(self.run_dir).mlflow_artifacts.as_uri()
-        all_tags = {str(k): str(v) for k, v in {**self.cfg.tags, **(tags or {})}.items()}
+        all_tags = {str(k): str(v) for k, v in redact({**self.cfg.tags, **(tags or {})}).items()}
         target = RunTarget(self.cfg.experiment, artifact_location, run_name or self.cfg.run_name,
                            tags=all_tags)
         if run_id and run_id.startswith(PENDING_PREFIX):
@@ -167,10 +168,12 @@ class Tracker:
         return self._worker.run_id or target.run_id or PENDING_PREFIX + target.run_key
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Queue params; nested dicts become dotted keys (see `flatten_params`)."""
+        """Queue params, secrets redacted (see `launch/redact.py`); nested dicts become dotted
+        keys (see `flatten_params`)."""
         if self._inactive():
             return
-        items = [(k, v) for k, v in flatten_params(params).items() if self._key_ok(k, "param")]
+        flat = flatten_params(redact(params))
+        items = [(k, v) for k, v in flat.items() if self._key_ok(k, "param")]
         for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             chunk = items[i : i + _MAX_PARAMS_PER_BATCH]
             self._worker.put_op(f"{len(chunk)} param(s)", params_operation(chunk))
@@ -197,7 +200,7 @@ class Tracker:
         """Queue run tags (values become strings)."""
         if self._inactive():
             return
-        pairs = [(str(k), str(v)) for k, v in tags.items() if self._key_ok(str(k), "tag")]
+        pairs = [(str(k), str(v)) for k, v in redact(tags).items() if self._key_ok(str(k), "tag")]
 
         def send(client: Any, run_id: str) -> None:
             from mlflow.entities import RunTag
@@ -241,11 +244,24 @@ class Tracker:
         """
         if self._inactive():
             return
-        snapshot = json.loads(json.dumps(dictionary, default=str))
+        snapshot = redact(json.loads(json.dumps(dictionary, default=str)))
         self._worker.put_op(
             f"artifact {artifact_file}",
             lambda client, run_id: client.log_dict(run_id, snapshot, artifact_file),
         )
+
+    def log_config(self, config: dict[str, Any], artifact_file: str = "config.yaml") -> None:
+        """Queue a resolved config as a YAML artifact with its secrets redacted.
+
+        Use this, not `log_artifact(run_dir/config.yaml)`: that file keeps the real values the
+        workers need.
+        """
+        if self._inactive():
+            return
+        import yaml
+
+        text = yaml.safe_dump(redact(config), sort_keys=False, allow_unicode=True)
+        self.log_text(text, artifact_file)
 
     def log_dataset_lineage(self, manifest_path: Path | str, context: str = "train") -> None:
         """Record a shard manifest as the run's dataset input, and the manifest as an artifact.

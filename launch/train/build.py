@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lmforge.launch.config import RunConfig
 from lmforge.launch.config.deepspeed import build_deepspeed_config
 from lmforge.launch.rundir import RunDir
+from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.losses import build_objective
@@ -29,19 +30,20 @@ from lmforge.pipeline.loader import ShardLoader
 from lmforge.pipeline.manifest import DatasetManifest
 
 
-def build_engine(cfg: RunConfig) -> Any:
+def build_engine(cfg: RunConfig, load_universal: bool = False) -> Any:
     """The model (initialised from ``seed``, identically on every rank), wrapped with
-    activation checkpointing, its AdamW and LR schedule, inside a DeepSpeed engine."""
+    activation checkpointing, its AdamW and LR schedule, inside a DeepSpeed engine;
+    ``load_universal``: it will resume from a checkpoint's universal copy."""
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     train = cfg.train
     apply_activation_checkpointing(
         model, train.activation_checkpointing, train.checkpoint_every_n_layers
     )
-    optimizer = build_optimizer(model, train)
+    optimizer = build_optimizer(model, train, offload=cfg.deepspeed.offload_optimizer != "none")
     scheduler = build_scheduler(optimizer, train)
     ds_config = build_deepspeed_config(
-        train, cfg.deepspeed, dist.get_world_size(), dist.get_backend()
+        train, cfg.deepspeed, dist.get_world_size(), dist.get_backend(), load_universal
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -59,10 +61,16 @@ def shard_loader(manifest: DatasetManifest, split: str, micro_batch_size: int,
 
 
 def build_trainer(
-    cfg: RunConfig, manifest: DatasetManifest, run_dir: RunDir, callbacks: list[Callback]
+    cfg: RunConfig, manifest: DatasetManifest, run_dir: RunDir, callbacks: list[Callback],
+    resume: str | None = None,
 ) -> Trainer:
-    """The trainer of this rank (the process group is up; ``cfg`` fits ``manifest``)."""
-    engine = build_engine(cfg)
+    """The trainer of this rank (the process group is up; ``cfg`` fits ``manifest``);
+    ``resume`` is what ``Trainer.resume`` will be given: a checkpoint written by another
+    number of ranks needs an engine that loads universal checkpoints."""
+    folder = ckpt.find_resume(run_dir.checkpoints, resume)
+    universal = folder is not None and ckpt.needs_universal(
+        folder, dist.get_world_size(), cfg.deepspeed.zero_stage)
+    engine = build_engine(cfg, load_universal=universal)
     micro, loader = cfg.train.micro_batch_size, cfg.data.loader
     train_loader = shard_loader(manifest, "train", micro, loader, cfg.seed, infinite=True)
     objective = build_objective(

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.launch.tracking import Tracker
+from lmforge.launch.train.collectives import all_reduce_values
 
 if TYPE_CHECKING:  # the trainer imports this module
     from lmforge.launch.sample import TextSampler
@@ -53,7 +54,8 @@ class Callback:
 
 class MetricsLogger(Callback):
     """Progress bar, console lines and MLflow metrics (loss, lr, grad norm, tokens/s,
-    MFU and HFU where a peak is known, bad steps)."""
+    MFU and HFU where a peak is known, bad steps, rows replaced because a shard was
+    unreadable in lenient mode); at the end, which shards were skipped, from every rank."""
 
     def __init__(
         self,
@@ -72,6 +74,10 @@ class MetricsLogger(Callback):
         self.window_tokens = 0
         self.window_seconds = 0.0
         self.window_losses: list[float] = []
+        self.skipped_samples = 0
+        """Rows all ranks received in place of unreadable shards' samples (lenient loader)."""
+        self.skipped_shards: dict[str, str] = {}
+        """Unreadable shards any rank skipped, with the reason (filled at the end)."""
 
     def on_train_start(self, trainer) -> None:
         if trainer.rank == 0:
@@ -92,19 +98,25 @@ class MetricsLogger(Callback):
             if self.bar is not None:
                 self.bar.update(1)
             return
-        loss = trainer.all_mean(sum(self.window_losses) / len(self.window_losses))
-        tokens = trainer.all_sum(self.window_tokens)
+        # One collective on the engine's device for both (trainer.all_sum's reduction).
+        local_loss = sum(self.window_losses) / len(self.window_losses)
+        loss, tokens, skipped = all_reduce_values(
+            [local_loss, self.window_tokens, trainer.train_loader.skipped_samples], trainer.device
+        )
+        self.skipped_samples = int(skipped)
+        loss /= trainer.world_size
         seconds = max(self.window_seconds, 1e-9)
         steps = len(self.window_losses)
         metrics = {
             "train/loss": loss,
-            "train/lr": trainer.scheduler.get_last_lr()[0],
+            "train/lr": result.lr,  # of the logged step's update, not the next one's
             "train/grad_norm": _float(trainer.engine.get_global_grad_norm()),
             "train/tokens_per_s": tokens / seconds,
             "train/samples_per_s": trainer.global_batch_size * steps / seconds,
             "train/step_time_s": seconds / steps,
             "train/tokens_seen": trainer.state.tokens_seen,
             "train/bad_steps": trainer.loss_guard.bad_steps,
+            "train/skipped_samples": skipped,
         }
         per_device = tokens / seconds / trainer.world_size
         if self.flops_per_token and self.peak_flops:
@@ -138,6 +150,14 @@ class MetricsLogger(Callback):
     def on_train_end(self, trainer) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.skipped_shards = _gather_dicts(trainer.train_loader.bad_shards)
+        if trainer.rank == 0 and self.skipped_shards:
+            names = ", ".join(sorted(self.skipped_shards))
+            log.warning("data.loader.strict=false: skipped unreadable shard(s) %s; %d row(s) "
+                        "replaced", names, self.skipped_samples)
+            self.tracker.set_tags({"lmforge.skipped_shards": names})
+            self.tracker.log_metrics({"train/skipped_shards": len(self.skipped_shards)},
+                                     step=trainer.state.step)
 
     def _append(self, record: dict[str, Any]) -> None:
         """Also keeps metrics in ``metrics.jsonl``: readable without MLflow, exact floats."""
@@ -199,6 +219,17 @@ class Sampler(Callback):
         if self.jsonl is not None:
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "texts": texts}) + "\n")
+
+
+def _gather_dicts(local: dict[str, str]) -> dict[str, str]:
+    """Every rank's dict merged (a collective: call it on every rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(local)
+    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(local))
+    return {k: v for part in gathered for k, v in (part or {}).items()}
 
 
 def _float(value: Any) -> float:

@@ -4,18 +4,26 @@ Layout under ``<run_dir>/checkpoints``::
 
     step_00000300/            DeepSpeed's files (model/optimizer shards, client state)
     step_00000300/rank00000.pt  per-rank state: RNG streams (python, numpy, torch)
-    step_00000300/COMPLETE    written by rank 0 once every rank has finished writing
+    step_00000300/COMPLETE    written by rank 0 once every rank has finished writing; lists
+                              every file with its size, checked before a resume trusts it
+    step_00000300/universal/  DeepSpeed's universal form of it, made on the first resume on
+                              another data-parallel world size (kept for retries)
     latest                    the tag of the newest COMPLETE checkpoint (DeepSpeed's format)
 
-``latest`` is replaced atomically after ``COMPLETE`` exists, so a crash at any point
-leaves it pointing at a whole checkpoint; ``--resume auto`` reads it.
+``latest`` is replaced atomically after ``COMPLETE`` exists (both written as temp file,
+fsync, rename, folder fsync), so a crash at any point leaves it pointing at a whole
+checkpoint; ``--resume auto`` reads it, and falls back to the newest complete checkpoint
+with a warning when it is unreadable, dangling, outside ``checkpoints/`` or points at an
+incomplete one. Every file is loaded weights-only (``safe_load.py``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -25,8 +33,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lmforge.launch.train.errors import CheckpointError
+from lmforge.launch.train.safe_load import load_weights_only, weights_only_loads
+from lmforge.pipeline.durable import fsync_dir
+
+log = logging.getLogger("lmforge.train")
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+UNIVERSAL = "universal"
+_TAG = re.compile(r"step_\d{8}")
 
 
 def tag_for(step: int) -> str:
@@ -34,10 +50,12 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random streams."""
+    """This process's random streams, as tensors and plain data (loadable weights-only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -45,7 +63,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -72,32 +92,75 @@ def save_checkpoint(
     if rank == 0 and folder.exists():  # a partial leftover from a crash at this step
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), folder / f"rank{rank:05d}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), folder / f"rank{rank:05d}.pt")
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        raise CheckpointError(_save_failure(folder, root, rank, err)) from err
     dist.barrier()
     if rank == 0:
-        marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size()}
-        (folder / COMPLETE).write_text(json.dumps(marker))
-        _atomic_write(root / LATEST, tag)
+        try:
+            files = {str(f.relative_to(folder)): f.stat().st_size
+                     for f in sorted(folder.rglob("*")) if f.is_file()}
+            marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size(),
+                      "files": files}
+            _durable_write(folder / COMPLETE, json.dumps(marker))
+            _durable_write(root / LATEST, tag)
+        except OSError as err:
+            raise CheckpointError(_save_failure(folder, root, rank, err)) from err
         _prune(root, keep, current=tag)
     dist.barrier()
     return folder
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _save_failure(folder: Path, root: Path, rank: int, err: Exception) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = _read_latest(root)[0]
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "none earlier"
+    return (f"{folder}: saving the checkpoint failed on rank {rank} ({str(err).strip()[:200]}); "
+            f"{free} on that filesystem; {kept}. Free space (or lower "
+            "train.keep_checkpoints) and continue with --resume auto")
+
+
+def _durable_write(path: Path, text: str) -> None:
+    """Temp file, fsync, rename, folder fsync: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why ``folder`` is not a whole checkpoint, or None when its COMPLETE marker exists and
+    every file it lists is there with the listed size."""
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} marker (its save did not finish)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return f"its {COMPLETE} marker is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {COMPLETE} lists {size}"
+    return None
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).exists()]
+    found = [p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)
+             and incomplete_reason(p) is None]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -111,45 +174,129 @@ def _prune(root: Path, keep: int, current: str) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _read_latest(root: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint ``latest`` points at, or (None, what is wrong with it)."""
+    latest = root / LATEST
+    if not latest.exists():
+        return None, None
+    try:
+        tag = latest.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "is not text"
+    except OSError as err:
+        return None, f"cannot be read ({err})"
+    if not _TAG.fullmatch(tag):  # also refuses "../x" and absolute paths
+        return None, f"holds {tag[:60]!r}, not a checkpoint tag like step_00000300"
+    folder = root / tag
+    if not folder.is_dir():
+        return None, f"points at {tag}, which does not exist"
+    reason = incomplete_reason(folder)
+    if reason is not None:
+        return None, f"points at {tag}, which is incomplete: {reason}"
+    return folder, None
+
+
 def find_resume(root: Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from.
 
     Args:
         root: The run's checkpoints folder.
-        resume: None or "none" (start fresh), "auto" (the newest complete checkpoint, or
-            start fresh if there is none), or a path to a checkpoint folder.
+        resume: None or "none" (start fresh), "auto" (the checkpoint ``latest`` names, else
+            the newest complete one with a warning saying why; fresh when there is none), or
+            a path to a checkpoint folder.
 
     Raises:
         FileNotFoundError: A named checkpoint is missing or incomplete.
+        CheckpointError: ``auto`` found checkpoint folders but none of them is complete.
     """
     if resume in (None, "none"):
         return None
     if resume == "auto":
-        latest = root / LATEST
-        if latest.is_file():
-            folder = root / latest.read_text().strip()
-            if (folder / COMPLETE).exists():
-                return folder
+        folder, problem = _read_latest(root)
+        if folder is not None:
+            return folder
         complete = complete_checkpoints(root)
-        return complete[-1] if complete else None
+        if problem is not None:
+            instead = f"resuming from {complete[-1].name} instead" if complete else "ignoring it"
+            log.warning("%s %s; %s", root / LATEST, problem, instead)
+        if complete:
+            return complete[-1]
+        partial = sorted(p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)) \
+            if root.is_dir() else []
+        if partial:
+            raise CheckpointError(
+                f"{root}: {len(partial)} checkpoint folder(s) but none is complete "
+                f"({partial[-1].name}: {incomplete_reason(partial[-1])}); resume needs a "
+                "complete one. Start again from step 0 with --resume none (the partial folders "
+                "are removed by the next save), or restore a complete checkpoint there"
+            )
+        return None
     folder = Path(resume)
-    if not (folder / COMPLETE).exists():
+    reason = incomplete_reason(folder)
+    if reason is not None:
         raise FileNotFoundError(
-            f"--resume {resume}: not a complete lmforge checkpoint (no {COMPLETE} marker); "
+            f"--resume {resume}: not a complete lmforge checkpoint ({reason}); "
             f"use --resume auto to pick the newest complete one under {root}"
         )
     return folder
 
 
+def saved_world_size(folder: Path) -> int:
+    """The data-parallel world size a complete checkpoint was written with."""
+    return int(json.loads((folder / COMPLETE).read_text())["world_size"])
+
+
+def needs_universal(folder: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming ``folder`` on ``world_size`` ranks goes through DeepSpeed's universal
+    checkpoint: ZeRO 1-3 partition the optimizer state by rank, so a checkpoint written by
+    another number of ranks cannot be loaded as it is (ZeRO 0 keeps it whole)."""
+    return zero_stage >= 1 and saved_world_size(folder) != world_size
+
+
+def universal_copy(folder: Path) -> Path:
+    """``folder/universal``: the checkpoint in DeepSpeed's universal (world-size-free) form.
+
+    Collective. Rank 0 converts it with ``deepspeed.checkpoint.ds_to_universal`` the first
+    time, into a temporary folder renamed into place, so an interrupted conversion is redone
+    and a finished one is reused by every later resume.
+    """
+    target = folder / UNIVERSAL
+    if dist.get_rank() == 0 and not target.is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = folder / (UNIVERSAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One worker: no process pool forked from a rank that holds a process group.
+        args = Namespace(input_folder=str(folder), output_folder=str(tmp),
+                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                         strict=True, inject_missing_state=True)
+        with weights_only_loads():
+            ds_to_universal.main(args)
+        (folder / "latest_universal").unlink(missing_ok=True)  # points at the tmp name
+        os.replace(tmp, target)
+    dist.barrier()
+    return target
+
+
 def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
-    """Loads a checkpoint into the engine and this rank's RNG; returns the client state."""
-    _, client_state = engine.load_checkpoint(
-        str(folder.parent), tag=folder.name, load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    """Loads a checkpoint into the engine and this rank's RNG; returns the client state.
+
+    An engine built with DeepSpeed's ``checkpoint.load_universal`` (a resume on another
+    world size, see :func:`needs_universal`) loads the checkpoint's universal copy.
+    """
+    if engine.load_universal_checkpoint():
+        load_dir, tag = folder, universal_copy(folder).name
+    else:
+        load_dir, tag = folder.parent, folder.name
+    with weights_only_loads():
+        _, client_state = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
     if client_state is None:
         raise RuntimeError(f"{folder}: DeepSpeed could not load this checkpoint")
     rng_file = folder / f"rank{dist.get_rank():05d}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than were saved
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_weights_only(rng_file))
     return client_state

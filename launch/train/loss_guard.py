@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lmforge.launch.config import TrainConfig
+from lmforge.launch.train.collectives import all_reduce
 
 # Weight of the newest good step in the running mean the spike test compares against.
 EMA_WEIGHT = 0.1
@@ -35,7 +36,8 @@ class BadLossError(RuntimeError):
 class LossGuard:
     """Detects bad losses collectively and counts bad steps; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")  # the engine's: where the check reduces
         self.policy = cfg.bad_loss_policy
         self.max_bad_steps = cfg.max_bad_steps
         self.spike_factor = cfg.spike_factor
@@ -51,17 +53,13 @@ class LossGuard:
         Raises:
             BadLossError: Policy ``stop`` and this makes ``max_bad_steps`` bad steps in a row.
         """
-        local = loss.detach().float().cpu()
-        finite = bool(torch.isfinite(local))
-        both = torch.tensor([0.0 if finite else 1.0, float(local) if finite else 0.0],
-                            dtype=torch.float64)
-        if dist.is_initialized():
-            both = both.to(_collective_device())
-            dist.all_reduce(both)
-            world = dist.get_world_size()
-        else:
-            world = 1
-        nonfinite, mean = int(both[0].item()), both[1].item() / world
+        local = loss.detach().double().reshape(1).to(self.device)
+        finite = torch.isfinite(local)
+        # One reduction of (not-finite count, loss sum); the decision needs it on the host.
+        both = torch.cat([(~finite).double(), torch.where(finite, local, 0.0)])
+        nonfinite, total = all_reduce(both, self.device).tolist()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        nonfinite, mean = int(nonfinite), total / world
         spiked = (self.spike_factor > 0 and self.running_mean is not None
                   and mean > self.spike_factor * self.running_mean)
         bad = bool(nonfinite) or spiked
@@ -128,9 +126,3 @@ def zero_loss(model: nn.Module) -> Tensor:
     """
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.stack([(p * 0.0).nan_to_num().sum() for p in params]).sum()
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

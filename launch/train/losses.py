@@ -34,10 +34,17 @@ IGNORE_INDEX = -100
 class SpecialIds:
     """Token ids the objectives need, from the dataset manifest's tokenizer section."""
 
-    pad: int
-    eos: int
+    pad: int  # the padding id; without a pad piece one past the vocabulary (not a model input)
+    eos: int  # -1: the tokenizer has none
     mask: int | None
-    never_masked: tuple[int, ...]  # special pieces that masked LM never selects
+    never_masked: tuple[int, ...]  # special pieces (and the padding id) masked LM never selects
+    pad_input: int | None = None  # fed to the model where ``pad`` is (masked anyway); None: pad
+
+    def model_input(self, ids: Tensor) -> Tensor:
+        """``ids`` with padding replaced by an id the embedding has (a no-op with a pad piece)."""
+        if self.pad_input is None or self.pad_input == self.pad:
+            return ids
+        return ids.masked_fill(ids == self.pad, self.pad_input)
 
 
 @dataclass
@@ -50,9 +57,16 @@ class ObjectiveOutput:
 
 
 def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
-    """Pad/EOS/mask ids of the dataset's tokenizer (``mask`` None when it has no mask piece)."""
-    return SpecialIds(pad=tokenizer.pad_id, eos=tokenizer.eos_id, mask=tokenizer.mask_id,
-                      never_masked=tokenizer.special_ids())
+    """Pad/EOS/mask ids of the dataset's tokenizer (``mask`` None when it has no mask piece).
+
+    Without a pad piece the padding id is one past the vocabulary, which no embedding row
+    need hold: the model sees the unk piece there instead (attention masks and ignored
+    labels keep those positions out of every loss).
+    """
+    pad_input = tokenizer.pad_id if tokenizer.pad_id >= 0 else max(tokenizer.unk_id, 0)
+    return SpecialIds(pad=tokenizer.padding_id, eos=tokenizer.eos_id, mask=tokenizer.mask_id,
+                      never_masked=tuple(sorted({*tokenizer.special_ids(), tokenizer.padding_id})),
+                      pad_input=pad_input)
 
 
 def corruption_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -68,12 +82,16 @@ def corruption_generator(seed: int, step: int, rank: int, micro: int) -> torch.G
 class CausalLM:
     """Next-token prediction on the loader's (already shifted) labels."""
 
-    def __init__(self, document_masking: bool) -> None:
+    def __init__(self, document_masking: bool, ids: SpecialIds | None = None) -> None:
         self.document_masking = document_masking
+        self.ids = ids
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
                  generator: torch.Generator) -> ObjectiveOutput:
-        inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+        input_ids = batch["input_ids"]
+        if self.ids is not None:
+            input_ids = self.ids.model_input(input_ids)
+        inputs = {"input_ids": input_ids.to(device, non_blocking=True)}
         if self.document_masking:
             inputs["segment_ids"] = batch["segment_ids"].to(device, non_blocking=True)
             inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
@@ -101,7 +119,8 @@ class MaskedLM:
             mask_prob=self.mask_prob, special_ids=list(self.ids.never_masked),
             ignore_index=IGNORE_INDEX)
         real = clean != self.ids.pad
-        inputs = {"input_ids": corrupted.to(device), "attention_mask": real.long().to(device)}
+        inputs = {"input_ids": self.ids.model_input(corrupted).to(device),
+                  "attention_mask": real.long().to(device)}
         if self.document_masking:
             inputs["segment_ids"] = batch["segment_ids"].to(device, non_blocking=True)
             inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
@@ -129,6 +148,8 @@ class Denoising:
             decoder_start_id=self.ids.eos, generator=generator, mask_ratio=self.mask_ratio,
             poisson_lambda=self.poisson_lambda, ignore_index=IGNORE_INDEX)
         labels = parts.pop("labels").to(device)
+        for name in ("input_ids", "decoder_input_ids"):
+            parts[name] = self.ids.model_input(parts[name])
         logits = model(**{name: t.to(device) for name, t in parts.items()})
         targets = int((labels != IGNORE_INDEX).sum())
         return ObjectiveOutput(causal_lm_loss(logits, labels), targets, targets)
@@ -151,9 +172,9 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
         ValueError: The objective needs a mask token the dataset's tokenizer lacks (the
             dataset check refuses such a config before training; this is the backstop).
     """
-    if name == "causal_lm":
-        return CausalLM(document_masking)
     ids = special_ids(tokenizer)
+    if name == "causal_lm":
+        return CausalLM(document_masking, ids)
     if ids.mask is None:
         raise ValueError(
             f"train.objective: {name} needs a mask token, but the tokenizer has none; set "
@@ -162,5 +183,10 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
     if name == "masked_lm":
         return MaskedLM(ids, vocab_size, document_masking)
     if name == "denoising":
+        if ids.eos < 0:
+            raise ValueError(
+                "train.objective: denoising starts the decoder with the eos piece, but the "
+                "tokenizer has none; use a tokenizer with an eos piece"
+            )
         return Denoising(ids)
     raise ValueError(f"train.objective: unknown objective {name!r}")

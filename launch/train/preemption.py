@@ -7,9 +7,9 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
 
 from lmforge.launch.train.callbacks import Callback
+from lmforge.launch.train.collectives import MAX, all_reduce
 
 log = logging.getLogger("lmforge.train")
 
@@ -39,8 +39,7 @@ class PreemptionHandler(Callback):
         self.received = signum
 
     def on_step_end(self, trainer, result) -> None:
-        flag = torch.tensor(0 if self.received is None else 1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce(torch.tensor(0 if self.received is None else 1), trainer.device, MAX)
         if flag.item() and trainer.state.step < trainer.config.max_steps:
             trainer.stop_requested = True
             self.stopped = True

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lmforge.launch.config import TrainConfig
 from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.callbacks import Callback
+from lmforge.launch.train.collectives import all_reduce, all_reduce_values
 from lmforge.launch.train.loss_guard import LossGuard, skip_loss
 from lmforge.launch.train.losses import Objective, corruption_generator
 from lmforge.pipeline.loader import ShardLoader
@@ -35,7 +36,7 @@ class TrainState:
     """What the loop has done so far; saved in every checkpoint's client state."""
 
     step: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # summed over ranks at logging steps and checkpoints
     samples_seen: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -47,6 +48,7 @@ class StepResult:
     loss: float  # mean over this rank's micro-batches (not yet averaged across ranks)
     tokens: int  # tokens with a label on this rank
     seconds: float
+    lr: float = 0.0  # the learning rate this step's update used (the scheduler then moves on)
 
 
 class Trainer:
@@ -87,9 +89,12 @@ class Trainer:
         self.world_size = dist.get_world_size()
         self.global_batch_size = train.sequences_per_step(self.world_size)
         self.zero_stage = engine.zero_optimization_stage()
+        self.device = engine.device  # where collectives run (NCCL: CUDA tensors only)
         self.state = TrainState()
         self.stop_requested = False
-        self.loss_guard = LossGuard(train)
+        self.loss_guard = LossGuard(train, self.device)
+        self.unreduced_tokens = 0  # this rank's tokens not yet in state.tokens_seen
+        self.reduced_at = -1  # the step they were last reduced at
 
     # -- state -----------------------------------------------------------------------
 
@@ -102,6 +107,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.reduce_counters()
         folder = ckpt.save_checkpoint(
             self.engine, self.checkpoints, self.state.step, self.client_state(),
             self.config.keep_checkpoints,
@@ -136,6 +142,7 @@ class Trainer:
     def train_step(self, batches) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` micro-batches."""
         start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
         losses, tokens = [], 0
         for micro in range(self.config.grad_accum_steps):
             out = self.objective(self.engine, next(batches), self.engine.device,
@@ -149,7 +156,7 @@ class Trainer:
             tokens += out.tokens
         loss_value = float(torch.stack(losses).float().mean())
         self.loss_guard.end_step()
-        return StepResult(loss_value, tokens, time.perf_counter() - start)
+        return StepResult(loss_value, tokens, time.perf_counter() - start, lr)
 
     def fit(self) -> TrainState:
         """Trains until ``train.max_steps`` (or a stop request), evaluating every
@@ -167,8 +174,11 @@ class Trainer:
         while self.state.step < self.config.max_steps and not self.stop_requested:
             result = self.train_step(batches)
             self.state.step += 1
-            self.state.tokens_seen += self.all_sum(result.tokens)
+            self.unreduced_tokens += result.tokens  # reduced when logged or saved
             self.state.samples_seen += self.global_batch_size
+            if self.state.step == self.config.max_steps or _due(
+                    self.state.step, self.config.log_every):
+                self.reduce_counters()
             for callback in self.callbacks:
                 callback.on_step_end(self, result)
             if _due(self.state.step, self.config.eval_every):
@@ -191,8 +201,7 @@ class Trainer:
         callback's ``on_eval`` receives them."""
         self.engine.eval()
         limit = self.config.eval_batches or None
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
+        loss_sum = count = 0.0
         for index, batch in enumerate(self.val_loader()):
             if limit is not None and index >= limit:
                 break
@@ -202,10 +211,9 @@ class Trainer:
             if out.targets:
                 loss_sum += float(out.loss) * out.targets
                 count += out.targets
-        totals = torch.stack([loss_sum, count])
-        dist.all_reduce(totals)
+        loss_sum, count = all_reduce_values([loss_sum, count], self.device)
         self.engine.train()
-        loss = float(totals[0] / totals[1].clamp(min=1))
+        loss = loss_sum / max(count, 1.0)
         metrics = {"val_loss": loss, "val_ppl": float(torch.exp(torch.tensor(min(loss, 50.0))))}
         for callback in self.callbacks:
             callback.on_eval(self, metrics)
@@ -213,10 +221,19 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------
 
+    def reduce_counters(self) -> None:
+        """Adds every rank's unreduced tokens to ``state.tokens_seen`` (a collective; every
+        rank reduces at the same steps, so all skip a second call at one step alike)."""
+        if self.reduced_at == self.state.step:
+            return
+        tokens = torch.tensor(self.unreduced_tokens, dtype=torch.int64)
+        self.state.tokens_seen += int(all_reduce(tokens, self.device).item())
+        self.unreduced_tokens, self.reduced_at = 0, self.state.step
+
     def all_sum(self, value: float) -> float:
-        tensor = torch.tensor(value, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return tensor.item() if isinstance(value, float) else int(tensor.item())
+        """``value`` summed over ranks, reduced on the engine's device (a collective)."""
+        (total,) = all_reduce_values([value], self.device)
+        return total if isinstance(value, float) else int(total)
 
     def all_mean(self, value: float) -> float:
         return self.all_sum(float(value)) / self.world_size

@@ -25,6 +25,7 @@ from lmforge.launch.sample import TextSampler
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.build import build_trainer
 from lmforge.launch.train.callbacks import EvalHistory, MetricsLogger, Sampler
+from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 from lmforge.launch.train.loss_guard import BadLossError
 from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from lmforge.model import estimate_flops, estimate_hardware_flops
@@ -93,7 +94,8 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     try:
         texts = TextSampler(cfg.sample, manifest.tokenizer_path, manifest.tokenizer, cfg.seed)
         sampler = Sampler(tracker, texts, cfg.train.sample_every, jsonl=run.training_samples)
-        trainer = build_trainer(cfg, manifest, run, [metrics, history, sampler, preemption])
+        trainer = build_trainer(cfg, manifest, run, [metrics, history, sampler, preemption],
+                                resume)
         trainer.resume(resume)
         try:
             state = trainer.fit()
@@ -108,8 +110,15 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
                 "tokens_seen": state.tokens_seen,
                 "val_loss": history.history,
                 "preempted": preemption.stopped,
+                "skipped_samples": metrics.skipped_samples,
+                "skipped_shards": metrics.skipped_shards,
             }
             run.train_summary.write_text(json.dumps(summary, indent=2))
+    except (CheckpointError, UnsafeCheckpointError) as err:
+        # A clear line instead of a traceback per rank; exiting lets the launcher (torchrun,
+        # srun, Ray Train) stop the other ranks instead of leaving them at a barrier.
+        log.error("lmforge: %s", err)
+        return 1
     finally:
         # A launcher that passed its run id ends the run itself after export; a run this
         # process created (plain `lmforge train`) ends here.

@@ -3,7 +3,8 @@
 A prepare job starts a Ray cluster inside its allocation and runs the data pipeline on it; a
 2-task training job queued behind it (--after) trains to the end; a second training job
 receives the pre-kill signal part way: it checkpoints, requeues itself, resumes and must end
-with exactly the same losses.
+with exactly the same losses; a third has one task SIGKILLed: the job fails, and resubmitting
+it resumes from the last checkpoint to the same losses.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNod
               "DependencyNeverSatisfied"}
 
 
-def submit(tmp: Path, run_name: str, *args: str) -> tuple[str, Path, str]:
+def submit(tmp: Path, run_name: str, *args: str, overrides: tuple[str, ...] = ()
+           ) -> tuple[str, Path, str]:
     run_dir = tmp / run_name
     proc = lmforge(
         "submit", "slurm", str(TINY), "--nodes", "1", *args,
-        f"--run_dir={run_dir}", *tiny_overrides(tmp), cwd=tmp,
+        f"--run_dir={run_dir}", *tiny_overrides(tmp), *overrides, cwd=tmp,
     )
     match = re.search(r"submitted Slurm job (\d+)", proc.stdout)
     assert match, proc.stdout
@@ -133,4 +135,56 @@ def test_pre_kill_signal_checkpoints_requeues_and_resumes_to_the_same_loss(jobs)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     # Resume is exact on CPU: every loss after the restart equals the uninterrupted run's.
     assert [resumed[s] for s in range(1, STEPS + 1)] == [straight_loss[s] for s in
+                                                         range(1, STEPS + 1)]
+
+
+def _slurm_rank(run_dir: Path, rank: int):
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            cmd = " ".join(proc.cmdline())
+            if ("lmforge.launch.train.worker" in cmd and str(run_dir) in cmd
+                    and proc.environ().get("SLURM_PROCID") == str(rank)):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_sigkill_of_one_task_fails_the_job_and_a_resubmission_resumes_exactly(jobs):
+    """Issue 14 item 5(b): one srun task SIGKILLed between checkpoints."""
+    import psutil
+
+    every = ("--train.checkpoint_every=10",)  # after tiny_overrides' checkpoint_every=0
+    job_id, run_dir, _ = submit(jobs["tmp"], "killed", "--tasks-per-node", "2", overrides=every)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    latest = run_dir / "checkpoints" / "latest"
+    while not (latest.exists() and max(metrics(run_dir)) % 10 in (2, 3, 4, 5)):
+        assert time.monotonic() < deadline, job_log(run_dir)[-3000:]
+        time.sleep(0.05)
+    victim, other = _slurm_rank(run_dir, 1), _slurm_rank(run_dir, 0)
+    assert victim is not None and other is not None
+    killed_at = time.monotonic()
+    victim.send_signal(9)
+    psutil.wait_procs([other], timeout=60)
+    assert not other.is_running(), "rank 0 still running a minute after rank 1 was killed"
+    assert time.monotonic() - killed_at < 60
+    state = wait_for_end(job_id, run_dir)
+    log = job_log(run_dir)
+    assert state == "FAILED", log[-3000:]  # no requeue: only exit 75 requeues
+    assert job_field(job_id, "Restarts") == "0"
+    assert job_field(job_id, "ExitCode") == "137:0"  # srun passes on the SIGKILL (128 + 9)
+    assert "task 1: Killed" in log
+    assert "training step exited with 137" in log
+    crashed = metrics(run_dir)
+    saved = int(latest.read_text().strip().split("_")[1])
+    assert saved < max(crashed) < STEPS
+
+    # The same run_dir: the job's workers always run with --resume auto.
+    job_id, _, _ = submit(jobs["tmp"], "killed", "--tasks-per-node", "2", overrides=every)
+    assert wait_for_end(job_id, run_dir) == "COMPLETED", job_log(run_dir)[-3000:]
+    resumed, straight = metrics(run_dir), metrics(jobs["run_dir"])
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert [resumed[s] for s in range(1, STEPS + 1)] == [straight[s] for s in
                                                          range(1, STEPS + 1)]

@@ -233,3 +233,34 @@ def test_adamw_uses_the_fused_kernel_and_keeps_decay_groups():
     for group, ref_group in zip(optimizer.param_groups, reference.param_groups, strict=True):
         for p, q in zip(group["params"], ref_group["params"], strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("written", ["off", "no", "yes", "on", "123", "0123", "1.10", "true"])
+def test_str_field_takes_unquoted_text_literally(tmp_path, written):
+    from_file = load_config(write(tmp_path, MINIMAL.replace("name: t", f"name: {written}")))
+    from_flag = load_config(write(tmp_path, MINIMAL), [f"--name={written}"])
+    assert from_file.name == from_flag.name == written
+    assert load_config(write(tmp_path, from_file.to_yaml())).name == written  # resolved config
+
+
+def test_override_text_replaces_the_file_text_and_null_stays_none(tmp_path):
+    text = MINIMAL.replace("name: t", "name: 123\nrun_dir: null").replace(
+        "vocab_size: 512", "vocab_size: 512\n  model_path: ~")
+    cfg = load_config(write(tmp_path, text), ["--name=off"])
+    assert cfg.name == "off"
+    assert cfg.run_dir == "runs/off" and cfg.tokenizer.model_path is None
+    cfg = load_config(write(tmp_path, MINIMAL), ["--data.datasets=[{name: no, paths: [1.50]}]"])
+    assert cfg.data.datasets[0].name == "no" and cfg.data.datasets[0].paths == ["1.50"]
+
+
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no", "Yes", "OFF"])
+def test_bool_field_accepts_only_true_or_false(tmp_path, word):
+    expected = rf"model.bias \(set by --model.bias=...\): '{word.lower()}' is ambiguous for a " \
+               r"bool; write true or false"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, MINIMAL), [f"--model.bias={word}"])
+    text = MINIMAL + f"  bias: {word}\n"
+    with pytest.raises(ConfigError, match=r"run.yaml:12: model.bias: .* write true or false"):
+        load_config(write(tmp_path, text))
+    assert load_config(write(tmp_path, MINIMAL), ["--model.bias=false"]).model.bias is False
+    assert load_config(write(tmp_path, MINIMAL + "  bias: True\n")).model.bias is True

@@ -12,7 +12,7 @@ from engine_helpers import REPO, shard_fixtures
 
 from lmforge.launch.config import PREPARE_SECTIONS, ConfigError, load_config
 from lmforge.launch.config.dataset_check import DatasetMismatchError, config_for_dataset
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.manifest import DatasetManifest, SpecialToken
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -69,7 +69,8 @@ def test_a_configured_tokenizer_must_be_the_one_the_data_was_encoded_with(data, 
                                               ("encoder_decoder", "denoising")])
 def test_an_objective_that_masks_needs_a_mask_token(data, family, objective):
     cfg = _config(data, f"--model.family={family}", f"--train.objective={objective}",
-                  "--model.position=learned")
+                  "--model.position=learned", "--export.enabled=false",
+                  "--sample.prompts=[a <mask> b]")
     with pytest.raises(DatasetMismatchError, match=f"train.objective: {objective} needs a mask "
                        f"token, but the tokenizer {data} was prepared with has none: set "
                        r"tokenizer.mask_token \(e.g. '<mask>'\) and prepare again"):
@@ -117,3 +118,21 @@ def test_prepare_reads_only_the_data_and_tokenizer_sections(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "seq_len: 4096" in proc.stdout
+
+
+def test_denoising_needs_an_eos_piece_to_start_the_decoder(data):
+    import dataclasses
+
+    manifest = DatasetManifest.read(data)
+    with_mask = {**manifest.tokenizer.special_tokens, "mask": SpecialToken("<mask>", 5)}
+    no_eos = dataclasses.replace(manifest.tokenizer, eos_id=-1, pad_id=-1,
+                                 special_tokens=with_mask)
+    manifest = dataclasses.replace(manifest, tokenizer=no_eos)
+    cfg = _config(data, "--model.family=encoder_decoder", "--train.objective=denoising",
+                  "--model.position=learned", "--export.enabled=false")
+    with pytest.raises(DatasetMismatchError, match="train.objective: denoising starts the "
+                       f"decoder with the eos piece, but the tokenizer {data} was prepared "
+                       "with has none"):
+        config_for_dataset(cfg, manifest)
+    # Causal LM needs neither a pad nor an eos piece.
+    assert config_for_dataset(_config(data), manifest).model.vocab_size == 1000

@@ -1,4 +1,5 @@
-"""The DeepSpeed engine through `lmforge train`: exact resume and checkpoint-on-signal.
+"""The DeepSpeed engine through `lmforge train`: exact resume, checkpoint-on-signal, and
+crashes (one rank SIGKILLed between checkpoints or while a checkpoint is being written).
 
 Real DeepSpeed, 2 processes on gloo, tiny shards in the contract format. Losses are the
 mean over ranks written by rank 0 to ``metrics.jsonl`` (exact floats).
@@ -155,3 +156,94 @@ def test_training_survives_mlflow_down_and_delivers_when_it_returns(config, tmp_
         assert logged == losses(run_dir)
         assert sorted(logged) == list(range(1, 41))
         assert client.get_metric_history(mlrun.info.run_id, "val/loss")
+
+
+# --- Crashes (issue 14, item 5): SIGKILL of one rank, between checkpoints and mid-write ---
+
+def _worker(parent: psutil.Process, rank: int) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            if ("lmforge.launch.train.worker" in " ".join(child.cmdline())
+                    and child.environ().get("RANK") == str(rank)):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def _workers(parent: psutil.Process) -> list[psutil.Process]:
+    return [w for w in (_worker(parent, r) for r in (0, 1)) if w is not None]
+
+
+def _assert_all_gone(proc, workers: list[psutil.Process], within: float = 60) -> str:
+    """The run fails and torchrun tears every rank down within ``within`` seconds."""
+    out, _ = proc.communicate(timeout=within)
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"ranks still running after the launcher ended: {alive}"
+    assert proc.returncode not in (0, REQUEUE_EXIT_CODE), out[-3000:]
+    return out
+
+
+def test_sigkill_of_one_rank_fails_the_run_and_resume_auto_is_bit_identical(config, tmp_path):
+    common = ["--train.precision=fp32", "--train.lr_schedule=constant",
+              "--train.warmup_steps=0", "--train.checkpoint_every=4"]
+    run_dir = tmp_path / "crashed"
+    proc = train(config, run_dir, *common, "--train.max_steps=100000")
+    deadline = time.time() + 300
+    root = run_dir / "checkpoints"
+    # Kill once a checkpoint is published and the run is 1-2 steps past it.
+    while not (root / LATEST).exists() or max(losses(run_dir)) % 4 not in (1, 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.005)
+    parent = psutil.Process(proc.pid)
+    workers = _workers(parent)
+    assert len(workers) == 2
+    killed_at = time.monotonic()
+    _worker(parent, 1).send_signal(signal.SIGKILL)
+    _assert_all_gone(proc, workers)
+    assert time.monotonic() - killed_at < 60
+    latest = int((root / LATEST).read_text().strip().split("_")[1])
+    crashed = losses(run_dir)
+    assert max(crashed) > latest  # steps after the checkpoint are lost and redone
+
+    # The steps logged before the kill are the uninterrupted run's (nothing had failed yet):
+    # the resumed run must redo every step after the checkpoint to exactly those losses.
+    end = max(crashed)
+    finish(train(config, run_dir, *common, f"--train.max_steps={end}", resume="auto"))
+    after = losses(run_dir)
+    assert sorted(after) == list(range(1, end + 1))
+    assert [after[s] for s in range(latest + 1, end + 1)] == [
+        crashed[s] for s in range(latest + 1, end + 1)]
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one(config, tmp_path):
+    # A model big enough (~10 M parameters, ~160 MB of checkpoint) that a save takes a
+    # measurable time, so the kill lands while DeepSpeed is writing step 6.
+    common = ["--train.precision=fp32", "--model.n_layers=4", "--model.d_model=384",
+              "--model.n_heads=6", "--model.n_kv_heads=2", "--model.d_ff=1536",
+              "--train.max_steps=9", "--train.checkpoint_every=3"]
+    run_dir = tmp_path / "crashed"
+    proc = train(config, run_dir, *common)
+    partial = run_dir / "checkpoints" / "step_00000006"
+    deadline = time.time() + 300
+    while not (partial.is_dir() and any(partial.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "no save of step 6 seen"
+        time.sleep(0.002)
+    parent = psutil.Process(proc.pid)
+    workers = _workers(parent)
+    _worker(parent, 0).send_signal(signal.SIGKILL)
+    _assert_all_gone(proc, workers)
+    assert not (partial / COMPLETE).exists()  # killed mid-write
+    assert (run_dir / "checkpoints" / LATEST).read_text().strip() == "step_00000003"
+
+    crashed = losses(run_dir)  # steps 1-6 of the uninterrupted run (the kill came after 6)
+    assert sorted(crashed) == list(range(1, 7))
+    finish(train(config, run_dir, *common, "--train.checkpoint_every=8", resume="auto"))
+    after = losses(run_dir)
+    assert sorted(after) == list(range(1, 10))
+    assert [after[s] for s in range(4, 7)] == [crashed[s] for s in range(4, 7)]
+    assert after[9] != after[4]  # and it trained on to the end
+    root = run_dir / "checkpoints"
+    assert not partial.exists()
+    assert all((p / COMPLETE).exists() for p in root.iterdir() if p.is_dir())
+    assert (root / LATEST).read_text().strip() == "step_00000009"

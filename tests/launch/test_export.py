@@ -239,3 +239,55 @@ def test_bad_inputs_are_refused_before_writing(spm_model: Path, tmp_path: Path) 
     with pytest.raises(ExportError, match="nope.model: sentencepiece model not found"):
         write_hf_folder(tmp_path / "hf", model.config.to_dict(), {}, tmp_path / "nope.model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_verification_leaves_the_previous_export_untouched(
+    spm_model: Path, tmp_path: Path
+) -> None:
+    model = tiny_llama(tie=False)
+    out = write_hf_folder(tmp_path / "hf", model.config.to_dict(), model.state_dict(), spm_model)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = tiny_gpt2()
+    input_ids, logits = reference(other)
+    checked = []
+
+    def verify(folder: Path) -> None:  # sees the complete new folder, not the published one
+        checked.append(json.loads((folder / "config.json").read_text())["model_type"])
+        verify_logits(folder, logits + 0.25, input_ids)
+
+    with pytest.raises(ExportError, match=r"differ from the trained model's by 0\.25 "):
+        write_hf_folder(tmp_path / "hf", other.config.to_dict(), other.state_dict(), spm_model,
+                        verify=verify)
+    assert checked == ["gpt2"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("family", ["bert", "bart"])
+def test_encoder_families_verify_with_their_auto_class(
+    family: str, spm_model: Path, tmp_path: Path
+) -> None:
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        BertForMaskedLM,
+    )
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=1000, max_position_embeddings=64, **IDS)
+    if family == "bert":
+        model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, **sizes))
+    else:
+        model = BartForConditionalGeneration(BartConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, **sizes))
+    model.eval()
+    config = model.config.to_dict() | {"architectures": [type(model).__name__]}
+    out = write_hf_folder(tmp_path / "hf", config, model.state_dict(), spm_model)
+    input_ids, target_ids = torch.randint(4, 1000, (2, 2, 12), generator=torch.Generator())
+    extra = {"decoder_input_ids": target_ids} if family == "bart" else {}
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, **extra).logits
+    assert verify_logits(out, logits, input_ids, atol=1e-5, **extra) <= 1e-5

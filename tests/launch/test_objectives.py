@@ -57,8 +57,11 @@ def _model(family: str) -> ModelConfig:
                                               ("encoder_decoder", "masked_lm")])
 def test_objective_must_fit_the_family(tmp_path, family, objective):
     path = tmp_path / "run.yaml"
+    # A Llama-style encoder has no transformers counterpart: no export; the encoder's
+    # fill-mask demonstration needs a mask token in its prompts.
     path.write_text("data: {datasets: [{name: d, paths: [c.txt]}], seq_len: 32}\n"
-                    "tokenizer: {vocab_size: 1000}\nmodel: {preset: tiny}\n")
+                    "tokenizer: {vocab_size: 1000}\nmodel: {preset: tiny}\n"
+                    "export: {enabled: false}\nsample: {prompts: ['a <mask> b']}\n")
     overrides = [f"--model.family={family}", f"--train.objective={objective}"]
     with pytest.raises(ConfigError, match=r"train.objective.*does not fit model.family") as err:
         load_config(path, overrides)
@@ -129,7 +132,8 @@ def _config(shards: Path, tmp_path: Path, family: str, objective: str) -> Path:
         f"model: {{preset: tiny, family: {family}, {model}}}\n"
         f"train: {{objective: {objective}, micro_batch_size: 4, log_every: 1, eval_every: 0,\n"
         "        eval_batches: 2, warmup_steps: 2, lr: 0.003, precision: fp32}\n"
-        "tracking: {enabled: false}\n"
+        "tracking: {enabled: false}\nexport: {enabled: false}\n"
+        "sample: {prompts: ['a <mask> b']}\n"
     )
     return path
 

@@ -102,5 +102,7 @@ def test_gpt2_from_hf_random_weights() -> None:
 
 def test_unrepresentable_config_is_refused() -> None:
     cfg = ModelConfig.from_preset("tiny", vocab_size=100, norm="layernorm")
-    with pytest.raises(ValueError, match="^model: no Hugging Face class"):
+    with pytest.raises(ValueError, match=r"^model: no transformers class represents this decoder "
+                       r"exactly; the closest, LlamaForCausalLM, differs in norm='layernorm' "
+                       r"\(needs 'rmsnorm'\)$"):
         to_hf(cfg, cfg.build().state_dict())

@@ -1,0 +1,207 @@
+"""Checkpoints that cannot execute code, a `latest` pointer that cannot mislead a resume,
+and a full disk during a save that loses nothing (issue 14: items 1, 4 and 6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import finish, shard_fixtures, train
+
+from lmforge.launch.train import checkpoint as ckpt
+from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
+from lmforge.launch.train.safe_load import load_weights_only, weights_only_loads
+
+
+class Payload:
+    """Unpickling this runs `touch TARGET`: what a planted checkpoint file would do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def plant(path: Path, target: Path) -> None:
+    """Replaces a checkpoint file by a pickle payload (and keeps its listed size honest, as
+    an attacker with write access to the folder would)."""
+    torch.save({"module": Payload(target)}, path)
+    marker = path.parent / ckpt.COMPLETE
+    info = json.loads(marker.read_text())
+    info["files"][path.name] = path.stat().st_size
+    marker.write_text(json.dumps(info))
+
+
+def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    folder = root / ckpt.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"x" * (100 + step))
+    if complete:
+        files = {"mp_rank_00_model_states.pt": 100 + step}
+        (folder / ckpt.COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+    return folder
+
+
+# -- the latest pointer and the COMPLETE marker --------------------------------------
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"step_00000009", "points at step_00000009, which does not exist"),
+    (b"../../etc", "not a checkpoint tag"),
+    (b"/tmp/step_00000002", "not a checkpoint tag"),
+    (b"\xff\xfe\x00garbage", "is not text"),
+    (b"step_00000003", "points at step_00000003, which is incomplete: no COMPLETE marker"),
+])
+def test_a_bad_latest_falls_back_to_the_newest_complete_checkpoint_with_a_warning(
+    tmp_path, caplog, content, problem
+):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 1)
+    newest = fake_checkpoint(root, 2)
+    fake_checkpoint(root, 3, complete=False)
+    (root / ckpt.LATEST).write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="lmforge.train"):
+        assert ckpt.find_resume(root, "auto") == newest
+    assert problem in caplog.text and "resuming from step_00000002 instead" in caplog.text
+
+
+def test_a_file_of_the_wrong_size_makes_a_checkpoint_incomplete(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    older = fake_checkpoint(root, 1)
+    newest = fake_checkpoint(root, 2)
+    (root / ckpt.LATEST).write_text(newest.name)
+    (newest / "mp_rank_00_model_states.pt").write_bytes(b"short")  # truncated by a crash
+    with caplog.at_level(logging.WARNING, logger="lmforge.train"):
+        assert ckpt.find_resume(root, "auto") == older
+    assert "mp_rank_00_model_states.pt has 5 bytes, COMPLETE lists 102" in caplog.text
+    with pytest.raises(FileNotFoundError, match="has 5 bytes, COMPLETE lists 102"):
+        ckpt.find_resume(root, str(newest))
+
+
+def test_checkpoints_without_a_complete_one_are_an_error_unless_resume_none(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 4, complete=False)
+    with pytest.raises(CheckpointError, match=r"1 checkpoint folder\(s\) but none is complete "
+                       r"\(step_00000004: no COMPLETE marker.*--resume none"):
+        ckpt.find_resume(root, "auto")
+    assert ckpt.find_resume(root, "none") is None
+    assert ckpt.find_resume(tmp_path / "nothing-yet", "auto") is None  # a first run
+
+
+# -- weights-only loading ------------------------------------------------------------
+
+
+def test_a_planted_payload_is_refused_and_never_runs(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "rank00000.pt"
+    torch.save({"python": Payload(target)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=f"^{path}: refused to load.*posix.system"):
+        load_weights_only(path)
+    with weights_only_loads(), pytest.raises(UnsafeCheckpointError, match=str(path)):
+        torch.load(path, weights_only=False)  # what DeepSpeed's readers call
+    assert not target.exists()
+    torch.save({"w": torch.ones(2)}, path)  # tensors and plain data still load
+    assert torch.equal(load_weights_only(path)["w"], torch.ones(2))
+
+
+CONFIG = """\
+name: safety
+data:
+  datasets: [{{name: d, paths: [unused.txt]}}]
+  output_dir: {data}
+  seq_len: 16
+tokenizer: {{vocab_size: 1000}}
+model: {{preset: tiny, n_layers: 1, d_model: 32, n_heads: 2, n_kv_heads: 1, d_ff: 64}}
+train: {{micro_batch_size: 2, max_steps: 4, checkpoint_every: 2, eval_every: 0,
+         eval_batches: 1, log_every: 1, warmup_steps: 1, precision: fp32}}
+deepspeed: {{zero_stage: 2}}
+tracking: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished 4-step ZeRO-2 run (checkpoints at steps 2 and 4); copy it before changing."""
+    tmp = tmp_path_factory.mktemp("safety")
+    shard_fixtures().write_shards(tmp / "data", {"d": {"train": [32], "val": [8]}}, seq_len=16)
+    config = tmp / "safety.yaml"
+    config.write_text(CONFIG.format(data=tmp / "data"))
+    finish(train(config, tmp / "run"))
+    return config, tmp / "run"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge.launch.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "rank00001.pt"])
+def test_resume_export_and_sample_refuse_a_planted_payload(trained, tmp_path, name):
+    config, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    step4 = copy / "checkpoints" / "step_00000004"
+    target = tmp_path / "pwned"
+    planted = step4 / name
+    plant(planted, target)
+    commands = [["train", str(config), f"--run_dir={copy}", "--train.max_steps=6",
+                 "--resume", "auto"]]
+    if name != "rank00001.pt":  # export and sample read the weights, not the RNG files
+        commands += [["export", str(config), f"--run_dir={copy}"],
+                     ["sample", str(config), f"--run_dir={copy}"]]
+    for command in commands:
+        proc = _cli(*command)
+        assert proc.returncode != 0, command
+        assert f"{planted}: refused to load" in proc.stdout + proc.stderr, command
+    assert not target.exists()
+
+
+def _small_fs(where: Path, size_kib: int) -> Path:
+    where.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+                           str(where)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"cannot mount a tmpfs at {where}: {proc.stderr} (needs root)"
+    return where
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_stops_every_rank_and_keeps_the_last_checkpoint(
+    trained, tmp_path
+):
+    config, run = trained
+    one = sum(f.stat().st_size for f in (run / "checkpoints" / "step_00000002").iterdir())
+    # Room for one checkpoint and a half: the save at step 2 fits, the one at step 4 cannot.
+    fs = _small_fs(tmp_path / "fs", size_kib=int(one * 1.5) // 1024 + 64)
+    try:
+        started = time.monotonic()
+        proc = _cli("train", str(config), f"--run_dir={fs / 'run'}")
+        elapsed = time.monotonic() - started
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "saving the checkpoint failed on rank" in out and "MiB free" in out, out[-3000:]
+        assert "the previous checkpoint step_00000002 is intact" in out
+        assert elapsed < 120, f"ranks took {elapsed:.0f} s to stop"  # a whole run is ~20 s
+        checkpoints = fs / "run" / "checkpoints"
+        assert ckpt.incomplete_reason(checkpoints / "step_00000002") is None
+        assert (checkpoints / ckpt.LATEST).read_text() == "step_00000002"
+        assert ckpt.find_resume(checkpoints, "auto") == checkpoints / "step_00000002"
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_payload_class_is_really_a_payload(tmp_path):
+    # The guard above is only meaningful if the planted file does run code when trusted.
+    target = tmp_path / "ran"
+    pickle.loads(pickle.dumps(Payload(target)))
+    assert target.exists()
