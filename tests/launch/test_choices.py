@@ -137,9 +137,8 @@ def test_choice_runs_through_the_engine_like_a_plain_loop(config, tmp_path, vari
                                 rel=1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA nccl is a valid choice")
 def test_nccl_without_cuda_is_refused_before_any_process_starts(config, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: nccl is a valid choice here")
     run_dir = tmp_path / "nccl"
     proc = subprocess.run(
         [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
