@@ -161,7 +161,7 @@ class RunConfig:
 
 
 def load_config(
-    path: str | Path | RunConfig | None,
+    path: str | Path | None,
     overrides: list[str] = (),
     sections: tuple[str, ...] | None = None,
 ) -> RunConfig:
@@ -171,8 +171,7 @@ def load_config(
     ``lmforge.model.presets``); other model keys then override the preset's values.
 
     Args:
-        path: The YAML file, None for defaults only, or an already loaded config (returned
-            as is when there are no overrides).
+        path: The YAML file, or None for defaults only.
         overrides: Command-line overrides such as ``--train.max_steps=50``.
         sections: Build and check only these sections (e.g. :data:`PREPARE_SECTIONS`); the
             others keep their defaults and the cross-section checks are skipped. None: the
@@ -184,10 +183,6 @@ def load_config(
     Raises:
         ConfigError: Naming the file, line and key of the first problem found.
     """
-    if isinstance(path, RunConfig):
-        if overrides:
-            raise ConfigError("overrides apply to a YAML file, not to a loaded config")
-        return path
     data, lines, texts = read_yaml(path) if path is not None else ({}, {}, {})
     overridden: set[tuple[str, ...]] = set()
     for arg in overrides:

@@ -36,7 +36,7 @@ def setup_run(config: Path | RunConfig, run_id: str | None = None) -> RunConfig:
     """
     from lmforge.launch.commands import config_for_training
 
-    cfg = config_for_training(load_config(config))
+    cfg = config_for_training(load_config(config) if isinstance(config, Path) else config)
     run = RunDir.of(cfg.run_dir)
     if run_id and run.read_run_id() is None:
         run.write_run_id(run_id)
