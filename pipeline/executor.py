@@ -1,23 +1,22 @@
 """Who runs the phase items: in-process (unit tests) or Ray (local or an existing cluster).
 
 Both executors expose the same calls: `map(fn, items, ...)` for phases made of plain
-items (results in item order); `encode_stream(fn, items, ctx)` for the tokenizer phase, which
-under Ray is a Ray Data `map_batches` over an actor pool (each actor loads the
-sentencepiece model once) yielding results as they finish; and `submit`/`collect` for
-shard writes that run while encoding goes on.
+items (results in item order); `encode_stream(fn, items, ctx)` for the tokenizer phase,
+yielding results as they finish (under Ray each worker loads the sentencepiece model once);
+and `submit`/`collect` for shard writes that run while encoding goes on. Under Ray all of
+them run on one pool of `PhaseWorker` actors.
+
+`ray_session` starts a lean local Ray when no cluster is given (see `_LOCAL_RAY`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import pickle
-import warnings
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from lmforge.pipeline.phases import WorkContext
@@ -93,37 +92,38 @@ class _FirstError:
                 raise self.errors[first]
 
 
-class EncodeActor:
-    """Ray Data actor: holds one sentencepiece model, encodes whole read tasks."""
-
-    def __init__(self, fn: Callable[..., dict], ctx: WorkContext) -> None:
-        self.fn, self.ctx = fn, ctx
-        self.encoder = DocumentEncoder(ctx.tokenizer_model)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()
-        results = []
-        for index, item in zip(batch["index"], batch["item"], strict=True):
-            try:
-                result = self.fn(pickle.loads(item), self.ctx, self.encoder)
-            except ValueError as err:  # bad input or config: hand it to the driver as is
-                result = {"error": pickle.dumps(err).hex()}
-            results.append(json.dumps({**result, "node": node, "index": int(index)}))
-        return {"result": np.array(results, dtype=object)}
-
-
 class PhaseWorker:
-    """A Ray actor that runs phase items (clean, dedup, sample) and shard writes.
+    """A Ray actor that runs phase items (clean, dedup, sample), encode items and shard
+    writes.
 
     One pool of them serves every phase: a Ray task per item would need fresh worker
-    processes for each phase and run (Ray culls idle workers while the encoder actors
-    run), and each costs ~1 s of CPU to start.
+    processes for each phase and run, and each process costs ~1 s of CPU to start. For the
+    encode phase each loads the sentencepiece model once, on its first encode item.
+
+    A plain actor pool rather than Ray Data: the encode phase hands out a few dozen small
+    items whose results are small dicts (the tokens go to disk), which needs none of Ray
+    Data's blocks, while Ray Data costs every run `import ray.data` in the driver and in
+    each encoder, three actors of its own (stats, autoscaling coordinator, actor
+    locations) and encoders apart from the pool: ~3 s of wall time on 2 cores.
     """
+
+    def __init__(self) -> None:
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+        self.encoder: DocumentEncoder | None = None
+        self.model = ""
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
         return fn(item, *args)
+
+    def encode(self, fn: Callable[..., dict], item: Any, ctx: WorkContext) -> dict:
+        if self.encoder is None or self.model != ctx.tokenizer_model:
+            self.encoder, self.model = DocumentEncoder(ctx.tokenizer_model), ctx.tokenizer_model
+        return {**fn(item, ctx, self.encoder), "node": self.node}
 
 
 def spread_over_nodes(node_cpus: dict[str, float], count: int) -> list[str]:
@@ -139,8 +139,8 @@ def spread_over_nodes(node_cpus: dict[str, float], count: int) -> list[str]:
 
 
 class RayExecutor:
-    """Runs phase items and shard writes on a pool of `PhaseWorker` actors, and the encode
-    phase as Ray Data `map_batches` on an actor pool.
+    """Runs phase items, encode items and shard writes on one pool of `PhaseWorker`
+    actors.
 
     Args:
         num_workers: Encoder actors and phase workers; 0 = one per CPU of the cluster.
@@ -154,11 +154,13 @@ class RayExecutor:
         self.progress = progress
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         self.workers = num_workers or max(1, int(cpus))
-        # Encoders must not take every CPU or the Ray Data input task starves (FACTS.md).
+        # What each pool actor reserves: the pool (`workers` actors) leaves half a CPU of
+        # the cluster to the driver and Ray's own processes.
         self.actor_cpus = min(1.0, max(0.05, (cpus - 0.5) / self.workers))
         self.pool: list[Any] = []
         self._nodes: list[str] = []  # node id of each pool actor
         self._load: list[int] = []  # calls in flight on each pool actor
+        self._started: list[Any] = []  # a ref per pool actor, ready once it has started
 
     def _node_cpus(self) -> dict[str, float]:
         nodes = sorted(
@@ -169,8 +171,8 @@ class RayExecutor:
 
     def _grow_pool(self, size: int) -> None:
         """Start phase workers until there are `size`, placed over the nodes in proportion
-        to their CPUs. They reserve no CPU, so they stay beside the encoders; the executor
-        bounds how many items run at once."""
+        to their CPUs, each reserving `actor_cpus`; the executor bounds how many items run
+        at once."""
         if len(self.pool) >= size:
             return
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -181,27 +183,12 @@ class RayExecutor:
             for _ in range(max(0, missing)):
                 placement = NodeAffinitySchedulingStrategy(node, soft=True)
                 # Not restarted: a failed item fails the phase, and a rerun resumes it.
-                actor = self.ray.remote(num_cpus=0, scheduling_strategy=placement,
-                                        max_restarts=0)(PhaseWorker)
-                self.pool.append(actor.remote())
+                actor = self.ray.remote(num_cpus=self.actor_cpus, max_restarts=0,
+                                        scheduling_strategy=placement)(PhaseWorker).remote()
+                self.pool.append(actor)
+                self._started.append(actor.ready.remote())
                 self._nodes.append(node)
                 self._load.append(0)
-
-    def _shrink_pool(self, size: int) -> None:
-        """Stop phase workers beyond `size`, keeping one on every node that has one (only
-        between phases: `submit` handles hold pool positions)."""
-        if len(self.pool) <= size or any(self._load):
-            return
-        first_on_node: dict[str, int] = {}
-        for i, node in enumerate(self._nodes):
-            first_on_node.setdefault(node, i)
-        others = [i for i in range(len(self.pool)) if i not in first_on_node.values()]
-        keep = sorted([*first_on_node.values(), *others[: max(0, size - len(first_on_node))]])
-        for i in set(range(len(self.pool))) - set(keep):
-            self.pool[i].__ray_terminate__.remote()
-        self.pool = [self.pool[i] for i in keep]
-        self._nodes = [self._nodes[i] for i in keep]
-        self._load = [self._load[i] for i in keep]
 
     def phase_workers(self) -> int:
         """How many shard writers: one per node, and one per 16 encoders at least.
@@ -216,7 +203,7 @@ class RayExecutor:
         """Stop the phase workers."""
         for actor in self.pool:
             actor.__ray_terminate__.remote()  # graceful; ray.kill makes Ray print a trace
-        self.pool, self._nodes, self._load = [], [], []
+        self.pool, self._nodes, self._load, self._started = [], [], [], []
 
     def _call(self, fn: Callable[..., Any], item: Any, *args: Any) -> tuple[Any, int]:
         index = min(range(len(self.pool)), key=self._load.__getitem__)
@@ -287,92 +274,134 @@ class RayExecutor:
     def encode_stream(
         self, fn: Callable[..., dict], items: list[Any], ctx: WorkContext
     ) -> Iterator[dict]:
-        """`fn(item, ctx, encoder)` for every item, by Ray Data `map_batches` on an actor pool
-        of `workers` actors, yielding each result as soon as it is done.
+        """`fn(item, ctx, encoder)` for every item on the `workers` phase workers (each
+        loads the sentencepiece model once), yielding each result as soon as it is done.
+        Shard writes submitted meanwhile run on the same workers, between encode items.
 
-        A ValueError in `fn` (bad input in strict mode, a config problem) is raised here as
-        itself, with its file:line message, rather than wrapped in Ray's task errors; when
-        several items fail, the earliest in item order.
+        Every worker has up to two encode items queued, so the items are shared over the
+        whole pool even when some workers start later than others (on other nodes), and
+        each starts its next item without waiting for the driver. A ValueError in `fn` (bad
+        input in strict mode, a config problem) is raised here as itself, with its
+        file:line message, rather than wrapped in Ray's task errors; when several items
+        fail, the earliest in item order.
         """
         if not items:
             return
-        # The shard writers: the phase workers already running (one per node is enough
-        # beside the encoders), or new ones starting up alongside the encoders.
-        writers = self.phase_workers()
-        self._shrink_pool(writers)
-        self._grow_pool(writers)
-        from ray.data import ActorPoolStrategy, DataContext
-
-        data_context = DataContext.get_current()
-        bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
-        data_context.print_on_execution_start = False
-        # By default Ray Data hands items to whichever actors are up: on a small job the
-        # first actor can finish everything before the others (on other nodes) have started.
-        # The pool is sized to what the cluster has, so wait for all of it.
-        min_actors_wait = data_context.wait_for_min_actors_s
-        data_context.wait_for_min_actors_s = _POOL_START_TIMEOUT_S
-        dataset = self.ray.data.from_items(
-            [{"item": pickle.dumps(item), "index": i} for i, item in enumerate(items)],
-            override_num_blocks=len(items),
-        )
-        with warnings.catch_warnings():
-            # max_restarts still goes through the deprecated **ray_remote_args (Ray 2.60); a
-            # restartable actor would make Ray log an error about its constructor argument.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            encoded = dataset.map_batches(
-                EncodeActor,
-                fn_constructor_kwargs={"fn": fn, "ctx": ctx},
-                batch_size=1,
-                compute=ActorPoolStrategy(size=min(self.workers, len(items))),
-                num_cpus=self.actor_cpus,
-                # A failed actor is not restarted: the phase is resumable, rerun instead.
-                max_restarts=0,
-            )
-        # Ray Data logs execution banners at INFO/WARNING; our own bar says enough.
-        data_logger = logging.getLogger("ray.data")
-        level = data_logger.level
-        data_logger.setLevel(logging.ERROR)
-        try:
-            failed = _FirstError()  # after a bad item, results are no longer handed on
-            with _bar(len(items), "encode", self.progress) as bar:
-                for row in encoded.iter_rows():
-                    result = json.loads(row["result"])
-                    index = result.pop("index")
+        ray = self.ray
+        self._grow_pool(self.workers)
+        ctx_ref = ray.put(ctx)
+        encoding = [0] * len(self.pool)  # encode items in flight per worker
+        pending: dict[Any, tuple[int, int]] = {}
+        failed = _FirstError()  # after a bad item, results are no longer handed on
+        next_item = 0
+        with _bar(len(items), "encode", self.progress) as bar:
+            while (next_item < len(items) and not failed) or pending:
+                while next_item < len(items) and not failed and min(encoding) < 2:
+                    free = [i for i, n in enumerate(encoding) if n < 2]
+                    worker = min(free, key=self._load.__getitem__)  # writes count too
+                    encoding[worker] += 1
+                    self._load[worker] += 1
+                    ref = self.pool[worker].encode.remote(fn, items[next_item], ctx_ref)
+                    pending[ref] = (next_item, worker)
+                    next_item += 1
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=_POOL_START_TIMEOUT_S)
+                if not done:
+                    self._check_started()
+                for ref in done:
+                    item, worker = pending.pop(ref)
+                    encoding[worker] -= 1
+                    self._load[worker] -= 1
                     error = None
-                    if "error" in result:
-                        error = pickle.loads(bytes.fromhex(result["error"]))
+                    try:
+                        result = self._get(ref)
+                    except ValueError as err:  # bad input or config, raised by the item
+                        error = err
                     if error is None and not failed:
                         yield result
                         bar.update()
-                    failed.finish(index, error)
-                    failed.raise_when_settled()
-        except self.ray.exceptions.GetTimeoutError as err:
+                    failed.finish(item, error)
+                failed.raise_when_settled()
+
+    def _check_started(self) -> None:
+        """After `_POOL_START_TIMEOUT_S` without a result: raise if some worker has not
+        started (a cluster that cannot place the pool); else the items are just long."""
+        done, _ = self.ray.wait(self._started, num_returns=len(self._started), timeout=0)
+        if len(done) < len(self._started):
             raise RuntimeError(
-                f"encode: the {min(self.workers, len(items))} encoder actors did not all start "
-                f"within {_POOL_START_TIMEOUT_S} s ({err}); check that every Ray node is alive "
-                "(`ray status`) or set data.num_workers to what the cluster can hold"
-            ) from err
-        finally:
-            data_logger.setLevel(level)
-            data_context.enable_progress_bars = bars
-            data_context.wait_for_min_actors_s = min_actors_wait
+                f"encode: {len(self._started) - len(done)} of the {len(self._started)} workers "
+                f"did not start within {_POOL_START_TIMEOUT_S} s; check that every Ray node "
+                "is alive (`ray status`) or set data.num_workers to what the cluster can hold"
+            )
+
+
+# A local Ray started for one prepare job runs only what the job uses. `ray.init` (Ray 2.60)
+# also starts, with no option to leave them out:
+#   Node.start_api_server   the dashboard process: with include_dashboard=False it still
+#                           starts, serving only usage stats (which ray.init turns off);
+#                           ray.init waits for it to publish its address;
+#   Node.start_monitor      the autoscaler monitor: nothing to scale on one machine;
+#   Node.start_log_monitor  streams workers' stdout/stderr to the driver: the job's workers
+#                           print nothing, their errors reach the driver as exceptions, and
+#                           the logs stay in the session folder;
+# each a Python process of ~0.6-1 CPU-s that ray.shutdown then stops one by one. And the
+# raylet's dashboard agent runs in its minimal mode (no HTTP server, no metrics export),
+# which Ray picks when `get_dashboard_dependency_error` reports the dashboard packages
+# missing: asking also costs the driver an import of them (aiohttp, opencensus, ...) on the
+# critical path of ray.init. What stays: the GCS, the raylet, its two agents (it needs them)
+# and the worker processes. Measured on 2 shared, busy cores: ray.init 4.6-14 s -> 3-6.4 s,
+# ray.shutdown ~1.5 -> ~0.4 s. A cluster the job connects to (data.ray_address, RAY_ADDRESS)
+# is used as it is.
+_SKIPPED_SERVICES = ("start_api_server", "start_monitor", "start_log_monitor")
+_LOCAL_RAY: dict[str, Any] = {
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "logging_level": logging.WARNING,
+}
+
+
+@contextlib.contextmanager
+def _lean_local_start() -> Iterator[None]:
+    """While `ray.init` starts a local Ray: skip `_SKIPPED_SERVICES` and run the dashboard
+    agent minimal. Each is a private Ray function; one a Ray version lacks is left alone."""
+    from ray._private import node, utils
+
+    patches: list[tuple[Any, str, Any]] = [
+        (node.Node, name, lambda self, *args, **kwargs: None) for name in _SKIPPED_SERVICES
+    ]
+    patches.append((utils, "get_dashboard_dependency_error",
+                    lambda: ImportError("lmforge prepare: a local Ray without the dashboard")))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches
+             if callable(getattr(owner, name, None))]
+    for owner, name, replacement in patches:
+        if callable(getattr(owner, name, None)):
+            setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Use a running Ray if initialised; else connect to `address`, or start a local Ray.
 
-    Ray is shut down on exit only if this function started or connected it.
+    A local Ray is started lean (`_LOCAL_RAY`, `_lean_local_start`): only what the job
+    uses. Connecting to a cluster changes nothing there. Ray is shut down on exit only if
+    this function started or connected it.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True)
+        if address is None and not os.environ.get("RAY_ADDRESS"):  # else ray.init connects
+            with _lean_local_start():
+                ray.init(**_LOCAL_RAY)
+        else:
+            ray.init(address=address, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as err:
         raise ValueError(
             f"ray_address: cannot connect to Ray at {address!r} ({err}); start the cluster "

@@ -1,14 +1,25 @@
 """RayExecutor on a real local Ray (2 CPUs): phase items run `num_workers` at a time on one
-pool of phase workers; placement over nodes follows their CPUs."""
+pool of phase workers; the encode stage shares its items over a pool of encoder actors;
+placement over nodes follows their CPUs; the local Ray of `ray_session` runs only what a
+prepare job uses."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.executor import RayExecutor, spread_over_nodes
+from lmforge.pipeline.phases import WorkContext
+from lmforge.pipeline.tokenizer import train_tokenizer
+
+CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 def _max_overlap(spans: list[tuple[float, float]]) -> int:
@@ -42,15 +53,22 @@ def test_phase_items_run_at_most_num_workers_at_once(ray_cluster, workers: int) 
         assert first[-1][1] - first[0][0] >= 4 * 0.3  # one after another
 
 
-def test_shard_writers_are_the_phase_workers_already_running(ray_cluster) -> None:
+def test_encoders_and_shard_writers_are_the_phase_workers_already_running(
+    ray_cluster, encode_ctx
+) -> None:
+    def encode(index: int, ctx: WorkContext, encoder) -> dict:
+        return {"task": index, "pid": os.getpid()}
+
     executor = RayExecutor(num_workers=2, progress=False)
     try:
-        executor.map(lambda _: os.getpid(), [0, 1], "test")
-        assert len(executor.pool) == 2
-        executor._shrink_pool(executor.phase_workers())  # what the encode phase does
-        assert len(executor.pool) == 1  # one node, two encoders: one writer
-        pid = executor.collect([executor.submit(lambda _: os.getpid(), 0)], "test")[0]
-        assert pid in executor.map(lambda _: os.getpid(), [0], "test")
+        pids = set(executor.map(lambda _: os.getpid(), [0, 1], "test"))
+        assert len(pids) == 2
+        handles = []
+        for result in executor.encode_stream(encode, [0, 1, 2, 3], encode_ctx):
+            assert result["pid"] in pids
+            handles.append(executor.submit(lambda _: os.getpid(), result["task"]))
+        assert set(executor.collect(handles, "test")) <= pids
+        assert len(executor.pool) == 2  # no process started for encoding or writing
     finally:
         executor.close()
 
@@ -80,3 +98,81 @@ def test_the_earliest_bad_item_is_reported_whichever_fails_first(ray_cluster) ->
             executor.map(item, [0, 1, 2, 3, 4], "test")
     finally:
         executor.close()
+
+
+@pytest.fixture(scope="module")
+def encode_ctx(tmp_path_factory: pytest.TempPathFactory) -> WorkContext:
+    folder = tmp_path_factory.mktemp("encode")
+    sample = folder / "sample.txt"
+    sample.write_text(CORPUS.read_text()[:50_000])
+    model = train_tokenizer(sample, TokenizerConfig(vocab_size=400), folder / "tok.model")
+    data = DataConfig(datasets=[DatasetSpec(name="d", paths=[str(sample)])],
+                      output_dir=str(folder / "out"))
+    return WorkContext(str(folder / "work"), str(folder / "out"), data, 1, str(model))
+
+
+def test_encode_items_are_shared_over_the_encoder_pool(ray_cluster, encode_ctx) -> None:
+    def item(index: int, ctx: WorkContext, encoder) -> dict:
+        time.sleep(0.2)
+        return {"task": index, "pid": os.getpid(), "tokens": len(encoder.encode(["ab"])[0])}
+
+    executor = RayExecutor(num_workers=2, progress=False)
+    try:
+        results = list(executor.encode_stream(item, list(range(6)), encode_ctx))
+    finally:
+        executor.close()
+    assert sorted(r["task"] for r in results) == list(range(6))
+    assert len({r["pid"] for r in results}) == 2  # both encoders got items
+    assert all(r["node"] and r["tokens"] >= 2 for r in results)  # model loaded, node named
+
+
+def test_encode_reports_the_earliest_bad_item_whichever_fails_first(
+    ray_cluster, encode_ctx
+) -> None:
+    def item(index: int, ctx: WorkContext, encoder) -> dict:
+        if index == 1:  # the earliest bad item fails last
+            time.sleep(0.5)
+            raise ValueError("item 1: bad")
+        if index == 2:
+            raise ValueError("item 2: bad")
+        return {"task": index}
+
+    executor = RayExecutor(num_workers=2, progress=False)
+    try:
+        with pytest.raises(ValueError, match="item 1: bad"):
+            list(executor.encode_stream(item, list(range(5)), encode_ctx))
+    finally:
+        executor.close()
+
+
+LEAN_PROBE = """
+import json, psutil, ray
+from ray._private import node, utils
+from lmforge.pipeline.executor import ray_session
+with ray_session(None):
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1
+    kids = psutil.Process().children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in kids]
+print(json.dumps({"commands": commands, "restored": [
+    node.Node.start_api_server.__module__, node.Node.start_monitor.__module__,
+    node.Node.start_log_monitor.__module__, utils.get_dashboard_dependency_error.__module__]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_local_ray_runs_only_what_the_job_uses(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", LEAN_PROBE], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    commands = out["commands"]
+    assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands)
+    for unused in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
+                   "_private/log_monitor.py"):
+        assert not [c for c in commands if unused in c], (unused, commands)
+    agents = [c for c in commands if c.startswith("ray::DashboardAgent") or "agent.py" in c]
+    raylet = next(c for c in commands if "raylet/raylet" in c)
+    assert agents and "--minimal" in raylet.split("--dashboard_agent_command=")[1]
+    # Ray's own functions are back once the local Ray is up.
+    assert all(m.startswith("ray.") for m in out["restored"]), out["restored"]
