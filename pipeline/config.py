@@ -19,11 +19,15 @@ __all__ = [
     "DataConfig",
     "DatasetSpec",
     "LoaderConfig",
+    "TASK_KINDS",
+    "TaskDataConfig",
     "TokenizerConfig",
 ]
 
 CLEAN_STEP_NAMES = ("normalize", "strip_control", "length", "repetition")
 """Cleaning steps `CleanConfig.steps` may name, in any order (see pipeline/steps.py)."""
+TASK_KINDS = ("sft", "classify", "seq2seq")
+"""Kinds of task data `TaskDataConfig.kind` may name (see pipeline/tasks.py)."""
 
 
 @dataclass
@@ -215,11 +219,93 @@ class LoaderConfig:
 
 
 @dataclass
+class TaskDataConfig:
+    """A labelled task data set (the ``data.task`` section): JSON-lines records read, checked,
+    tokenized and sharded by the same pipeline as pretraining data (see pipeline/tasks.py).
+
+    Records with a missing or empty field, an unknown label, or more tokens than a sample
+    holds are counted as bad input with their file and line (``data.strict`` stops at the
+    first). Of the cleaning chain only ``normalize`` and ``strip_control`` apply (to every
+    field); task records are neither length-filtered nor deduplicated.
+    """
+
+    kind: Literal["sft", "classify", "seq2seq"]
+    """``sft``: prompt/response pairs, loss on the response; ``classify``: text/label;
+    ``seq2seq``: source/target pairs for the encoder-decoder."""
+    train: list[str] = field(default_factory=list)
+    """JSONL files, globs or fsspec URLs of the training records (.jsonl, also .gz/.zst)."""
+    val: list[str] = field(default_factory=list)
+    """JSONL files of the validation records; empty: ``data.val_fraction`` of the training
+    records, chosen by a hash of each record's fields."""
+    prompt_field: str = "prompt"
+    """sft: the field holding the prompt (no loss on it)."""
+    response_field: str = "response"
+    """sft: the field holding the response (the loss is on it and the EOS that ends it)."""
+    text_field: str = "text"
+    """classify: the field holding the text."""
+    label_field: str = "label"
+    """classify: the field holding the class name (a string, or an integer read as text)."""
+    labels: list[str] = field(default_factory=list)
+    """classify: the class names in id order; a record with another label is bad input.
+    Empty: the sorted distinct labels of the training records."""
+    source_field: str = "source"
+    """seq2seq: the field holding the source (the encoder's input)."""
+    target_field: str = "target"
+    """seq2seq: the field holding the target (the decoder's output)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind: {self.kind!r} is unknown; choose from {', '.join(TASK_KINDS)}")
+        if not self.train:
+            raise ValueError("train: empty; list the JSONL files of the training records")
+        for name in ("train", "val"):
+            paths = getattr(self, name)
+            if any(not p for p in paths):
+                raise ValueError(f"{name}: contains an empty path; remove it")
+        overlap = sorted(set(self.train) & set(self.val))
+        if overlap:
+            raise ValueError(
+                f"val: {overlap} also listed in train; a file belongs to one split only"
+            )
+        fields = self.field_keys()
+        for name in fields:
+            if not getattr(self, name):
+                raise ValueError(f"{name}: empty; name the JSON field to read")
+        values = [getattr(self, name) for name in fields]
+        if len(set(values)) != len(values):
+            raise ValueError(
+                f"{fields[1]}: {values[1]!r} is also {fields[0]}; the two fields must differ"
+            )
+        if self.labels and self.kind != "classify":
+            raise ValueError(f"labels: only used by kind classify (kind is {self.kind}); remove it")
+        if any(not isinstance(label, str) or not label.strip() for label in self.labels):
+            raise ValueError(f"labels: {self.labels} has an empty or non-text label; fix it")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels: {self.labels} names a class twice; list each once")
+        if self.kind == "classify" and len(self.labels) == 1:
+            raise ValueError(f"labels: {self.labels} has one class; give at least two")
+
+    def field_keys(self) -> tuple[str, str]:
+        """Names of the two config keys naming this kind's record fields (input first)."""
+        return {
+            "sft": ("prompt_field", "response_field"),
+            "classify": ("text_field", "label_field"),
+            "seq2seq": ("source_field", "target_field"),
+        }[self.kind]
+
+    def record_fields(self) -> tuple[str, str]:
+        """The two JSON field names this kind reads (input first)."""
+        first, second = self.field_keys()
+        return getattr(self, first), getattr(self, second)
+
+
+@dataclass
 class DataConfig:
     """Where the corpus comes from, how it is cleaned and packed, and where shards go."""
 
     datasets: list[DatasetSpec] = field(default_factory=list)
-    """Named datasets; each becomes `<output_dir>/<name>/{train,val}-NNNNNN.tar`."""
+    """Named datasets; each becomes `<output_dir>/<name>/{train,val}-NNNNNN.tar`. Empty when
+    `task` is set."""
     output_dir: str = "runs/data"
     """Folder for manifest.json, tokenizer.model, stats.json, plots and the shard folders."""
     seq_len: int = 1024
@@ -248,10 +334,21 @@ class DataConfig:
     """Keep the intermediate `_work/` folder after a successful run (for debugging)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     """How training streams the shards (see pipeline/loader.py)."""
+    task: TaskDataConfig | None = None
+    """A labelled task data set instead of `datasets` (fine-tuning): prepared into
+    `<output_dir>/task/{train,val}-NNNNNN.tar` with the tokenizer at `tokenizer.model_path`."""
 
     def __post_init__(self) -> None:
-        if not self.datasets:
-            raise ValueError("datasets: empty; add at least one dataset with a name and paths")
+        if self.task is not None and self.datasets:
+            raise ValueError(
+                "task: set together with data.datasets; a task data set replaces the "
+                "datasets, so set one of them (datasets: [] beside task)"
+            )
+        if not self.datasets and self.task is None:
+            raise ValueError(
+                "datasets: empty; add at least one dataset with a name and paths "
+                "(or set data.task for task data)"
+            )
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: duplicate names in {names}; give each dataset its own")

@@ -19,6 +19,7 @@ from lmforge.pipeline.loader_tar import is_url, local_path, read_bytes
 from lmforge.pipeline.shard_format import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
+    TASK_MEMBERS,
     TOKEN_DTYPES,
     padding_id,
 )
@@ -162,6 +163,44 @@ class DatasetInfo:
         return {"weight": self.weight, "sources": list(self.sources), "splits": splits}
 
 
+@dataclass(frozen=True)
+class TaskSplitInfo:
+    """One split of a task data set."""
+
+    examples: int
+    """Examples (records that passed the checks) in the split."""
+    label_counts: dict[str, int]
+    """classify: examples per label name (every label, zeros included); empty otherwise."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """The manifest's `task` entry: what kind of task data the shards hold (see the task
+    members in `shard_format.py`)."""
+
+    kind: str
+    """`sft`, `classify` or `seq2seq`."""
+    labels: list[str]
+    """classify: the class names; a sample's `label.npy` is an index into this list."""
+    splits: dict[str, TaskSplitInfo]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (0 for kinds other than classify)."""
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "kind": self.kind,
+            "labels": list(self.labels),
+            "splits": {
+                name: {"examples": s.examples, "label_counts": dict(s.label_counts)}
+                for name, s in self.splits.items()
+            },
+        }
+
+
 @dataclass
 class DatasetManifest:
     """A prepared dataset: token format, tokenizer, and every shard of every split."""
@@ -176,6 +215,9 @@ class DatasetManifest:
     """Hash of the inputs and config that decide the shards (an unchanged rerun is skipped)."""
     stats: dict[str, Any]
     """Short prepare statistics (the full ones are in stats.json)."""
+    task: TaskInfo | None = None
+    """Set for task data (`data.task`): the kind, labels and example counts. The JSON has
+    a `task` key only then, so pretraining manifests keep their bytes."""
     version: int = MANIFEST_VERSION
     location: str = ""
     """The manifest.json path or URL this was read from or written to (not in the JSON)."""
@@ -228,6 +270,7 @@ class DatasetManifest:
             datasets={name: _dataset(entry) for name, entry in top.obj("datasets").objects()},
             fingerprint=top.text("fingerprint"),
             stats=top.obj("stats").raw,
+            task=_task(top.obj("task")) if "task" in top.raw else None,
             version=version,
             location=location,
         )
@@ -265,15 +308,18 @@ class DatasetManifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON layout, key order included."""
-        return {
+        layout: dict[str, Any] = {
             "version": self.version,
             "seq_len": self.seq_len,
             "token_dtype": self.token_dtype,
             "tokenizer": self.tokenizer.to_dict(),
             "datasets": {name: d.to_dict() for name, d in self.datasets.items()},
-            "fingerprint": self.fingerprint,
-            "stats": self.stats,
         }
+        if self.task is not None:
+            layout["task"] = self.task.to_dict()
+        layout["fingerprint"] = self.fingerprint
+        layout["stats"] = self.stats
+        return layout
 
     @property
     def folder(self) -> str:
@@ -396,3 +442,33 @@ def _split(s: _Object) -> SplitInfo:
     ]
     return SplitInfo(s.integer("samples"), s.integer("tokens"), s.integer("padding_tokens"),
                      shards)
+
+
+def _task(t: _Object) -> TaskInfo:
+    kind = t.text("kind")
+    if kind not in TASK_MEMBERS:
+        raise ManifestError(
+            f"{t.location}: key 'task.kind' is {kind!r}, expected one of "
+            f"{', '.join(TASK_MEMBERS)}; {_AGAIN}"
+        )
+    labels = t.get("labels", (list,), "a list")
+    if any(not isinstance(label, str) for label in labels):
+        raise ManifestError(f"{t.location}: key 'task.labels' should be strings; {_AGAIN}")
+    if kind == "classify" and len(labels) < 2:
+        raise ManifestError(
+            f"{t.location}: key 'task.labels' lists {len(labels)} classes, classify needs "
+            f"at least 2; {_AGAIN}"
+        )
+    splits = {}
+    for name, s in t.obj("splits").objects():
+        counts = s.obj("label_counts")
+        unknown = sorted(set(counts.raw) - set(labels))
+        if unknown:
+            raise ManifestError(
+                f"{t.location}: key '{counts.key}' counts labels {unknown} that are not in "
+                f"task.labels; {_AGAIN}"
+            )
+        splits[name] = TaskSplitInfo(
+            s.integer("examples"), {label: counts.integer(label) for label in counts.raw}
+        )
+    return TaskInfo(kind=kind, labels=list(labels), splits=splits)

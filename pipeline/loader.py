@@ -32,6 +32,7 @@ from lmforge.pipeline.loader_batches import BatchStream, Plan, collate, keep
 from lmforge.pipeline.loader_order import MIXTURE_CHUNK, DatasetSplit, Manifest, Mixture
 from lmforge.pipeline.loader_shard import ReaderCache
 from lmforge.pipeline.loader_tar import ShardError, is_url
+from lmforge.pipeline.shard_format import TASK_MEMBERS
 
 __all__ = ["LoaderConfig", "ShardError", "ShardLoader"]
 
@@ -46,6 +47,12 @@ class ShardLoader:
     Each batch is a dict of CPU tensors: ``input_ids`` and ``labels`` (B, T) int64, with
     padding labelled -100; with ``document_masking`` also ``segment_ids`` (document index
     within the row) and ``position_ids`` (restarting at 0 at each document start).
+
+    A task manifest (``data.task``) gives the task's batches instead, in the same order
+    with the same resume and rank semantics (see ``loader_batches.collate_task``): sft
+    ``input_ids``, ``labels`` (response tokens only), ``segment_ids``, ``position_ids``;
+    classify ``input_ids``, ``attention_mask``, ``labels`` (B,); seq2seq ``input_ids``,
+    ``attention_mask``, ``target_ids``.
 
     Args:
         manifest: ``manifest.json``, its folder, or an fsspec URL of either.
@@ -83,6 +90,8 @@ class ShardLoader:
             raise ValueError(f"seed: must be >= 0, got {seed}")
         self.config = config or LoaderConfig()
         self.manifest = Manifest(str(manifest), split)
+        self.task_kind = self.manifest.task_kind
+        """The manifest's task kind (``sft``, ``classify``, ``seq2seq``), None for text."""
         self.split = split
         self.seed = seed
         self.rank = rank
@@ -147,7 +156,8 @@ class ShardLoader:
         if workers == 0:
             if self._readers is None:
                 self._readers = ReaderCache(
-                    self._cache_capacity(), self.config.verify_checksums
+                    self._cache_capacity(), self.config.verify_checksums,
+                    TASK_MEMBERS[self.task_kind] if self.task_kind else (),
                 )
             stream.cache = self._readers
             source = iter(stream)
@@ -165,7 +175,7 @@ class ShardLoader:
         for raw, report in source:
             if raw is None:
                 raise ShardError(report["error"])
-            batch: dict[str, Any] = collate(*raw, pad_id, masking)
+            batch: dict[str, Any] = collate(*raw, pad_id, masking, self.task_kind)
             if "keys" in report:
                 batch["keys"] = report["keys"]
             self._position += self.global_batch
@@ -188,7 +198,7 @@ class ShardLoader:
         return Plan(
             self.datasets, mixture, list(self._offsets), ends, self.manifest.seq_len,
             self.manifest.token_dtype, self.manifest.pad_id, self.config, self.rank,
-            self.micro_batch_size, self.global_batch, self._cache_capacity(),
+            self.micro_batch_size, self.global_batch, self._cache_capacity(), self.task_kind,
         )
 
     def _note(self, report: dict[str, Any]) -> None:

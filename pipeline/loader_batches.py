@@ -2,7 +2,9 @@
 
 Runs inside DataLoader workers (or the training process when ``num_workers`` is 0).
 Worker ``w`` of ``W`` builds the rank's micro-batches ``w, w + W, …`` from the start
-position; the DataLoader hands them back in that order.
+position; the DataLoader hands them back in that order. Task data (a manifest with a
+``task``) takes the same road; its samples' extra members travel beside the token rows
+and ``collate`` turns them into the task's batch (see ``collate_task``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from lmforge.pipeline.config import LoaderConfig
 from lmforge.pipeline.loader_order import DatasetSplit, Mixture
 from lmforge.pipeline.loader_shard import ReaderCache
 from lmforge.pipeline.loader_tar import ShardError
+from lmforge.pipeline.shard_format import (
+    LABEL_MEMBER,
+    LOSS_MASK_MEMBER,
+    TARGET_MEMBER,
+    TASK_MEMBERS,
+)
 
 IGNORE_INDEX = -100
 
@@ -40,10 +48,17 @@ class Plan:
     micro_batch_size: int
     global_batch: int
     cache_capacity: int
+    task_kind: str | None = None  # task data: its samples carry TASK_MEMBERS[task_kind]
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The task members each sample carries beyond tokens and doc_starts."""
+        return TASK_MEMBERS[self.task_kind] if self.task_kind else ()
 
 
 class BatchStream(IterableDataset):
-    """Yields ``((rows, doc starts, docs per row), report)`` per micro-batch from ``start``."""
+    """Yields ``((rows, doc starts, docs per row, task members), report)`` per micro-batch
+    from ``start``."""
 
     def __init__(self, plan: Plan, start: int, steps: int | None) -> None:
         self.plan = plan
@@ -58,7 +73,8 @@ class BatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         plan = self.plan
         if self.cache is None:
-            self.cache = ReaderCache(plan.cache_capacity, plan.config.verify_checksums)
+            self.cache = ReaderCache(plan.cache_capacity, plan.config.verify_checksums,
+                                     plan.extras)
         j = worker
         while self.steps is None or j < self.steps:
             first = self.start + j * plan.global_batch + plan.rank * plan.micro_batch_size
@@ -77,6 +93,8 @@ class BatchStream(IterableDataset):
         rows = np.full((size, plan.seq_len + 1), plan.pad_id, plan.token_dtype)
         docs: list[list[int]] = [_ONE_DOC] * size
         keys = [""] * size
+        extras = _empty_members(plan.extras, size, plan.seq_len + 1, plan.token_dtype,
+                                plan.pad_id)
         self.new_bad = {}
         substituted = 0
         dataset_ids, indices = self._locate(np.arange(first, first + size))
@@ -96,7 +114,9 @@ class BatchStream(IterableDataset):
                     found = self._substitute(dataset, index)
                     if found is None:
                         continue  # a finite pass must not visit any sample twice: mask it
-                rows[b], docs[b], keys[b] = found
+                rows[b], docs[b], keys[b], members = found
+                for name, value in members.items():
+                    extras[name][b] = value
         report = {"bad": self.new_bad, "substituted": substituted}
         if plan.config.return_keys:
             report["keys"] = keys
@@ -104,17 +124,18 @@ class BatchStream(IterableDataset):
         # pickle); widening to int64 tensors happens in the caller's process.
         counts = np.array([len(d) for d in docs], dtype=np.int64)
         starts = np.fromiter(itertools.chain.from_iterable(docs), np.int64, int(counts.sum()))
-        return (rows, starts, counts), report
+        return (rows, starts, counts, extras), report
 
     def _read(self, dataset: DatasetSplit, shard: int, sample: int):
-        """``(tokens, doc starts, key)`` of one sample; ShardError when unreadable."""
+        """``(tokens, doc starts, key, task members)`` of one sample; ShardError when
+        unreadable."""
         plan = self.plan
         entry = dataset.shards[shard]
         reader = self.cache.get(entry, plan.seq_len, plan.token_dtype)
         if reader is None:
             raise ShardError(self.cache.bad[entry.url])
-        tokens, starts = reader.sample(sample)
-        return tokens, starts, reader.key(sample) if plan.config.return_keys else ""
+        tokens, starts, members = reader.read(sample)
+        return tokens, starts, reader.key(sample) if plan.config.return_keys else "", members
 
     def _bad(self, dataset: DatasetSplit, shard: int, err: ShardError) -> None:
         if self.plan.config.strict:
@@ -171,18 +192,82 @@ class BatchStream(IterableDataset):
 _ONE_DOC = [0]  # a padding row is one document
 
 
+def _empty_members(
+    names: tuple[str, ...], size: int, window: int, token_dtype: str, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Task members of a padding row: no loss, label -100, an all-padding target."""
+    empty = {
+        LOSS_MASK_MEMBER: lambda: np.zeros((size, window), np.uint8),
+        LABEL_MEMBER: lambda: np.full(size, IGNORE_INDEX, np.int64),
+        TARGET_MEMBER: lambda: np.full((size, window), pad_id, token_dtype),
+    }
+    return {name: empty[name]() for name in names}
+
+
 def collate(
-    rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, pad_id: int, masking: bool
+    rows: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    members: dict[str, np.ndarray],
+    pad_id: int,
+    masking: bool,
+    task_kind: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Token rows (B, T+1) → ``input_ids``, ``labels`` (B, T) int64 [+ segment, position ids].
+    """Token rows (B, T+1) → ``input_ids``, ``labels`` (B, T) int64 [+ segment, position ids];
+    for task data the task's batch (`collate_task`).
 
     Args:
         rows: Token ids, one packed sample per row.
         starts: Every row's ``doc_starts``, concatenated.
         counts: Documents per row (how ``starts`` splits into rows).
+        members: The rows' task members by name (empty for text).
         pad_id: Labels equal to it become -100.
-        masking: Also compute ``segment_ids`` and ``position_ids``.
+        masking: Also compute ``segment_ids`` and ``position_ids`` (always for sft).
+        task_kind: The manifest's task kind; None for text.
     """
+    if task_kind is not None:
+        return collate_task(rows, starts, counts, members, pad_id, task_kind)
+    return _collate_text(rows, starts, counts, pad_id, masking)
+
+
+def collate_task(
+    rows: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    members: dict[str, np.ndarray],
+    pad_id: int,
+    task_kind: str,
+) -> dict[str, torch.Tensor]:
+    """The batch of a task kind (T = seq_len, B rows), all int64:
+
+    - sft: ``input_ids``, ``labels`` (B, T): the next token where it is a response token
+      (its loss mask is 1), else -100; ``segment_ids``, ``position_ids`` (B, T) always,
+      so packed examples never attend to each other.
+    - classify: ``input_ids`` (B, T) padded with the padding id, ``attention_mask`` (B, T)
+      1 at real tokens, ``labels`` (B,) (-100 for a padding row of a finite pass).
+    - seq2seq: ``input_ids`` (B, T) source, ``attention_mask`` (B, T), ``target_ids``
+      (B, T) target padded with the padding id.
+    """
+    if task_kind == "sft":
+        batch = _collate_text(rows, starts, counts, pad_id, True)
+        mask = members[LOSS_MASK_MEMBER][:, 1:]
+        batch["labels"][torch.from_numpy(mask == 0)] = IGNORE_INDEX
+        return batch
+    inputs = rows[:, :-1].astype(np.int64)
+    batch = {
+        "input_ids": torch.from_numpy(inputs),
+        "attention_mask": torch.from_numpy((inputs != pad_id).astype(np.int64)),
+    }
+    if task_kind == "classify":
+        batch["labels"] = torch.from_numpy(members[LABEL_MEMBER].astype(np.int64))
+    else:
+        batch["target_ids"] = torch.from_numpy(members[TARGET_MEMBER][:, :-1].astype(np.int64))
+    return batch
+
+
+def _collate_text(
+    rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, pad_id: int, masking: bool
+) -> dict[str, torch.Tensor]:
     size, length = rows.shape
     packed = np.empty((4 if masking else 2, size, length - 1), dtype=np.int64)
     packed[0] = rows[:, :-1]

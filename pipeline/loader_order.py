@@ -178,6 +178,8 @@ class Manifest:
         self.token_dtype = manifest.token_dtype
         self.pad_id = manifest.tokenizer.padding_id
         self.vocab_size = manifest.tokenizer.vocab_size
+        self.task_kind = manifest.task.kind if manifest.task is not None else None
+        """The task kind of task data (its samples carry `TASK_MEMBERS`); None for text."""
         self.names: list[str] = []
         self.weights: list[float] = []
         self.shards: list[list[ShardEntry]] = []

@@ -14,6 +14,9 @@ thus reads only the pages of the samples it needs.
 Verdicts depend only on the bytes, so every rank and worker reaches the same one: a
 shard that cannot be opened or indexed (missing, truncated, wrong sample count) is bad
 as a whole; a sample whose members cannot be found or parsed is bad alone.
+
+Task shards (see ``shard_format.py``) carry one more member per sample; a reader made
+with ``extras`` finds and checks those too (``read``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from lmforge.pipeline.loader_tar import ShardError, npy_header, open_shard, walk_tar
-from lmforge.pipeline.shard_format import BLOCK, DOC_STARTS_MEMBER, RECORD, TOKENS_MEMBER
+from lmforge.pipeline.shard_format import (
+    BLOCK,
+    DOC_STARTS_MEMBER,
+    LABEL_MEMBER,
+    LOSS_MASK_MEMBER,
+    RECORD,
+    TARGET_MEMBER,
+    TOKENS_MEMBER,
+)
 
 TOKENS = f".{TOKENS_MEMBER}".encode()
 DOC_STARTS = f".{DOC_STARTS_MEMBER}".encode()
@@ -45,6 +56,7 @@ class ShardReader:
         token_dtype: ``uint16`` or ``uint32``.
         sha256: The manifest's checksum, checked only when ``verify`` is set.
         verify: Hash the whole shard on open (reads every byte).
+        extras: Task members every sample must also have (``shard_format.TASK_MEMBERS``).
 
     Raises:
         ShardError: The shard cannot be opened or indexed; the message names it.
@@ -58,7 +70,13 @@ class ShardReader:
         token_dtype: str,
         sha256: str | None = None,
         verify: bool = False,
+        extras: tuple[str, ...] = (),
     ) -> None:
+        self.extras = tuple(extras)
+        self._extra_suffixes = tuple(f".{m}".encode() for m in extras)
+        self._extra_tails = tuple(m.encode() + b"\0" for m in extras)
+        self._suffixes = (TOKENS, DOC_STARTS, *self._extra_suffixes)
+        self._width = 4 + 2 * len(extras)  # walk index entries per sample
         self.url = url
         self.samples = samples
         self.seq_len = seq_len
@@ -98,7 +116,16 @@ class ShardReader:
         Raises:
             ShardError: The sample cannot be found or its ``.npy`` members are malformed.
         """
-        tok, tok_size, doc, doc_size = self._locate(index)
+        tokens, starts, _ = self.read(index)
+        return tokens, starts
+
+    def read(self, index: int) -> tuple[np.ndarray, list[int], dict[str, np.ndarray]]:
+        """``sample`` plus the ``extras`` members, by member name (read-only views).
+
+        Raises:
+            ShardError: The sample cannot be found or its ``.npy`` members are malformed.
+        """
+        tok, tok_size, doc, doc_size, *extra = self._locate(index)
         # Every tokens.npy of a shard carries the same header: compare bytes, parse once.
         head = self._token_head
         if head and tok_size == self._token_size and self.buf[tok : tok + len(head)] == head:
@@ -106,7 +133,11 @@ class ShardReader:
         else:
             start = self._check_tokens(index, tok, tok_size)
         tokens = np.frombuffer(self.buf, self.token_dtype, self.seq_len + 1, start)
-        return tokens, self._doc_starts(index, doc, doc_size)
+        members = {
+            name: self._extra(index, name, extra[2 * j], extra[2 * j + 1])
+            for j, name in enumerate(self.extras)
+        }
+        return tokens, self._doc_starts(index, doc, doc_size), members
 
     # -- finding a sample's members --------------------------------------------------
 
@@ -115,7 +146,7 @@ class ShardReader:
         firsts: list[tuple[bytes, int]] = []  # (key, header offset) of the first members
         try:
             for name, _, _, header in walk_tar(self.buf, self.url):
-                key = _key_of(name)
+                key = self._key_of(name)
                 if key is not None and (not firsts or key != firsts[-1][0]):
                     firsts.append((key, header))
                     if len(firsts) == 2:
@@ -132,7 +163,13 @@ class ShardReader:
             return b"", 0
         return firsts[0][0][:-8], stride
 
-    def _locate(self, index: int) -> tuple[int, int, int, int]:
+    def _key_of(self, name: bytes) -> bytes | None:
+        for suffix in self._suffixes:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return None
+
+    def _locate(self, index: int) -> tuple[int, ...]:
         if not 0 <= index < self.samples:
             raise ShardError(f"shard {self.url}: no sample {index}")
         if self._stride:
@@ -142,18 +179,19 @@ class ShardReader:
         if self._walked is None:
             self._walk(tolerant=True)
         if index < len(self._keys):
-            at = 4 * index
-            return tuple(self._walked[at : at + 4])
+            at = self._width * index
+            return tuple(self._walked[at : at + self._width])
         reason = self._walk_error or "the shard ends before it"
         raise ShardError(f"shard {self.url}: sample {index} cannot be found: {reason}")
 
-    def _members_at(self, index: int) -> tuple[int, int, int, int] | None:
+    def _members_at(self, index: int) -> tuple[int, ...] | None:
         """Members of sample ``index`` at its regular place, if its key is there."""
         buf, end = self.buf, len(self.buf)
         key = self._prefix + b"%08d." % index
         n = len(key)
         pos = index * self._stride
         tokens = starts = None
+        extras: list[tuple[int, int] | None] = [None] * len(self.extras)
         # Inlined header parsing: this runs for every sample read.
         while pos + BLOCK <= end and buf[pos : pos + n] == key and buf[pos + 156] in (48, 0):
             try:
@@ -167,10 +205,14 @@ class ShardReader:
                 tokens = (data, size)
             elif buf[pos + n : pos + n + len(_DOC_TAIL)] == _DOC_TAIL:
                 starts = (data, size)
+            else:
+                for j, tail in enumerate(self._extra_tails):
+                    if buf[pos + n : pos + n + len(tail)] == tail:
+                        extras[j] = (data, size)
             pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
-        if tokens is None or starts is None:
+        if tokens is None or starts is None or None in extras:
             return None
-        return (*tokens, *starts)
+        return (*tokens, *starts, *(x for member in extras for x in member))
 
     def _walk(self, tolerant: bool) -> None:
         """Indexes every sample by walking all tar headers (consecutive members by key)."""
@@ -179,7 +221,7 @@ class ShardReader:
         current, fields = None, {}
         try:
             for name, data, size, _ in walk_tar(self.buf, self.url):
-                key = _key_of(name)
+                key = self._key_of(name)
                 if key is None:
                     continue  # members besides tokens and doc_starts are not ours to read
                 if key != current:
@@ -195,10 +237,12 @@ class ShardReader:
     def _add(self, key: bytes | None, fields: dict[bytes, tuple[int, int]]) -> None:
         if key is None:
             return
-        if TOKENS not in fields or DOC_STARTS not in fields:
-            missing = TOKENS_MEMBER if TOKENS not in fields else DOC_STARTS_MEMBER
-            raise ShardError(f"shard {self.url}: sample {key.decode()} has no {missing}")
-        self._walked.extend((*fields[TOKENS], *fields[DOC_STARTS]))
+        for suffix in self._suffixes:
+            if suffix not in fields:
+                raise ShardError(
+                    f"shard {self.url}: sample {key.decode()} has no {suffix[1:].decode()}"
+                )
+        self._walked.extend(x for suffix in self._suffixes for x in fields[suffix])
         self._keys.append(key)
 
     # -- parsing a sample ------------------------------------------------------------
@@ -255,11 +299,25 @@ class ShardReader:
         return known
 
 
-def _key_of(name: bytes) -> bytes | None:
-    for suffix in (TOKENS, DOC_STARTS):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
+    def _extra(self, index: int, name: str, offset: int, size: int) -> np.ndarray:
+        """A task member, checked against the contract (dtype and shape)."""
+        window = self.seq_len + 1
+        expected = {
+            LOSS_MASK_MEMBER: (np.dtype(np.uint8), (window,)),
+            TARGET_MEMBER: (self.token_dtype, (window,)),
+            LABEL_MEMBER: (np.dtype("<i8"), ()),
+        }[name]
+        try:
+            dtype, shape, start = npy_header(self.buf, offset, size)
+        except ValueError as err:
+            raise self._error(index, f"{name}: {err}") from err
+        if (dtype, shape) != expected:
+            raise self._error(index, f"{name} is {dtype}{list(shape)}, expected "
+                                     f"{expected[0]}{list(expected[1])}")
+        count = int(np.prod(shape))
+        if size - (start - offset) != count * dtype.itemsize:
+            raise self._error(index, f"{name} is truncated")
+        return np.frombuffer(self.buf, dtype, count, start).reshape(shape)
 
 
 class ReaderCache:
@@ -269,11 +327,13 @@ class ReaderCache:
         capacity: Shards kept open (mmaps are cheap; streamed shards cost their size).
         verify: Check each shard's sha256 the first time this process opens it (a shard
             reopened after eviction is not hashed again).
+        extras: Task members every sample has (see `ShardReader`).
     """
 
-    def __init__(self, capacity: int, verify: bool = False) -> None:
+    def __init__(self, capacity: int, verify: bool = False, extras: tuple[str, ...] = ()) -> None:
         self.capacity = capacity
         self.verify = verify
+        self.extras = tuple(extras)
         self._open: OrderedDict[str, ShardReader] = OrderedDict()
         self.bad: dict[str, str] = {}
         self.verified: set[str] = set()
@@ -289,7 +349,7 @@ class ReaderCache:
         try:
             verify = self.verify and shard.url not in self.verified
             reader = ShardReader(
-                shard.url, shard.samples, seq_len, token_dtype, shard.sha256, verify
+                shard.url, shard.samples, seq_len, token_dtype, shard.sha256, verify, self.extras
             )
         except ShardError as err:
             self.bad[shard.url] = str(err)

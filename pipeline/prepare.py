@@ -8,15 +8,17 @@ Intermediate files live in `<output_dir>/_work/<fingerprint>/` and are removed a
 success. The new dataset is built there too (`dataset/`) and moved into `<output_dir>` only
 once complete, so a failed or interrupted re-prepare (a full disk) leaves the previous
 dataset readable.
+
+With `data.task` set, the task's JSONL records take the same road with their own phase
+items (tasks.py): labels (classify without configured labels) → encode (read, check,
+split, tokenize with `tokenizer.model_path`; on the encoder actors) → pack and write the
+task shards → stats, manifest with its `task` entry.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.durable import disk_space_errors, fsync_dir
+from lmforge.pipeline.durable import disk_space_errors, write_json
 from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from lmforge.pipeline.manifest import (
     DatasetManifest,
@@ -43,26 +45,21 @@ from lmforge.pipeline.phases import (
     dedup_partition,
     encode_task,
     sample_task,
-    write_json,
     write_task,
 )
+from lmforge.pipeline.prepare_task import check_task_tokenizer, run_task
+from lmforge.pipeline.publish import publish, read_chunk_bytes, say, work_folder
 from lmforge.pipeline.shard_format import TOKENIZER_FILE, padding_id, token_dtype
 from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
 from lmforge.pipeline.stats import summarize, summary_for_manifest, write_plots
+from lmforge.pipeline.tasks import discover_task_files
 from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
 
-log = logging.getLogger(__name__)
 PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
 # (encode results, shard plans, written shards) and, before them, clean results, dedup
 # results, the tokenizer model and its description.
 _Written = tuple[list[dict], list[ShardPlan], list[dict]]
 _Phases = tuple[list[dict], list[dict], Path, dict, _Written]
-
-
-def _say(message: str, progress: bool) -> None:
-    log.info(message)
-    if progress:
-        print(f"prepare: {message}", file=sys.stderr, flush=True)
 
 
 def prepare(
@@ -72,7 +69,8 @@ def prepare(
     progress: bool = True,
     executor: Literal["ray", "local"] = "ray",
 ) -> Path:
-    """Turn the configured datasets into shards, a tokenizer and a manifest.
+    """Turn the configured datasets (or the task data set) into shards, a tokenizer and a
+    manifest.
 
     Args:
         data: The `data` section.
@@ -84,22 +82,30 @@ def prepare(
 
     Returns:
         Path of the written (or already complete) manifest.json.
+
+    Raises:
+        ValueError: A config or input problem (naming the key, or the file and line).
     """
     out = Path(data.output_dir)
     manifest_path = DatasetManifest.path_in(out)
-    files = [f for spec in data.datasets for f in _discover(spec, data)]
+    if data.task is not None:
+        check_task_tokenizer(tokenizer)
+        files = discover_task_files(data.task)
+    else:
+        files = [f for spec in data.datasets for f in _discover(spec, data)]
     fp = fingerprint(data, tokenizer, files)
     if is_complete(manifest_path, fp):
-        _say(f"{manifest_path} is complete for these inputs and config; skipping", progress)
+        say(f"{manifest_path} is complete for these inputs and config; skipping", progress)
         return manifest_path
     # A previous dataset in `out` stays readable: the new one is built beside it (under
-    # _work/) and replaces it only once complete (see _publish).
+    # _work/) and replaces it only once complete (see publish.py).
+    run = _run if data.task is None else run_task
     if executor == "local":
-        return _run(data, tokenizer, files, fp, LocalExecutor(progress), progress)
+        return run(data, tokenizer, files, fp, LocalExecutor(progress), progress)
     with ray_session(data.ray_address):
         ray_executor = RayExecutor(data.num_workers, progress)
         try:
-            return _run(data, tokenizer, files, fp, ray_executor, progress)
+            return run(data, tokenizer, files, fp, ray_executor, progress)
         finally:
             ray_executor.close()
 
@@ -123,14 +129,10 @@ def _run(
     out = Path(data.output_dir)
     total_bytes = sum(f.size for f in files)
     chunk = read_chunk_bytes(data.read_chunk_bytes, total_bytes, ex.workers)
-    # Chunking never changes the output, but task numbering does: key the work by both.
-    work_root, work_name = out / "_work", f"{fp[:16]}-{chunk}"
-    for stale in work_root.glob("*"):
-        if stale.name != work_name:
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = work_root / work_name / "dataset"  # the new dataset, until _publish
+    work = work_folder(out, fp, chunk)
+    staging = work / "dataset"  # the new dataset, until publish
     ctx = WorkContext(
-        work_dir=str(work_root / work_name),
+        work_dir=str(work),
         output_dir=str(staging),
         data=data,
         num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
@@ -139,16 +141,16 @@ def _run(
 
     tasks = plan_read_tasks(data.datasets, chunk, files)
     empty = [f.url for f in files if f.size == 0]
-    _say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
-         f"on {ex.workers} workers", progress)
+    say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
+        f"on {ex.workers} workers", progress)
     clean, dedup, model, info, (encoded, plans, shards) = _phases(
         data, tokenizer, ctx, ex, tasks, seconds, progress
     )
     for spec in data.datasets:
         if data.val_fraction > 0 and not any(p.dataset == spec.name and p.split == "val"
                                              for p in plans):
-            _say(f"warning: dataset {spec.name!r} got no val documents; raise "
-                 "data.val_fraction or add data", progress)
+            say(f"warning: dataset {spec.name!r} got no val documents; raise "
+                "data.val_fraction or add data", progress)
 
     with disk_space_errors(staging):
         shutil.copyfile(model, staging / TOKENIZER_FILE)
@@ -160,14 +162,15 @@ def _run(
         write_json(staging / "stats.json", stats)
         manifest.stats = summary_for_manifest(stats)
         manifest.write(DatasetManifest.path_in(staging))
-    manifest_path = _publish(staging, out, data, {s["path"] for s in shards})
+    names = [spec.name for spec in data.datasets]
+    manifest_path = publish(staging, out, names, {s["path"] for s in shards})
     if not data.keep_work:
-        shutil.rmtree(work_root, ignore_errors=True)
+        shutil.rmtree(out / "_work", ignore_errors=True)
     total = sum(sum(v.values()) for v in stats["tokens"].values())
-    _say(f"wrote {len(shards)} shards, {total:,} tokens "
-         f"({stats['throughput']['tokens_per_s']:,.0f} tokens/s); "
-         f"bad input: {stats['bad_input']['counts'] or 'none'}; manifest {manifest_path}",
-         progress)
+    say(f"wrote {len(shards)} shards, {total:,} tokens "
+        f"({stats['throughput']['tokens_per_s']:,.0f} tokens/s); "
+        f"bad input: {stats['bad_input']['counts'] or 'none'}; manifest {manifest_path}",
+        progress)
     return manifest_path
 
 
@@ -261,13 +264,6 @@ def _encode_and_write(
     return encoded, [planner.plans[i] for i in order], [written[i] for i in order]
 
 
-def read_chunk_bytes(configured: int, total_bytes: int, workers: int) -> int:
-    """Bytes per read task: the configured size, smaller if that would leave fewer than
-    ~4 tasks per worker (for balance), but not below 1 MiB unless configured lower."""
-    balanced = math.ceil(total_bytes / (4 * workers)) if total_bytes else configured
-    return max(min(configured, balanced), min(configured, 2**20))
-
-
 def _bad_counts(clean: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in clean:
@@ -304,45 +300,10 @@ def _tokenizer_model(
                 f.write(text)
                 f.write("\n")
     size = sample_file.stat().st_size
-    _say(f"training a {tokenizer.type} tokenizer ({tokenizer.vocab_size} pieces) "
-         f"on a {size / 1e6:.1f} MB sample", progress)
+    say(f"training a {tokenizer.type} tokenizer ({tokenizer.vocab_size} pieces) "
+        f"on a {size / 1e6:.1f} MB sample", progress)
     tmp = ctx.path("tokenizer.tmp.model")
     train_tokenizer(sample_file, tokenizer, tmp)
     tmp.replace(model)
     sample_file.unlink()
     return model
-
-
-def _publish(staging: Path, out: Path, data: DataConfig, written: set[str]) -> Path:
-    """Move the complete new dataset from `staging` into `out`, its manifest last.
-
-    Until now a previous dataset in `out` was untouched. Its manifest goes first (so no
-    manifest ever lists shards of the other dataset), then every staged file is renamed into
-    place (same filesystem), stale shards are removed, and the new manifest lands last. A
-    crash in between leaves `out` without a manifest and the rest of the new dataset staged:
-    the next `prepare` rewrites only the shards that had been moved, then publishes again.
-    """
-    target = DatasetManifest.path_in(out)
-    target.unlink(missing_ok=True)
-    fsync_dir(out)
-    folders = {out}
-    for path in sorted(staging.rglob("*")):
-        if path.is_file() and path.name != target.name:
-            dest = out / path.relative_to(staging)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
-            folders.add(dest.parent)
-    for folder in folders:
-        fsync_dir(folder)
-    _remove_stale_shards(out, data, written)
-    os.replace(DatasetManifest.path_in(staging), target)
-    fsync_dir(out)
-    return target
-
-
-def _remove_stale_shards(out: Path, data: DataConfig, written: set[str]) -> None:
-    """Delete shards of an earlier, different run, and temp files of a killed one."""
-    for spec in data.datasets:
-        for path in (out / spec.name).glob("*.tar*"):
-            if str(path.relative_to(out)) not in written:
-                path.unlink()

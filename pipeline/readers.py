@@ -245,6 +245,31 @@ def read_jsonl(
         yield Document(text, piece.file.url, line_no, piece.start)
 
 
+def read_json_records(
+    piece: ReadPiece, max_bytes: int, log: BadInputLog
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line, record)`` for every JSON object of a JSON-lines piece (task data).
+
+    Blank lines are skipped; invalid UTF-8 or JSON, and lines that are not an object, are
+    reported with their line and skipped, as are records over `max_bytes`.
+    """
+    for line_no, raw in _iter_records(piece, "line", max_bytes, log):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError as err:
+            log.report("invalid_utf8", piece, line_no, f"byte {err.start}")
+            continue
+        except json.JSONDecodeError as err:
+            log.report("malformed_json", piece, line_no, str(err)[:200])
+            continue
+        if not isinstance(record, dict):
+            log.report("not_an_object", piece, line_no, type(record).__name__)
+            continue
+        yield line_no, record
+
+
 def read_parquet(
     piece: ReadPiece, text_field: str, max_bytes: int, log: BadInputLog
 ) -> Iterator[Document]:

@@ -26,6 +26,27 @@ same fixed metadata (mtime 0, mode 0444, uid/gid 0, empty user and group names);
 archive ends with two zero blocks and is padded to a whole record, as ``tarfile`` does.
 So the same tokens always give the same bytes, and sample ``k`` of a shard starts at
 ``k * stride`` when all its samples are the same size (the loader's fast path).
+
+**Task data** (``data.task``, see tasks.py) has one dataset, ``task``, so its shards are
+``task/{train,val}-NNNNNN.tar`` and the manifest's ``task`` entry names the kind. Its
+samples carry ``doc_starts.npy`` and ``tokens.npy`` as above (an *example* in place of a
+document; the padding id pads every sample) and one more member per kind, all in name
+order (``doc_starts < label < loss_mask < target < tokens``):
+
+- ``sft``: whole examples ``prompt ids + response ids + EOS`` packed greedily in order
+  (the next example starts a new sample when it does not fit; an example is never split,
+  so one holds at most ``seq_len + 1`` tokens); ``doc_starts`` marks every example start;
+  ``<key>.loss_mask.npy`` is uint8 ``[seq_len + 1]``: 1 at response tokens and the EOS
+  ending each response, 0 at prompt tokens and padding.
+- ``classify``: one example per sample: ``tokens`` = [BOS, if the tokenizer has one] +
+  text ids + [EOS], at most ``seq_len`` tokens (the inputs), then padding; ``doc_starts``
+  [0]; ``<key>.label.npy``: an int64 scalar (0-d), the index of the label in the
+  manifest's ``task.labels``.
+- ``seq2seq``: one example per sample: ``tokens`` = source ids + EOS and
+  ``<key>.target.npy`` = target ids + EOS (the token dtype, ``[seq_len + 1]``), each at
+  most ``seq_len`` tokens, then padding; ``doc_starts`` [0].
+
+EOS (and BOS) are left out when the tokenizer has no such piece.
 """
 
 from __future__ import annotations
@@ -53,6 +74,20 @@ TOKENS_MEMBER = "tokens.npy"
 """Member suffix (after ``"{key}."``) of a sample's token ids."""
 DOC_STARTS_MEMBER = "doc_starts.npy"
 """Member suffix (after ``"{key}."``) of a sample's document-start offsets."""
+LOSS_MASK_MEMBER = "loss_mask.npy"
+"""Member suffix of an sft sample's loss mask (uint8, 1 = response token)."""
+LABEL_MEMBER = "label.npy"
+"""Member suffix of a classify sample's label id (int64 scalar)."""
+TARGET_MEMBER = "target.npy"
+"""Member suffix of a seq2seq sample's target ids (token dtype, seq_len + 1)."""
+TASK_DATASET = "task"
+"""The one dataset name (folder, key prefix) of a task data set."""
+TASK_MEMBERS: dict[str, tuple[str, ...]] = {
+    "sft": (LOSS_MASK_MEMBER,),
+    "classify": (LABEL_MEMBER,),
+    "seq2seq": (TARGET_MEMBER,),
+}
+"""Members a task sample has beyond ``doc_starts`` and ``tokens``, by task kind."""
 
 
 def padding_id(pad_id: int, vocab_size: int) -> int:
@@ -95,3 +130,15 @@ def samples_per_shard(target_bytes: int, seq_len: int, itemsize: int) -> int:
     token_member = BLOCK + -(-(128 + (seq_len + 1) * itemsize) // BLOCK) * BLOCK
     sample_bytes = token_member + 2 * BLOCK  # doc_starts member: header + one block
     return max(1, target_bytes // sample_bytes)
+
+
+def task_samples_per_shard(target_bytes: int, seq_len: int, itemsize: int, kind: str) -> int:
+    """How many task samples make a shard of about `target_bytes` (`samples_per_shard`
+    with the kind's extra member counted)."""
+    token_member = BLOCK + -(-(128 + (seq_len + 1) * itemsize) // BLOCK) * BLOCK
+    extra = {
+        "sft": BLOCK + -(-(128 + seq_len + 1) // BLOCK) * BLOCK,  # loss_mask, uint8
+        "classify": 2 * BLOCK,  # label: header + one block
+        "seq2seq": token_member,  # target
+    }[kind]
+    return max(1, target_bytes // (token_member + 2 * BLOCK + extra))

@@ -66,12 +66,12 @@ _NPY_HEADERS: dict[tuple[str, int], bytes] = {}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
-    """`.npy` file bytes of a 1-D array (headers cached per dtype and length)."""
-    key = (array.dtype.str, len(array))
+    """`.npy` file bytes of a 1-D (or 0-d) array (headers cached per dtype and shape)."""
+    key = (array.dtype.str, array.shape)
     header = _NPY_HEADERS.get(key)
     if header is None:
         buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.zeros(len(array), array.dtype), allow_pickle=False)
+        np.lib.format.write_array(buf, np.zeros(array.shape, array.dtype), allow_pickle=False)
         header = buf.getvalue()[: -array.nbytes or None]
         if len(_NPY_HEADERS) < 4096:
             _NPY_HEADERS[key] = header
@@ -142,6 +142,14 @@ class ShardWriter:
             self._put(_member(f"{key}.{DOC_STARTS_MEMBER}", npy_bytes(offsets))
                       + _member(f"{key}.{TOKENS_MEMBER}", npy_bytes(tokens)))
         self.samples += len(keys)
+        self.tokens += real_tokens
+
+    def write_sample(self, key: str, members: dict[str, np.ndarray], real_tokens: int) -> None:
+        """Append one sample with any members (suffix → array; 1-D or a 0-d scalar), written
+        in name order as the contract wants (task samples, see `shard_format.py`)."""
+        self._put(b"".join(_member(f"{key}.{suffix}", npy_bytes(members[suffix]))
+                           for suffix in sorted(members)))
+        self.samples += 1
         self.tokens += real_tokens
 
     def _put(self, data: bytes) -> None:

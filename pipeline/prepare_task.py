@@ -1,0 +1,141 @@
+"""`prepare` for a task data set (``data.task``): the driver of the task phase items.
+
+labels (classify without configured labels) → encode (read, check, split, tokenize with
+`tokenizer.model_path`, on the encoder actors) → pack and write the task shards (phase
+workers) → stats.json and the manifest with its `task` entry, published as `prepare`
+publishes a pretraining dataset. Every item is resumable (tasks.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.pipeline.config import DataConfig, TokenizerConfig
+from lmforge.pipeline.dataset_manifest import DatasetManifest
+from lmforge.pipeline.durable import disk_space_errors, write_json
+from lmforge.pipeline.executor import LocalExecutor, RayExecutor
+from lmforge.pipeline.phases import SPLITS
+from lmforge.pipeline.publish import publish, read_chunk_bytes, say, work_folder
+from lmforge.pipeline.shard_format import (
+    TASK_DATASET,
+    TOKENIZER_FILE,
+    padding_id,
+    task_samples_per_shard,
+    token_dtype,
+)
+from lmforge.pipeline.sources import ReadTask, SourceFile, plan_read_tasks
+from lmforge.pipeline.task_manifest import (
+    bad_input,
+    build_task_manifest,
+    task_info,
+    task_stats,
+    task_summary,
+)
+from lmforge.pipeline.tasks import (
+    TaskContext,
+    encode_examples,
+    label_task,
+    plan_task_shards,
+    task_specs,
+    write_task_shard,
+)
+from lmforge.pipeline.tokenizer import describe_tokenizer
+
+
+def check_task_tokenizer(tokenizer: TokenizerConfig) -> None:
+    """Task data needs an existing tokenizer (`tokenizer.model_path`): refuse without one."""
+    if not tokenizer.model_path:
+        raise ValueError(
+            "tokenizer.model_path: not set; task data (data.task) is encoded with an existing "
+            "tokenizer: set it to the pretraining dataset's tokenizer.model"
+        )
+    if not Path(tokenizer.model_path).is_file():
+        raise ValueError(
+            f"tokenizer.model_path: {tokenizer.model_path} does not exist; fix the path"
+        )
+
+
+def run_task(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    files: list[SourceFile],
+    fp: str,
+    ex: LocalExecutor | RayExecutor,
+    progress: bool,
+) -> Path:
+    """Prepare the task data set: labels → encode → pack and write → stats and manifest."""
+    out, spec = Path(data.output_dir), data.task
+    total_bytes = sum(f.size for f in files)
+    chunk = read_chunk_bytes(data.read_chunk_bytes, total_bytes, ex.workers)
+    work = work_folder(out, fp, chunk)
+    staging = work / "dataset"
+    model = Path(tokenizer.model_path)
+    info = describe_tokenizer(model, tokenizer)
+    dtype = token_dtype(info["vocab_size"], info["pad_id"])
+    ctx = TaskContext(
+        work_dir=str(work), output_dir=str(staging), data=data, num_partitions=1,
+        tokenizer_model=str(model), pad_id=padding_id(info["pad_id"], info["vocab_size"]),
+        token_dtype=dtype,
+    )
+    tasks = plan_read_tasks(task_specs(spec), chunk, files)
+    say(f"{spec.kind} task: {len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} "
+        f"read tasks on {ex.workers} workers", progress)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if spec.kind == "classify":
+        ctx.labels = list(spec.labels) or _train_labels(ex, tasks, ctx)
+    encoded = sorted(ex.encode_stream(encode_examples, tasks, ctx), key=lambda r: r["task"])
+    seconds["encode"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    per_shard = task_samples_per_shard(data.shard_target_bytes, data.seq_len,
+                                       np.dtype(dtype).itemsize, spec.kind)
+    plans = []
+    for split in SPLITS:
+        lengths = [(r["task"], np.load(ctx.path("tokens", f"{r['task']:06d}.{split}.lengths.npy")))
+                   for r in encoded]
+        plans += plan_task_shards(spec.kind, split, lengths, data.seq_len + 1, per_shard)
+    task = task_info(data, ctx.labels, encoded)
+    if not task.splits["train"].examples:
+        bad = bad_input(encoded, [])["counts"]
+        raise ValueError(f"task.train: no usable training examples; check the files and "
+                         f"the field names (bad input: {bad or 'none'})")
+    shards = ex.collect([ex.submit(write_task_shard, plan, ctx) for plan in plans], "write")
+    seconds["write"] = time.perf_counter() - t0
+
+    with disk_space_errors(staging):
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, staging / TOKENIZER_FILE)
+        manifest = build_task_manifest(data, info, fp, files, shards, plans, task)
+        empty = [f.url for f in files if f.size == 0]
+        stats = task_stats(encoded, manifest, total_bytes, empty, seconds)
+        write_json(staging / "stats.json", stats)
+        manifest.stats = task_summary(stats)
+        manifest.write(DatasetManifest.path_in(staging))
+    manifest_path = publish(staging, out, [TASK_DATASET], {s["path"] for s in shards})
+    if not data.keep_work:
+        shutil.rmtree(out / "_work", ignore_errors=True)
+    say(f"wrote {len(shards)} {spec.kind} shards: "
+        f"{', '.join(f'{n} {s.examples} examples' for n, s in task.splits.items())}; "
+        f"bad input: {stats['bad_input']['counts'] or 'none'}; manifest {manifest_path}",
+        progress)
+    return manifest_path
+
+
+def _train_labels(ex: LocalExecutor | RayExecutor, tasks: list[ReadTask],
+                  ctx: TaskContext) -> list[str]:
+    """classify without `task.labels`: the sorted distinct labels of the training files."""
+    found = ex.map(label_task, [t for t in tasks if t.dataset == "train"], "labels", ctx)
+    labels = sorted({label for r in found for label in r["labels"]})
+    if len(labels) < 2:
+        raise ValueError(
+            f"task.labels: the training records have {len(labels)} distinct label(s) "
+            f"{labels}; classify needs at least 2 (check task.label_field)"
+        )
+    return labels
+
+
