@@ -24,7 +24,8 @@ from lmforge.launch.submit import allocation_overrides, build_submit_parser, dis
 from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 
 COMMANDS = {
-    "run": "prepare data, train, export and sample: the whole job",
+    "run": "prepare data, train, export and sample: the whole job (or every stage of a "
+           "stage graph)",
     "prepare": "shard and tokenize the corpus (Ray → sentencepiece → WebDataset)",
     "train": "train on prepared shards with DeepSpeed",
     "export": "write a verified Hugging Face folder from a checkpoint",
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
         sections = PREPARE_SECTIONS if args.command == "prepare" else None
         cfg = load_config(args.config, overrides + allocation_overrides(args), sections)
         if args.dry_run:
+            if cfg.stages and args.command == "run":
+                from lmforge.launch.stages import describe_graph
+
+                print(describe_graph(cfg))
+                return
             dry_run(cfg)
             return
         code = dispatch(args, cfg)
@@ -111,7 +117,17 @@ def main(argv: list[str] | None = None) -> None:
 def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     from lmforge.launch import commands
 
+    if cfg.stages and args.command in ("train", "export", "sample"):
+        raise ConfigError(
+            f"stages: {args.config} is a stage graph; run it with `lmforge run`, or give "
+            f"`lmforge {args.command}` one stage's config (<run_dir>/stages/<ii>-<name>/"
+            "config.yaml)"
+        )
     if args.command == "run":
+        if cfg.stages:
+            from lmforge.launch.stages import run_stages
+
+            return run_stages(cfg, resume=args.resume).exit_code
         return commands.run_job(cfg, resume=args.resume).exit_code
     if args.command == "prepare":
         print(f"manifest: {commands.prepare_data(cfg)}")

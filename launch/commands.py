@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from lmforge.launch.train.torchrun import launch_training
 from lmforge.pipeline.manifest import DatasetManifest
 
 log = logging.getLogger("lmforge")
+
+Launcher = Callable[[RunConfig, Path, "str | None", "str | None"], int]
+"""Starts a run's training processes and returns their exit status (75: preempted)."""
 
 
 @dataclass
@@ -112,15 +116,20 @@ def config_for_training(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None) -> int:
-    """Trains on the prepared shards with DeepSpeed across local processes."""
+def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
+          launcher: Launcher | None = None) -> int:
+    """Trains on the prepared shards with DeepSpeed across local processes (torchrun), or
+    with ``launcher(cfg, run_dir, resume, run_id)`` (a stage graph on Slurm or Ray)."""
     check_devices(cfg)
     cfg = config_for_training(cfg)
     heading(
         f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
         f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"
     )
-    return launch_training(cfg.launch, RunDir.of(cfg.run_dir).path, resume=resume, run_id=run_id)
+    run_dir = RunDir.of(cfg.run_dir).path
+    if launcher is not None:
+        return launcher(cfg, run_dir, resume, run_id)
+    return launch_training(cfg.launch, run_dir, resume=resume, run_id=run_id)
 
 
 # -- export and sample ---------------------------------------------------------------
@@ -192,9 +201,12 @@ def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
         run.write_run_id(run_id)
     tracker.log_params(cfg.to_dict())  # secrets redacted; run.config keeps the real values
     tracker.log_config(cfg.to_dict())
+    hooks, context = _run_hooks(cfg, run, tracker, run_id)
     status = "FAILED"
     export_dir, samples, code = None, [], 1
     try:
+        if hooks:
+            hooks.emit("on_stage_start", context)
         manifest = prepare_data(cfg, tracker)
         tracker.flush()
         code = train(cfg, resume=resume, run_id=run_id)
@@ -205,6 +217,12 @@ def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
         if cfg.export.enabled:
             export_dir = export(cfg)
             tracker.log_artifacts(export_dir, "export")
+            if hooks:
+                tracker.flush()
+                context.export_dir = export_dir
+                hooks.emit("on_export", context)
+        if hooks:
+            hooks.emit("on_stage_end", context)
         records = sample(cfg)
         samples = [record["text"] for record in records]
         run.final_samples.write_text(json.dumps(records, indent=2), encoding="utf-8")
@@ -218,6 +236,20 @@ def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
     result = RunResult(run.path, manifest, tracker.uri, run_id, export_dir, samples, code)
     print_summary(result)
     return result
+
+
+def _run_hooks(cfg: RunConfig, run: RunDir, tracker: Tracker, run_id: str | None):
+    """The hooks of a run without stages (the whole run is one stage), or (None, None)
+    when it names none: such a run behaves exactly as before hooks existed."""
+    if not cfg.hooks and not cfg.tracking.registered_model:
+        return None, None
+    from lmforge.launch.hooks import HookRunner, StageContext
+
+    hooks = HookRunner.from_config(cfg, ("register",) if cfg.tracking.registered_model else ())
+    tracker.flush()
+    context = StageContext(cfg.name, 0, run.path, run.path, cfg,
+                           run_id=tracker.run_id or run_id, tracking_uri=tracker.uri)
+    return hooks, context
 
 
 def print_summary(result: RunResult) -> None:

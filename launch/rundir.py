@@ -13,6 +13,10 @@
       train_summary.json   how the last training attempt ended (steps, val loss, preempted)
       submit/              submitted jobs' configs and scripts
       logs/                cluster jobs' output
+      stages/<ii>-<name>/  each stage of a stage graph: a run directory of its own, plus
+        stage.json         the stage's name, index and MLflow runs (for hooks in training)
+        STAGE_COMPLETE     written when the stage is done (final checkpoint, export, metrics)
+        from_scratch/      the same stage from random weights (compare_from_scratch)
 """
 
 from __future__ import annotations
@@ -82,6 +86,22 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.path / "logs"
+
+    @property
+    def stages(self) -> Path:
+        return self.path / "stages"
+
+    @property
+    def stage_info(self) -> Path:
+        return self.path / "stage.json"
+
+    @property
+    def stage_complete(self) -> Path:
+        return self.path / "STAGE_COMPLETE"
+
+    @property
+    def from_scratch(self) -> Path:
+        return self.path / "from_scratch"
 
     def job_config(self, job: str) -> Path:
         """The resolved config a submitted job of ``job`` (prepare, train) starts from."""

@@ -3,7 +3,8 @@
 ``TextSampler`` (decoder: prompts → sentencepiece ids → ``generate`` → text) runs at the end
 of ``lmforge run`` / in ``lmforge sample`` and, every ``train.sample_every`` steps, in the
 training callback that logs samples to MLflow. ``FillMaskSampler`` (encoder: top-k at mask
-tokens) and ``Seq2SeqSampler`` (encoder-decoder: beam search from a source) run at the end.
+tokens) and ``Seq2SeqSampler`` (encoder-decoder: beam search from a source) run at the end;
+``ClassifySampler`` (an encoder with a classification head: each prompt's label).
 """
 
 from __future__ import annotations
@@ -129,4 +130,37 @@ class Seq2SeqSampler:
                                    decoder_start_id=self.eos_id, eos_id=self.eos_id,
                                    num_beams=self.sample.num_beams)[0].tolist()
             records.append({"prompt": prompt, "text": self.sp.decode(out[1:]), "ids": out})
+        return records
+
+
+class ClassifySampler:
+    """A classifier's demonstration: each prompt is a text, encoded as the task data is
+    ([bos when the tokenizer has one] + text + [eos]), and gets the [CLS] head's label.
+
+    Args:
+        tokenizer_path: The sentencepiece model the data was encoded with.
+        tokenizer: Its manifest entry (bos and eos ids).
+        labels: The class names in id order (the task's labels).
+    """
+
+    def __init__(self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo,
+                 labels: list[str]) -> None:
+        self.sample, self.labels = sample, list(labels)
+        self.bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+        self.eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> list[dict]:
+        """Per prompt: ``{"prompt", "text" (the predicted label), "scores" {label: prob}}``."""
+        model.eval()
+        device = next(model.parameters()).device
+        records = []
+        for prompt in self.sample.prompts:
+            ids = self.bos + self.sp.encode(prompt) + self.eos
+            probs = model.classify(torch.tensor([ids], device=device))[0].float().softmax(-1)
+            scores = {name: round(float(p), 4) for name, p in zip(self.labels, probs,
+                                                                    strict=True)}
+            records.append({"prompt": prompt, "text": self.labels[int(probs.argmax())],
+                            "scores": scores})
         return records

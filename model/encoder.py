@@ -117,8 +117,13 @@ class EncoderModel(nn.Module):
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        head: str = "mlm",
     ) -> Tensor:
-        """Masked-LM logits (B, T, vocab_size); arguments as in `encode`."""
+        """Masked-LM logits (B, T, vocab_size); arguments as in `encode`. `head="classify"`
+        returns `classify`'s class scores instead (so a wrapper such as a DeepSpeed engine,
+        which only calls `forward`, can train the classification head)."""
+        if head == "classify":
+            return self.classify(input_ids, attention_mask, token_type_ids)
         h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids)
         h = self.mlm_norm(_head_activation(self.cfg, self.mlm_dense(h)))
         logits = self.lm_head(h)

@@ -128,6 +128,7 @@ def to_hf(
     pad_token_id: int | None = None,
     decoder_start_token_id: int | None = None,
     dtype: torch.dtype | None = None,
+    labels: list[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Hugging Face `config.json` contents and state dict for an lmforge model.
 
@@ -139,6 +140,8 @@ def to_hf(
         pad_token_id: tokenizer's padding id.
         decoder_start_token_id: first decoder input of an encoder-decoder (BART uses EOS).
         dtype: cast every tensor to this dtype; default keeps the tensors' dtype.
+        labels: class names in id order for a classifier's `id2label`/`label2id` (default
+            `LABEL_i`).
 
     Returns:
         (config dict, {HF name: contiguous tensor}); vocab padding rows are dropped and a
@@ -160,7 +163,8 @@ def to_hf(
     else:
         from lmforge.model.hf_seq import bart_to_hf, bert_to_hf
 
-        config, out = (bart_to_hf if arch.startswith("Bart") else bert_to_hf)(cfg, sd)
+        config, out = bart_to_hf(cfg, sd) if arch.startswith("Bart") else bert_to_hf(
+            cfg, sd, labels)
     if dtype is not None:
         out = {k: v.to(dtype) for k, v in out.items()}
     out_dtype = _DTYPES.get(next(iter(out.values())).dtype, "float32")

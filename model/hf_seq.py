@@ -55,9 +55,10 @@ def _bert_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def bert_to_hf(cfg: ModelConfig, sd: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+def bert_to_hf(cfg: ModelConfig, sd: dict[str, Tensor], labels: list[str] | None = None
+               ) -> tuple[dict, dict[str, Tensor]]:
     """BERT-style encoder -> `BertForMaskedLM` (or `BertForSequenceClassification` when
-    `num_labels > 0`, which has no MLM head)."""
+    `num_labels > 0`, which has no MLM head; `labels` name its classes in id order)."""
     V, d = cfg.vocab_size, cfg.d_model
     out = {"bert.embeddings.word_embeddings.weight": _need(sd, "tok_emb.weight")[:V],
            "bert.embeddings.position_embeddings.weight": _need(sd, "pos_emb.weight"),
@@ -82,8 +83,13 @@ def bert_to_hf(cfg: ModelConfig, sd: dict[str, Tensor]) -> tuple[dict, dict[str,
         "initializer_range": cfg.init_std, "tie_word_embeddings": True,
     }
     if cfg.num_labels:
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        names = list(labels or [f"LABEL_{i}" for i in range(cfg.num_labels)])
+        if len(names) != cfg.num_labels or len(set(names)) != len(names):
+            raise ValueError(f"labels: {len(names)} names {names[:8]} for num_labels="
+                             f"{cfg.num_labels}; give one distinct name per class")
+        config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        config["label2id"] = {name: i for i, name in enumerate(names)}
+        config["problem_type"] = "single_label_classification"
     return config, out
 
 

@@ -12,7 +12,9 @@ the dataset contract), ``model.config`` and ``model.presets``; nothing else of l
 from lmforge.launch.config.run_config import (
     CONFIG_FILE,
     OBJECTIVE_OF_FAMILY,
+    OBJECTIVES_OF_FAMILY,
     PREPARE_SECTIONS,
+    TASK_OBJECTIVES,
     RunConfig,
     load_config,
     load_resolved,
@@ -20,25 +22,31 @@ from lmforge.launch.config.run_config import (
 from lmforge.launch.config.sections import (
     DeepSpeedConfig,
     ExportConfig,
+    InitConfig,
     LaunchConfig,
     SampleConfig,
     TrackingConfig,
+    TrainableConfig,
     TrainConfig,
 )
 from lmforge.launch.config.typed_yaml import ConfigError
 
 __all__ = [
     "CONFIG_FILE",
+    "OBJECTIVES_OF_FAMILY",
     "OBJECTIVE_OF_FAMILY",
     "PREPARE_SECTIONS",
+    "TASK_OBJECTIVES",
     "ConfigError",
     "DeepSpeedConfig",
     "ExportConfig",
+    "InitConfig",
     "LaunchConfig",
     "RunConfig",
     "SampleConfig",
     "TrackingConfig",
     "TrainConfig",
+    "TrainableConfig",
     "load_config",
     "load_resolved",
 ]

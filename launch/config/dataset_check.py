@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmforge.launch.config.run_config import RunConfig
+from lmforge.launch.config.run_config import TASK_OBJECTIVES, RunConfig
 from lmforge.launch.config.typed_yaml import ConfigError
 from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.manifest import DatasetManifest
@@ -45,10 +45,14 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
     """``cfg`` checked against the prepared dataset, with ``model.vocab_size`` taken from its
     tokenizer when the config leaves it open.
 
+    For ``train.objective=classify``, ``model.num_labels`` is taken from the task's labels.
+
     Raises:
         DatasetMismatchError: Listing every mismatch: sequence length, a model vocabulary
             smaller than the tokenizer's, a configured tokenizer that is not the one the
-            data was encoded with, a mask token the objective needs and the tokenizer lacks.
+            data was encoded with, a mask token the objective needs and the tokenizer lacks,
+            an objective whose kind of data (task kind or pretraining corpus) is not the
+            prepared one.
     """
     data = cfg.data.output_dir
     tokenizer = manifest.tokenizer
@@ -78,13 +82,47 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
             f"tokenizer {data} was prepared with has none: prepare with a tokenizer that "
             "has one (leave tokenizer.model_path unset to train one)"
         )
+    problems += _task_problems(cfg, manifest, data)
     if problems:
         head = "" if len(problems) == 1 else "the run config does not fit the prepared data:\n  "
         raise DatasetMismatchError(head + "\n  ".join(problems))
     if cfg.model.vocab_size is None:
         model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model)
+    if cfg.train.objective == "classify" and not cfg.model.num_labels:
+        labels = list(manifest.task.labels)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 num_labels=len(labels)))
     return cfg
+
+
+def _task_problems(cfg: RunConfig, manifest: DatasetManifest, data: str) -> list[str]:
+    """The objective against the kind of data prepared (task data or a pretraining corpus)."""
+    objective = cfg.train.objective
+    task = getattr(manifest, "task", None)
+    kind = getattr(task, "kind", None)
+    if objective not in TASK_OBJECTIVES:
+        if kind is None:
+            return []
+        return [f"train.objective: {objective} pretrains on a corpus, but {data} holds {kind} "
+                f"task data: set train.objective={kind}, or point data.output_dir at a "
+                "pretraining dataset"]
+    if kind is None:
+        return [f"train.objective: {objective} needs {objective} task data, but {data} holds a "
+                f"pretraining corpus: set data.task (kind: {objective}) and prepare again"]
+    if kind != objective:
+        return [f"train.objective: {objective}, but {data} holds {kind} task data: set "
+                f"train.objective={kind}, or prepare data.task with kind {objective}"]
+    if objective != "classify":
+        return []
+    labels = list(getattr(task, "labels", []) or [])
+    if len(labels) < 2:
+        return [f"data.task.labels: {data} has {len(labels)} label(s); classification needs "
+                "at least two classes"]
+    if cfg.model.num_labels and cfg.model.num_labels != len(labels):
+        return [f"model.num_labels: {cfg.model.num_labels}, but {data} has {len(labels)} labels "
+                f"({', '.join(labels[:8])}): leave model.num_labels unset (0) to take them"]
+    return []
 
 
 def _tokenizer_problems(model_path: str, manifest: DatasetManifest, data: str) -> list[str]:

@@ -13,18 +13,21 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from lmforge.launch.config.sections import (
     DeepSpeedConfig,
     ExportConfig,
+    InitConfig,
     LaunchConfig,
     SampleConfig,
     TrackingConfig,
+    TrainableConfig,
     TrainConfig,
 )
+from lmforge.launch.config.stages import HookSpec, check_hooks, expand_stages
 from lmforge.launch.config.typed_yaml import (
     ConfigError,
     Where,
@@ -43,9 +46,14 @@ from lmforge.pipeline.config import DataConfig, TokenizerConfig
 CONFIG_FILE = "config.yaml"
 """The resolved config's file name inside a run directory (see ``launch/rundir.py``)."""
 
-# The one objective each model family trains with.
+# The pretraining objective of each model family.
 OBJECTIVE_OF_FAMILY = {"decoder": "causal_lm", "encoder": "masked_lm",
                        "encoder_decoder": "denoising"}
+# Every objective a family trains with: its pretraining objective and its task objective.
+OBJECTIVES_OF_FAMILY = {"decoder": ("causal_lm", "sft"), "encoder": ("masked_lm", "classify"),
+                        "encoder_decoder": ("denoising", "seq2seq")}
+# Objectives that train on task data (``data.task``) and the task kind each needs.
+TASK_OBJECTIVES = ("sft", "classify", "seq2seq")
 
 # The sections `lmforge prepare` reads; the others keep their defaults there.
 PREPARE_SECTIONS = ("data", "tokenizer")
@@ -70,6 +78,18 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """Training phases run in order by ``lmforge run`` (pretrain → anneal → fine-tune); each
+    names itself and the sections it changes (see ``launch/config/stages.py``). Empty: one
+    training run as configured."""
+    hooks: list[str | HookSpec] = field(default_factory=list)
+    """Called at stage start/end, evaluation, checkpoint and export: import paths
+    ``package.module:function`` or built-ins ``export``, ``register``, ``submit_next``
+    (see ``launch/hooks.py``)."""
+    hook_failure: Literal["stop", "warn"] = "stop"
+    """A failing hook stops the job (stop) or is reported and skipped (warn)."""
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -104,12 +124,8 @@ class RunConfig:
                 f"model.vocab_size: {self.model.vocab_size} is smaller than "
                 f"tokenizer.vocab_size {self.tokenizer.vocab_size}"
             )
-        expected = OBJECTIVE_OF_FAMILY[self.model.family]
-        if train.objective != expected:
-            raise ValueError(
-                f"train.objective: {train.objective!r} does not fit model.family "
-                f"{self.model.family!r}; use train.objective={expected} for that family"
-            )
+        self._check_objective()
+        self._check_init_and_trainable()
         if train.sample_every and self.model.family != "decoder":
             raise ValueError(
                 f"train.sample_every: generation during training needs model.family=decoder, "
@@ -121,7 +137,8 @@ class RunConfig:
                 f"{self.data.seq_len}"
             )
         mask = self.tokenizer.mask_token
-        if self.model.family == "encoder" and not self.model.num_labels and mask and [
+        fill_mask = train.objective == "masked_lm" and not self.model.num_labels
+        if self.model.family == "encoder" and fill_mask and mask and [
                 p for p in self.sample.prompts if mask not in p]:
             raise ValueError(
                 f"sample.prompts: the encoder's fill-mask demonstration needs {mask!r} in every "
@@ -136,6 +153,45 @@ class RunConfig:
                     f"in {'; '.join(diffs)}. Change those model fields, or set "
                     "export.enabled=false to train without an export"
                 )
+
+    def _check_objective(self) -> None:
+        family, objective = self.model.family, self.train.objective
+        if objective == "classify" and family == "decoder":
+            raise ValueError(
+                "train.objective: classify trains the encoder's [CLS] head; a decoder has no "
+                "classification head in lmforge. Use model.family=encoder (e.g. a BERT-style "
+                "preset) for classification, or train.objective=sft with the label as response"
+            )
+        allowed = OBJECTIVES_OF_FAMILY[family]
+        if objective not in allowed:
+            raise ValueError(
+                f"train.objective: {objective!r} does not fit model.family {family!r}; use "
+                f"train.objective={allowed[0]} (pretraining) or {allowed[1]} (task data)"
+            )
+        if self.model.num_labels and objective != "classify":
+            raise ValueError(
+                f"model.num_labels: {self.model.num_labels} adds a classification head, which "
+                f"train.objective={objective} does not train; set model.num_labels=0"
+            )
+
+    def _check_init_and_trainable(self) -> None:
+        trainable, init = self.trainable, self.init
+        blocks = block_count(self.model)
+        if trainable.mode == "freeze_blocks" and trainable.freeze_blocks > blocks:
+            raise ValueError(
+                f"trainable.freeze_blocks: {trainable.freeze_blocks} is more than the model's "
+                f"{blocks} blocks; freeze at most {blocks} (or use trainable.mode=head_only)"
+            )
+        source = init.source
+        if source is None or source == "previous":  # "previous": the stage runner fills it in
+            return
+        kept = [f"init.{k}" for k in ("optimizer", "schedule", "loader")
+                if getattr(init, k) == "keep"]
+        if kept and (Path(source) / "config.json").is_file():
+            raise ValueError(
+                f"{kept[0]}: keep needs a lmforge checkpoint, but init.source {source} is a "
+                "Hugging Face folder (weights only); set it to reset"
+            )
 
     @property
     def world_size(self) -> int:
@@ -158,6 +214,13 @@ class RunConfig:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(self.to_yaml(), encoding="utf-8")
         os.replace(tmp, path)
+
+
+def block_count(model: ModelConfig) -> int:
+    """Transformer blocks of a model (an encoder-decoder's encoder and decoder together)."""
+    if model.family == "encoder_decoder":
+        return model.encoder_layers + model.decoder_layers
+    return model.n_layers
 
 
 def load_config(
@@ -195,12 +258,17 @@ def load_config(
                  and f.default_factory is not dataclasses.MISSING]
         data = {k: v for k, v in data.items() if k in sections or k not in every}
     data = _expand_model_preset(data, where)
+    for i, entry in enumerate(data.get("hooks") or []):  # a clear error for a bad long form
+        if isinstance(entry, dict):
+            build(HookSpec, entry, ("hooks", str(i)), where)
     cfg = build(RunConfig, data, (), where)
     if sections is None:
         try:
             cfg.check_training()
+            check_hooks(cfg.hooks, cfg.tracking.registered_model)
         except ValueError as err:
             raise located_error(err, (), where) from err
+        expand_stages(cfg, where)  # every stage checked now, before any process starts
     return cfg
 
 

@@ -30,9 +30,13 @@ class TrainConfig:
     """Sequences per optimizer step; when set it must equal micro × accumulation × world size."""
     max_steps: int = 300
     """Optimizer steps to train for (the run's end; resuming continues up to it)."""
-    objective: Literal["causal_lm", "masked_lm", "denoising"] = "causal_lm"
-    """Training objective, one per model family: causal_lm (decoder), masked_lm (encoder,
-    BERT 80/10/10) or denoising (encoder_decoder, BART text infilling)."""
+    objective: Literal["causal_lm", "masked_lm", "denoising", "sft", "classify",
+                       "seq2seq"] = "causal_lm"
+    """Training objective. Pretraining, one per model family: causal_lm (decoder), masked_lm
+    (encoder, BERT 80/10/10) or denoising (encoder_decoder, BART text infilling). On task data
+    (``data.task``): sft (decoder; loss on response tokens only), classify (encoder; the
+    [CLS] head, ``model.num_labels`` from the task's labels) or seq2seq (encoder_decoder;
+    teacher forcing, greedy-decoded exact match and BLEU on validation)."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -120,6 +124,86 @@ class TrainConfig:
             )
         if self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("log_every: and keep_checkpoints must be at least 1")
+
+
+@dataclass
+class InitConfig:
+    """Where a run's weights start (a warm start) and what else it carries over. Applies only
+    while the run has no checkpoint of its own: a resume always wins."""
+
+    source: str | None = None
+    """None: random init from ``seed``. A lmforge checkpoint folder
+    (``.../checkpoints/step_XXXXXXXX``), or a checkpoints folder (its newest complete
+    checkpoint); or a Hugging Face folder (``config.json`` + ``*.safetensors``), including one
+    lmforge exported. Weights load strictly, except parts the source cannot have (a new
+    classification head, LoRA adapters), which are listed in the log."""
+    optimizer: Literal["reset", "keep"] = "reset"
+    """keep: load the source checkpoint's optimizer state (AdamW moments, fp32 master
+    weights); needs a lmforge checkpoint with the same model and trainable set. The new
+    run's lr, betas, eps and weight decay apply from its first step."""
+    schedule: Literal["reset", "keep"] = "reset"
+    """keep: the LR schedule continues at the source checkpoint's step count (this run's
+    ``train`` schedule evaluated there); reset: it starts at step 0."""
+    loader: Literal["reset", "keep"] = "reset"
+    """keep: continue the source checkpoint's loader position (same data only)."""
+
+    def __post_init__(self) -> None:
+        if self.source is not None and not str(self.source).strip():
+            raise ValueError("source: is empty; give a checkpoint or Hugging Face folder, or "
+                             "leave it unset for a random init")
+        kept = [name for name in ("optimizer", "schedule", "loader")
+                if getattr(self, name) == "keep"]
+        if kept and self.source is None:
+            raise ValueError(f"{kept[0]}: keep needs init.source (a lmforge checkpoint to "
+                             "keep it from); set init.source or use reset")
+
+
+TRAINABLE_MODES = ("all", "freeze_embeddings", "freeze_blocks", "head_only", "lora")
+
+
+@dataclass
+class TrainableConfig:
+    """Which parameters train. Frozen ones get no gradient and no optimizer state and stay
+    bit-identical; ``launch/train/trainable.py`` applies this."""
+
+    mode: Literal["all", "freeze_embeddings", "freeze_blocks", "head_only", "lora"] = "all"
+    """all; freeze_embeddings (token/position/type embeddings and their norm: a tied output
+    head is the token embedding, so it freezes too); freeze_blocks (the embeddings and the
+    first ``freeze_blocks`` blocks); head_only (the classification head of a classify run,
+    else the output head and final norms); lora (rank-``lora_rank`` adapters on the
+    ``lora_targets`` projections, plus a classification head; merged into the weights on
+    export)."""
+    freeze_blocks: int = 0
+    """Mode freeze_blocks: how many blocks, counted from the input (an encoder-decoder's
+    encoder blocks come first)."""
+    lora_rank: int = 8
+    """Rank r of each adapter (A: r x in, B: out x r)."""
+    lora_alpha: float = 16.0
+    """Adapter scale: the update is B A x * alpha / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "out"])
+    """Names of the nn.Linear projections that get adapters, matched as name suffixes
+    (qkv, out, mlp.up, mlp.down, mlp.gate_up, cross_attn.q, cross_attn.kv)."""
+
+    def __post_init__(self) -> None:
+        if self.freeze_blocks < 0:
+            raise ValueError(f"freeze_blocks: must be >= 0, got {self.freeze_blocks}")
+        if self.mode == "freeze_blocks" and self.freeze_blocks == 0:
+            raise ValueError("freeze_blocks: mode freeze_blocks needs the number of blocks to "
+                             "freeze, e.g. trainable.freeze_blocks=6")
+        if self.mode != "freeze_blocks" and self.freeze_blocks:
+            raise ValueError(f"freeze_blocks: only used with mode freeze_blocks, not "
+                             f"{self.mode!r}; set trainable.mode=freeze_blocks or remove it")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank: must be at least 1, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha: must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.mode == "lora" and not [t for t in self.lora_targets if str(t).strip()]:
+            raise ValueError("lora_targets: is empty; name the projections that get adapters, "
+                             "e.g. [qkv, out]")
 
 
 @dataclass
@@ -281,6 +365,9 @@ class TrackingConfig:
     """Log CPU, memory, disk, network (and NVIDIA GPU when present) as `system/*` metrics."""
     system_metrics_interval_s: float = 10.0
     """Seconds between system metric samples."""
+    registered_model: str | None = None
+    """MLflow registered model that every stage export is logged to as a new version (tagged
+    with the stage and its run); None registers nothing."""
 
     def __post_init__(self) -> None:
         if self.uri is not None:
@@ -298,6 +385,8 @@ class TrackingConfig:
             if not VALID_MLFLOW_KEY.match(str(key)):
                 raise ValueError(f"tags: key '{key}' is not a valid MLflow tag key; use "
                                  "letters, digits, '_', '-', '.', ' ', '/' or ':'")
+        if self.registered_model is not None and not self.registered_model.strip():
+            raise ValueError("registered_model: is empty; give a model name or leave it unset")
         if self.max_queue < 1:
             raise ValueError(f"max_queue: must be >= 1, got {self.max_queue}")
         positive = ("flush_interval_s", "timeout_s", "retry_max_s", "system_metrics_interval_s")

@@ -4,36 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lmforge.launch.config import ExportConfig
 from lmforge.launch.export.hf_folder import write_hf_folder
 from lmforge.launch.export.verify import ExportCheck
 from lmforge.launch.train import checkpoint as ckpt
-from lmforge.launch.train.safe_load import weights_only_loads
+from lmforge.launch.train.checkpoint import consolidated_state_dict
+from lmforge.launch.train.trainable import has_lora
 from lmforge.model import ModelConfig, to_hf
 from lmforge.pipeline.manifest import DatasetManifest
-
-
-def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint, gathered from every ZeRO partition."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    model_states = folder / "mp_rank_00_model_states.pt"
-    zero_files = list(folder.glob("*optim_states.pt"))
-    with weights_only_loads():  # DeepSpeed's reader unpickles freely; a payload is refused
-        if zero_files:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-        else:  # ZeRO stage 0 keeps the module's own weights
-            state = torch.load(model_states, map_location="cpu")["module"]
-    return {k: v.float() for k, v in state.items()}
 
 
 def load_trained_model(
     model_cfg: ModelConfig, checkpoints: Path, checkpoint: str | None = None
 ) -> nn.Module:
-    """Builds the model and loads a checkpoint's weights into it.
+    """Builds the model and loads a checkpoint's weights into it; a LoRA run's adapters are
+    merged into the weights (its ``trainable`` section is read from the ``config.yaml`` beside
+    its checkpoints folder), so the model is the plain architecture.
 
     Args:
         model_cfg: The model section (with the vocabulary size filled in).
@@ -47,6 +35,10 @@ def load_trained_model(
         )
     model = model_cfg.build()
     state = consolidated_state_dict(folder)
+    if has_lora(state):  # a LoRA run: fold the adapters in, export the plain architecture
+        from lmforge.launch.train.warm_start import merged_lora_state, source_sections
+
+        state = merged_lora_state(model_cfg, source_sections(folder)[1], state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied output head is saved once, under the embedding's name.
     missing = [k for k in missing if not _is_tied_copy(model, k)]
@@ -56,6 +48,13 @@ def load_trained_model(
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return model.float().eval()
+
+
+def task_labels(manifest: DatasetManifest) -> list[str] | None:
+    """The class names of a classification data set, in id order (None for other data)."""
+    task = getattr(manifest, "task", None)
+    labels = list(getattr(task, "labels", None) or [])
+    return labels or None
 
 
 def _is_tied_copy(model: nn.Module, name: str) -> bool:
@@ -100,6 +99,7 @@ def export_checkpoint(
         eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id,
         decoder_start_token_id=tokenizer.eos_id,  # BART's convention; denoising trains with it
+        labels=task_labels(manifest) if model_cfg.num_labels else None,
     )
     check = ExportCheck(model, model_cfg, manifest.tokenizer_path, tokenizer,
                         atol=export.verify_atol, length=min(manifest.seq_len, 64), seed=seed)

@@ -5,7 +5,10 @@
     lmforge submit local CONFIG [--job prepare|train|all]
 
 The same resolved config (YAML plus ``--section.key=value`` overrides) goes to every
-target; ``--dry-run`` prints what would be submitted and submits nothing.
+target; ``--dry-run`` prints what would be submitted and submits nothing. A config with
+``stages:`` submits the whole graph as the training job (``slurm/stages.sbatch``, or Ray
+Train per stage): each stage's data preparation and export run inside the job, and a
+requeue or retry resumes inside the stage it was in.
 
 Owns the submitting side (``slurm.py``, ``ray_jobs.py``, ``local.py``, shared parts in
 ``spec.py``) and, kept apart, the job body's steps on the cluster (``job.py``; Ray Train in

@@ -3,7 +3,8 @@
 The job goes through the same steps as on a cluster (the submitted config in
 ``<run_dir>/submit/config.yaml``, one MLflow run per job recorded in the run directory,
 ``--resume auto``), with torchrun for training and a local Ray for the data pipeline. Run
-it again after an interruption and it continues from the newest complete checkpoint.
+it again after an interruption and it continues from the newest complete checkpoint (a
+stage graph: inside the stage it was in).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def run_local(cfg: RunConfig, work: str, dry_run: bool = False) -> int:
         return 0
     from lmforge.launch.commands import prepare_data
 
+    if cfg.stages and work != "prepare":  # the graph prepares each stage's data itself
+        from lmforge.launch.stages import run_stages
+
+        return run_stages(cfg, resume="auto").exit_code
     if work in ("prepare", "all"):
         print(f"manifest: {prepare_data(cfg)}", flush=True)
     if work == "prepare":

@@ -224,6 +224,9 @@ def run_job(work: str, train: RayTrainJob) -> None:
     from lmforge.launch.submit.job import finish_run, setup_run
     from lmforge.launch.submit.ray_train import fit
 
+    if cfg.stages:
+        run_graph(cfg, train)
+        return
     cfg = setup_run(cfg, run_id=os.environ.get(RUN_ID_ENV))
     run = RunDir.of(cfg.run_dir)
     # The job driver may run where there is no GPU: the workers' resources decide.
@@ -234,6 +237,32 @@ def run_job(work: str, train: RayTrainJob) -> None:
         finish_run(run.path, "FAILED")
         raise
     finish_run(run.path, "FINISHED")
+
+
+def run_graph(cfg: RunConfig, train: RayTrainJob) -> None:
+    """A stage graph as the job's body: every stage in turn, each one's training through
+    Ray Train; a retried job (or a resubmitted one) resumes inside the right stage.
+
+    Raises:
+        RuntimeError: A stage's training still failed after ``--max-failures`` restarts.
+    """
+    from lmforge.launch.stages import run_stages
+    from lmforge.launch.submit.ray_train import fit
+
+    run = RunDir.of(cfg.run_dir)
+    if os.environ.get(RUN_ID_ENV) and run.read_run_id() is None:
+        run.write_run_id(os.environ[RUN_ID_ENV])
+
+    def launcher(stage_cfg: RunConfig, run_dir: Path, resume: str | None,
+                 run_id: str | None) -> int:
+        backend = stage_cfg.launch.resolved_backend(cuda=train.gpus_per_worker > 0)
+        fit(run_dir, train, run_id, backend)  # each worker resumes with --resume auto
+        return 0
+
+    result = run_stages(cfg, resume="auto", launcher=launcher)
+    if result.exit_code != 0:
+        raise RuntimeError(f"stage graph stopped with status {result.exit_code}; submit the "
+                           "same config again to resume inside the stage")
 
 
 def main(argv: list[str] | None = None) -> int:

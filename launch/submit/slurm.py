@@ -32,6 +32,7 @@ from lmforge.launch.submit.spec import (
 from lmforge.pipeline.manifest import DatasetManifest
 
 TEMPLATES = {"train": "train.sbatch", "prepare": "ray-prepare.sbatch"}
+STAGES_TEMPLATE = "stages.sbatch"
 TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 
 
@@ -158,7 +159,13 @@ def render_script(
             "master_port": job.master_port or cfg.launch.master_port
             or "$((20000 + SLURM_JOB_ID % 20000))",
         })
-    return render_template(SLURM_TEMPLATES / TEMPLATES[work], values)
+    return render_template(SLURM_TEMPLATES / template_name(cfg, work), values)
+
+
+def template_name(cfg: RunConfig, work: str) -> str:
+    """The template under ``slurm/``: a stage graph's training job runs every stage
+    (``stages.sbatch``), including each stage's data preparation and export."""
+    return STAGES_TEMPLATE if work == "train" and cfg.stages else TEMPLATES[work]
 
 
 def job_name(cfg: RunConfig, work: str) -> str:
@@ -242,12 +249,12 @@ def submit_slurm(
         cfg = job_config(cfg, job)
     script = render_script(cfg, job, work, workdir)
     run = RunDir(resolve_in(cfg.run_dir, workdir))
-    script_path = run.job_script(TEMPLATES[work])
+    script_path = run.job_script(template_name(cfg, work))
     log_pattern = str(run.logs / f"{job_name(cfg, work)}-%j.out")
     if dry_run:
         return SlurmSubmission(script, script_path, None, log_pattern, None)
     manifest = DatasetManifest.path_in(resolve_in(cfg.data.output_dir, workdir))
-    if work == "train" and job.after is None:
+    if work == "train" and job.after is None and not cfg.stages:  # stages prepare in the job
         if not manifest.is_file():
             raise ValueError(
                 f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge "
@@ -290,7 +297,7 @@ def print_submission(cfg: RunConfig, job: SlurmJob, result: SlurmSubmission) -> 
               f"{kind}")
     print(f"  status : squeue -j {jid}    scontrol show job {jid}    sacct -j {jid}")
     print(f"  logs   : tail -f {result.log_pattern.replace('%j', jid)}")
-    if result.script_path.name == TEMPLATES["train"]:
+    if result.script_path.name in (TEMPLATES["train"], STAGES_TEMPLATE):
         print(f"  stop   : scancel --signal=USR1 --batch {jid}   (checkpoint and requeue)")
         print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")
     print(f"  cancel : scancel {jid}")

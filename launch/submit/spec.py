@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 
 from lmforge.launch.config import RunConfig
+from lmforge.launch.config.stages import expand_stages
 from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
 
@@ -108,6 +109,7 @@ def with_allocation(cfg: RunConfig, nnodes: int, nproc_per_node: int) -> RunConf
     cfg = dataclasses.replace(cfg, launch=launch)
     try:
         cfg.check_training()
+        expand_stages(cfg)  # every stage fits the allocation too
         return cfg
     except ValueError as err:
         raise ValueError(

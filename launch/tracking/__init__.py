@@ -2,7 +2,8 @@
 
 Owns: the :class:`Tracker` callers log through (``tracker.py``), the background thread that
 delivers to MLflow (``delivery.py``), how records are built (``records.py``: params, dataset
-lineage, system metrics) and how MLflow failures are classified (``errors.py``). Tracking
+lineage, system metrics), how MLflow failures are classified (``errors.py``) and the model
+registry (``registry.py``: an export logged as a model and registered as a version). Tracking
 failure never stops training.
 
 May import: ``launch.config`` (the tracking section), ``launch.rundir``, ``pipeline.manifest``

@@ -28,6 +28,10 @@ log = logging.getLogger("lmforge.launch.tracking")
 
 RUN_KEY_TAG = "lmforge.run_key"
 """Run tag holding the id lmforge generated itself, so a run created late can still be found."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""Experiments lmforge creates are model-training ones: the MLflow UI opens them in its
+training view (not the GenAI view)."""
 PENDING_PREFIX = "lmforge-pending-"
 """Prefix of the handle `Tracker.start` returns while the run does not exist yet."""
 
@@ -272,7 +276,8 @@ class DeliveryThread(threading.Thread):
         if experiment is None:
             try:
                 self._experiment_id = client.create_experiment(
-                    name, artifact_location=self.target.artifact_location
+                    name, artifact_location=self.target.artifact_location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
                 return self._experiment_id
             except MlflowException as exc:
@@ -285,6 +290,9 @@ class DeliveryThread(threading.Thread):
             log.warning("tracking: experiment '%s' was deleted at %s; restoring it", name,
                         self.shown_uri)
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):  # made by someone else
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                      EXPERIMENT_KIND)
         self._experiment_id = experiment.experiment_id
         return self._experiment_id
 

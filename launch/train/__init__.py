@@ -4,11 +4,14 @@ Owns: the per-rank entry point (``worker.py``) and the torchrun launcher that st
 one machine (``torchrun.py``); wiring a rank's engine, loaders and objective from the config
 (``build.py``); the loop (``trainer.py``) and the :class:`~lmforge.launch.train.callbacks.Callback`
 API with the built-in callbacks (``callbacks.py``, ``preemption.py``); checkpoints
-(``checkpoint.py``); objectives on loader batches (``losses.py``); AdamW and LR schedules
-(``optim.py``); activation checkpointing applied from outside the model
-(``activation_checkpointing.py``); the bad-loss policy (``loss_guard.py``).
+(``checkpoint.py``); objectives on loader batches (``losses.py``) and the task objectives'
+validation metrics (``task_metrics.py``); AdamW and LR schedules (``optim.py``); warm starts
+from a checkpoint or Hugging Face folder (``warm_start.py``); trainable subsets, frozen
+parameters and LoRA adapters (``trainable.py``); activation checkpointing applied from
+outside the model (``activation_checkpointing.py``); the bad-loss policy (``loss_guard.py``).
 
 May import: ``launch.config``, ``launch.rundir``, ``launch.tracking``, ``launch.sample``,
-``pipeline`` (the loader and the manifest), ``model``, DeepSpeed and ``torch.distributed``.
+``pipeline`` (the loader and the manifest), ``model``, DeepSpeed, ``torch.distributed``,
+``peft`` (LoRA) and ``sacrebleu`` (BLEU).
 Imports nothing from here at package level: the worker must stay cheap to start.
 """

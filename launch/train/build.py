@@ -1,8 +1,10 @@
 """Wiring one rank's trainer from the run config: each component from its own section.
 
-    engine    ← model, train (optimizer, schedule, activation checkpointing), deepspeed, launch
+    engine    ← model, init (warm-start weights), trainable (frozen params, LoRA), train
+                (optimizer, schedule, activation checkpointing), deepspeed, launch
     loaders   ← data.loader, train.micro_batch_size, the prepared dataset
-    objective ← train.objective, the dataset's tokenizer, model.vocab_size
+    objective ← train.objective, the dataset's tokenizer (and task labels), model.vocab_size
+    warm start← init: optimizer/schedule/loader kept from the source (when no resume)
     callbacks ← tracking, train (log/eval/sample cadence), sample
 
 This is the one place below the CLI that reads every section: it is the job body.
@@ -10,6 +12,7 @@ This is the one place below the CLI that reads every section: it is the job body
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import deepspeed
@@ -24,18 +27,27 @@ from lmforge.launch.train.activation_checkpointing import apply_activation_check
 from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.losses import build_objective
 from lmforge.launch.train.optim import build_optimizer, build_scheduler
+from lmforge.launch.train.trainable import apply_trainable
 from lmforge.launch.train.trainer import Trainer
+from lmforge.launch.train.warm_start import WarmStart, load_source_weights, resolve
 from lmforge.pipeline.config import LoaderConfig
 from lmforge.pipeline.loader import ShardLoader
 from lmforge.pipeline.manifest import DatasetManifest
 
+log = logging.getLogger("lmforge.train")
 
-def build_engine(cfg: RunConfig, load_universal: bool = False) -> Any:
-    """The model (initialised from ``seed``, identically on every rank), wrapped with
-    activation checkpointing, its AdamW and LR schedule, inside a DeepSpeed engine;
-    ``load_universal``: it will resume from a checkpoint's universal copy."""
+
+def build_engine(cfg: RunConfig, load_universal: bool = False,
+                 warm: WarmStart | None = None) -> Any:
+    """The model (initialised from ``seed``, identically on every rank; with ``warm``, the
+    source's weights loaded), its trainable subset applied, wrapped with activation
+    checkpointing, its AdamW (trainable parameters only) and LR schedule, inside a
+    DeepSpeed engine; ``load_universal``: it will load a checkpoint's universal copy."""
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
+    if warm is not None:
+        load_source_weights(model, warm, dist.get_rank())
+    apply_trainable(model, cfg.trainable)
     train = cfg.train
     apply_activation_checkpointing(
         model, train.activation_checkpointing, train.checkpoint_every_n_layers
@@ -67,18 +79,30 @@ def build_trainer(
     """The trainer of this rank (the process group is up; ``cfg`` fits ``manifest``);
     ``resume`` is what ``Trainer.resume`` will be given: a checkpoint written by another
     number of ranks needs an engine that loads universal checkpoints."""
+    world = dist.get_world_size()
     folder = ckpt.find_resume(run_dir.checkpoints, resume)
-    universal = folder is not None and ckpt.needs_universal(
-        folder, dist.get_world_size(), cfg.deepspeed.zero_stage)
-    engine = build_engine(cfg, load_universal=universal)
+    # A warm start only while the run has no checkpoint of its own: a resume always wins.
+    warm = resolve(cfg.init, cfg.model, cfg.trainable) if folder is None else None
+    if folder is not None and cfg.init.source is not None and dist.get_rank() == 0:
+        log.info("resuming from %s; init.source applies only to a run's start", folder)
+    universal = folder is not None and ckpt.needs_universal(folder, world, cfg.deepspeed.zero_stage)
+    if warm is not None and warm.keeps_optimizer:
+        universal = ckpt.needs_universal(warm.folder, world, cfg.deepspeed.zero_stage)
+    engine = build_engine(cfg, load_universal=universal, warm=warm)
     micro, loader = cfg.train.micro_batch_size, cfg.data.loader
     train_loader = shard_loader(manifest, "train", micro, loader, cfg.seed, infinite=True)
+    task = getattr(manifest, "task", None)
     objective = build_objective(
         cfg.train.objective, manifest.tokenizer, cfg.model.vocab_size or
         manifest.tokenizer.vocab_size, loader.document_masking,
+        labels=list(getattr(task, "labels", None) or []),
+        tokenizer_path=str(manifest.tokenizer_path), decode=cfg.deepspeed.zero_stage != 3,
     )
-    return Trainer(
+    trainer = Trainer(
         engine, cfg.train, objective, train_loader,
         val_loader=lambda: shard_loader(manifest, "val", micro, loader, cfg.seed, False),
         checkpoints=run_dir.checkpoints, seed=cfg.seed, callbacks=callbacks,
     )
+    if warm is not None:
+        warm.restore(trainer, cfg.train)
+    return trainer

@@ -43,7 +43,9 @@ class Callback:
         """After each optimizer step; ``trainer.state.step`` is the step just completed."""
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        """After each validation pass, with its ``val_loss`` and ``val_ppl`` (all ranks)."""
+        """After each validation pass (all ranks), with ``val_loss``, ``val_ppl`` (language
+        model objectives) and a task's metrics: classify ``val_accuracy``, ``val_macro_f1``,
+        ``val_f1/<label>``; seq2seq ``val_exact_match``, ``val_bleu``."""
 
     def on_checkpoint(self, trainer: Trainer, folder: Path) -> None:
         """After a checkpoint is complete and published as ``latest``."""
@@ -142,10 +144,13 @@ class MetricsLogger(Callback):
         if trainer.rank != 0:
             return
         step = trainer.state.step
-        record = {"val/loss": metrics["val_loss"], "val/ppl": metrics["val_ppl"]}
+        record = {"val/" + name.removeprefix("val_"): value for name, value in metrics.items()}
         self.tracker.log_metrics(record, step=step)
         self._append({"step": step, **record})
-        self._write(f"step {step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}")
+        shown = [f"val_loss {metrics['val_loss']:.4f}"]
+        shown += [f"{name.removeprefix('val_')} {value:.4g}" for name, value in metrics.items()
+                  if name != "val_loss" and "/" not in name]
+        self._write(f"step {step}: {' '.join(shown)}")
 
     def on_train_end(self, trainer) -> None:
         if self.bar is not None:
@@ -173,13 +178,16 @@ class MetricsLogger(Callback):
 
 
 class EvalHistory(Callback):
-    """Keeps every validation loss with its step (for the run's summary)."""
+    """Keeps every validation loss with its step, and the last pass's metrics (for the
+    run's summary: ``val_loss`` and ``val_metrics``)."""
 
     def __init__(self) -> None:
         self.history: list[tuple[int, float]] = []
+        self.last: dict[str, float] = {}
 
     def on_eval(self, trainer, metrics: dict[str, float]) -> None:
         self.history.append((trainer.state.step, metrics["val_loss"]))
+        self.last = dict(metrics)
 
 
 class Sampler(Callback):

@@ -280,11 +280,14 @@ def universal_copy(folder: Path) -> Path:
     return target
 
 
-def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
+def load_checkpoint(engine: Any, folder: Path, scheduler: bool = True,
+                    rng: bool = True) -> dict[str, Any]:
     """Loads a checkpoint into the engine and this rank's RNG; returns the client state.
 
     An engine built with DeepSpeed's ``checkpoint.load_universal`` (a resume on another
     world size, see :func:`needs_universal`) loads the checkpoint's universal copy.
+    ``scheduler``/``rng`` False (a warm start keeping only the optimizer) leave this run's
+    LR scheduler and random streams as they are.
     """
     if engine.load_universal_checkpoint():
         load_dir, tag = folder, universal_copy(folder).name
@@ -292,11 +295,53 @@ def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
         load_dir, tag = folder.parent, folder.name
     with weights_only_loads():
         _, client_state = engine.load_checkpoint(
-            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+            str(load_dir), tag=tag, load_optimizer_states=True,
+            load_lr_scheduler_states=scheduler,
         )
     if client_state is None:
         raise RuntimeError(f"{folder}: DeepSpeed could not load this checkpoint")
     rng_file = folder / f"rank{dist.get_rank():05d}.pt"
-    if rng_file.exists():  # absent when resuming on more ranks than were saved
+    if rng and rng_file.exists():  # absent when resuming on more ranks than were saved
         set_rng_state(load_weights_only(rng_file))
     return client_state
+
+
+# DeepSpeed's file holding the module weights, LR scheduler and client state (ZeRO 0-2),
+# and rank 0's under ZeRO-3 (module weights partitioned: empty placeholders there).
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def read_model_states(folder: Path) -> dict[str, Any]:
+    """A checkpoint's model-states file (module weights in the training dtype,
+    ``lr_scheduler``, and the client state: ``train_state``, ``loader``, ...), weights-only."""
+    path = next((folder / name for name in MODEL_STATES if (folder / name).is_file()),
+                folder / MODEL_STATES[0])
+    with weights_only_loads():
+        return torch.load(path, map_location="cpu")
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, gathered from every ZeRO partition.
+
+    Trainable weights come from ZeRO's fp32 master copies; frozen ones (``trainable``), which
+    have none, from the module state (ZeRO 2-3 store them separately, ZeRO 1 only there).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    states = read_model_states(folder)
+    module = states.get("module") or {}
+    zero_files = list(folder.glob("*optim_states.pt"))
+    if zero_files:
+        with weights_only_loads():  # DeepSpeed's reader unpickles freely; a payload is refused
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        # A tied copy (one Parameter under two names) must not come back in the training
+        # dtype beside its fp32 source; ZeRO-3 leaves empty placeholders in the module state.
+        tied = {name for pair in states.get("shared_params") or [] for name in pair}
+        have = {module[k].untyped_storage().data_ptr() for k in state if k in module}
+        for key, value in module.items():
+            if (key not in state and key not in tied and value.numel()
+                    and value.untyped_storage().data_ptr() not in have):
+                state[key] = value
+    else:  # ZeRO stage 0 keeps the module's own weights
+        state = module
+    return {k: v.float() for k, v in state.items()}

@@ -11,6 +11,18 @@ module applies it to loader batches on the engine's device.
 - ``denoising`` (encoder-decoder): BART text infilling of ``input_ids``; the decoder
   reconstructs the clean row.
 
+On task data (``data.task``; batches as ``pipeline/loader_batches.py`` builds them):
+
+- ``sft`` (decoder): next-token loss on the loader's ``labels`` (response tokens only),
+  attention and positions restricted to each packed example (``segment_ids``,
+  ``position_ids``).
+- ``classify`` (encoder): cross-entropy of the [CLS] head's scores against ``labels`` (B,).
+- ``seq2seq`` (encoder-decoder): teacher forcing; the decoder reads ``target_ids`` shifted
+  right (starting with eos, BART's convention) and predicts ``target_ids``.
+
+In evaluation (the model in eval mode) classify and seq2seq also return predictions with
+their references (seq2seq: greedy decoding, as text), which ``task_metrics.py`` scores.
+
 Corruption draws from a ``torch.Generator`` the trainer seeds from (seed, step, rank,
 micro-batch), so a resumed run corrupts exactly as the uninterrupted one did. The random
 work runs on CPU (where the loader's tensors are) and only the results move to the device.
@@ -20,11 +32,21 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.model import causal_lm_loss, denoising_inputs, masked_lm_inputs, masked_lm_loss
+from lmforge.launch.train.task_metrics import classification_metrics, generation_metrics
+from lmforge.model import (
+    causal_lm_loss,
+    denoising_inputs,
+    generate_seq2seq,
+    masked_lm_inputs,
+    masked_lm_loss,
+    shift_right,
+)
 from lmforge.pipeline.manifest import TokenizerInfo
 
 IGNORE_INDEX = -100
@@ -54,6 +76,8 @@ class ObjectiveOutput:
     loss: Tensor  # scalar fp32, connected to the graph
     targets: int  # positions the loss averages over (weights validation means)
     tokens: int  # real (non-padding) input tokens, for throughput and tokens_seen
+    predictions: list[Any] | None = None  # evaluation only: what the model predicted ...
+    references: list[Any] | None = None  # ... and what it should have (task objectives)
 
 
 def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
@@ -82,6 +106,8 @@ def corruption_generator(seed: int, step: int, rank: int, micro: int) -> torch.G
 class CausalLM:
     """Next-token prediction on the loader's (already shifted) labels."""
 
+    language_model = True  # validation perplexity is meaningful
+
     def __init__(self, document_masking: bool, ids: SpecialIds | None = None) -> None:
         self.document_masking = document_masking
         self.ids = ids
@@ -103,6 +129,8 @@ class CausalLM:
 
 class MaskedLM:
     """BERT masked LM over ``input_ids`` (the packed row without its last token)."""
+
+    language_model = True  # validation perplexity is meaningful
 
     def __init__(self, ids: SpecialIds, vocab_size: int, document_masking: bool,
                  mask_prob: float = 0.15) -> None:
@@ -135,6 +163,8 @@ class MaskedLM:
 class Denoising:
     """BART text infilling: corrupted row into the encoder, the clean row out of the decoder."""
 
+    language_model = True  # validation perplexity is meaningful
+
     def __init__(self, ids: SpecialIds, mask_ratio: float = 0.3,
                  poisson_lambda: float = 3.0) -> None:
         self.ids = ids
@@ -155,18 +185,149 @@ class Denoising:
         return ObjectiveOutput(causal_lm_loss(logits, labels), targets, targets)
 
 
-Objective = CausalLM | MaskedLM | Denoising
+def evaluating(model: nn.Module) -> bool:
+    """Whether the model is in eval mode (a DeepSpeed engine's own ``training`` flag does
+    not follow ``eval()``; its module's does)."""
+    return not getattr(model, "module", model).training
+
+
+class SFT(CausalLM):
+    """Supervised fine-tuning: causal LM on response tokens only (the loader's ``labels``
+    are -100 elsewhere), each packed example attending only to itself."""
+
+    def __init__(self, ids: SpecialIds) -> None:
+        super().__init__(document_masking=True, ids=ids)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
+                 generator: torch.Generator) -> ObjectiveOutput:
+        if not bool((batch["labels"] != IGNORE_INDEX).any()):  # no response token at all
+            inputs = self.ids.model_input(batch["input_ids"]).to(device)
+            logits = model(input_ids=inputs, segment_ids=batch["segment_ids"].to(device),
+                           position_ids=batch["position_ids"].to(device))
+            return ObjectiveOutput(logits.float().sum() * 0.0, 0, 0)
+        return super().__call__(model, batch, device, generator)
+
+
+class Classify:
+    """Sequence classification with the encoder's [CLS] head."""
+
+    language_model = False
+
+    def __init__(self, ids: SpecialIds, labels: list[str]) -> None:
+        self.ids = ids
+        self.labels = list(labels)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
+                 generator: torch.Generator) -> ObjectiveOutput:
+        mask = batch["attention_mask"]
+        labels = batch["labels"].to(device)  # -100: a padding row of the last batch
+        scores = model(input_ids=self.ids.model_input(batch["input_ids"]).to(device),
+                       attention_mask=mask.to(device), head="classify")  # (B, num_labels)
+        real = labels != IGNORE_INDEX
+        targets = int(real.sum())
+        if targets == 0:
+            return ObjectiveOutput(scores.float().sum() * 0.0, 0, 0, [], [])
+        loss = F.cross_entropy(scores.float(), labels, ignore_index=IGNORE_INDEX)
+        out = ObjectiveOutput(loss, targets, int(mask[real.cpu()].sum()))
+        if evaluating(model):
+            out.predictions = scores.argmax(-1)[real].tolist()
+            out.references = labels[real].tolist()
+        return out
+
+    def metrics(self, predictions: list[int], references: list[int]) -> dict[str, float]:
+        """Accuracy, macro F1 and per-class F1 (``val_`` names)."""
+        return classification_metrics(predictions, references, self.labels)
+
+
+class Seq2Seq:
+    """Teacher-forced sequence-to-sequence on task data; in evaluation also greedy decoding
+    of every source, scored as text (exact match, BLEU)."""
+
+    language_model = True
+
+    def __init__(self, ids: SpecialIds, tokenizer_path: str | None = None,
+                 decode: bool = True) -> None:
+        self.ids = ids
+        self.tokenizer_path = tokenizer_path
+        self.decode = decode and tokenizer_path is not None
+        self._sp = None
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
+                 generator: torch.Generator) -> ObjectiveOutput:
+        inputs = self.teacher_forcing(batch)
+        labels = inputs.pop("labels").to(device)
+        logits = model(**{name: t.to(device) for name, t in inputs.items()})
+        targets = int((labels != IGNORE_INDEX).sum())
+        if targets == 0:  # only padding rows (the last batch of a finite pass)
+            return ObjectiveOutput(logits.float().sum() * 0.0, 0, 0, [], [])
+        out = ObjectiveOutput(causal_lm_loss(logits, labels), targets, targets)
+        if evaluating(model) and self.decode:
+            out.predictions, out.references = self.greedy_texts(model, batch, device)
+        return out
+
+    def teacher_forcing(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Model inputs and labels: decoder input = eos + target[:-1], labels = target with
+        padding ignored (the target's own eos is predicted)."""
+        target = batch["target_ids"]
+        labels = target.masked_fill(target == self.ids.pad, IGNORE_INDEX)
+        decoder_input = shift_right(labels, self.ids.eos, self.ids.pad, IGNORE_INDEX)
+        return {"input_ids": self.ids.model_input(batch["input_ids"]),
+                "attention_mask": batch["attention_mask"],
+                "decoder_input_ids": self.ids.model_input(decoder_input),
+                "labels": labels}
+
+    @torch.no_grad()
+    def greedy_texts(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device
+                     ) -> tuple[list[str], list[str]]:
+        """(greedy outputs, references) as text, each cut at its first eos."""
+        import sentencepiece as spm
+
+        if self._sp is None:
+            self._sp = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
+        module = getattr(model, "module", model)  # the engine's model: decoding is local
+        real = (batch["target_ids"] != self.ids.pad).any(-1)  # not a padding row
+        batch = {name: t[real] for name, t in batch.items()}
+        target = batch["target_ids"]
+        longest = int((target != self.ids.pad).sum(-1).max())
+        out = generate_seq2seq(
+            module, self.ids.model_input(batch["input_ids"]).to(device), max(longest, 1),
+            decoder_start_id=self.ids.eos, attention_mask=batch["attention_mask"].to(device),
+            eos_id=self.ids.eos)
+        hypotheses = [self._text(row[1:]) for row in out.tolist()]
+        references = [self._text(row) for row in target.tolist()]
+        return hypotheses, references
+
+    def _text(self, ids: list[int]) -> str:
+        kept = []
+        for token in ids:
+            if token in (self.ids.eos, self.ids.pad):
+                break
+            kept.append(token)
+        return self._sp.decode(kept)
+
+    def metrics(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        """Exact match and BLEU (``val_`` names)."""
+        return generation_metrics(predictions, references)
+
+
+Objective = CausalLM | MaskedLM | Denoising | SFT | Classify | Seq2Seq
 
 
 def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
-                    document_masking: bool) -> Objective:
+                    document_masking: bool, labels: list[str] | None = None,
+                    tokenizer_path: str | None = None, decode: bool = True) -> Objective:
     """The objective ``train.objective`` names.
 
     Args:
-        name: ``causal_lm``, ``masked_lm`` or ``denoising``.
+        name: ``causal_lm``, ``masked_lm``, ``denoising``, ``sft``, ``classify`` or
+            ``seq2seq``.
         tokenizer: The prepared dataset's tokenizer (special token ids).
         vocab_size: Model vocabulary (masked LM's random replacements come from it).
         document_masking: Whether batches carry segment/position ids to pass on.
+        labels: classify: the class names in id order.
+        tokenizer_path: seq2seq: the sentencepiece model (validation outputs as text).
+        decode: seq2seq: greedy-decode in validation (off under ZeRO-3, where ranks must
+            run the same number of forwards).
 
     Raises:
         ValueError: The objective needs a mask token the dataset's tokenizer lacks (the
@@ -175,6 +336,15 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
     ids = special_ids(tokenizer)
     if name == "causal_lm":
         return CausalLM(document_masking, ids)
+    if name == "sft":
+        return SFT(ids)
+    if name == "classify":
+        return Classify(ids, labels or [])
+    if name == "seq2seq":
+        if ids.eos < 0:
+            raise ValueError("train.objective: seq2seq starts the decoder with the eos piece, "
+                             "but the tokenizer has none; use a tokenizer with an eos piece")
+        return Seq2Seq(ids, tokenizer_path, decode)
     if ids.mask is None:
         raise ValueError(
             f"train.objective: {name} needs a mask token, but the tokenizer has none; set "

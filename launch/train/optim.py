@@ -11,7 +11,8 @@ from lmforge.launch.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Splits trainable parameters into decayed (matrices) and undecayed (the rest).
+    """Splits trainable parameters into decayed (matrices) and undecayed (the rest); frozen
+    parameters (``requires_grad`` False) get no group, so no optimizer state.
 
     Norm gains, biases and embeddings are not decayed (GPT-2/Llama practice); an
     embedding tied to the output head is decayed as a matrix is not, since it is the
@@ -28,10 +29,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(param)
         else:
             no_decay.append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Frozen parameters (``trainable``) are in neither; a subset may leave a group empty.
+    return [group for group in groups if group["params"]]
 
 
 # Devices with a fused AdamW kernel in every torch this project supports (>= 2.4).

@@ -197,11 +197,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity, averaged over tokens across all ranks; every
-        callback's ``on_eval`` receives them."""
+        """Validation loss (and perplexity for language-model objectives), averaged over
+        targets across all ranks, plus a task objective's metrics over every rank's
+        predictions (accuracy and F1, exact match and BLEU); every callback's ``on_eval``
+        receives them."""
         self.engine.eval()
         limit = self.config.eval_batches or None
         loss_sum = count = 0.0
+        predictions, references = [], []
         for index, batch in enumerate(self.val_loader()):
             if limit is not None and index >= limit:
                 break
@@ -211,10 +214,19 @@ class Trainer:
             if out.targets:
                 loss_sum += float(out.loss) * out.targets
                 count += out.targets
+            if out.predictions is not None:
+                predictions += out.predictions
+                references += out.references
         loss_sum, count = all_reduce_values([loss_sum, count], self.device)
         self.engine.train()
         loss = loss_sum / max(count, 1.0)
-        metrics = {"val_loss": loss, "val_ppl": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+        metrics = {"val_loss": loss}
+        if getattr(self.objective, "language_model", True):
+            metrics["val_ppl"] = float(torch.exp(torch.tensor(min(loss, 50.0))))
+        if hasattr(self.objective, "metrics"):
+            predictions, references = gather_lists(predictions, references)
+            if references:
+                metrics.update(self.objective.metrics(predictions, references))
         for callback in self.callbacks:
             callback.on_eval(self, metrics)
         return metrics
@@ -237,6 +249,15 @@ class Trainer:
 
     def all_mean(self, value: float) -> float:
         return self.all_sum(float(value)) / self.world_size
+
+
+def gather_lists(*local: list) -> tuple[list, ...]:
+    """Each list concatenated over all ranks in rank order (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tuple(list(x) for x in local)
+    gathered: list[tuple | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, tuple(local))
+    return tuple([item for part in gathered for item in part[i]] for i in range(len(local)))
 
 
 def _due(step: int, every: int) -> bool:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.launch.config import RunConfig, load_resolved
+from lmforge.launch.hooks import hook_callbacks
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.sample import TextSampler
 from lmforge.launch.tracking import Tracker
@@ -28,6 +29,7 @@ from lmforge.launch.train.callbacks import EvalHistory, MetricsLogger, Sampler
 from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 from lmforge.launch.train.loss_guard import BadLossError
 from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from lmforge.launch.train.warm_start import WarmStartError
 from lmforge.model import estimate_flops, estimate_hardware_flops
 from lmforge.pipeline.manifest import DatasetManifest
 
@@ -94,8 +96,8 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     try:
         texts = TextSampler(cfg.sample, manifest.tokenizer_path, manifest.tokenizer, cfg.seed)
         sampler = Sampler(tracker, texts, cfg.train.sample_every, jsonl=run.training_samples)
-        trainer = build_trainer(cfg, manifest, run, [metrics, history, sampler, preemption],
-                                resume)
+        callbacks = [metrics, history, sampler, preemption, *hook_callbacks(cfg, run.path)]
+        trainer = build_trainer(cfg, manifest, run, callbacks, resume)
         trainer.resume(resume)
         try:
             state = trainer.fit()
@@ -109,12 +111,13 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
                 "step": state.step,
                 "tokens_seen": state.tokens_seen,
                 "val_loss": history.history,
+                "val_metrics": history.last,
                 "preempted": preemption.stopped,
                 "skipped_samples": metrics.skipped_samples,
                 "skipped_shards": metrics.skipped_shards,
             }
             run.train_summary.write_text(json.dumps(summary, indent=2))
-    except (CheckpointError, UnsafeCheckpointError) as err:
+    except (CheckpointError, UnsafeCheckpointError, WarmStartError) as err:
         # A clear line instead of a traceback per rank; exiting lets the launcher (torchrun,
         # srun, Ray Train) stop the other ranks instead of leaving them at a barrier.
         log.error("lmforge: %s", err)

@@ -1,0 +1,52 @@
+"""A stage graph as one Slurm job (real slurmctld/slurmd here): `lmforge submit slurm` of a
+pretrain → anneal config runs both stages (each one's data preparation inside the job, each
+one's training as an srun step); the pre-kill signal during the anneal makes the ranks
+checkpoint, the job requeues itself and resumes inside the anneal, to the same losses as the
+same graph run uninterrupted with `lmforge run`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cluster_helpers import TINY, lmforge, metrics, tiny_overrides, write_corpus
+from test_slurm_jobs import JOB_TIMEOUT_S, job_field, job_log, wait_for_end
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("--stages=[{name: pretrain, train: {max_steps: 10}}, "
+          "{name: anneal, train: {max_steps: 30, lr_schedule: linear, warmup_steps: 0}, "
+          "init: {optimizer: keep}}]")
+
+
+def test_requeued_graph_resumes_inside_the_second_stage(slurm_cluster, tmp_path):
+    write_corpus(tmp_path)
+    common = [*tiny_overrides(tmp_path), STAGES, "--export.enabled=false"]
+    straight = tmp_path / "straight"
+    lmforge("run", str(TINY), f"--run_dir={straight}", *common, cwd=tmp_path, timeout=900)
+
+    run_dir = tmp_path / "slurm"
+    out = lmforge("submit", "slurm", str(TINY), "--nodes", "1", "--tasks-per-node", "2",
+                  f"--run_dir={run_dir}", *common, cwd=tmp_path).stdout
+    job_id = out.split("submitted Slurm job ")[1].split(":")[0]
+    anneal = run_dir / "stages" / "01-anneal"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (anneal / "metrics.jsonl").exists() or max(metrics(anneal), default=0) < 5:
+        assert time.monotonic() < deadline, job_log(run_dir)[-3000:]
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    state = wait_for_end(job_id, run_dir)
+    log = job_log(run_dir)
+    assert state == "COMPLETED", log[-3000:]
+    assert job_field(job_id, "Restarts") == "1" and f"requeueing job {job_id}" in log
+    assert "stage 0 'pretrain': complete, skipped" in log  # the requeued job
+    for stage in ("00-pretrain", "01-anneal"):
+        got, want = metrics(run_dir / "stages" / stage), metrics(straight / "stages" / stage)
+        assert sorted(got) == sorted(want) and [got[s] for s in sorted(got)] == [
+            want[s] for s in sorted(want)], stage
+    assert (anneal / "STAGE_COMPLETE").exists()
+    stopped = [int(p.name.split("_")[1]) for p in (anneal / "checkpoints").glob("step_*")]
+    assert min(stopped) < 30  # the preemption checkpoint
+    assert Path(run_dir / "mlflow_run_id").read_text()
