@@ -1,6 +1,6 @@
 """Fine-tuning costs, side by side in one run (see ../shared/BENCHMARKS.md).
 
-- ``lora_optimizer_state_ratio``: AdamW state bytes with LoRA rank 8 (``trainable.mode=lora``,
+- ``lora_optimizer_memory_ratio``: AdamW state bytes with LoRA rank 8 (``trainable.mode=lora``,
   default targets ``qkv`` and ``out``) ÷ with full fine-tuning, gpt2-124m. Goal ≤ 0.05.
 - ``lora_step_time_ratio``: LoRA step time ÷ full fine-tuning step time, gpt2-124m, same
   batch. Goal ≤ 1.0 (no slower).
@@ -86,7 +86,7 @@ def decoder_lora(rounds: int, seq: int) -> None:
         steps[mode], optimizers[mode] = make_step(model, loss)
     medians = interleaved(steps, rounds)
     full, lora = (state_bytes(optimizers[m]) for m in ("full", "lora"))
-    bench("lora_optimizer_state_ratio", lora / full, "<= 0.05", lora_bytes=lora,
+    bench("lora_optimizer_memory_ratio", lora / full, "<= 0.05", lora_bytes=lora,
           full_bytes=full, trainable_lora=counts["lora"], trainable_full=counts["full"])
     bench("lora_step_time_ratio", medians["lora"] / medians["full"], "<= 1.0",
           lora_s=round(medians["lora"], 4), full_s=round(medians["full"], 4),
