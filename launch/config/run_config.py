@@ -96,6 +96,13 @@ class RunConfig:
             self.run_dir = str(Path("runs") / self.name)
         if self.model.vocab_size is None and self.tokenizer.model_path is None:
             self.model = dataclasses.replace(self.model, vocab_size=self.tokenizer.vocab_size)
+        if self.train.max_tokens is not None:
+            if self.train.max_tokens < 1:
+                raise ValueError(f"train.max_tokens: must be at least 1, got "
+                                 f"{self.train.max_tokens}; or leave it unset to use max_steps")
+            per_step = self.train.sequences_per_step(self.launch.world_size) * self.data.seq_len
+            steps = -(-self.train.max_tokens // per_step)
+            self.train = dataclasses.replace(self.train, max_steps=steps)
 
     def check_training(self) -> None:
         """Checks the sections against each other, as training needs them: batch sizes,

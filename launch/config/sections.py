@@ -30,6 +30,10 @@ class TrainConfig:
     """Sequences per optimizer step; when set it must equal micro × accumulation × world size."""
     max_steps: int = 300
     """Optimizer steps to train for (the run's end; resuming continues up to it)."""
+    max_tokens: int | None = None
+    """The length in tokens instead: when set, ``max_steps`` becomes
+    ceil(max_tokens / (sequences per step x data.seq_len)), i.e. token positions fed to the
+    model (padding included), whatever ``max_steps`` says."""
     objective: Literal["causal_lm", "masked_lm", "denoising", "sft", "classify",
                        "seq2seq"] = "causal_lm"
     """Training objective. Pretraining, one per model family: causal_lm (decoder), masked_lm

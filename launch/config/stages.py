@@ -217,6 +217,9 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
         merged = _deep_merge(base, {k: v for k, v in raw.items() if k not in STAGE_KEYS})
         merged["name"] = f"{cfg.name}-{name}"
         merged["run_dir"] = str(directory)
+        own_train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        if "max_steps" in own_train and "max_tokens" not in own_train:
+            merged["train"]["max_tokens"] = None  # the stage's own length in steps wins
         own_hooks = raw.get("hooks") or []
         if not isinstance(own_hooks, list):
             raise ConfigError(f"{at(('hooks',))}: expected a list of hooks, got {own_hooks!r}")

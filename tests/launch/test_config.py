@@ -264,3 +264,21 @@ def test_bool_field_accepts_only_true_or_false(tmp_path, word):
         load_config(write(tmp_path, text))
     assert load_config(write(tmp_path, MINIMAL), ["--model.bias=false"]).model.bias is False
     assert load_config(write(tmp_path, MINIMAL + "  bias: True\n")).model.bias is True
+
+
+def test_max_tokens_sets_the_length_in_steps(tmp_path):
+    # tiny.yaml: 8 sequences per process x 2 processes x 128 tokens = 2048 tokens per step.
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["--train.max_tokens=100000"])
+    assert cfg.train.max_steps == 49  # ceil(100000 / 2048), by hand
+    with pytest.raises(ConfigError, match="train.max_tokens .*must be at least 1"):
+        load_config(REPO / "configs" / "tiny.yaml", ["--train.max_tokens=0"])
+    # A stage's own max_steps is its length; a stage without one inherits the token length
+    # (recomputed with its own seq_len).
+    stages = ("--stages=[{name: a}, {name: b, train: {max_steps: 7}}, "
+              "{name: c, data: {seq_len: 64}}]")
+    from lmforge.launch.config.stages import expand_stages
+
+    job = load_config(REPO / "configs" / "tiny.yaml", ["--train.max_tokens=100000", stages,
+                                              f"--run_dir={tmp_path}"])
+    steps = [s.config.train.max_steps for s in expand_stages(job)]
+    assert steps == [49, 7, 98]  # ceil(100000 / 1024) = 98
