@@ -20,13 +20,6 @@ disjoint lines. Each task uses its own ordering of the lines, so the tasks are i
   would use out of play: its first word is capitalised (and the original first word
   lower-cased, unless it is "I" or starts "I'"), and the line's final punctuation stays at
   the end; only word order tells the classes apart.
-- shakespeare_corrupt[_val].jsonl, text/label (1500 / 300): "original" (a line as written)
-  or "corrupted" (about a third of its words, at least two, replaced by other words of the
-  corpus), lines of >= 6 words. CLASS BALANCE: exactly 50/50 in both splits (750/750 train,
-  150/150 val), so the majority-class rate is 0.5. A replacement is drawn from the distinct
-  words seen at the same place in a line (first, middle, last) and has the same number of
-  characters, so capitals, final punctuation and line length give nothing away; what tells
-  the classes apart is whether the words belong together (and how common they are).
 - shakespeare_reverse[_val].jsonl, source/target (800 / 100): a short line (3-6 words);
   the target is its words in reverse order.
 """
@@ -44,8 +37,6 @@ CORPUS = HERE.parent / "corpora" / "tinyshakespeare.txt"
 
 SFT_SIZES = (1500, 200)
 ORDER_SIZES = (1500, 300)
-CORRUPT_SIZES = (1500, 300)
-CORRUPT_RATE = 0.35
 REVERSE_SIZES = (800, 100)
 _END_PUNCTUATION = ".,;:!?'\"-"
 
@@ -121,42 +112,6 @@ def ordered_records(records: list[dict[str, str]], salt: str) -> list[dict[str, 
         f"{salt}\n{json.dumps(r, sort_keys=True)}".encode()).digest())
 
 
-def corrupter(lines: list[str]):
-    """A function that replaces about CORRUPT_RATE of a line's words (see the docstring)."""
-    pools = [sorted({line.split()[0] for line in lines}),
-             sorted({w for line in lines for w in line.split()[1:-1]}),
-             sorted({line.split()[-1] for line in lines})]
-    by_length = [{} for _ in pools]
-    for pool, index in zip(pools, by_length, strict=True):
-        for word in pool:
-            index.setdefault(len(word), []).append(word)
-
-    def corrupt(line: str) -> str:
-        words = line.split()
-        rng = rng_for("corrupt", line)
-        for i in sorted(rng.sample(range(len(words)), max(2, round(CORRUPT_RATE * len(words))))):
-            place = 0 if i == 0 else 2 if i == len(words) - 1 else 1
-            choices = [w for w in by_length[place][len(words[i])] if w != words[i]]
-            if choices:
-                words[i] = rng.choice(choices)
-        candidate = " ".join(words)
-        if candidate == line:
-            raise SystemExit(f"cannot corrupt {line!r}")
-        return candidate
-
-    return corrupt
-
-
-def corrupt_records(lines: list[str], corrupt) -> list[dict[str, str]]:
-    """Half the lines as written, half corrupted (alternating in the sha256 order)."""
-    records = [
-        {"text": line, "label": "original"} if i % 2 == 0
-        else {"text": corrupt(line), "label": "corrupted"}
-        for i, line in enumerate(lines)
-    ]
-    return ordered_records(records, "corrupt-records")
-
-
 def reverse_record(line: str) -> dict[str, str]:
     return {"source": line, "target": " ".join(reversed(line.split()))}
 
@@ -185,15 +140,6 @@ def main(out: Path = HERE) -> None:
         assert labels.count("original") == labels.count("shuffled"), "classes must balance"
     write_jsonl(out / "shakespeare_order.jsonl", train_records)
     write_jsonl(out / "shakespeare_order_val.jsonl", val_records)
-
-    corrupt = corrupter(long_lines)
-    train, val = split(ordered(long_lines, "corrupt"), CORRUPT_SIZES)
-    train_records, val_records = corrupt_records(train, corrupt), corrupt_records(val, corrupt)
-    for records in (train_records, val_records):
-        labels = [r["label"] for r in records]
-        assert labels.count("original") == labels.count("corrupted"), "classes must balance"
-    write_jsonl(out / "shakespeare_corrupt.jsonl", train_records)
-    write_jsonl(out / "shakespeare_corrupt_val.jsonl", val_records)
 
     train, val = split(ordered(short_lines, "reverse"), REVERSE_SIZES)
     write_jsonl(out / "shakespeare_reverse.jsonl", [reverse_record(x) for x in train])

@@ -312,5 +312,3 @@ def test_bundled_task_sets_are_what_make_tasks_makes(tmp_path) -> None:
     for split in ("", "_val"):
         labels = [r["label"] for r in records(TASKS / f"shakespeare_order{split}.jsonl")]
         assert labels.count("original") == labels.count("shuffled")  # majority rate 0.5
-        labels = [r["label"] for r in records(TASKS / f"shakespeare_corrupt{split}.jsonl")]
-        assert labels.count("original") == labels.count("corrupted")  # majority rate 0.5
