@@ -336,7 +336,7 @@ def main() -> None:
         train_s = time.perf_counter() - start
         # Before this process starts Ray: each run starts and stops its own.
         fixed_s, fixed_runs = fixed_cost(tmp / "fixed", model)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         paths = make_corpus(tmp / "corpus", copies, args.doc_bytes)
         big = make_corpus(tmp / "corpus10", copies * 10, args.doc_bytes)
         run_prepare(paths[:1], tmp / "warmup", model, 2)

@@ -353,6 +353,10 @@ class RayExecutor:
 # is used as it is.
 _SKIPPED_SERVICES = ("start_api_server", "start_monitor", "start_log_monitor")
 _LOCAL_RAY: dict[str, Any] = {
+    # "local": a new instance even when /tmp/ray/ray_current_cluster records a cluster that
+    # `ray start` began on this machine (ray.init's default would attach to it, or hang on
+    # its address once it is gone); data.ray_address: null promises a Ray of the job's own.
+    "address": "local",
     "include_dashboard": False,
     "log_to_driver": False,
     "logging_level": logging.WARNING,

@@ -12,6 +12,6 @@ import ray
 def ray_cluster():
     """A real local Ray for one test module (start-up costs ~3 s and 770 MB)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

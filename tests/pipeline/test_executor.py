@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,3 +178,24 @@ def test_the_local_ray_runs_only_what_the_job_uses(tmp_path) -> None:
     assert agents and "--minimal" in raylet.split("--dashboard_agent_command=")[1]
     # Ray's own functions are back once the local Ray is up.
     assert all(m.startswith("ray.") for m in out["restored"]), out["restored"]
+
+
+@pytest.mark.slow
+def test_local_ray_ignores_a_cluster_recorded_by_ray_start():
+    """`ray start` records its cluster in <ray temp dir>/ray_current_cluster and leaves the
+    file behind if it dies; ray.init() with no address would attach to that address (and
+    hang on a dead one). `data.ray_address: null` means a Ray of the job's own."""
+    tmp = Path(tempfile.mkdtemp(prefix="lmf", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens
+        code = ("import ray\nfrom lmforge.pipeline.executor import ray_session\n"
+                "with ray_session(None):\n"
+                "    print(ray.get(ray.remote(lambda: 'ok').remote()))\n")
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
