@@ -288,12 +288,20 @@ class ShardPlan:
 
 
 def write_task(plan: ShardPlan, ctx: WorkContext) -> dict:
-    """Write one shard unless a finished copy is already there.
-
-    The marker is written before the shard is moved into place, so a shard at its final
-    path always has a marker and a rerun never rewrites it.
-    """
+    """Write one shard unless a finished copy is already there (see `write_shard_once`)."""
     key = f"{plan.dataset}-{plan.split}-{plan.index:06d}"
+    path = Path(ctx.output_dir) / plan.dataset / shard_file_name(plan.split, plan.index)
+    return write_shard_once(ctx, key, path, lambda writer: _write(plan, ctx, writer))
+
+
+def write_shard_once(ctx: WorkContext, key: str, path: Path,
+                     fill: Callable[[ShardWriter], None]) -> dict:
+    """Write the shard at `path` with `fill(writer)` unless a finished copy is there.
+
+    The marker (``done/write/<key>.json``) is written before the shard is moved into place,
+    so a shard at its final path always has a marker and a rerun never rewrites it; a marker
+    whose shard is missing or of another size is dropped and the shard written again.
+    """
     marker = ctx.path("done", "write", f"{key}.json")
     done = read_marker(marker)
     if done is not None:
@@ -301,11 +309,10 @@ def write_task(plan: ShardPlan, ctx: WorkContext) -> dict:
         if shard.exists() and shard.stat().st_size == done["bytes"]:
             return done
         marker.unlink()
-    path = Path(ctx.output_dir) / plan.dataset / shard_file_name(plan.split, plan.index)
     with disk_space_errors(ctx.output_dir, path):
         writer = ShardWriter(path, Path(ctx.output_dir))
         try:
-            _write(plan, ctx, writer)
+            fill(writer)
             result = asdict(writer.close(commit=False))
             write_json(marker, result)
         except BaseException:

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TaskDataConfig
-from lmforge.pipeline.durable import disk_space_errors, read_marker, write_json
-from lmforge.pipeline.phases import SPLITS, WorkContext, is_val, resumable, save_npy
+from lmforge.pipeline.phases import (
+    SPLITS,
+    WorkContext,
+    is_val,
+    resumable,
+    save_npy,
+    write_shard_once,
+)
 from lmforge.pipeline.readers import BadInputLog, read_json_records
 from lmforge.pipeline.shard_format import (
     DOC_STARTS_MEMBER,
@@ -309,32 +315,18 @@ def plan_task_shards(
 
 
 def write_task_shard(plan: TaskShardPlan, ctx: TaskContext) -> dict:
-    """Write one task shard unless a finished copy is already there (the marker is written
-    before the shard is moved into place, as `phases.write_task` does)."""
-    marker = ctx.path("done", "write", f"{TASK_DATASET}-{plan.split}-{plan.index:06d}.json")
-    done = read_marker(marker)
-    if done is not None:
-        shard = Path(ctx.output_dir) / done["path"]
-        if shard.exists() and shard.stat().st_size == done["bytes"]:
-            return done
-        marker.unlink()
+    """Write one task shard unless a finished copy is already there (`write_shard_once`)."""
     path = Path(ctx.output_dir) / TASK_DATASET / shard_file_name(plan.split, plan.index)
-    with disk_space_errors(ctx.output_dir, path):
-        writer = ShardWriter(path, Path(ctx.output_dir))
-        try:
-            for k, (members, real) in enumerate(_samples(plan, ctx)):
-                writer.write_sample(sample_key(TASK_DATASET, plan.split, plan.index, k),
-                                    members, real)
-            if writer.samples != plan.n_samples:
-                raise RuntimeError(f"task shard {path}: packed {writer.samples} samples, "
-                                   f"planned {plan.n_samples}; rerun prepare")
-            result = asdict(writer.close(commit=False))
-            write_json(marker, result)
-        except BaseException:
-            writer.discard()
-            raise
-        writer.commit()
-    return result
+
+    def fill(writer: ShardWriter) -> None:
+        for k, (members, real) in enumerate(_samples(plan, ctx)):
+            writer.write_sample(sample_key(TASK_DATASET, plan.split, plan.index, k),
+                                members, real)
+        if writer.samples != plan.n_samples:
+            raise RuntimeError(f"task shard {path}: packed {writer.samples} samples, "
+                               f"planned {plan.n_samples}; rerun prepare")
+
+    return write_shard_once(ctx, f"{TASK_DATASET}-{plan.split}-{plan.index:06d}", path, fill)
 
 
 def _load(ctx: TaskContext, plan: TaskShardPlan) -> dict[str, list[np.ndarray]]:
