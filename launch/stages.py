@@ -28,7 +28,7 @@ from lmforge.launch.config.stages import Stage, expand_stages, hook_spec
 from lmforge.launch.hooks import HookRunner, StageContext
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
-from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE
+from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 
 log = logging.getLogger("lmforge")
 

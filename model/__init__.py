@@ -1,32 +1,56 @@
-"""lmforge.model: single-device PyTorch transformers (decoder, encoder, encoder-decoder)."""
+"""lmforge.model: single-device PyTorch transformers (decoder, encoder, encoder-decoder).
+
+The names below load on first use (PEP 562): `lmforge.model.config` (ModelConfig, the
+`model` section of a run config) is plain Python, and a command that only reads configs
+(`lmforge prepare`) must not pay for importing torch (~2 s).
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from lmforge.model.config import ModelConfig
-from lmforge.model.decoder import DecoderLM, segment_positions
-from lmforge.model.encoder import EncoderModel
-from lmforge.model.encoder_decoder import EncoderDecoderModel
-from lmforge.model.estimates import (
-    MemoryEstimate,
-    estimate_flops,
-    estimate_hardware_flops,
-    estimate_memory,
-    mfu,
-    parameter_count,
-)
-from lmforge.model.generate import generate, generate_seq2seq, sample_next
-from lmforge.model.hf import from_hf, hf_architecture, hf_mismatch, to_hf
-from lmforge.model.layers import KVCache
-from lmforge.model.objectives import (
-    causal_lm_loss,
-    denoising_inputs,
-    masked_lm_inputs,
-    masked_lm_loss,
-    shift_right,
-)
-from lmforge.model.presets import PRESETS
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lmforge.model.config import ModelConfig
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "ModelConfig": "config",
+    "DecoderLM": "decoder",
+    "segment_positions": "decoder",
+    "EncoderModel": "encoder",
+    "EncoderDecoderModel": "encoder_decoder",
+    "MemoryEstimate": "estimates",
+    "estimate_flops": "estimates",
+    "estimate_hardware_flops": "estimates",
+    "estimate_memory": "estimates",
+    "mfu": "estimates",
+    "parameter_count": "estimates",
+    "generate": "generate",
+    "generate_seq2seq": "generate",
+    "sample_next": "generate",
+    "from_hf": "hf",
+    "hf_architecture": "hf_classes",
+    "hf_mismatch": "hf_classes",
+    "to_hf": "hf",
+    "KVCache": "layers",
+    "causal_lm_loss": "objectives",
+    "denoising_inputs": "objectives",
+    "masked_lm_inputs": "objectives",
+    "masked_lm_loss": "objectives",
+    "shift_right": "objectives",
+    "PRESETS": "presets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"lmforge.model.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # found once; later lookups do not come here
+        return value
+    raise AttributeError(f"module 'lmforge.model' has no attribute {name!r}")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -34,31 +58,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return cfg.build()
 
 
-__all__ = [
-    "PRESETS",
-    "DecoderLM",
-    "EncoderDecoderModel",
-    "EncoderModel",
-    "KVCache",
-    "MemoryEstimate",
-    "ModelConfig",
-    "build_model",
-    "causal_lm_loss",
-    "denoising_inputs",
-    "estimate_flops",
-    "estimate_hardware_flops",
-    "estimate_memory",
-    "from_hf",
-    "generate",
-    "generate_seq2seq",
-    "hf_architecture",
-    "hf_mismatch",
-    "masked_lm_inputs",
-    "masked_lm_loss",
-    "mfu",
-    "parameter_count",
-    "sample_next",
-    "segment_positions",
-    "shift_right",
-    "to_hf",
-]
+__all__ = sorted([*_EXPORTS, "build_model"])

@@ -15,97 +15,10 @@ import torch
 from torch import Tensor
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.hf_classes import hf_architecture
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
-
-
-_ACTS = ("gelu", "gelu_tanh", "relu")
-_MARIAN_LAYOUT = ("MarianMTModel's sinusoidal table puts sin in the first half of the "
-                  "features and cos in the second; lmforge's interleaves them")
-
-# Per family: (transformers class, {field: allowed values, or a note when none fits},
-# whether lmforge exports to it). A class that is not exported is only ever named as the
-# closest one in a refusal. "n_kv_heads" stands for "n_kv_heads equals n_heads".
-_CANDIDATES: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
-    "decoder": [
-        ("LlamaForCausalLM", {"position": ("rope",), "norm": ("rmsnorm",),
-                              "norm_position": ("pre",), "activation": ("swiglu",),
-                              "embedding_norm": (False,), "scale_embeddings": (False,)}, True),
-        ("GPT2LMHeadModel", {"position": ("learned",), "norm": ("layernorm",),
-                             "norm_position": ("pre",), "activation": _ACTS, "bias": (True,),
-                             "tie_embeddings": (True,), "n_kv_heads": (),
-                             "embedding_norm": (False,), "scale_embeddings": (False,)}, True),
-    ],
-    "encoder": [
-        ("BertForMaskedLM", {"position": ("learned",), "norm": ("layernorm",),
-                             "norm_position": ("post",), "activation": _ACTS, "bias": (True,),
-                             "tie_embeddings": (True,), "n_kv_heads": (),
-                             "embedding_norm": (True,), "scale_embeddings": (False,)}, True),
-    ],
-    "encoder_decoder": [
-        # BART's LayerNorms have a fixed eps of 1e-5.
-        ("BartForConditionalGeneration", {
-            "position": ("learned",), "norm": ("layernorm",), "norm_position": ("post",),
-            "norm_eps": (1e-5,), "activation": _ACTS, "bias": (True,),
-            "tie_embeddings": (True,), "n_kv_heads": (), "embedding_norm": (True,)}, True),
-        # The 2017 Transformer's closest relative: sinusoidal positions, scaled embeddings,
-        # post-LN, no embedding norm, LayerNorm eps fixed at 1e-5.
-        ("MarianMTModel", {
-            "position": _MARIAN_LAYOUT, "norm": ("layernorm",), "norm_position": ("post",),
-            "norm_eps": (1e-5,), "activation": _ACTS, "bias": (True,),
-            "tie_embeddings": (True,), "n_kv_heads": (), "embedding_norm": (False,)}, False),
-    ],
-}
-
-
-def _differences(cfg: ModelConfig, required: dict[str, Any]) -> list[str]:
-    """`field=value (what the class needs)` for every field of `cfg` the class cannot hold."""
-    out = []
-    for name, allowed in required.items():
-        if name == "n_kv_heads":
-            if cfg.kv_heads != cfg.n_heads:
-                out.append(f"n_kv_heads={cfg.kv_heads} (needs n_heads={cfg.n_heads})")
-            continue
-        value = getattr(cfg, name)
-        if isinstance(allowed, str):
-            out.append(f"{name}={value!r} ({allowed})")
-        elif value not in allowed:
-            out.append(f"{name}={value!r} (needs {' or '.join(repr(a) for a in allowed)})")
-    return out
-
-
-def hf_mismatch(cfg: ModelConfig) -> tuple[str, list[str]]:
-    """The `transformers` class closest to `cfg` and how `cfg` differs from it.
-
-    Returns:
-        (class name, ["field=value (needed)", ...]); an empty list means the class holds
-        `cfg`'s weights exactly and export maps to it.
-    """
-    ranked = []
-    for name, required, exported in _CANDIDATES[cfg.family]:
-        diffs = _differences(cfg, required)
-        if not exported and not diffs:
-            diffs = [f"lmforge does not export to {name}"]
-        ranked.append((len(diffs), name, diffs))
-    _, name, diffs = min(ranked, key=lambda item: item[0])
-    if name == "BertForMaskedLM" and cfg.num_labels:
-        name = "BertForSequenceClassification"
-    return name, diffs
-
-
-def hf_architecture(cfg: ModelConfig) -> str:
-    """The Hugging Face class that can hold `cfg`'s weights exactly.
-
-    Raises:
-        ValueError: naming the closest `transformers` class and the fields that differ.
-    """
-    name, diffs = hf_mismatch(cfg)
-    if diffs:
-        raise ValueError(
-            f"model: no transformers class represents this {cfg.family} exactly; the closest, "
-            f"{name}, differs in {'; '.join(diffs)}")
-    return name
 
 
 def _strip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ from lmforge.launch.config.typed_yaml import (
     to_plain,
 )
 from lmforge.model.config import ModelConfig
-from lmforge.model.hf import hf_mismatch
+from lmforge.model.hf_classes import hf_mismatch
 from lmforge.model.presets import PRESETS
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
 

@@ -34,7 +34,7 @@ __all__ = ["ExportError", "verify_logits", "write_hf_folder"]
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-# The Auto class that loads each architecture lmforge exports (see model.hf.hf_architecture).
+# The Auto class that loads each architecture lmforge exports (see hf_classes.hf_architecture).
 AUTO_CLASS_OF = {
     "LlamaForCausalLM": "AutoModelForCausalLM",
     "GPT2LMHeadModel": "AutoModelForCausalLM",

@@ -15,7 +15,7 @@ from pathlib import Path
 from lmforge.launch.config import RunConfig
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit.spec import WORK, mlflow_line
-from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE
+from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 from lmforge.pipeline.manifest import DatasetManifest
 
 

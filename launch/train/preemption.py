@@ -10,13 +10,9 @@ import torch
 
 from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.collectives import MAX, all_reduce
+from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 
 log = logging.getLogger("lmforge.train")
-
-# Exit status of a run stopped by SIGTERM/SIGUSR1 after checkpointing: EX_TEMPFAIL, so a
-# job script can tell "requeue me" from success (0) and failure (anything else).
-REQUEUE_EXIT_CODE = 75
-
 
 class PreemptionHandler(Callback):
     """SIGTERM/SIGUSR1 (Slurm's pre-kill signal): finish the step, checkpoint, exit 75.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lmforge.launch.config import LaunchConfig
 from lmforge.launch.rundir import RunDir
-from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE
+from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 
 
 def _has_cuda() -> bool:

@@ -27,8 +27,9 @@ from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.build import build_trainer
 from lmforge.launch.train.callbacks import EvalHistory, MetricsLogger, Sampler
 from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
+from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 from lmforge.launch.train.loss_guard import BadLossError
-from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from lmforge.launch.train.preemption import PreemptionHandler
 from lmforge.launch.train.warm_start import WarmStartError
 from lmforge.model import estimate_flops, estimate_hardware_flops
 from lmforge.pipeline.manifest import DatasetManifest

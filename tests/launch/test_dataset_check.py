@@ -136,3 +136,30 @@ def test_denoising_needs_an_eos_piece_to_start_the_decoder(data):
         config_for_dataset(cfg, manifest)
     # Causal LM needs neither a pad nor an eos piece.
     assert config_for_dataset(_config(data), manifest).model.vocab_size == 1000
+
+
+# Run as `python -c`: the real `lmforge prepare` command, then a report of what it imported.
+_PREPARE_AND_LIST_IMPORTS = """
+import atexit, sys
+atexit.register(lambda: print("IMPORTED", sorted(
+    m for m in ("torch", "deepspeed", "mlflow", "transformers") if m in sys.modules)))
+from lmforge.launch.cli import main
+main(["prepare", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.slow
+def test_lmforge_prepare_imports_no_training_library(tmp_path):
+    # Importing torch alone costs ~2 s: `lmforge prepare` (read, tokenize, shard) must not
+    # pay for what only training needs (the shards are written with numpy).
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i} of a tiny corpus, with words.\n\n" for i in range(400)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _PREPARE_AND_LIST_IMPORTS, str(TINY),
+         f"--data.output_dir={tmp_path / 'data'}", "--tokenizer.vocab_size=300",
+         f"--data.datasets=[{{name: t, paths: [{corpus}]}}]"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / "manifest.json").is_file()
+    assert "IMPORTED []" in proc.stdout, proc.stdout

@@ -18,7 +18,7 @@ import pytest
 from engine_helpers import finish, losses, shard_fixtures, train
 
 from lmforge.launch.train.checkpoint import COMPLETE, LATEST
-from lmforge.launch.train.preemption import REQUEUE_EXIT_CODE
+from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lmforge.model import ModelConfig, parameter_count
 
 
@@ -38,3 +40,14 @@ def test_llama_presets_sizes() -> None:
              for name in ("llama-125m", "llama-350m", "llama-1b")}
     assert sizes["llama-1b"] == 1_100_048_384  # TinyLlama-1.1B
     assert 115e6 < sizes["llama-125m"] < 135e6 and 330e6 < sizes["llama-350m"] < 370e6
+
+
+def test_every_public_name_of_the_package_resolves() -> None:
+    # lmforge.model loads its names on first use (so lmforge.model.config is torch-free).
+    import lmforge.model as model
+    from lmforge.model.decoder import DecoderLM
+
+    assert model.DecoderLM is DecoderLM
+    assert all(getattr(model, name) is not None for name in model.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Decoder'"):
+        model.Decoder  # noqa: B018
