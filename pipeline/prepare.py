@@ -51,7 +51,7 @@ from lmforge.pipeline.prepare_task import check_task_tokenizer, run_task
 from lmforge.pipeline.publish import publish, read_chunk_bytes, say, work_folder
 from lmforge.pipeline.shard_format import TOKENIZER_FILE, padding_id, token_dtype
 from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
-from lmforge.pipeline.stats import summarize, summary_for_manifest, write_plots
+from lmforge.pipeline.stats import draw_plot, plots_of, summarize, summary_for_manifest
 from lmforge.pipeline.tasks import discover_task_files
 from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
 
@@ -156,11 +156,14 @@ def _run(
         shutil.copyfile(model, staging / TOKENIZER_FILE)
         manifest = build_manifest(data, info, fp, files, shards, plans, {})
         stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds)
-        plots = write_plots(stats, staging / "plots")
+        # The phase workers draw the plots while this process writes the rest.
+        plots = plots_of(stats)
+        drawn = [ex.submit(draw_plot, plot, str(staging / "plots")) for plot in plots]
         stats["files"] = {"stats": "stats.json",
-                          "plots": [str(p.relative_to(staging)) for p in plots]}
+                          "plots": [f"plots/{plot.file}" for plot in plots]}
         write_json(staging / "stats.json", stats)
         manifest.stats = summary_for_manifest(stats)
+        ex.collect(drawn, "plots")
         manifest.write(DatasetManifest.path_in(staging))
     names = [spec.name for spec in data.datasets]
     manifest_path = publish(staging, out, names, {s["path"] for s in shards})

@@ -6,6 +6,7 @@ under `files` in it (and in the manifest's `stats`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,59 +98,71 @@ def summary_for_manifest(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_plots(stats: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Save the three PNG plots; returns their paths.
+@dataclass(frozen=True)
+class BarPlot:
+    """One PNG bar chart of the prepared dataset (plain data: drawn on a phase worker)."""
 
-    Plots: document length histogram (tokens, log2 bins), tokens per dataset and split,
-    documents removed per filter (cleaning steps, dedup, bad input).
-    """
-    import matplotlib
+    file: str  # name inside the plots folder
+    title: str
+    ylabel: str
+    labels: list[str]
+    values: list[int]
+    xlabel: str = ""
+    label_rotation: int = 30
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-
+def plots_of(stats: dict[str, Any]) -> list[BarPlot]:
+    """The three plots: document length histogram (tokens, log2 bins), tokens per dataset
+    and split, documents removed per filter (cleaning steps, dedup, bad input)."""
     hist = stats["doc_tokens_log2_hist"]
     last = max((i for i, n in enumerate(hist) if n), default=0)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([f"{2**i}" for i in range(last + 1)], hist[: last + 1])
-    ax.set_xlabel("document length in tokens (lower bound of log2 bin)")
-    ax.set_ylabel("documents")
-    ax.set_title("Document length")
-    ax.tick_params(axis="x", labelrotation=60)
-    paths.append(_save(fig, out_dir / "doc_length_hist.png"))
-
-    labels, values = [], []
-    for name, splits in stats["tokens"].items():
-        for split, n in splits.items():
-            labels.append(f"{name}/{split}")
-            values.append(n)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(labels, values)
-    ax.set_ylabel("tokens")
-    ax.set_title("Tokens per source")
-    ax.tick_params(axis="x", labelrotation=30)
-    paths.append(_save(fig, out_dir / "tokens_per_source.png"))
-
+    tokens = {f"{name}/{split}": n for name, splits in stats["tokens"].items()
+              for split, n in splits.items()}
     removed = {name: s["removed_docs"] for name, s in stats["steps"].items()}
     removed["dedup"] = stats["dedup"]["removed_docs"]
     removed.update({f"bad:{k}": v for k, v in stats["bad_input"]["counts"].items()})
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(removed), list(removed.values()))
-    ax.set_ylabel("documents removed")
-    ax.set_title("Documents removed per filter")
-    ax.tick_params(axis="x", labelrotation=30)
-    paths.append(_save(fig, out_dir / "removed_per_filter.png"))
-    return paths
+    return [
+        BarPlot("doc_length_hist.png", "Document length", "documents",
+                [f"{2**i}" for i in range(last + 1)], hist[: last + 1],
+                xlabel="document length in tokens (lower bound of log2 bin)",
+                label_rotation=60),
+        BarPlot("tokens_per_source.png", "Tokens per source", "tokens",
+                list(tokens), list(tokens.values())),
+        BarPlot("removed_per_filter.png", "Documents removed per filter",
+                "documents removed", list(removed), list(removed.values())),
+    ]
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def load_plotting() -> None:
+    """Import what `draw_plot` needs (~0.4 s): phase workers do it while they start, so
+    the plots at the end of a run do not wait for it."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
 
+
+def draw_plot(plot: BarPlot, out_dir: str) -> str:
+    """Save `plot` as `out_dir/plot.file` (same bytes for the same data); returns the path.
+
+    Uses matplotlib's Figure directly (Agg), not pyplot: no global figure state, so plots
+    can be drawn by several workers or threads at once.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(out_dir) / plot.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    # Categorical bars: the labels are names, even where they read as numbers.
+    ax.bar(range(len(plot.values)), plot.values)
+    ax.set_xticks(range(len(plot.labels)), plot.labels)
+    if plot.xlabel:
+        ax.set_xlabel(plot.xlabel)
+    ax.set_ylabel(plot.ylabel)
+    ax.set_title(plot.title)
+    ax.tick_params(axis="x", labelrotation=plot.label_rotation)
     fig.tight_layout()
     # Fixed metadata so reruns write identical PNGs.
     fig.savefig(path, dpi=80, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return str(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.executor import RayExecutor, spread_over_nodes
+from lmforge.pipeline.executor import _CHECKED_RAY_VERSIONS, RayExecutor, spread_over_nodes
 from lmforge.pipeline.phases import WorkContext
 from lmforge.pipeline.tokenizer import train_tokenizer
 
@@ -148,16 +148,21 @@ def test_encode_reports_the_earliest_bad_item_whichever_fails_first(
 
 
 LEAN_PROBE = """
-import json, psutil, ray
-from ray._private import node, utils
+import json, pathlib, psutil, ray
+from ray._private import node, services, utils
 from lmforge.pipeline.executor import ray_session
 with ray_session(None):
     assert ray.get(ray.remote(lambda: 1).remote()) == 1
     kids = psutil.Process().children(recursive=True)
     commands = [" ".join(p.cmdline()) for p in kids]
-print(json.dumps({"commands": commands, "restored": [
+    session = ray._private.worker.global_worker.node.get_session_dir_path()
+    ports = {p.name.rsplit("_", 1)[0]: p.read_text()
+             for p in pathlib.Path(session).glob("*_port_*")}
+print(json.dumps({"commands": commands, "ports": ports, "ray": ray.__version__, "restored": [
     node.Node.start_api_server.__module__, node.Node.start_monitor.__module__,
-    node.Node.start_log_monitor.__module__, utils.get_dashboard_dependency_error.__module__]}))
+    node.Node.start_log_monitor.__module__, utils.get_dashboard_dependency_error.__module__,
+    services._build_python_executable_command_memory_profileable.__module__,
+    services.get_node.__module__]}))
 """
 
 
@@ -173,9 +178,19 @@ def test_the_local_ray_runs_only_what_the_job_uses(tmp_path) -> None:
     for unused in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
                    "_private/log_monitor.py"):
         assert not [c for c in commands if unused in c], (unused, commands)
-    agents = [c for c in commands if c.startswith("ray::DashboardAgent") or "agent.py" in c]
     raylet = next(c for c in commands if "raylet/raylet" in c)
-    assert agents and "--minimal" in raylet.split("--dashboard_agent_command=")[1]
+    agent_command = raylet.split("--dashboard_agent_command=")[1].split(" --")[0]
+    if out["ray"] in _CHECKED_RAY_VERSIONS:
+        # The stand-in agent: running, no Ray dashboard agent, and it published "no port"
+        # for what the minimal agent publishes no port for.
+        assert "-m lmforge.pipeline.ray_agent" in agent_command, agent_command
+        assert [c for c in commands if "lmforge.pipeline.ray_agent" in c], commands
+        assert not [c for c in commands if c.startswith("ray::DashboardAgent")], commands
+        for name in ("metrics_agent_port", "metrics_export_port",
+                     "dashboard_agent_listen_port"):
+            assert out["ports"][name] == "-1", out["ports"]
+    else:  # a Ray version the stand-in was not checked against keeps its agent, minimal
+        assert "--minimal" in agent_command, agent_command
     # Ray's own functions are back once the local Ray is up.
     assert all(m.startswith("ray.") for m in out["restored"]), out["restored"]
 
