@@ -1,42 +1,37 @@
-"""Prepare throughput against its limit and against Megatron-LM's preprocess_data.py.
+"""Prepare speed against its limit and against Megatron-LM's preprocess_data.py.
 
 Measured side by side in one run on the same synthetic JSON-lines corpus (tinyshakespeare
-paragraphs, each tagged with its copy number so dedup keeps them all, grouped into
-documents of ~`--doc-bytes`, ~1.2 KB by default, as in web text):
+paragraphs, each tagged with its copy number so dedup keeps them all, grouped into documents
+of ~`--doc-bytes`: ~1.2 KB by default, as in web text; try 10000 for long documents), at
+each size in `--sizes` (MB), `--runs` times, every figure a whole process as a user runs it:
 
-- prepare_fixed_cost_s: whole-process seconds of a prepare with nothing to do (20 KB
-  corpus, tokenizer given): imports, starting and stopping its own local Ray, its actors,
-  stats and plots; the median of three fresh processes.
-- prepare_vs_spm_limit: end-to-end prepare tokens/s (read → clean → dedup → encode → write,
-  tokenizer reused) ÷ (workers × single-thread sentencepiece encode tokens/s).
-- prepare_vs_megatron: lmforge tokens/s (the full pipeline above) ÷ a Megatron-style
-  baseline doing what `tools/preprocess_data.py` does: a `multiprocessing.Pool` whose
-  workers `json.loads` each line and encode it (`imap`, chunks of 32 lines, ids as Python
-  lists, EOS appended), the main process writing a flat token file (`.bin`, one
-  `np.array(ids).tobytes()` per document) and, at the end, the index (`.idx`: sequence
-  lengths, byte pointers, document indices) with numpy. It does no cleaning, hashing,
-  dedup, val split or packing.
-- prepare_same_work_vs_megatron: the same, with lmforge doing only what the baseline does
-  (no cleaning steps, no dedup, no val split: read → encode → write). The two token streams
-  are checked byte-identical (lmforge's per-task streams, kept with `keep_work`, against the
-  baseline's `.bin`), so both sides did exactly the same tokenization.
-- prepare_scaling_2w: tokens/s with 2 workers ÷ with 1.
-- prepare_rss_growth_10x: peak RSS of the largest Ray worker at 10× the corpus ÷ at 1×.
+- lmforge: `lmforge prepare CONFIG` in a fresh process (imports, its own local Ray, workers,
+  stats, plots, Ray shutdown), tokenizer given, doing what the baseline does: read, encode,
+  write (no cleaning steps, no dedup, no val split: the one-pass path), with 2 workers and
+  with 1; and the full pipeline (clean, hash, global dedup, val split, encode, write).
+- The Megatron-style baseline (`megatron_baseline.py`, a fresh process): what
+  `tools/preprocess_data.py` does, `multiprocessing.Pool` + `imap` chunks of 32 lines,
+  flat `.bin` + numpy `.idx`. The token streams of both sides are checked byte-identical
+  (lmforge's per-task streams, kept with `keep_work`, against the `.bin`) in the first run.
+- The limit: single-thread sentencepiece with its fastest call (one document per call,
+  numpy ids, as lmforge's encoders), on the same documents, before and after the runs.
 
-Throughput, scaling and the baseline comparison run on the 10× corpus; the 1× corpus only
-serves the RSS ratio.
+BENCH lines (medians over the runs; each run and the spread in the detail):
+- prepare_fixed_cost_s: whole `lmforge prepare` of a 20 KB corpus (nothing to do but the
+  fixed cost: imports, Ray start and stop, workers, stats, plots).
+- prepare_vs_spm_limit@SIZE: end-to-end tokens/s (whole process, 2 workers) ÷ (2 ×
+  single-thread sentencepiece).
+- prepare_encode_vs_spm_limit@SIZE: the encode stage alone: tokens ÷ its wall time once its
+  workers have started ÷ (2 × single-thread).
+- prepare_vs_pool@SIZE: the baseline's whole-process seconds ÷ lmforge's (same work).
+- prepare_full_vs_spm_limit@SIZE: the full pipeline, end to end, ÷ the limit.
+- prepare_scaling_2w@SIZE: 1-worker seconds ÷ 2-worker seconds, whole process.
+- prepare_rss_growth: the largest worker's peak RSS at the largest size ÷ at the smallest.
+A breakdown of each 2-worker run is printed: import, Ray start, worker start, encode,
+write, stats + plots + manifest, Ray stop, interpreter start and exit.
 
-Ray is started once before timing (prepare uses the running Ray), a small warm-up run comes
-first, and every timed run starts once the previous run's actors have exited. Each prepare
-run still starts its own pool of workers (~0.6 s of CPU each), a cost every real run pays;
-the baseline's clock likewise includes starting its Pool. `prepare_fixed_cost_s` measures
-what the in-Ray runs leave out: a whole process that starts and stops its own Ray.
-
-The limit uses sentencepiece's fastest single-thread call (one document per call, ids as a
-numpy array), which lmforge's encoders use too; the baseline returns Python lists of ids,
-as Megatron's script does.
-
-Run: .venv/bin/python benchmarks/prepare.py [--quick] [--doc-bytes N]
+Run: .venv/bin/python benchmarks/prepare.py [--quick] [--sizes 60,230] [--doc-bytes N]
+     [--runs 3]
 """
 
 from __future__ import annotations
@@ -44,23 +39,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+import yaml
 
-from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.manifest import DatasetManifest
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.config import TokenizerConfig
 from lmforge.pipeline.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,27 +120,18 @@ def _ray_worker_status(prefix: bytes = b"") -> list[bytes]:
 
 
 def _ray_worker_peaks() -> list[int]:
-    """The kernel's high-water mark of the RSS (VmHWM) of every Ray worker process, read
-    from /proc/PID/status alone (one small read per process)."""
+    """The kernel's high-water mark of the RSS (VmHWM) of every prepare worker process
+    (`ray::PhaseWorker`), read from /proc/PID/status alone (one small read per process)."""
     peaks = []
-    for status in _ray_worker_status():
+    for status in _ray_worker_status(b"PhaseWorke"):
         at = status.find(b"VmHWM:")
         if at >= 0:
             peaks.append(int(status[at + 6 : status.index(b"kB", at)]) * 1024)
     return peaks
 
 
-def wait_for_quiet(timeout: float = 30.0) -> None:
-    """Wait until the actors of the previous prepare run (its phase workers) have exited:
-    Ray tears them down in the background, and a timed run must not share the cores with
-    that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _ray_worker_status(b"PhaseWorke"):
-        time.sleep(0.1)
-
-
 class PeakRss:
-    """The largest peak RSS of any Ray worker process (`ray::...`) while it is active.
+    """The largest peak RSS of any prepare worker process while it is active.
 
     Reads each process's kernel high-water mark (VmHWM) every 0.25 s, so a short spike is
     not missed, and only /proc/PID/status, so the poller stays cheap (it shares the 2
@@ -171,145 +157,130 @@ class PeakRss:
         self._thread.join()
 
 
-def run_prepare(
-    paths: list[Path], out: Path, model: Path, workers: int, chunk: int = 2**20,
-    same_work: bool = False,
-) -> tuple[float, int, int, str]:
-    """(tokens/s, tokens, peak worker RSS, sha256 of the token stream or "") of one
-    end-to-end prepare. `same_work`: only what the Megatron-style baseline does, with the
-    per-task token streams kept (`keep_work`) so the stream can be compared."""
+
+# The `lmforge prepare` command in this process, timing Ray's start and stop and the start
+# of prepare's workers (waiting for them, as the first items would) around it.
+LMFORGE_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import ray
+from lmforge.launch.cli import main
+from lmforge.pipeline import executor
+marks = {"import": time.perf_counter() - t0}
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            marks[name] = marks.get(name, 0.0) + time.perf_counter() - start
+            marks[name + "_at"] = time.perf_counter() - t0
+    return wrapper
+
+grow = executor.RayExecutor._grow_pool
+def grow_and_wait(self, size):
+    new = len(self.pool) < size
+    grow(self, size)
+    if new:
+        ray.get(self._started)
+ray.init = timed("ray_start", ray.init)
+ray.shutdown = timed("ray_stop", ray.shutdown)
+executor.RayExecutor._grow_pool = timed("workers_start", grow_and_wait)
+code = 0
+try:
+    main(["prepare", sys.argv[1]])
+except SystemExit as exit:
+    code = exit.code or 0
+marks["in_process"] = time.perf_counter() - t0
+print("MARKS " + json.dumps(marks), flush=True)
+sys.exit(code)
+"""
+
+
+@dataclass
+class Run:
+    """One whole-process run: wall seconds, tokens, peak worker RSS and where time went."""
+
+    wall: float
+    tokens: int
+    rss: int = 0
+    parts: dict[str, float] = field(default_factory=dict)
+    encode_s: float = 0.0  # the encode stage once its workers have started
+    stream: str = ""
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def run_lmforge(paths: list[Path], out: Path, model: Path, workers: int, chunk: int,
+                same_work: bool = True, keep_work: bool = False) -> Run:
+    """`lmforge prepare` as a user runs it, in a fresh process with its own local Ray."""
     shutil.rmtree(out, ignore_errors=True)
-    bare = {"val_fraction": 0.0, "dedup": False, "clean": CleanConfig(steps=[]),
-            "keep_work": True}
-    data = DataConfig(
-        datasets=[DatasetSpec(name="bench", paths=[str(p) for p in paths])],
-        output_dir=str(out), seq_len=SEQ_LEN, num_workers=workers,
-        read_chunk_bytes=chunk,  # the same task size at 1x and 10x, for the RSS comparison
-        **(bare if same_work else {"val_fraction": 0.01}),
-    )
-    tok = TokenizerConfig(vocab_size=VOCAB, model_path=str(model))
-    wait_for_quiet()
+    data: dict = {"datasets": [{"name": "bench", "paths": [str(p) for p in paths]}],
+                  "output_dir": str(out), "seq_len": SEQ_LEN, "num_workers": workers,
+                  "read_chunk_bytes": chunk, "keep_work": keep_work}
+    if same_work:
+        data.update(val_fraction=0.0, dedup=False, clean={"steps": []})
+    else:
+        data.update(val_fraction=0.01)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump({"data": data, "tokenizer": {
+        "vocab_size": VOCAB, "model_path": str(model)}}))
     with PeakRss() as rss:
         start = time.perf_counter()
-        manifest = DatasetManifest.read(prepare(data, tok, progress=False))
-        seconds = time.perf_counter() - start
-    tokens = sum(s.tokens for s in manifest.datasets["bench"].splits.values())
+        proc = subprocess.run([sys.executable, "-c", LMFORGE_CHILD, str(config)],
+                              capture_output=True, text=True, env=_child_env())
+        wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"lmforge prepare failed:\n{proc.stderr[-3000:]}")
+    marks = json.loads(proc.stdout.split("MARKS ", 1)[1].splitlines()[0])
+    stats = json.loads((out / "stats.json").read_text())
+    seconds = stats["seconds"]
+    encode_phase = seconds.get("clean+encode", seconds.get("encode", 0.0))
+    pipeline_s = sum(seconds.values())
+    body = marks["ray_stop_at"] - marks["ray_stop"] - marks["ray_start_at"]
+    parts = {
+        "import": marks["import"], "ray_start": marks["ray_start"],
+        "workers_start": marks["workers_start"],
+        "encode": encode_phase - marks["workers_start"], "write": seconds.get("write", 0.0),
+        "other_phases": pipeline_s - encode_phase - seconds.get("write", 0.0),
+        "stats_plots_manifest": body - pipeline_s, "ray_stop": marks["ray_stop"],
+        "interpreter_start_exit": wall - marks["in_process"],
+    }
+    tokens = sum(sum(split.values()) for split in stats["tokens"].values())
     stream = ""
-    if same_work:  # the tasks' streams, in task (= document) order, are the whole stream
+    if keep_work:  # the tasks' streams, in task (= document) order, are the whole stream
         digest = hashlib.sha256()
         for part in sorted(out.glob("_work/*/tokens/*.train.tokens.npy")):
             digest.update(np.load(part).tobytes())
         stream = digest.hexdigest()
-    return tokens / seconds, tokens, rss.peak, stream
+    return Run(wall, tokens, rss.peak, parts, encode_phase - marks["workers_start"], stream)
 
 
-class MegatronEncoder:
-    """What Megatron-LM's tools/preprocess_data.py runs in each Pool worker (one JSON key,
-    no sentence splitting, `--append-eod`): the line's text as a list of ids plus EOS."""
-
-    sp: spm.SentencePieceProcessor | None = None
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-
-    def initializer(self) -> None:
-        MegatronEncoder.sp = spm.SentencePieceProcessor(model_file=self.model)
-
-    def encode(self, json_line: str) -> tuple[list[int], list[int], int]:
-        text = json.loads(json_line)["text"]
-        ids = MegatronEncoder.sp.encode_as_ids(text)
-        lengths = [len(ids)]
-        if ids:
-            ids.append(MegatronEncoder.sp.eos_id())
-            lengths[-1] += 1
-        return ids, lengths, len(json_line)
-
-
-class IndexedDatasetBuilder:
-    """Megatron's flat `.bin` token file and `.idx` index (MMapIndexedDataset format)."""
-
-    HDR = b"MMIDIDX\x00\x00"
-
-    def __init__(self, bin_path: Path, dtype: type) -> None:
-        self.data_file = open(bin_path, "wb")  # noqa: SIM115 - closed in finalize
-        self.dtype = dtype
-        self.sequence_lengths: list[int] = []
-        self.document_indices = [0]
-
-    def add_document(self, tokens: list[int], lengths: list[int]) -> None:
-        self.data_file.write(np.array(tokens, dtype=self.dtype).tobytes(order="C"))
-        self.sequence_lengths.extend(lengths)
-        self.document_indices.append(len(self.sequence_lengths))
-
-    def finalize(self, idx_path: Path) -> None:
-        self.data_file.close()
-        lengths = np.array(self.sequence_lengths, dtype=np.int32)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1] * np.dtype(self.dtype).itemsize, out=pointers[1:])
-        with open(idx_path, "wb") as f:
-            f.write(self.HDR)
-            f.write(np.array([1], "<u8").tobytes())  # version
-            f.write(np.array([8 if self.dtype == np.uint16 else 4], "<u1").tobytes())
-            f.write(np.array([len(lengths)], "<u8").tobytes())
-            f.write(np.array([len(self.document_indices)], "<u8").tobytes())
-            f.write(lengths.tobytes(order="C"))
-            f.write(pointers.tobytes(order="C"))
-            f.write(np.array(self.document_indices, np.int64).tobytes(order="C"))
-
-
-def run_megatron(paths: list[Path], out: Path, model: Path, workers: int
-                 ) -> tuple[float, int, str]:
-    """(tokens/s, tokens, sha256 of the token stream) of the Megatron-style baseline:
-    Pool.imap over the JSON lines in chunks of 32, the main process writing .bin + .idx."""
+def run_megatron(paths: list[Path], out: Path, model: Path, workers: int) -> Run:
+    """The Megatron-style baseline in a fresh process (megatron_baseline.py)."""
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    wait_for_quiet()
     start = time.perf_counter()
-    encoder = MegatronEncoder(str(model))
-    lines = (line for path in paths for line in path.open(encoding="utf-8"))
-    builder = IndexedDatasetBuilder(out / "bench_text_document.bin", np.uint16)
-    pool = multiprocessing.Pool(workers, initializer=encoder.initializer)
-    for ids, lengths, _ in pool.imap(encoder.encode, lines, 32):
-        builder.add_document(ids, lengths)
-    builder.finalize(out / "bench_text_document.idx")
-    # Workers exit on their own (a SIGTERM from Pool.terminate would make the signal
-    # handler Ray installed in this process print a stack trace in each).
-    pool.close()
-    pool.join()
-    seconds = time.perf_counter() - start
-    stream = (out / "bench_text_document.bin").read_bytes()
-    return len(stream) // 2 / seconds, len(stream) // 2, hashlib.sha256(stream).hexdigest()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("megatron_baseline.py")), str(out),
+         str(model), str(workers), *map(str, paths)],
+        capture_output=True, text=True, check=True, env=_child_env())
+    wall = time.perf_counter() - start
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Run(wall, result["tokens"], stream=result["sha256"])
 
 
-FIXED_COST_JOB = """
-import sys, time
-start = time.perf_counter()
-from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.prepare import prepare
-data = DataConfig(datasets=[DatasetSpec(name="tiny", paths=[sys.argv[1]])],
-                  output_dir=sys.argv[2], seq_len=128, num_workers=2)
-prepare(data, TokenizerConfig(vocab_size=8192, model_path=sys.argv[3]), progress=False)
-print(time.perf_counter() - start)
-"""
-
-
-def fixed_cost(folder: Path, model: Path, runs: int = 3) -> tuple[float, list[float]]:
-    """Whole-process seconds of a prepare of a 20 KB corpus (nothing to do, so all of it is
-    fixed cost: imports, starting and stopping its own local Ray, actors, stats, plots);
-    the median over `runs`, and each run (a fresh Python process each, no Ray running)."""
+def fixed_cost(folder: Path, model: Path, runs: int = 3) -> list[Run]:
+    """Whole `lmforge prepare` of a 20 KB corpus, `runs` times (nothing to do but the
+    fixed cost)."""
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "tiny.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n"
                               for d in read_docs(make_corpus(folder, 1)[0])[:16]))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    walls = []
-    for i in range(runs):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", FIXED_COST_JOB, str(corpus),
-                        str(folder / f"out{i}"), str(model)], check=True,
-                       capture_output=True, env=env)
-        walls.append(time.perf_counter() - start)
-    return sorted(walls)[len(walls) // 2], walls
+    return [run_lmforge([corpus], folder / f"out{i}", model, 2, 2**20) for i in range(runs)]
 
 
 def bench(metric: str, value: float, goal: float, **detail: object) -> None:
@@ -317,72 +288,102 @@ def bench(metric: str, value: float, goal: float, **detail: object) -> None:
                                  "detail": detail}), flush=True)
 
 
+def spread(values: list[float]) -> dict[str, object]:
+    return {"median": round(statistics.median(values), 4),
+            "runs": [round(v, 4) for v in values]}
+
+
+def breakdown(runs: list[Run]) -> str:
+    names = list(runs[0].parts)
+    cells = [f"{n} {statistics.median(r.parts[n] for r in runs):.2f}" for n in names]
+    return f"wall {statistics.median(r.wall for r in runs):.2f} s = " + " + ".join(cells)
+
+
+def measure_size(size_mb: float, doc_bytes: int, runs: int, tmp: Path, model: Path) -> dict:
+    """Every side at one corpus size, `runs` times, alternating, and the limit before and
+    after them; prints the figures, returns the largest worker peak RSS."""
+    probe = make_corpus(tmp / "probe", 1, doc_bytes)
+    one = probe[0].stat().st_size
+    copies = max(1, round(size_mb * 1e6 / one))
+    paths = make_corpus(tmp / f"corpus{size_mb:g}", copies, doc_bytes)
+    mb = sum(p.stat().st_size for p in paths) / 1e6
+    docs = sum(1 for p in paths for _ in p.open())
+    chunk = 2 * 2**20
+    out = tmp / "out"
+    two, one_w, base, full = [], [], [], []
+    single_before = spm_single_thread(model, probe)
+    for i in range(runs):
+        two.append(run_lmforge(paths, out / "w2", model, 2, chunk, keep_work=i == 0))
+        base.append(run_megatron(paths, out / "megatron", model, 2))
+        if i == 0 and two[0].stream != base[0].stream:
+            raise RuntimeError(f"not the same token stream: {two[0].tokens:,} tokens vs "
+                               f"{base[0].tokens:,}")
+        one_w.append(run_lmforge(paths, out / "w1", model, 1, chunk))
+        full.append(run_lmforge(paths, out / "full", model, 2, chunk, same_work=False))
+        print(f"  {mb:.0f} MB run {i + 1}: lmforge 2w {two[-1].wall:.1f} s, 1w "
+              f"{one_w[-1].wall:.1f} s, full {full[-1].wall:.1f} s, megatron-style "
+              f"{base[-1].wall:.1f} s", flush=True)
+    single_after = spm_single_thread(model, probe)
+    single = (single_before + single_after) / 2  # a core's rate drifts over minutes
+    tokens = two[0].tokens
+    label = f"{size_mb:g}MB"
+    print(f"{label}: {mb:.1f} MB, {docs:,} documents of ~{doc_bytes} B, {tokens:,} tokens "
+          f"(same stream as the baseline: sha256 {base[0].stream[:16]})")
+    print(f"  lmforge 2 workers: {breakdown(two)}")
+    print(f"  lmforge 1 worker:  {breakdown(one_w)}")
+    print(f"  full pipeline:     {breakdown(full)}")
+    print(f"  spm single thread {single_before:,.0f} tok/s before the runs, "
+          f"{single_after:,.0f} after")
+    limit = 2 * single
+    common = {"corpus_mb": round(mb, 1), "documents": docs, "doc_bytes": doc_bytes,
+              "tokens": tokens, "limit_tokens_per_s": round(limit)}
+    e2e = [tokens / r.wall / limit for r in two]
+    encode = [tokens / r.encode_s / limit for r in two]
+    vs_pool = [b.wall / r.wall for b, r in zip(base, two, strict=True)]
+    scaling = [o.wall / t.wall for o, t in zip(one_w, two, strict=True)]
+    bench(f"prepare_vs_spm_limit@{label}", statistics.median(e2e), 0.5, **common,
+          wall_s=spread([r.wall for r in two]), ratio=spread(e2e))
+    bench(f"prepare_encode_vs_spm_limit@{label}", statistics.median(encode), 0.85, **common,
+          encode_s=spread([r.encode_s for r in two]), ratio=spread(encode))
+    bench(f"prepare_vs_pool@{label}", statistics.median(vs_pool), 1.5, **common,
+          megatron_wall_s=spread([b.wall for b in base]), ratio=spread(vs_pool))
+    bench(f"prepare_full_vs_spm_limit@{label}",
+          statistics.median(r.tokens / r.wall / limit for r in full), 0.5, **common,
+          wall_s=spread([r.wall for r in full]), tokens_full=full[0].tokens)
+    bench(f"prepare_scaling_2w@{label}", statistics.median(scaling), 1.8, **common,
+          one_worker_wall_s=spread([o.wall for o in one_w]), ratio=spread(scaling))
+    shutil.rmtree(tmp / f"corpus{size_mb:g}", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"label": label, "rss": max(r.rss for r in two)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small corpus, a few minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="one 23 MB corpus, one run: about two minutes")
+    parser.add_argument("--sizes", default="60,230", help="corpus sizes in MB")
     parser.add_argument("--doc-bytes", type=int, default=1200,
                         help="document size of the corpus (~1.2 KB: web text; try 10000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each side per size")
     args = parser.parse_args()
-    # 1.1 MB per copy; tasks of `chunk` bytes at both sizes (prepare shrinks tasks below
-    # the configured size only when the corpus has fewer than 4 per worker).
-    copies, chunk = (2, 2**20) if args.quick else (20, 2 * 2**20)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import ray
-
+    sizes = [23.0] if args.quick else [float(s) for s in args.sizes.split(",")]
+    runs = 1 if args.quick else args.runs
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     try:
         start = time.perf_counter()
         model = train_tokenizer(CORPUS, TokenizerConfig(vocab_size=VOCAB), tmp / "tok.model")
-        train_s = time.perf_counter() - start
-        # Before this process starts Ray: each run starts and stops its own.
-        fixed_s, fixed_runs = fixed_cost(tmp / "fixed", model)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        paths = make_corpus(tmp / "corpus", copies, args.doc_bytes)
-        big = make_corpus(tmp / "corpus10", copies * 10, args.doc_bytes)
-        run_prepare(paths[:1], tmp / "warmup", model, 2)
-
-        single_before = spm_single_thread(model, paths)
-        _, tokens1, rss1, _ = run_prepare(paths, tmp / "x1", model, 2, chunk)
-        tps2, tokens, rss10, _ = run_prepare(big, tmp / "w2", model, 2, chunk)
-        tps1, _, _, _ = run_prepare(big, tmp / "w1", model, 1, chunk)
-        base_tps, base_tokens, base_stream = run_megatron(big, tmp / "megatron", model, 2)
-        same_tps, same_tokens, _, same_stream = run_prepare(big, tmp / "same", model, 2,
-                                                            chunk, same_work=True)
-        if same_stream != base_stream:
-            raise RuntimeError(f"not the same token stream: {same_tokens:,} tokens "
-                               f"({same_stream[:12]}) vs {base_tokens:,} ({base_stream[:12]})")
-        mb = sum(p.stat().st_size for p in big) / 1e6
-        docs = sum(1 for p in big for _ in p.open())
-        # The limit is measured before and after the runs: a single-core rate drifts with
-        # the machine's state over the minutes between.
-        single_after = spm_single_thread(model, paths)
-        single = (single_before + single_after) / 2
-
-        print(f"corpus {mb:.1f} MB, {docs:,} documents of ~{args.doc_bytes} B, "
-              f"{tokens:,} tokens; tokenizer training {train_s:.1f} s")
-        print(f"spm single thread {single:,.0f} tok/s; prepare 2w {tps2:,.0f}, 1w {tps1:,.0f}; "
-              f"megatron-style 2w {base_tps:,.0f} ({base_tokens:,} tokens, same stream as "
-              f"lmforge: sha256 {base_stream[:16]}); prepare 2w doing the same work "
-              f"{same_tps:,.0f}")
-        print(f"peak worker RSS {rss1 / 2**20:.0f} MiB at 1x ({tokens1:,} tokens), "
-              f"{rss10 / 2**20:.0f} MiB at 10x")
-        bench("prepare_fixed_cost_s", fixed_s, 3.0, runs_s=fixed_runs,
-              what="whole process, 20 KB corpus, own local Ray, 2 workers")
-        bench("prepare_vs_spm_limit", tps2 / (2 * single), 0.85, prepare_tokens_per_s=tps2,
-              spm_single_thread_tokens_per_s=single,
-              spm_single_thread_before_after=[single_before, single_after], workers=2,
-              corpus_mb=mb, doc_bytes=args.doc_bytes)
-        bench("prepare_vs_megatron", tps2 / base_tps, 1.0, prepare_tokens_per_s=tps2,
-              megatron_tokens_per_s=base_tps)
-        bench("prepare_same_work_vs_megatron", same_tps / base_tps, 1.5,
-              prepare_tokens_per_s=same_tps, megatron_tokens_per_s=base_tps,
-              tokens=same_tokens, same_stream_sha256=same_stream)
-        bench("prepare_scaling_2w", tps2 / tps1, 1.8, one_worker_tokens_per_s=tps1,
-              two_workers_tokens_per_s=tps2)
-        bench("prepare_rss_growth_10x", rss10 / max(rss1, 1), 1.5, peak_rss_1x_mib=rss1 / 2**20,
-              peak_rss_10x_mib=rss10 / 2**20)
+        print(f"tokenizer training {time.perf_counter() - start:.1f} s", flush=True)
+        fixed = fixed_cost(tmp / "fixed", model)
+        print(f"fixed cost: {breakdown(fixed)}", flush=True)
+        bench("prepare_fixed_cost_s", statistics.median(r.wall for r in fixed), 3.0,
+              wall_s=spread([r.wall for r in fixed]),
+              what="whole `lmforge prepare`, 20 KB corpus, own local Ray, 2 workers")
+        results = [measure_size(size, args.doc_bytes, runs, tmp, model) for size in sizes]
+        if len(results) > 1:
+            bench("prepare_rss_growth", results[-1]["rss"] / max(results[0]["rss"], 1), 1.5,
+                  **{f"peak_worker_rss_mib@{r['label']}": round(r["rss"] / 2**20)
+                     for r in results})
     finally:
-        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
