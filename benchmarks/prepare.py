@@ -14,7 +14,8 @@ each size in `--sizes` (MB), `--runs` times, every figure a whole process as a u
   flat `.bin` + numpy `.idx`. The token streams of both sides are checked byte-identical
   (lmforge's per-task streams, kept with `keep_work`, against the `.bin`) in the first run.
 - The limit: single-thread sentencepiece with its fastest call (one document per call,
-  numpy ids, as lmforge's encoders), on the same documents, before and after the runs.
+  numpy ids, as lmforge's encoders), on the same documents, 3 s of it before each round
+  of runs (each round is compared with its own: a core's rate moves by 10-30% over minutes).
 
 BENCH lines (medians over the runs; each run and the spread in the detail):
 - prepare_fixed_cost_s: whole `lmforge prepare` of a 20 KB corpus (nothing to do but the
@@ -90,15 +91,17 @@ def read_docs(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.open(encoding="utf-8")]
 
 
-def spm_single_thread(model: Path, paths: list[Path]) -> float:
-    """Single-thread sentencepiece encode tokens/s on the same documents (one file), with
-    its fastest call: one document at a time, ids returned as a numpy array (a batch call
-    returning Python lists is ~5% slower)."""
+def spm_single_thread(model: Path, paths: list[Path], seconds: float = 3.0) -> float:
+    """Single-thread sentencepiece encode tokens/s on the same documents (one file, passed
+    over again until `seconds` have gone by: a core's rate moves between runs, and a short
+    measure catches a burst), with its fastest call: one document at a time, ids returned
+    as a numpy array (a batch call returning Python lists is ~5% slower)."""
     sp = spm.SentencePieceProcessor(model_file=str(model))
     docs = read_docs(paths[-1])
     encode = sp.encode
-    start = time.perf_counter()
-    tokens = sum(len(encode(doc, return_type="numpy")) for doc in docs)
+    tokens, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens += sum(len(encode(doc, return_type="numpy")) for doc in docs)
     return tokens / (time.perf_counter() - start)
 
 
@@ -310,9 +313,9 @@ def measure_size(size_mb: float, doc_bytes: int, runs: int, tmp: Path, model: Pa
     docs = sum(1 for p in paths for _ in p.open())
     chunk = 2 * 2**20
     out = tmp / "out"
-    two, one_w, base, full = [], [], [], []
-    single_before = spm_single_thread(model, probe)
+    two, one_w, base, full, singles = [], [], [], [], []
     for i in range(runs):
+        singles.append(spm_single_thread(model, probe))  # the limit of this round
         two.append(run_lmforge(paths, out / "w2", model, 2, chunk, keep_work=i == 0))
         base.append(run_megatron(paths, out / "megatron", model, 2))
         if i == 0 and two[0].stream != base[0].stream:
@@ -323,8 +326,7 @@ def measure_size(size_mb: float, doc_bytes: int, runs: int, tmp: Path, model: Pa
         print(f"  {mb:.0f} MB run {i + 1}: lmforge 2w {two[-1].wall:.1f} s, 1w "
               f"{one_w[-1].wall:.1f} s, full {full[-1].wall:.1f} s, megatron-style "
               f"{base[-1].wall:.1f} s", flush=True)
-    single_after = spm_single_thread(model, probe)
-    single = (single_before + single_after) / 2  # a core's rate drifts over minutes
+    singles.append(spm_single_thread(model, probe))
     tokens = two[0].tokens
     label = f"{size_mb:g}MB"
     print(f"{label}: {mb:.1f} MB, {docs:,} documents of ~{doc_bytes} B, {tokens:,} tokens "
@@ -332,13 +334,14 @@ def measure_size(size_mb: float, doc_bytes: int, runs: int, tmp: Path, model: Pa
     print(f"  lmforge 2 workers: {breakdown(two)}")
     print(f"  lmforge 1 worker:  {breakdown(one_w)}")
     print(f"  full pipeline:     {breakdown(full)}")
-    print(f"  spm single thread {single_before:,.0f} tok/s before the runs, "
-          f"{single_after:,.0f} after")
-    limit = 2 * single
+    print("  spm single thread before each round and after the last: "
+          + ", ".join(f"{s:,.0f}" for s in singles) + " tok/s")
+    # Each round's 2-worker run against the limit measured just before it.
+    limits = [2 * s for s in singles[:runs]]
     common = {"corpus_mb": round(mb, 1), "documents": docs, "doc_bytes": doc_bytes,
-              "tokens": tokens, "limit_tokens_per_s": round(limit)}
-    e2e = [tokens / r.wall / limit for r in two]
-    encode = [tokens / r.encode_s / limit for r in two]
+              "tokens": tokens, "limit_tokens_per_s": spread(limits)}
+    e2e = [tokens / r.wall / lim for r, lim in zip(two, limits, strict=True)]
+    encode = [tokens / r.encode_s / lim for r, lim in zip(two, limits, strict=True)]
     vs_pool = [b.wall / r.wall for b, r in zip(base, two, strict=True)]
     scaling = [o.wall / t.wall for o, t in zip(one_w, two, strict=True)]
     bench(f"prepare_vs_spm_limit@{label}", statistics.median(e2e), 0.5, **common,
@@ -348,7 +351,9 @@ def measure_size(size_mb: float, doc_bytes: int, runs: int, tmp: Path, model: Pa
     bench(f"prepare_vs_pool@{label}", statistics.median(vs_pool), 1.5, **common,
           megatron_wall_s=spread([b.wall for b in base]), ratio=spread(vs_pool))
     bench(f"prepare_full_vs_spm_limit@{label}",
-          statistics.median(r.tokens / r.wall / limit for r in full), 0.5, **common,
+          statistics.median(r.tokens / r.wall / lim for r, lim in zip(full, limits,
+                                                                      strict=True)), 0.5,
+          **common,
           wall_s=spread([r.wall for r in full]), tokens_full=full[0].tokens)
     bench(f"prepare_scaling_2w@{label}", statistics.median(scaling), 1.8, **common,
           one_worker_wall_s=spread([o.wall for o in one_w]), ratio=spread(scaling))
