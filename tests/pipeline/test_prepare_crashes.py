@@ -118,6 +118,6 @@ def test_prepare_killed_in_read_encode_and_write_reruns_to_identical_bytes(tmp_p
     assert (out / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
     assert shard_digests(out) == shard_digests(reference) and len(shard_digests(out)) == shards
     assert not list(out.glob("_work/*"))  # the work folder is gone after success
-    # Known, not fixed: Ray 2.60's per-node agents (DashboardAgent, RuntimeEnvAgent) can
-    # outlive a SIGKILLed driver; kill_when removes them and the README says so. They hold
-    # no lmforge files: the rerun above is byte-identical either way.
+    # Known, not fixed: Ray 2.60's RuntimeEnvAgent can outlive a SIGKILLed driver (the
+    # stand-in dashboard agent exits with the raylet); kill_when removes it and the README
+    # says so. It holds no lmforge files: the rerun above is byte-identical either way.
