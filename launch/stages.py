@@ -145,8 +145,8 @@ def run_stage(stage: Stage, hooks: HookRunner, job_dir: Path, parent_id: str | N
     from lmforge.launch.commands import export, heading, prepare_data, train
 
     cfg, run = stage.config, RunDir.of(stage.dir)
-    if resume and run.stage_complete.exists():
-        done = StageResult(**json.loads(run.stage_complete.read_text()))
+    done = _completed(run) if resume else None
+    if done is not None:
         heading(f"stage {stage.index} '{stage.name}': complete, skipped")
         return dataclasses.replace(done, skipped=True)
     run.stage_complete.unlink(missing_ok=True)
@@ -172,8 +172,7 @@ def run_stage(stage: Stage, hooks: HookRunner, job_dir: Path, parent_id: str | N
         if result.exit_code != 0:
             status = "KILLED" if result.exit_code == REQUEUE_EXIT_CODE else "FAILED"
             return result
-        result.step, result.val_metrics = final_metrics(run)
-        result.checkpoint = str(final_checkpoint(run))
+        _read_training(run, result)
         tracker.log_metrics({f"final/{k}": v for k, v in result.val_metrics.items()},
                             step=result.step or 0)
         context.checkpoint, context.step = Path(result.checkpoint), result.step
@@ -194,9 +193,7 @@ def run_stage(stage: Stage, hooks: HookRunner, job_dir: Path, parent_id: str | N
         tracker.flush()
         hooks.emit("on_stage_end", context)
         result.export_dir = str(context.export_dir) if context.export_dir else None
-        record = dataclasses.asdict(result)
-        record.pop("skipped")
-        _write_json(run.stage_complete, record)
+        _mark_complete(run, result)
         status = "FINISHED"
         return result
     finally:
@@ -211,8 +208,9 @@ def run_from_scratch(stage: Stage, parent_id: str | None, resume: str | None,
     cfg = stage.from_scratch()
     run = RunDir.of(cfg.run_dir)
     name = f"{stage.name}-from_scratch"
-    if resume and run.stage_complete.exists():
-        return StageResult(**json.loads(run.stage_complete.read_text()))
+    done = _completed(run) if resume else None
+    if done is not None:
+        return done
     heading(f"stage {stage.index} '{stage.name}' from random weights (compare_from_scratch)")
     run.path.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.tracking, run.path)
@@ -223,15 +221,32 @@ def run_from_scratch(stage: Stage, parent_id: str | None, resume: str | None,
     try:
         result.exit_code = train(cfg, resume=resume, run_id=run_id, launcher=launcher)
         if result.exit_code == 0:
-            result.step, result.val_metrics = final_metrics(run)
-            result.checkpoint = str(final_checkpoint(run))
-            record = dataclasses.asdict(result)
-            record.pop("skipped")
-            _write_json(run.stage_complete, record)
+            _read_training(run, result)
+            _mark_complete(run, result)
             status = "FINISHED"
         return result
     finally:
         tracker.close(status=status)
+
+
+def _completed(run: RunDir) -> StageResult | None:
+    """The result recorded in the run's ``STAGE_COMPLETE``, if it has one."""
+    if not run.stage_complete.exists():
+        return None
+    return StageResult(**json.loads(run.stage_complete.read_text()))
+
+
+def _read_training(run: RunDir, result: StageResult) -> None:
+    """Fill in what training left in the run: final step, validation metrics, checkpoint."""
+    result.step, result.val_metrics = final_metrics(run)
+    result.checkpoint = str(final_checkpoint(run))
+
+
+def _mark_complete(run: RunDir, result: StageResult) -> None:
+    """Write ``STAGE_COMPLETE`` (atomically): what `_completed` reads back."""
+    record = dataclasses.asdict(result)
+    record.pop("skipped")
+    _write_json(run.stage_complete, record)
 
 
 def _start_child(tracker: Tracker, run: RunDir, name: str, parent_id: str | None,
