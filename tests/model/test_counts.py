@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
 import pytest
 
 from lmforge.model import ModelConfig, parameter_count
@@ -49,5 +53,12 @@ def test_every_public_name_of_the_package_resolves() -> None:
 
     assert model.DecoderLM is DecoderLM
     assert all(getattr(model, name) is not None for name in model.__all__)
+    # No exported name is also a submodule's: importing that submodule would bind the
+    # module to the package attribute, and `from lmforge.model import name` would give it.
+    assert not [name for name in model.__all__ if inspect.ismodule(getattr(model, name))]
+    code = ("from lmforge.model import generate_seq2seq\n"
+            "from lmforge.model import generate\n"
+            "assert callable(generate), generate\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
     with pytest.raises(AttributeError, match="no attribute 'Decoder'"):
         model.Decoder  # noqa: B018
