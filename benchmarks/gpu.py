@@ -103,14 +103,14 @@ def check(name: str, fn, *args) -> None:
 def write_dataset(root: Path, vocab: int, seq_len: int, distinct: int, copies: int) -> Path:
     """Random rows (``distinct`` of them, each ``copies`` times, so a model can memorise
     them) as shards and a manifest in the contract format, for ``lmforge train``."""
-    from lmforge.pipeline.manifest import (
+    from lmforge.pipeline.contract.dataset_manifest import (
         DatasetInfo,
         DatasetManifest,
         SplitInfo,
         TokenizerInfo,
     )
-    from lmforge.pipeline.shard_format import sample_key, shard_file_name, token_dtype
-    from lmforge.pipeline.shards import write_shard
+    from lmforge.pipeline.contract.shard_format import sample_key, shard_file_name, token_dtype
+    from lmforge.pipeline.prepare.shards import write_shard
 
     rng = np.random.default_rng(0)
     dtype = token_dtype(vocab)

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
-from lmforge.pipeline.manifest import (
+from lmforge.pipeline.contract.dataset_manifest import (
     DatasetInfo,
     DatasetManifest,
     ManifestError,
@@ -39,7 +38,8 @@ from lmforge.pipeline.manifest import (
     SplitInfo,
     TokenizerInfo,
 )
-from lmforge.pipeline.shard_format import sample_key, shard_file_name
+from lmforge.pipeline.contract.shard_format import sample_key, shard_file_name
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
 SEQ_LEN = 1024
 VOCAB = 32000

@@ -57,7 +57,7 @@ import sentencepiece as spm
 import yaml
 
 from lmforge.pipeline.config import TokenizerConfig
-from lmforge.pipeline.tokenizer import train_tokenizer
+from lmforge.pipeline.prepare.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "configs" / "corpora" / "tinyshakespeare.txt"
@@ -168,7 +168,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import ray
 from lmforge.launch.cli import main
-from lmforge.pipeline import executor
+from lmforge.pipeline.run import executor
 marks = {"import": time.perf_counter() - t0}
 
 def timed(name, fn):

@@ -20,7 +20,7 @@ from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.torchrun import launch_training
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 log = logging.getLogger("lmforge")
 
@@ -49,7 +49,7 @@ def heading(title: str) -> None:
 def prepare_data(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
     """Shards the corpus (skipped when an identical prepared dataset exists); returns the
     path of its manifest."""
-    from lmforge.pipeline.prepare import prepare
+    from lmforge.pipeline.prepare.driver import prepare
 
     heading("prepare: corpus → sentencepiece → WebDataset shards (Ray)")
     manifest = Path(prepare(cfg.data, cfg.tokenizer, progress=True)).resolve()

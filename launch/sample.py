@@ -15,7 +15,7 @@ from torch import nn
 
 from lmforge.launch.config import SampleConfig
 from lmforge.model import generate, generate_seq2seq
-from lmforge.pipeline.manifest import TokenizerInfo
+from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
 
 
 class TextSampler:

@@ -25,9 +25,9 @@ __all__ = [
 ]
 
 CLEAN_STEP_NAMES = ("normalize", "strip_control", "length", "repetition")
-"""Cleaning steps `CleanConfig.steps` may name, in any order (see pipeline/steps.py)."""
+"""Cleaning steps `CleanConfig.steps` may name, in any order (see pipeline/prepare/steps.py)."""
 TASK_KINDS = ("sft", "classify", "seq2seq")
-"""Kinds of task data `TaskDataConfig.kind` may name (see pipeline/tasks.py)."""
+"""Kinds of task data `TaskDataConfig.kind` may name (see pipeline/prepare/tasks.py)."""
 
 
 @dataclass
@@ -221,7 +221,7 @@ class LoaderConfig:
 @dataclass
 class TaskDataConfig:
     """A labelled task data set (the ``data.task`` section): JSON-lines records read, checked,
-    tokenized and sharded by the same pipeline as pretraining data (see pipeline/tasks.py).
+    tokenized and sharded by the same pipeline as pretraining data (see pipeline/prepare/tasks.py).
 
     Records with a missing or empty field, an unknown label, or more tokens than a sample
     holds are counted as bad input with their file and line (``data.strict`` stops at the
@@ -333,7 +333,7 @@ class DataConfig:
     keep_work: bool = False
     """Keep the intermediate `_work/` folder after a successful run (for debugging)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    """How training streams the shards (see pipeline/loader.py)."""
+    """How training streams the shards (see pipeline/loader/shard_loader.py)."""
     task: TaskDataConfig | None = None
     """A labelled task data set instead of `datasets` (fine-tuning): prepared into
     `<output_dir>/task/{train,val}-NNNNNN.tar` with the tokenizer at `tokenizer.model_path`."""

@@ -20,17 +20,35 @@ from typing import Any
 log = logging.getLogger("lmforge.pipeline")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON durably: temp file, fsync, rename, fsync of the folder. A crash leaves the
-    old file or the new one, never an empty or partial one (markers are trusted on rerun)."""
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    """The one durable write: temp file (PID-unique name), fsync, rename, fsync of the folder.
+
+    A crash leaves the old file or the new one, never an empty or partial one, so a marker
+    written this way can vouch for what was fsynced before it. ``mode`` is set on the temp
+    file before any byte is written (0o600 for files that hold secrets).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked for
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+    """Write JSON durably (see :func:`write_atomic`); markers are trusted on rerun."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", mode)
 
 
 def fsync_dir(folder: Path) -> None:

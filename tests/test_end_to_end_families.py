@@ -28,7 +28,7 @@ from lmforge.launch.export.from_checkpoint import load_trained_model
 from lmforge.launch.export.hf_folder import write_hf_folder
 from lmforge.launch.export.verify import ExportCheck
 from lmforge.model import generate_seq2seq, to_hf
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 pytestmark = pytest.mark.slow
 

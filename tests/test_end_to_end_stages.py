@@ -28,7 +28,7 @@ import yaml
 from lmforge.launch.config import load_resolved
 from lmforge.launch.export.from_checkpoint import load_trained_model
 from lmforge.launch.train.checkpoint import complete_checkpoints, consolidated_state_dict
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 pytestmark = pytest.mark.slow
 

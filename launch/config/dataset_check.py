@@ -14,8 +14,8 @@ from pathlib import Path
 from lmforge.launch.config.run_config import TASK_OBJECTIVES, RunConfig
 from lmforge.launch.config.typed_yaml import ConfigError
 from lmforge.pipeline.config import DataConfig
-from lmforge.pipeline.manifest import DatasetManifest
-from lmforge.pipeline.tokenizer import file_sha256
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.prepare.tokenizer import file_sha256
 
 # Objectives that replace tokens by the tokenizer's mask piece.
 MASKING_OBJECTIVES = ("masked_lm", "denoising")

@@ -13,7 +13,7 @@ from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.checkpoint import consolidated_state_dict
 from lmforge.launch.train.trainable import has_lora
 from lmforge.model import ModelConfig, to_hf
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 
 def load_trained_model(

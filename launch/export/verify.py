@@ -22,7 +22,7 @@ from torch import nn
 from lmforge.launch.export import ExportError
 from lmforge.launch.export.hf_folder import load_export, verify_logits
 from lmforge.model import ModelConfig, generate, generate_seq2seq
-from lmforge.pipeline.manifest import TokenizerInfo
+from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
 
 GREEDY_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
 """The real text greedy decoding is compared on."""

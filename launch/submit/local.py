@@ -16,7 +16,7 @@ from lmforge.launch.config import RunConfig
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit.spec import WORK, mlflow_line
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 
 def describe(cfg: RunConfig, work: str) -> dict[str, object]:

@@ -29,7 +29,7 @@ from lmforge.launch.submit.spec import (
     resolve_in,
     with_allocation,
 )
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 TEMPLATES = {"train": "train.sbatch", "prepare": "ray-prepare.sbatch"}
 STAGES_TEMPLATE = "stages.sbatch"

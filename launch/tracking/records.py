@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.launch.tracking.errors import is_permanent
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 log = logging.getLogger("lmforge.launch.tracking")
 

@@ -36,7 +36,7 @@ from lmforge.launch.tracking.records import (
     flatten_params,
     params_operation,
 )
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 log = logging.getLogger("lmforge.launch.tracking")
 

@@ -31,8 +31,8 @@ from lmforge.launch.train.trainable import apply_trainable
 from lmforge.launch.train.trainer import Trainer
 from lmforge.launch.train.warm_start import WarmStart, load_source_weights, resolve
 from lmforge.pipeline.config import LoaderConfig
-from lmforge.pipeline.loader import ShardLoader
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.loader.shard_loader import ShardLoader
 
 log = logging.getLogger("lmforge.train")
 

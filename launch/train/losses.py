@@ -11,7 +11,7 @@ module applies it to loader batches on the engine's device.
 - ``denoising`` (encoder-decoder): BART text infilling of ``input_ids``; the decoder
   reconstructs the clean row.
 
-On task data (``data.task``; batches as ``pipeline/loader_batches.py`` builds them):
+On task data (``data.task``; batches as ``pipeline/loader/batches.py`` builds them):
 
 - ``sft`` (decoder): next-token loss on the loader's ``labels`` (response tokens only),
   attention and positions restricted to each packed example (``segment_ids``,
@@ -47,7 +47,7 @@ from lmforge.model import (
     masked_lm_loss,
     shift_right,
 )
-from lmforge.pipeline.manifest import TokenizerInfo
+from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
 
 IGNORE_INDEX = -100
 

@@ -26,7 +26,7 @@ from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.collectives import all_reduce, all_reduce_values
 from lmforge.launch.train.loss_guard import LossGuard, skip_loss
 from lmforge.launch.train.losses import Objective, corruption_generator
-from lmforge.pipeline.loader import ShardLoader
+from lmforge.pipeline.loader.shard_loader import ShardLoader
 
 log = logging.getLogger("lmforge.train")
 

@@ -32,7 +32,7 @@ from lmforge.launch.train.loss_guard import BadLossError
 from lmforge.launch.train.preemption import PreemptionHandler
 from lmforge.launch.train.warm_start import WarmStartError
 from lmforge.model import estimate_flops, estimate_hardware_flops
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 log = logging.getLogger("lmforge.train")
 

@@ -25,7 +25,7 @@ from engine_helpers import REPO, finish, shard_fixtures, train
 from lmforge.launch.config.run_config import load_resolved
 from lmforge.launch.config.sections import TrainConfig
 from lmforge.launch.train.optim import param_groups
-from lmforge.pipeline.loader import ShardLoader
+from lmforge.pipeline.loader.shard_loader import ShardLoader
 
 STEPS = 6
 

@@ -12,7 +12,7 @@ from engine_helpers import REPO, shard_fixtures
 
 from lmforge.launch.config import PREPARE_SECTIONS, ConfigError, load_config
 from lmforge.launch.config.dataset_check import DatasetMismatchError, config_for_dataset
-from lmforge.pipeline.manifest import DatasetManifest, SpecialToken
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest, SpecialToken
 
 TINY = REPO / "configs" / "tiny.yaml"
 

@@ -35,7 +35,7 @@ from lmforge.launch.train.warm_start import (
     set_schedule_position,
 )
 from lmforge.model import ModelConfig
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,7 +162,7 @@ def test_sft_loss_counts_response_tokens_and_isolates_packed_examples():
 
 def fixture_tokenizer():
     """The fixture shards' tokenizer section (pad 0, unk 1, bos 2, eos 3, vocabulary 1000)."""
-    from lmforge.pipeline.dataset_manifest import TokenizerInfo
+    from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
 
     return TokenizerInfo(file="tokenizer.model", sha256="0" * 64, vocab_size=1000, type="bpe",
                          pad_id=0, unk_id=1, bos_id=2, eos_id=3, special_tokens={},
@@ -553,7 +553,7 @@ def write_classify_shards(root: Path, spm_model: Path, labels: list[str]) -> Non
                          "shards": [shard]}
         task_splits[split] = {"examples": count, "label_counts": counts}
     shutil.copyfile(spm_model, root / "tokenizer.model")
-    from lmforge.pipeline.tokenizer import file_sha256
+    from lmforge.pipeline.prepare.tokenizer import file_sha256
 
     manifest = {
         "version": 1, "seq_len": 16, "token_dtype": "uint16",

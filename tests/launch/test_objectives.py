@@ -25,7 +25,7 @@ from lmforge.launch.train.losses import (
     special_ids,
 )
 from lmforge.model.config import ModelConfig
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 REPO = Path(__file__).resolve().parents[2]
 MASK_ID = 4

@@ -21,9 +21,9 @@ import sentencepiece as spm
 from engine_helpers import finish, train
 
 from lmforge.launch.config import PREPARE_SECTIONS, load_config
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
-from lmforge.pipeline.manifest import DatasetManifest
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
+from lmforge.pipeline.prepare.driver import prepare
 
 pytestmark = pytest.mark.slow
 

@@ -244,7 +244,7 @@ def manifest_json(splits: dict[str, list[dict[str, object]]]) -> dict[str, objec
 
 
 def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> None:
-    # The layout pipeline/manifest.py writes: datasets -> splits -> shards.
+    # The layout pipeline/prepare/manifest_writer.py writes: datasets -> splits -> shards.
     manifest = manifest_json({
         "train": [shard("s/train-000000.tar", 3, "a"), shard("s/train-000001.tar", 2, "b")],
         "val": [shard("s/val-000000.tar", 1, "c")],

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lmforge.pipeline.executor import ray_session
+from lmforge.pipeline.run.executor import ray_session
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.executor import _CHECKED_RAY_VERSIONS, RayExecutor, spread_over_nodes
-from lmforge.pipeline.phases import WorkContext
-from lmforge.pipeline.tokenizer import train_tokenizer
+from lmforge.pipeline.prepare.phases import WorkContext
+from lmforge.pipeline.prepare.tokenizer import train_tokenizer
+from lmforge.pipeline.run.executor import _CHECKED_RAY_VERSIONS, RayExecutor, spread_over_nodes
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 
@@ -150,7 +150,7 @@ def test_encode_reports_the_earliest_bad_item_whichever_fails_first(
 LEAN_PROBE = """
 import json, pathlib, psutil, ray
 from ray._private import node, services, utils
-from lmforge.pipeline.executor import ray_session
+from lmforge.pipeline.run.executor import ray_session
 with ray_session(None):
     assert ray.get(ray.remote(lambda: 1).remote()) == 1
     kids = psutil.Process().children(recursive=True)
@@ -183,8 +183,8 @@ def test_the_local_ray_runs_only_what_the_job_uses(tmp_path) -> None:
     if out["ray"] in _CHECKED_RAY_VERSIONS:
         # The stand-in agent: running, no Ray dashboard agent, and it published "no port"
         # for what the minimal agent publishes no port for.
-        assert "-m lmforge.pipeline.ray_agent" in agent_command, agent_command
-        assert [c for c in commands if "lmforge.pipeline.ray_agent" in c], commands
+        assert "-m lmforge.pipeline.run.ray_agent" in agent_command, agent_command
+        assert [c for c in commands if "lmforge.pipeline.run.ray_agent" in c], commands
         assert not [c for c in commands if c.startswith("ray::DashboardAgent")], commands
         for name in ("metrics_agent_port", "metrics_export_port",
                      "dashboard_agent_listen_port"):
@@ -204,7 +204,7 @@ def test_local_ray_ignores_a_cluster_recorded_by_ray_start():
     try:
         (tmp / "ray").mkdir()
         (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens
-        code = ("import ray\nfrom lmforge.pipeline.executor import ray_session\n"
+        code = ("import ray\nfrom lmforge.pipeline.run.executor import ray_session\n"
                 "with ray_session(None):\n"
                 "    print(ray.get(ray.remote(lambda: 'ok').remote()))\n")
         env = {**os.environ, "TMPDIR": str(tmp)}

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from lmforge.launch.commands import log_prepared_dataset
 from lmforge.launch.config import load_config
 from lmforge.launch.tracking import Tracker
-from lmforge.pipeline.manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 pytestmark = pytest.mark.slow
 

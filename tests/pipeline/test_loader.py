@@ -10,7 +10,7 @@ import pytest
 import torch
 from shard_fixtures import PAD_ID, write_shards
 
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
 SHARDS = {"web": {"train": [5, 7, 3, 9, 12], "val": [4, 6, 3]}}  # 36 train, 13 val samples
 

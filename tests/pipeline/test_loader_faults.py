@@ -9,7 +9,7 @@ import fsspec
 import pytest
 from shard_fixtures import write_shards
 
-from lmforge.pipeline.loader import LoaderConfig, ShardError, ShardLoader
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardError, ShardLoader
 
 SHARDS = {"web": {"train": [5, 7, 3, 9], "val": [4, 6, 3]}}  # 24 train, 13 val
 
@@ -49,7 +49,7 @@ def test_lenient_mode_skips_warns_counts_and_keeps_ranks_in_step(shards, caplog)
     bad = shards.shards["web/train"][1]
     truncate(bad)
     bad_keys = {k for k in shards.keys("train") if k.startswith("web-train-000001-")}
-    caplog.set_level(logging.WARNING, logger="lmforge.pipeline.loader")
+    caplog.set_level(logging.WARNING, logger="lmforge.pipeline.loader.shard_loader")
     loaders = [make(shards, rank=r, world=2, strict=False, num_workers=2) for r in range(2)]
     rows = [[k for b in itertools.islice(ldr, 6) for k in b["keys"]] for ldr in loaders]
     assert len(rows[0]) == len(rows[1]) == 12  # one epoch of 24 positions over 2 ranks

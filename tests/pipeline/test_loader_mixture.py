@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from shard_fixtures import write_shards
 
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
-from lmforge.pipeline.loader_order import MIXTURE_CHUNK
+from lmforge.pipeline.loader.order import MIXTURE_CHUNK
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
 SHARDS = {"web": {"train": [7, 9, 4]}, "code": {"train": [6, 5]}, "math": {"train": [3]}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmforge.pipeline.loader_order import MIXTURE_CHUNK, DatasetSplit, Mixture, ShardEntry
+from lmforge.pipeline.loader.order import MIXTURE_CHUNK, DatasetSplit, Mixture, ShardEntry
 
 
 def split(counts: list[int], window: int, shuffle: bool = True, seed: int = 5) -> DatasetSplit:

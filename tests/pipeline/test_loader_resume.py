@@ -8,7 +8,7 @@ import json
 import pytest
 from shard_fixtures import write_shards
 
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
 SHARDS = {"web": {"train": [5, 7, 3, 9, 12]}, "code": {"train": [8, 6, 11]}}  # 36 + 25
 

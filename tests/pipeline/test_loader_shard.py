@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from lmforge.pipeline.loader_shard import ShardReader
-from lmforge.pipeline.loader_tar import ShardError
+from lmforge.pipeline.contract.shard_tar import ShardError
+from lmforge.pipeline.loader.shard import ShardReader
 
 SEQ = 16
 

@@ -11,10 +11,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from lmforge.pipeline import loader_shard
 from lmforge.pipeline.config import LoaderConfig
-from lmforge.pipeline.loader import ShardLoader
-from lmforge.pipeline.manifest import (
+from lmforge.pipeline.contract.dataset_manifest import (
     DatasetInfo,
     DatasetManifest,
     ManifestError,
@@ -22,7 +20,7 @@ from lmforge.pipeline.manifest import (
     SplitInfo,
     TokenizerInfo,
 )
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.shard_format import (
     DOC_STARTS_MEMBER,
     MANIFEST_FILE,
     TOKENS_MEMBER,
@@ -30,7 +28,9 @@ from lmforge.pipeline.shard_format import (
     shard_file_name,
     token_dtype,
 )
-from lmforge.pipeline.shards import ShardWriter
+from lmforge.pipeline.loader import shard as loader_shard
+from lmforge.pipeline.loader.shard_loader import ShardLoader
+from lmforge.pipeline.prepare.shards import ShardWriter
 
 
 def special(piece: str, id_: int) -> dict:

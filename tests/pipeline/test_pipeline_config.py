@@ -54,7 +54,7 @@ def test_defaults_are_valid_and_special_pieces_are_ordered() -> None:
 
 def test_the_config_sections_import_no_torch() -> None:
     # Ray workers unpickle a DataConfig; launch/ composes the sections into its config.
-    code = ("import sys, lmforge.pipeline.config, lmforge.pipeline.manifest; "
+    code = ("import sys, lmforge.pipeline.config, lmforge.pipeline.prepare.manifest_writer; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
     data = DataConfig(datasets=[spec()])

@@ -16,7 +16,7 @@ import sentencepiece as spm
 import webdataset as wds
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 SEQ_LEN = 64

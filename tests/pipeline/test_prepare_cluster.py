@@ -11,7 +11,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 

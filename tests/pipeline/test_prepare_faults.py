@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
-from lmforge.pipeline.manifest import DatasetManifest
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
+from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 

@@ -15,8 +15,8 @@ import sentencepiece as spm
 import webdataset as wds
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.manifest import DatasetManifest
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 
@@ -148,7 +148,7 @@ def test_reused_tokenizer_and_changed_config_rewrite_the_dataset(
 
 
 def test_strict_mode_stops_with_file_and_line(inputs: dict, tmp_path: Path) -> None:
-    from lmforge.pipeline.readers import BadInputError
+    from lmforge.pipeline.prepare.readers import BadInputError
 
     data, tok = configs(inputs, tmp_path / "strict", strict=True)
     with pytest.raises(BadInputError, match=r"bad\.txt:3: invalid_utf8.*data\.strict=false"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.prepare import prepare
-from lmforge.pipeline.readers import BadInputError
+from lmforge.pipeline.prepare.driver import prepare
+from lmforge.pipeline.prepare.readers import BadInputError
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 

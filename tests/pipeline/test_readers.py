@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.pipeline.config import DatasetSpec
-from lmforge.pipeline.readers import BadInputError, BadInputLog, read_piece
-from lmforge.pipeline.sources import ReadPiece, discover_files, plan_read_tasks, split_file
+from lmforge.pipeline.prepare.readers import BadInputError, BadInputLog, read_piece
+from lmforge.pipeline.prepare.sources import ReadPiece, discover_files, plan_read_tasks, split_file
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 

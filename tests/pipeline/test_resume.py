@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 RUN = """
 import sys
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.prepare import prepare
+from lmforge.pipeline.prepare.driver import prepare
 corpus, out = sys.argv[1], sys.argv[2]
 data = DataConfig(datasets=[DatasetSpec(name="s", paths=[corpus])], output_dir=out, seq_len=64,
                   val_fraction=0.05, read_chunk_bytes=16_000, shard_target_bytes=8192)
@@ -101,7 +101,7 @@ def test_killed_run_resumes_to_identical_shards(
 def test_writing_a_shard_in_small_blocks_gives_the_same_bytes(
     corpus: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lmforge.pipeline import phases
+    from lmforge.pipeline.prepare import phases
 
     monkeypatch.setattr(phases, "_WRITE_BLOCK_WINDOWS", 3)
     data, tok = configs(corpus, tmp_path / "blocks")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from lmforge.pipeline.shard_format import samples_per_shard
-from lmforge.pipeline.shards import member_header, npy_bytes, pack_windows, write_shard
+from lmforge.pipeline.contract.shard_format import samples_per_shard
+from lmforge.pipeline.prepare.shards import member_header, npy_bytes, pack_windows, write_shard
 
 
 def test_pack_windows_cuts_pads_and_finds_doc_starts() -> None:
@@ -67,7 +67,7 @@ def test_samples_per_shard_hits_the_target_size() -> None:
 
 def test_shard_planner_is_order_independent_and_covers_every_window() -> None:
     from lmforge.pipeline.config import DataConfig, DatasetSpec
-    from lmforge.pipeline.manifest import ShardPlanner
+    from lmforge.pipeline.prepare.manifest_writer import ShardPlanner
 
     data = DataConfig(datasets=[DatasetSpec(name="a", paths=["x"]),
                                 DatasetSpec(name="b", paths=["y"])],

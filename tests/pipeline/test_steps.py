@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from lmforge.pipeline.config import CleanConfig
-from lmforge.pipeline.steps import (
+from lmforge.pipeline.prepare.steps import (
     Document,
     LengthFilter,
     Normalize,

@@ -17,10 +17,10 @@ import sentencepiece as spm
 import torch
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TaskDataConfig, TokenizerConfig
-from lmforge.pipeline.dataset_manifest import DatasetManifest
-from lmforge.pipeline.loader import LoaderConfig, ShardLoader
-from lmforge.pipeline.prepare import prepare
-from lmforge.pipeline.tokenizer import train_tokenizer
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
+from lmforge.pipeline.prepare.driver import prepare
+from lmforge.pipeline.prepare.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "configs" / "tasks"

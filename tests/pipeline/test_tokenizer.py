@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from lmforge.pipeline.config import TokenizerConfig
-from lmforge.pipeline.tokenizer import (
+from lmforge.pipeline.prepare.tokenizer import (
     DocumentEncoder,
     describe_tokenizer,
     token_dtype,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.pipeline.dataset_manifest import ShardInfo
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.dataset_manifest import ShardInfo
+from lmforge.pipeline.contract.shard_format import (
     BLOCK,
     DOC_STARTS_MEMBER,
     MEMBER_MODE,

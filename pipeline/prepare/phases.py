@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig
+from lmforge.pipeline.contract.shard_format import sample_key, shard_file_name
 from lmforge.pipeline.durable import disk_space_errors, read_marker, write_json
-from lmforge.pipeline.readers import BadInputLog, read_piece
-from lmforge.pipeline.shard_format import sample_key, shard_file_name
-from lmforge.pipeline.shards import ShardWriter, pack_windows
-from lmforge.pipeline.sources import ReadTask
-from lmforge.pipeline.steps import Document, build_clean_steps, run_steps
-from lmforge.pipeline.tokenizer import DocumentEncoder
+from lmforge.pipeline.prepare.readers import BadInputLog, read_piece
+from lmforge.pipeline.prepare.shards import ShardWriter, pack_windows
+from lmforge.pipeline.prepare.sources import ReadTask
+from lmforge.pipeline.prepare.steps import Document, build_clean_steps, run_steps
+from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
 HASH_ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("doc", "<u4"), ("nbytes", "<u4")])
 REMOVED_ROW = np.dtype([("task", "<u4"), ("doc", "<u4")])

@@ -22,9 +22,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmforge.pipeline.phases import WorkContext
-from lmforge.pipeline.stats import load_plotting
-from lmforge.pipeline.tokenizer import DocumentEncoder
+from lmforge.pipeline.prepare.phases import WorkContext
+from lmforge.pipeline.prepare.stats import load_plotting
+from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
 _ENCODERS_PER_WRITER = 16
 _POOL_START_TIMEOUT_S = 600
@@ -400,7 +400,7 @@ def _lean_local_start() -> Iterator[None]:
         def agent_command(component: str, session_dir: str, *args: Any, **kwargs: Any
                           ) -> list[str]:
             if component == ray_constants.PROCESS_TYPE_DASHBOARD_AGENT:
-                return [sys.executable, "-u", "-m", "lmforge.pipeline.ray_agent"]
+                return [sys.executable, "-u", "-m", "lmforge.pipeline.run.ray_agent"]
             return python_command(component, session_dir, *args, **kwargs)
 
         def get_node_soon(gcs_address: str, node_id: str) -> Any:

@@ -28,11 +28,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from lmforge.pipeline.config import LoaderConfig
-from lmforge.pipeline.loader_batches import BatchStream, Plan, collate, keep
-from lmforge.pipeline.loader_order import MIXTURE_CHUNK, DatasetSplit, Manifest, Mixture
-from lmforge.pipeline.loader_shard import ReaderCache
-from lmforge.pipeline.loader_tar import ShardError, is_url
-from lmforge.pipeline.shard_format import TASK_MEMBERS
+from lmforge.pipeline.contract.shard_format import TASK_MEMBERS
+from lmforge.pipeline.contract.shard_tar import ShardError, is_url
+from lmforge.pipeline.loader.batches import BatchStream, Plan, collate, keep
+from lmforge.pipeline.loader.order import MIXTURE_CHUNK, DatasetSplit, Manifest, Mixture
+from lmforge.pipeline.loader.shard import ReaderCache
 
 __all__ = ["LoaderConfig", "ShardError", "ShardLoader"]
 

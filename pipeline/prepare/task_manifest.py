@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.pipeline.config import DataConfig
-from lmforge.pipeline.dataset_manifest import (
+from lmforge.pipeline.contract.dataset_manifest import (
     DatasetInfo,
     DatasetManifest,
     ShardInfo,
@@ -20,11 +20,11 @@ from lmforge.pipeline.dataset_manifest import (
     TaskSplitInfo,
     TokenizerInfo,
 )
-from lmforge.pipeline.phases import SPLITS
-from lmforge.pipeline.shard_format import TASK_DATASET, TOKENIZER_FILE, token_dtype
-from lmforge.pipeline.sources import SourceFile
-from lmforge.pipeline.stats import MAX_REPORTED_EXAMPLES
-from lmforge.pipeline.tasks import TaskShardPlan
+from lmforge.pipeline.contract.shard_format import TASK_DATASET, TOKENIZER_FILE, token_dtype
+from lmforge.pipeline.prepare.phases import SPLITS
+from lmforge.pipeline.prepare.sources import SourceFile
+from lmforge.pipeline.prepare.stats import MAX_REPORTED_EXAMPLES
+from lmforge.pipeline.prepare.tasks import TaskShardPlan
 
 
 def _split_totals(encoded: list[dict], split: str, key: str) -> int:

@@ -9,7 +9,7 @@ for the metrics agent, the metrics export and the agent's HTTP server, then wait
 raylet to end (it holds the agent's stdin: end of file means the raylet is gone), as the
 real agent does.
 
-Run by the raylet as `python -u -m lmforge.pipeline.ray_agent <agent.py> --node-id=...`;
+Run by the raylet as `python -u -m lmforge.pipeline.run.ray_agent <agent.py> --node-id=...`;
 used only for Ray versions it was checked against (`executor._CHECKED_RAY_VERSIONS`).
 """
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.pipeline.dataset_manifest import DatasetInfo
-from lmforge.pipeline.steps import StepStats
+from lmforge.pipeline.contract.dataset_manifest import DatasetInfo
+from lmforge.pipeline.prepare.steps import StepStats
 
 MAX_REPORTED_EXAMPLES = 200
 

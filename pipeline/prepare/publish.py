@@ -10,10 +10,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmforge.pipeline.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.durable import fsync_dir
 
-log = logging.getLogger("lmforge.pipeline.prepare")
+log = logging.getLogger("lmforge.pipeline.prepare.driver")
 
 
 def say(message: str, progress: bool) -> None:

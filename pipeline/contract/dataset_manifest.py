@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.pipeline.loader_tar import is_url, local_path, read_bytes
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.shard_format import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
     TASK_MEMBERS,
     TOKEN_DTYPES,
     padding_id,
 )
+from lmforge.pipeline.contract.shard_tar import is_url, local_path, read_bytes
 
 _AGAIN = "run `lmforge prepare` again"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.pipeline.shard_format import BLOCK
+from lmforge.pipeline.contract.shard_format import BLOCK
 
 _NPY_MAGIC = b"\x93NUMPY"
 

@@ -19,15 +19,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lmforge.pipeline.config import LoaderConfig
-from lmforge.pipeline.loader_order import DatasetSplit, Mixture
-from lmforge.pipeline.loader_shard import ReaderCache
-from lmforge.pipeline.loader_tar import ShardError
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.shard_format import (
     LABEL_MEMBER,
     LOSS_MASK_MEMBER,
     TARGET_MEMBER,
     TASK_MEMBERS,
 )
+from lmforge.pipeline.contract.shard_tar import ShardError
+from lmforge.pipeline.loader.order import DatasetSplit, Mixture
+from lmforge.pipeline.loader.shard import ReaderCache
 
 IGNORE_INDEX = -100
 

@@ -15,27 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
-from lmforge.pipeline.dataset_manifest import DatasetManifest
-from lmforge.pipeline.durable import disk_space_errors, write_json
-from lmforge.pipeline.executor import LocalExecutor, RayExecutor
-from lmforge.pipeline.phases import SPLITS
-from lmforge.pipeline.publish import publish, read_chunk_bytes, say, work_folder
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.shard_format import (
     TASK_DATASET,
     TOKENIZER_FILE,
     padding_id,
     task_samples_per_shard,
     token_dtype,
 )
-from lmforge.pipeline.sources import ReadTask, SourceFile, plan_read_tasks
-from lmforge.pipeline.task_manifest import (
+from lmforge.pipeline.durable import disk_space_errors, write_json
+from lmforge.pipeline.prepare.phases import SPLITS
+from lmforge.pipeline.prepare.publish import publish, read_chunk_bytes, say, work_folder
+from lmforge.pipeline.prepare.sources import ReadTask, SourceFile, plan_read_tasks
+from lmforge.pipeline.prepare.task_manifest import (
     bad_input,
     build_task_manifest,
     task_info,
     task_stats,
     task_summary,
 )
-from lmforge.pipeline.tasks import (
+from lmforge.pipeline.prepare.tasks import (
     TaskContext,
     encode_examples,
     label_task,
@@ -43,7 +42,8 @@ from lmforge.pipeline.tasks import (
     task_specs,
     write_task_shard,
 )
-from lmforge.pipeline.tokenizer import describe_tokenizer
+from lmforge.pipeline.prepare.tokenizer import describe_tokenizer
+from lmforge.pipeline.run.executor import LocalExecutor, RayExecutor
 
 
 def check_task_tokenizer(tokenizer: TokenizerConfig) -> None:

@@ -20,8 +20,8 @@ from typing import IO, Any
 
 import fsspec
 
-from lmforge.pipeline.sources import ReadPiece
-from lmforge.pipeline.steps import Document
+from lmforge.pipeline.prepare.sources import ReadPiece
+from lmforge.pipeline.prepare.steps import Document
 
 _BLOCK = 4 << 20
 MAX_EXAMPLES_PER_KIND = 20

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
-from lmforge.pipeline.dataset_manifest import (
+from lmforge.pipeline.contract.dataset_manifest import (
     DatasetInfo,
     DatasetManifest,
     ManifestError,
@@ -25,15 +25,15 @@ from lmforge.pipeline.dataset_manifest import (
     SplitInfo,
     TokenizerInfo,
 )
-from lmforge.pipeline.phases import SPLITS, ShardPlan
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.shard_format import (
     MANIFEST_VERSION,
     TOKENIZER_FILE,
     samples_per_shard,
     token_dtype,
 )
-from lmforge.pipeline.sources import SourceFile
-from lmforge.pipeline.tokenizer import file_sha256
+from lmforge.pipeline.prepare.phases import SPLITS, ShardPlan
+from lmforge.pipeline.prepare.sources import SourceFile
+from lmforge.pipeline.prepare.tokenizer import file_sha256
 
 __all__ = [
     "MANIFEST_VERSION",

@@ -27,16 +27,16 @@ from typing import Any, Literal
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.shard_format import TOKENIZER_FILE, padding_id, token_dtype
 from lmforge.pipeline.durable import disk_space_errors, write_json
-from lmforge.pipeline.executor import LocalExecutor, RayExecutor, ray_session
-from lmforge.pipeline.manifest import (
-    DatasetManifest,
+from lmforge.pipeline.prepare.manifest_writer import (
     ShardPlanner,
     build_manifest,
     fingerprint,
     is_complete,
 )
-from lmforge.pipeline.phases import (
+from lmforge.pipeline.prepare.phases import (
     SPLITS,
     ShardPlan,
     WorkContext,
@@ -47,13 +47,13 @@ from lmforge.pipeline.phases import (
     sample_task,
     write_task,
 )
-from lmforge.pipeline.prepare_task import check_task_tokenizer, run_task
-from lmforge.pipeline.publish import publish, read_chunk_bytes, say, work_folder
-from lmforge.pipeline.shard_format import TOKENIZER_FILE, padding_id, token_dtype
-from lmforge.pipeline.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
-from lmforge.pipeline.stats import draw_plot, plots_of, summarize, summary_for_manifest
-from lmforge.pipeline.tasks import discover_task_files
-from lmforge.pipeline.tokenizer import describe_tokenizer, train_tokenizer
+from lmforge.pipeline.prepare.publish import publish, read_chunk_bytes, say, work_folder
+from lmforge.pipeline.prepare.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
+from lmforge.pipeline.prepare.stats import draw_plot, plots_of, summarize, summary_for_manifest
+from lmforge.pipeline.prepare.task_driver import check_task_tokenizer, run_task
+from lmforge.pipeline.prepare.tasks import discover_task_files
+from lmforge.pipeline.prepare.tokenizer import describe_tokenizer, train_tokenizer
+from lmforge.pipeline.run.executor import LocalExecutor, RayExecutor, ray_session
 
 PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
 # (encode results, shard plans, written shards) and, before them, clean results, dedup

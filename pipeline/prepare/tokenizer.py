@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmforge.pipeline.config import TokenizerConfig
-from lmforge.pipeline.shard_format import token_dtype
+from lmforge.pipeline.contract.shard_format import token_dtype
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 

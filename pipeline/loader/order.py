@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.pipeline.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 MIXTURE_CHUNK = 4096
 """Positions per mixture chunk: dataset proportions are exact over every chunk."""

@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.pipeline.loader_tar import ShardError, npy_header, open_shard, walk_tar
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.shard_format import (
     BLOCK,
     DOC_STARTS_MEMBER,
     LABEL_MEMBER,
@@ -38,6 +37,7 @@ from lmforge.pipeline.shard_format import (
     TARGET_MEMBER,
     TOKENS_MEMBER,
 )
+from lmforge.pipeline.contract.shard_tar import ShardError, npy_header, open_shard, walk_tar
 
 TOKENS = f".{TOKENS_MEMBER}".encode()
 DOC_STARTS = f".{DOC_STARTS_MEMBER}".encode()

@@ -25,16 +25,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TaskDataConfig
-from lmforge.pipeline.phases import (
-    SPLITS,
-    WorkContext,
-    is_val,
-    resumable,
-    save_npy,
-    write_shard_once,
-)
-from lmforge.pipeline.readers import BadInputLog, read_json_records
-from lmforge.pipeline.shard_format import (
+from lmforge.pipeline.contract.shard_format import (
     DOC_STARTS_MEMBER,
     LABEL_MEMBER,
     LOSS_MASK_MEMBER,
@@ -44,10 +35,19 @@ from lmforge.pipeline.shard_format import (
     sample_key,
     shard_file_name,
 )
-from lmforge.pipeline.shards import ShardWriter
-from lmforge.pipeline.sources import ReadPiece, ReadTask, SourceFile, discover_files
-from lmforge.pipeline.steps import build_clean_steps
-from lmforge.pipeline.tokenizer import DocumentEncoder
+from lmforge.pipeline.prepare.phases import (
+    SPLITS,
+    WorkContext,
+    is_val,
+    resumable,
+    save_npy,
+    write_shard_once,
+)
+from lmforge.pipeline.prepare.readers import BadInputLog, read_json_records
+from lmforge.pipeline.prepare.shards import ShardWriter
+from lmforge.pipeline.prepare.sources import ReadPiece, ReadTask, SourceFile, discover_files
+from lmforge.pipeline.prepare.steps import build_clean_steps
+from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
 _CLEAN_STEPS = ("normalize", "strip_control")  # the cleaning steps that apply to task fields
 
