@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from lmforge.pipeline.run.executor import ray_session
+
+# The tests live in folders mirroring pipeline/ (contract/, prepare/, run/, loader/) and import
+# the helpers kept here (shard_fixtures) by basename.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="module")

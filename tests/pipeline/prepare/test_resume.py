@@ -20,7 +20,7 @@ import pytest
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare.driver import prepare
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 RUN = """
 import sys

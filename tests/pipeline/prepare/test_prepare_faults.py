@@ -23,7 +23,7 @@ from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 from lmforge.pipeline.prepare.driver import prepare
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 def configs(corpus: Path, out: Path, **data_kwargs) -> tuple[DataConfig, TokenizerConfig]:

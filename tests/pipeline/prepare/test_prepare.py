@@ -18,7 +18,7 @@ import webdataset as wds
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare.driver import prepare
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 SEQ_LEN = 64
 
 

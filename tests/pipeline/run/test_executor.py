@@ -21,7 +21,7 @@ from lmforge.pipeline.prepare.phases import WorkContext
 from lmforge.pipeline.prepare.tokenizer import train_tokenizer
 from lmforge.pipeline.run.executor import _CHECKED_RAY_VERSIONS, RayExecutor, spread_over_nodes
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 def _max_overlap(spans: list[tuple[float, float]]) -> int:

@@ -18,7 +18,7 @@ from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.prepare.driver import prepare
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")

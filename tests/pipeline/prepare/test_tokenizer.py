@@ -17,7 +17,7 @@ from lmforge.pipeline.prepare.tokenizer import (
     train_tokenizer,
 )
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 TRICKY = [
     "  two  leading spaces and   three inside",
     "line one\nline two\n\n\nafter blank lines\n",

@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare.driver import prepare
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 def configs(corpus: Path, out: Path, address: str | None) -> tuple[DataConfig, TokenizerConfig]:

@@ -31,7 +31,7 @@ from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CORPUS = REPO / "configs" / "corpora" / "tinyshakespeare.txt"
 HUGE_LINE_MB = 100
 RSS_LIMIT_MB = 1000  # per process; a worker holding the line would need several copies of it

@@ -14,7 +14,7 @@ from lmforge.pipeline.config import DatasetSpec
 from lmforge.pipeline.prepare.readers import BadInputError, BadInputLog, read_piece
 from lmforge.pipeline.prepare.sources import ReadPiece, discover_files, plan_read_tasks, split_file
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 def read_all(path: Path, unit: str = "paragraph", max_bytes: int = 1 << 20,

@@ -22,7 +22,7 @@ from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 from lmforge.pipeline.prepare.driver import prepare
 from lmforge.pipeline.prepare.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TASKS = REPO / "configs" / "tasks"
 CORPUS = REPO / "configs" / "corpora" / "tinyshakespeare.txt"
 FILES = {"sft": "shakespeare_sft", "classify": "shakespeare_order",

@@ -14,7 +14,7 @@ from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare.driver import prepare
 from lmforge.pipeline.prepare.readers import BadInputError
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
