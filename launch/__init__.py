@@ -9,5 +9,9 @@
 - ``commands.py`` the ``lmforge`` commands (prepare, train, export, sample, run), ``cli.py``
   their command line, ``rundir.py`` the run directory's layout, ``sample.py`` text generation
 
-Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse.
+Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse; of the
+pipeline, the contract and the loader, and the builder only through its one entry point.
+May import: lmforge.pipeline.contract, lmforge.pipeline.config, lmforge.pipeline.durable,
+    lmforge.pipeline.loader, lmforge.pipeline.prepare.driver, lmforge.model, torch, deepspeed,
+    ray, mlflow, sentencepiece, tokenizers, transformers, peft, safetensors, webdataset
 """

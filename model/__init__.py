@@ -3,6 +3,9 @@
 The names below load on first use (PEP 562): `lmforge.model.config` (ModelConfig, the
 `model` section of a run config) is plain Python, and a command that only reads configs
 (`lmforge prepare`) must not pay for importing torch (~2 s).
+
+Plain single-device PyTorch: no DeepSpeed, Ray, MLflow or torch.distributed.
+May import: torch
 """
 
 from __future__ import annotations

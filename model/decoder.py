@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-from lmforge.model.config import ModelConfig
 from lmforge.model.layers import (
     Block,
     KVCache,
@@ -15,6 +16,9 @@ from lmforge.model.layers import (
     rope_cos_sin,
     sinusoidal_embedding,
 )
+
+if TYPE_CHECKING:
+    from lmforge.model.config import ModelConfig  # annotations only: config.build() imports us
 
 
 def segment_positions(segment_ids: Tensor) -> Tensor:

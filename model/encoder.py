@@ -3,11 +3,12 @@ sequence-classification head."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.model.config import ModelConfig
 from lmforge.model.layers import (
     Block,
     build_attention_mask,
@@ -16,6 +17,9 @@ from lmforge.model.layers import (
     rope_cos_sin,
     sinusoidal_embedding,
 )
+
+if TYPE_CHECKING:
+    from lmforge.model.config import ModelConfig  # annotations only: config.build() imports us
 
 
 def _head_activation(cfg: ModelConfig, x: Tensor) -> Tensor:

@@ -3,10 +3,11 @@ decoder with cross-attention, teacher forcing through `decoder_input_ids`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-from lmforge.model.config import ModelConfig
 from lmforge.model.layers import (
     MLP,
     Attention,
@@ -19,6 +20,9 @@ from lmforge.model.layers import (
     rope_cos_sin,
     sinusoidal_embedding,
 )
+
+if TYPE_CHECKING:
+    from lmforge.model.config import ModelConfig  # annotations only: config.build() imports us
 
 
 class CrossBlock(nn.Module):

@@ -9,12 +9,15 @@ checkpointing gives bit-identical results.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.model.config import ModelConfig
+if TYPE_CHECKING:
+    from lmforge.model.config import ModelConfig  # annotations only: config.build() imports us
+
 
 
 class RMSNorm(nn.Module):

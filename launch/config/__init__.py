@@ -5,8 +5,9 @@ located errors (``typed_yaml.py``), :class:`RunConfig` and its loader (``run_con
 the DeepSpeed JSON generated from the sections (``deepspeed.py``), and the check of a run
 config against a prepared dataset (``dataset_check.py``).
 
-May import: ``pipeline.config`` and ``pipeline.manifest`` (the data/tokenizer sections and
-the dataset contract), ``model.config`` and ``model.presets``; nothing else of lmforge.
+Nothing else of lmforge: the data/tokenizer sections, the dataset contract, the model section.
+May import: lmforge.pipeline.config, lmforge.pipeline.contract, lmforge.pipeline.durable,
+    lmforge.model.config, lmforge.model.presets, lmforge.model.hf_classes, torch
 """
 
 from lmforge.launch.config.run_config import (

@@ -7,9 +7,11 @@ temporary folder before it is published: logits and greedy tokens (``verify.py``
 converting and verifying the sentencepiece tokenizer (``hf_tokenizer.py``). Every failure is
 an :class:`ExportError`.
 
-May import: ``launch.config``, ``launch.rundir``, ``launch.train.checkpoint`` (finding a
-complete checkpoint), ``pipeline.manifest``, ``model``, and ``transformers``/``tokenizers``
-inside functions.
+``transformers``/``tokenizers`` only inside functions.
+May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.train.checkpoint,
+    lmforge.launch.train.trainable, lmforge.launch.train.warm_start, lmforge.launch.redact,
+    lmforge.pipeline.contract, lmforge.pipeline.durable, lmforge.model, torch, safetensors,
+    transformers, tokenizers, sentencepiece
 """
 
 

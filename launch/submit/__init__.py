@@ -12,8 +12,10 @@ requeue or retry resumes inside the stage it was in.
 
 Owns the submitting side (``slurm.py``, ``ray_jobs.py``, ``local.py``, shared parts in
 ``spec.py``) and, kept apart, the job body's steps on the cluster (``job.py``; Ray Train in
-``ray_train.py``). May import: ``launch.config``, ``launch.rundir``, ``launch.tracking``,
-``launch.commands`` and ``launch.train`` (inside the job), ``pipeline.manifest``.
+``ray_train.py``); ``launch.train`` only inside the job.
+May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.tracking,
+    lmforge.launch.commands, lmforge.launch.stages, lmforge.launch.train, lmforge.launch.redact,
+    lmforge.pipeline.contract, lmforge.pipeline.config, lmforge.pipeline.durable, ray, torch
 """
 
 from __future__ import annotations

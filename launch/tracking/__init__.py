@@ -6,8 +6,9 @@ lineage, system metrics), how MLflow failures are classified (``errors.py``) and
 registry (``registry.py``: an export logged as a model and registered as a version). Tracking
 failure never stops training.
 
-May import: ``launch.config`` (the tracking section), ``launch.rundir``, ``pipeline.manifest``
-(dataset lineage) and MLflow (inside functions, so ranks that never track stay light).
+MLflow only inside functions, so ranks that never track stay light.
+May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.redact,
+    lmforge.pipeline.contract, lmforge.pipeline.config, lmforge.model, mlflow
 """
 
 from lmforge.launch.tracking.tracker import RunStatus, Tracker

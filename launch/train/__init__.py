@@ -10,8 +10,9 @@ from a checkpoint or Hugging Face folder (``warm_start.py``); trainable subsets,
 parameters and LoRA adapters (``trainable.py``); activation checkpointing applied from
 outside the model (``activation_checkpointing.py``); the bad-loss policy (``loss_guard.py``).
 
-May import: ``launch.config``, ``launch.rundir``, ``launch.tracking``, ``launch.sample``,
-``pipeline`` (the loader and the manifest), ``model``, DeepSpeed, ``torch.distributed``,
-``peft`` (LoRA) and ``sacrebleu`` (BLEU).
+May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.tracking,
+    lmforge.launch.sample, lmforge.launch.redact, lmforge.pipeline.contract,
+    lmforge.pipeline.config, lmforge.pipeline.durable, lmforge.pipeline.loader, lmforge.model,
+    torch, deepspeed, peft, safetensors, transformers, sentencepiece
 Imports nothing from here at package level: the worker must stay cheap to start.
 """
