@@ -68,7 +68,7 @@ def _imports(module: str, path: Path) -> list[tuple[int, str]]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
-                # `from pkg import submodule` imports the submodule; `from mod import name` the module
+                # `from pkg import submodule` imports the submodule, `from mod import x` the module
                 candidate = f"{base}.{alias.name}"
                 found.append((node.lineno, candidate if candidate in MODULES else base))
         for child in ast.iter_child_nodes(node):
@@ -89,7 +89,8 @@ def _rule(module: str) -> tuple[str, set[str]]:
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         match = RULE.search(doc)
         if match:
-            allowed = {name.strip().rstrip(".") for name in match.group(1).replace("\n", " ").split(",")}
+            names = match.group(1).replace("\n", " ").split(",")
+            allowed = {name.strip().rstrip(".") for name in names}
             return package, {name for name in allowed if name and name != "-"}
     raise AssertionError(f"no package above {module} states what it may import")
 
