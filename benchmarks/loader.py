@@ -130,27 +130,12 @@ def memmap_rate(root: Path, batch: int, batches: int) -> float:
 
 
 def train_rate(preset: str, batch: int, seq: int, steps: int) -> tuple[float, str]:
-    """Tokens/s of forward+backward+AdamW on one process (lmforge.model, else inline)."""
+    """Tokens/s of forward+backward+AdamW on one process (lmforge.model)."""
     vocab = 8192 if preset == "tiny" else 50257  # tiny.yaml's tokenizer; GPT-2's
-    try:
-        from lmforge.model import ModelConfig, build_model
+    from lmforge.model import ModelConfig, build_model
 
-        model = build_model(ModelConfig.from_preset(preset, vocab_size=vocab))
-        source = "lmforge.model"
-    except Exception:  # model/ is written concurrently; fall back to a stand-in
-        width, layers = (128, 4) if preset == "tiny" else (768, 12)
-        layer = torch.nn.TransformerEncoderLayer(width, width // 64, 4 * width, 0.0,
-                                                 batch_first=True, norm_first=True)
-        body = torch.nn.TransformerEncoder(layer, layers)
-        embed, head = torch.nn.Embedding(vocab, width), torch.nn.Linear(width, vocab)
-        mask = torch.nn.Transformer.generate_square_subsequent_mask(seq)
-
-        def model(ids):  # noqa: E306
-            return head(body(embed(ids), mask=mask, is_causal=True))
-
-        model.parameters = lambda: [*body.parameters(), *embed.parameters(),
-                                    *head.parameters()]
-        source = "torch.nn.TransformerEncoder"
+    model = build_model(ModelConfig.from_preset(preset, vocab_size=vocab))
+    source = "lmforge.model"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(4, vocab, (batch, seq + 1))
     times = []

@@ -99,8 +99,8 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
 def _task_problems(cfg: RunConfig, manifest: DatasetManifest, data: str) -> list[str]:
     """The objective against the kind of data prepared (task data or a pretraining corpus)."""
     objective = cfg.train.objective
-    task = getattr(manifest, "task", None)
-    kind = getattr(task, "kind", None)
+    task = manifest.task
+    kind = task.kind if task is not None else None
     if objective not in TASK_OBJECTIVES:
         if kind is None:
             return []
@@ -115,7 +115,7 @@ def _task_problems(cfg: RunConfig, manifest: DatasetManifest, data: str) -> list
                 f"train.objective={kind}, or prepare data.task with kind {objective}"]
     if objective != "classify":
         return []
-    labels = list(getattr(task, "labels", []) or [])
+    labels = list(task.labels)
     if len(labels) < 2:
         return [f"data.task.labels: {data} has {len(labels)} label(s); classification needs "
                 "at least two classes"]

@@ -162,9 +162,6 @@ class InitConfig:
                              "keep it from); set init.source or use reset")
 
 
-TRAINABLE_MODES = ("all", "freeze_embeddings", "freeze_blocks", "head_only", "lora")
-
-
 @dataclass
 class TrainableConfig:
     """Which parameters train. Frozen ones get no gradient and no optimizer state and stay

@@ -52,8 +52,7 @@ def load_trained_model(
 
 def task_labels(manifest: DatasetManifest) -> list[str] | None:
     """The class names of a classification data set, in id order (None for other data)."""
-    task = getattr(manifest, "task", None)
-    labels = list(getattr(task, "labels", None) or [])
+    labels = list(manifest.task.labels) if manifest.task is not None else []
     return labels or None
 
 

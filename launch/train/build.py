@@ -91,11 +91,11 @@ def build_trainer(
     engine = build_engine(cfg, load_universal=universal, warm=warm)
     micro, loader = cfg.train.micro_batch_size, cfg.data.loader
     train_loader = shard_loader(manifest, "train", micro, loader, cfg.seed, infinite=True)
-    task = getattr(manifest, "task", None)
+    task = manifest.task
     objective = build_objective(
         cfg.train.objective, manifest.tokenizer, cfg.model.vocab_size or
         manifest.tokenizer.vocab_size, loader.document_masking,
-        labels=list(getattr(task, "labels", None) or []),
+        labels=list(task.labels) if task is not None else [],
         tokenizer_path=str(manifest.tokenizer_path), decode=cfg.deepspeed.zero_stage != 3,
     )
     trainer = Trainer(

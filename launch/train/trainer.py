@@ -221,7 +221,7 @@ class Trainer:
         self.engine.train()
         loss = loss_sum / max(count, 1.0)
         metrics = {"val_loss": loss}
-        if getattr(self.objective, "language_model", True):
+        if self.objective.language_model:
             metrics["val_ppl"] = float(torch.exp(torch.tensor(min(loss, 50.0))))
         if hasattr(self.objective, "metrics"):
             predictions, references = gather_lists(predictions, references)
