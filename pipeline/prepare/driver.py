@@ -1,7 +1,7 @@
 """`prepare`: raw text → cleaned, deduplicated, tokenized, packed WebDataset shards.
 
 Phases (each item resumable, see phases.py): plan read tasks → clean → dedup → sample and
-train the tokenizer (or reuse one) → encode (Ray Data actors) → write shards → stats,
+train the tokenizer (or reuse one) → encode (a pool of Ray actors) → write shards → stats,
 plots, manifest.json (last, atomic). Without dedup and with a given tokenizer nothing needs
 the whole corpus before encoding, so clean and encode run as one pass in the encoders.
 Intermediate files live in `<output_dir>/_work/<fingerprint>/` and are removed after
@@ -53,7 +53,8 @@ from lmforge.pipeline.prepare.stats import draw_plot, plots_of, summarize, summa
 from lmforge.pipeline.prepare.task_driver import check_task_tokenizer, run_task
 from lmforge.pipeline.prepare.tasks import discover_task_files
 from lmforge.pipeline.prepare.tokenizer import describe_tokenizer, train_tokenizer
-from lmforge.pipeline.run.executor import LocalExecutor, RayExecutor, ray_session
+from lmforge.pipeline.run.executor import LocalExecutor, RayExecutor
+from lmforge.pipeline.run.local_ray import ray_session
 
 PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
 # (encode results, shard plans, written shards) and, before them, clean results, dedup

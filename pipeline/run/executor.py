@@ -6,17 +6,12 @@ yielding results as they finish (under Ray each worker loads the sentencepiece m
 and `submit`/`collect` for shard writes that run while encoding goes on. Under Ray all of
 them run on one pool of `PhaseWorker` actors.
 
-`ray_session` starts a lean local Ray when no cluster is given (see `_LOCAL_RAY`).
+The Ray they run on comes from `local_ray.ray_session` (a cluster, or a lean local Ray).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -338,125 +333,3 @@ class RayExecutor:
                 f"did not start within {_POOL_START_TIMEOUT_S} s; check that every Ray node "
                 "is alive (`ray status`) or set data.num_workers to what the cluster can hold"
             )
-
-
-# A local Ray started for one prepare job runs only what the job uses. `ray.init` (Ray 2.60)
-# also starts, with no option to leave them out:
-#   Node.start_api_server   the dashboard process: with include_dashboard=False it still
-#                           starts, serving only usage stats (which ray.init turns off);
-#                           ray.init waits for it to publish its address;
-#   Node.start_monitor      the autoscaler monitor: nothing to scale on one machine;
-#   Node.start_log_monitor  streams workers' stdout/stderr to the driver: the job's workers
-#                           print nothing, their errors reach the driver as exceptions, and
-#                           the logs stay in the session folder;
-# each a Python process of ~0.6-1 CPU-s that ray.shutdown then stops one by one. The
-# raylet's dashboard agent (event, job, log, health and metrics modules: ~1.1 CPU-s to
-# start, and the node does not register until it has) is replaced by a stand-in that
-# publishes "no port" for each of its services, as the minimal agent does (ray_agent.py),
-# for the Ray versions it was checked against; others run the minimal agent, which Ray
-# picks when `get_dashboard_dependency_error` reports the dashboard packages missing
-# (asking also costs the driver an import of them). Ray's `get_node` waits for the node
-# in steps of one second; the node registers ~0.6 s after the raylet starts, so it is
-# asked every 20 ms first. What stays: the GCS, the raylet, the runtime-env agent and the
-# worker processes. Measured on 2 idle cores, whole `lmforge prepare` of a 20 KB corpus:
-# 4.0-7.0 s before the stand-in agent, the get_node poll and the task events setting
-# below, 3.4-4.2 s after (ray.init 1.8-2.9 -> 1.3-1.5 s). A cluster the job connects to
-# (data.ray_address, RAY_ADDRESS) is used as it is.
-_SKIPPED_SERVICES = ("start_api_server", "start_monitor", "start_log_monitor")
-# The Ray versions the stand-in agent and the get_node poll were checked against.
-_CHECKED_RAY_VERSIONS = ("2.60.0",)
-_LOCAL_RAY: dict[str, Any] = {
-    # "local": a new instance even when /tmp/ray/ray_current_cluster records a cluster that
-    # `ray start` began on this machine (ray.init's default would attach to it, or hang on
-    # its address once it is gone); data.ray_address: null promises a Ray of the job's own.
-    "address": "local",
-    "include_dashboard": False,
-    "log_to_driver": False,
-    "logging_level": logging.WARNING,
-    # Task events feed the dashboard and the state API (`ray list tasks`), which a local
-    # prepare Ray does not run; a task's error still reaches the driver with its result.
-    # Without them ray.shutdown does not wait to flush them (~0.25 s).
-    "_system_config": {"task_events_report_interval_ms": 0},
-}
-
-
-@contextlib.contextmanager
-def _lean_local_start() -> Iterator[None]:
-    """While `ray.init` starts a local Ray: skip `_SKIPPED_SERVICES`, run the stand-in
-    dashboard agent (or the minimal one) and ask for the new node every 20 ms. Each is a
-    private Ray function, restored afterwards; one a Ray version lacks is left alone."""
-    import ray
-    from ray._private import node, ray_constants, services, utils
-
-    patches: list[tuple[Any, str, Any]] = [
-        (node.Node, name, lambda self, *args, **kwargs: None) for name in _SKIPPED_SERVICES
-    ]
-    patches.append((utils, "get_dashboard_dependency_error",
-                    lambda: ImportError("lmforge prepare: a local Ray without the dashboard")))
-    if ray.__version__ in _CHECKED_RAY_VERSIONS:
-        python_command = services._build_python_executable_command_memory_profileable
-        get_node = services.get_node
-
-        def agent_command(component: str, session_dir: str, *args: Any, **kwargs: Any
-                          ) -> list[str]:
-            if component == ray_constants.PROCESS_TYPE_DASHBOARD_AGENT:
-                return [sys.executable, "-u", "-m", "lmforge.pipeline.run.ray_agent"]
-            return python_command(component, session_dir, *args, **kwargs)
-
-        def get_node_soon(gcs_address: str, node_id: str) -> Any:
-            from ray._private.state import GlobalState
-
-            state = GlobalState()
-            state._initialize_global_state(services._get_gcs_client_options(gcs_address))
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(
-                    n["NodeID"] == node_id for n in state.node_table()):
-                time.sleep(0.02)
-            state.disconnect()
-            return get_node(gcs_address, node_id)
-
-        patches += [
-            (services, "_build_python_executable_command_memory_profileable", agent_command),
-            (services, "get_node", get_node_soon),
-        ]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches
-             if callable(getattr(owner, name, None))]
-    for owner, name, replacement in patches:
-        if callable(getattr(owner, name, None)):
-            setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Use a running Ray if initialised; else connect to `address`, or start a local Ray.
-
-    A local Ray is started lean (`_LOCAL_RAY`, `_lean_local_start`): only what the job
-    uses. Connecting to a cluster changes nothing there. Ray is shut down on exit only if
-    this function started or connected it.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    try:
-        if address is None and not os.environ.get("RAY_ADDRESS"):  # else ray.init connects
-            with _lean_local_start():
-                ray.init(**_LOCAL_RAY)
-        else:
-            ray.init(address=address, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=True)
-    except ConnectionError as err:
-        raise ValueError(
-            f"ray_address: cannot connect to Ray at {address!r} ({err}); start the cluster "
-            "or set data.ray_address to null for a local Ray"
-        ) from err
-    try:
-        yield
-    finally:
-        ray.shutdown()

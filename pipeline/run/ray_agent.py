@@ -1,4 +1,4 @@
-"""The dashboard agent of a local Ray that `prepare` starts for itself (see executor.py).
+"""The dashboard agent of a local Ray that `prepare` starts for itself (see local_ray.py).
 
 Ray's raylet starts a dashboard agent (a Python process: event, job, log, health and
 metrics modules) and waits until it has published its ports before the node registers.
@@ -10,7 +10,7 @@ raylet to end (it holds the agent's stdin: end of file means the raylet is gone)
 real agent does.
 
 Run by the raylet as `python -u -m lmforge.pipeline.run.ray_agent <agent.py> --node-id=...`;
-used only for Ray versions it was checked against (`executor._CHECKED_RAY_VERSIONS`).
+used only for Ray versions it was checked against (`local_ray.CHECKED_RAY_VERSIONS`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import sys
 # The files the raylet waits for, `<session dir>/<name>_<node id>`, each holding a port
 # number (what Ray's own `persist_port` writes; the raylet reads them). Written here
 # directly: importing `ray` to call `persist_port` would cost this process ~0.45 CPU-s.
+# Not `durable.write_atomic`: the files live only as long as the Ray session, which a crash
+# ends, so rename (no torn read) is all they need; an fsync would only slow `ray.init`.
 PORT_FILES = ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port")
 
 

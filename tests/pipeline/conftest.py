@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.pipeline.run.executor import ray_session
+from lmforge.pipeline.run.local_ray import ray_session
 
 # The tests live in folders mirroring pipeline/ (contract/, prepare/, run/, loader/) and import
 # the helpers kept here (shard_fixtures) by basename.
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray for one test module, started the way `prepare` starts its own
-    (lean: see executor.ray_session; ~1.5 s on 2 cores)."""
+    (lean: see local_ray.ray_session; ~1.5 s on 2 cores)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     address = os.environ.pop("RAY_ADDRESS", None)  # a Ray of the tests' own
     try:

@@ -19,7 +19,9 @@ import pytest
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.prepare.phases import WorkContext
 from lmforge.pipeline.prepare.tokenizer import train_tokenizer
-from lmforge.pipeline.run.executor import _CHECKED_RAY_VERSIONS, RayExecutor, spread_over_nodes
+from lmforge.pipeline.run import local_ray
+from lmforge.pipeline.run.executor import RayExecutor, spread_over_nodes
+from lmforge.pipeline.run.local_ray import CHECKED_RAY_VERSIONS
 
 CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
@@ -150,7 +152,7 @@ def test_encode_reports_the_earliest_bad_item_whichever_fails_first(
 LEAN_PROBE = """
 import json, pathlib, psutil, ray
 from ray._private import node, services, utils
-from lmforge.pipeline.run.executor import ray_session
+from lmforge.pipeline.run.local_ray import ray_session
 with ray_session(None):
     assert ray.get(ray.remote(lambda: 1).remote()) == 1
     kids = psutil.Process().children(recursive=True)
@@ -175,12 +177,12 @@ def test_the_local_ray_runs_only_what_the_job_uses(tmp_path) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     commands = out["commands"]
     assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands)
-    for unused in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
-                   "_private/log_monitor.py"):
-        assert not [c for c in commands if unused in c], (unused, commands)
     raylet = next(c for c in commands if "raylet/raylet" in c)
     agent_command = raylet.split("--dashboard_agent_command=")[1].split(" --")[0]
-    if out["ray"] in _CHECKED_RAY_VERSIONS:
+    if out["ray"] in CHECKED_RAY_VERSIONS:
+        for unused in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
+                       "_private/log_monitor.py"):
+            assert not [c for c in commands if unused in c], (unused, commands)
         # The stand-in agent: running, no Ray dashboard agent, and it published "no port"
         # for what the minimal agent publishes no port for.
         assert "-m lmforge.pipeline.run.ray_agent" in agent_command, agent_command
@@ -189,8 +191,8 @@ def test_the_local_ray_runs_only_what_the_job_uses(tmp_path) -> None:
         for name in ("metrics_agent_port", "metrics_export_port",
                      "dashboard_agent_listen_port"):
             assert out["ports"][name] == "-1", out["ports"]
-    else:  # a Ray version the stand-in was not checked against keeps its agent, minimal
-        assert "--minimal" in agent_command, agent_command
+    else:  # a Ray version the lean start was not checked against starts as Ray starts it
+        assert "lmforge" not in agent_command, agent_command
     # Ray's own functions are back once the local Ray is up.
     assert all(m.startswith("ray.") for m in out["restored"]), out["restored"]
 
@@ -204,7 +206,7 @@ def test_local_ray_ignores_a_cluster_recorded_by_ray_start():
     try:
         (tmp / "ray").mkdir()
         (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens
-        code = ("import ray\nfrom lmforge.pipeline.run.executor import ray_session\n"
+        code = ("import ray\nfrom lmforge.pipeline.run.local_ray import ray_session\n"
                 "with ray_session(None):\n"
                 "    print(ray.get(ray.remote(lambda: 'ok').remote()))\n")
         env = {**os.environ, "TMPDIR": str(tmp)}
@@ -214,3 +216,29 @@ def test_local_ray_ignores_a_cluster_recorded_by_ray_start():
         assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _current(targets: list) -> list:
+    return [getattr(owner, name) for owner, name, _ in targets]
+
+
+def test_a_ray_version_not_checked_patches_nothing() -> None:
+    """The lean start touches Ray's private attributes only on a checked Ray version: on any
+    other, every one of them is still Ray's own object, and ray.init gets no private key."""
+    targets = local_ray.patch_targets()
+    before = _current(targets)
+    assert len(targets) == 6 and all(callable(f) for f in before)
+    with local_ray.lean_local_start("0.0.0-not-checked"):
+        during = _current(targets)
+        assert all(a is b for a, b in zip(during, before, strict=True)), during
+    assert all(a is b for a, b in zip(_current(targets), before, strict=True))
+    assert "_system_config" not in local_ray.local_init_options("0.0.0-not-checked")
+
+
+def test_a_checked_ray_version_patches_every_target_and_restores_it() -> None:
+    targets = local_ray.patch_targets()
+    before = _current(targets)
+    with local_ray.lean_local_start(CHECKED_RAY_VERSIONS[0]):
+        assert _current(targets) == [replacement for _, _, replacement in targets]
+    assert all(a is b for a, b in zip(_current(targets), before, strict=True))
+    assert "_system_config" in local_ray.local_init_options(CHECKED_RAY_VERSIONS[0])
