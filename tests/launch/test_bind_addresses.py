@@ -71,7 +71,7 @@ def test_the_printed_mlflow_ui_command_listens_on_localhost_only(tmp_path, capsy
 
 RAY_PROBE = """
 import json, psutil, sys
-from lmforge.pipeline.run.executor import ray_session
+from lmforge.pipeline.run.local_ray import ray_session
 with ray_session(None):
     me = psutil.Process()
     pids = {me.pid, *(p.pid for p in me.children(recursive=True))}
