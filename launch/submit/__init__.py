@@ -89,7 +89,7 @@ def _add_ray_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--address", required=True,
                      help="Ray dashboard (job server) address, e.g. http://127.0.0.1:8265")
     cmd.add_argument("--job", dest="work", choices=["prepare", "train"], default="train",
-                     help="prepare (Ray Data pipeline) or train (Ray Train; the default)")
+                     help="prepare (the Ray pipeline) or train (Ray Train; the default)")
     cmd.add_argument("--num-workers", type=int, default=None,
                      help="training workers (ranks); default the config's world size")
     cmd.add_argument("--gpus-per-worker", type=int, default=0,

@@ -5,7 +5,7 @@ so the cluster needs lmforge installed but not the user's YAML. It runs this mod
 
     python -m lmforge.launch.submit.ray_jobs --job prepare|train [--num-workers N ...]
 
-``prepare`` runs the Ray Data pipeline on the cluster the job lives in; ``train`` goes
+``prepare`` runs the Ray pipeline (a pool of actors) on the cluster the job lives in; ``train`` goes
 through Ray Train (:mod:`lmforge.launch.submit.ray_train`). Paths in the config are seen
 from the cluster: a shared filesystem (or paths valid on every node) for data and runs.
 """
@@ -46,7 +46,7 @@ class RayJob:
     address: str
     """Ray dashboard (job server) address, e.g. http://127.0.0.1:8265."""
     work: str = "train"
-    """prepare (Ray Data pipeline) or train (Ray Train + DeepSpeed)."""
+    """prepare (the Ray pipeline) or train (Ray Train + DeepSpeed)."""
     train: RayTrainJob = field(default_factory=RayTrainJob)
     """Workers, resources and retries of training."""
     python: str = "python"
@@ -187,7 +187,7 @@ def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,
         print("# dry run: nothing submitted")
         return
     sid, address = result.submission_id, shlex.quote(redact_text(job.address))
-    what = "prepare (Ray Data)" if job.work == "prepare" else (
+    what = "prepare (Ray actors)" if job.work == "prepare" else (
         f"train with {job.train.num_workers} Ray Train worker(s), "
         + (f"{job.train.gpus_per_worker} GPU(s) each" if job.train.gpus_per_worker else "CPU"))
     print(f"submitted Ray job {sid}: {what}")
