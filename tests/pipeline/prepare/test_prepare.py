@@ -16,6 +16,8 @@ import sentencepiece as spm
 import webdataset as wds
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.stats import PrepareStats
 from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
@@ -132,6 +134,14 @@ def test_decoded_tokens_give_back_the_source_documents(prepared: Path, corpus: P
     assert is_subsequence(train, unique) and is_subsequence(val, unique)
     stats = json.loads((prepared.parent / "stats.json").read_text())
     assert stats["dedup"]["removed_docs"] == len(source) - len(unique)
+    typed = PrepareStats.read(prepared.parent)
+    assert typed.dedup_removed_docs == len(source) - len(unique)
+    assert typed.datasets["shakespeare"].read_docs == len(source)
+    assert typed.datasets["shakespeare"].clean_docs == len(source)  # no cleaning rule drops one
+    shards = DatasetManifest.read(prepared).datasets["shakespeare"].splits
+    assert typed.tokens == {"shakespeare": {split: s.tokens for split, s in shards.items()}}
+    assert typed.throughput["tokens_per_s"] > 0 and typed.bad_input == {}
+    assert len(typed.plot_paths) == 3 and all(p.is_file() for p in typed.plot_paths)
 
 
 def test_rerun_is_skipped_and_a_fresh_run_is_byte_identical(

@@ -18,6 +18,7 @@ import torch
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TaskDataConfig, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.stats import PrepareStats
 from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 from lmforge.pipeline.prepare.driver import prepare
 from lmforge.pipeline.prepare.tokenizer import train_tokenizer
@@ -116,6 +117,11 @@ def test_manifest_states_the_task_and_round_trips(prepared) -> None:
     stats = json.loads((prepared["classify"].parent / "stats.json").read_text())
     assert (stats["datasets"]["task"]["read_docs"], stats["datasets"]["task"]["clean_docs"]) \
         == (190, 190)
+    typed = PrepareStats.read(prepared["classify"].parent)
+    assert (typed.datasets["task"].read_docs, typed.datasets["task"].clean_docs) == (190, 190)
+    assert typed.dedup_removed_docs == 0 and typed.plots == []
+    assert sum(typed.tokens["task"].values()) == sum(
+        s.tokens for s in manifest.datasets["task"].splits.values())
     assert DatasetManifest.read(prepared["sft"]).task.labels == []
 
 
