@@ -50,6 +50,36 @@ def test_rule_keeps_tokenizer_settings_and_hides_secrets() -> None:
                                                                 "token": "***"}
 
 
+def test_widened_rule_names_and_value_shapes() -> None:
+    """The names and shapes issue 21 found missing: each hidden, the look-alikes kept."""
+    for key in ("AZURE_STORAGE_KEY", "private_key", "PGPASSWORD", "authtoken", "secretkey",
+                "pwd", "Authorization", "jwt", "sig", "X-Amz-Signature", "X-Amz-Credential",
+                "X-Amz-Security-Token", "privateKey", "client_secret"):
+        assert is_secret_key(key), key
+    for key in ("eos_token_id", "tokens_seen", "sort_key", "__key__", "signal", "design",
+                "keyboard", "data.paths", "shard_size"):
+        assert not is_secret_key(key), key
+    hf, gh = "hf_" + "A1b2" * 6, "ghp_" + "x9" * 18
+    cases = {
+        # a password holding '@' and query-string credentials in one URL
+        "https://u:p@ss@host:5/x?X-Amz-Signature=SEK1&X-Amz-Date=20260101&sig=SEK2&token=SEK3":
+            "https://u:***@host:5/x?X-Amz-Signature=***&X-Amz-Date=20260101&sig=***&token=***",
+        # a YAML error snippet that starts mid-URL
+        "  ser:SEK4@host/corpus.jsonl\n      ^": "  ser:***@host/corpus.jsonl\n      ^",
+        f"--env HF_TOKEN={hf} --env OTHER=ok": "--env HF_TOKEN=*** --env OTHER=ok",
+        f"pushed with {gh} and AKIAABCDEFGHIJKLMNOP": "pushed with *** and ***",
+        "Authorization: Bearer SEK5": "Authorization: ***",
+        "api_key: SEK6, train_batch_size: 16": "api_key: ***, train_batch_size: 16",
+        "jwt eyJhbGciOiJI.eyJzdWIiOiIx.c2lnbmF0dXJl": "jwt ***",
+        "key sk-" + "z" * 24: "key ***",
+        "git@github.com:org/repo.git, me@example.com at 12:30":
+            "git@github.com:org/repo.git, me@example.com at 12:30",
+    }
+    for text, expected in cases.items():
+        assert redact_text(text) == expected, text
+    assert redact(["PGPASSWORD=SEK7", "A=b"]) == ["PGPASSWORD=***", "A=b"]
+
+
 def test_run_dry_run_prints_no_secret() -> None:
     proc = subprocess.run(
         [*LMFORGE, "run", str(TINY), "--dry-run",
