@@ -21,11 +21,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.launch.config import CONFIG_FILE
+from lmforge.pipeline.durable import write_atomic
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,4 @@ class RunDir:
 
     def write_run_id(self, run_id: str) -> None:
         """Records the job's MLflow run id (atomically: attempts may read it concurrently)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_id_file.with_name(self.run_id_file.name + ".tmp")
-        tmp.write_text(run_id, encoding="utf-8")
-        os.replace(tmp, self.run_id_file)
+        write_atomic(self.run_id_file, run_id)

@@ -10,7 +10,6 @@ Each component later receives only its own section (``cfg.model``, ``cfg.train``
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,9 +41,12 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.hf_classes import hf_mismatch
 from lmforge.model.presets import PRESETS
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
+from lmforge.pipeline.durable import write_atomic
 
 CONFIG_FILE = "config.yaml"
 """The resolved config's file name inside a run directory (see ``launch/rundir.py``)."""
+CONFIG_FILE_MODE = 0o600
+"""Permissions of every file holding a resolved config (its values are not redacted)."""
 
 # The pretraining objective of each model family.
 OBJECTIVE_OF_FAMILY = {"decoder": "causal_lm", "encoder": "masked_lm",
@@ -215,12 +217,12 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | Path) -> None:
-        """Writes the resolved config atomically (it is what workers and resumes read)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        os.replace(tmp, path)
+        """Writes the resolved config durably (it is what workers and resumes read).
+
+        The file holds the real values (a tracking URI may carry a password), so it is
+        written 0o600: only its owner can read it, whatever the umask.
+        """
+        write_atomic(Path(path), self.to_yaml(), mode=CONFIG_FILE_MODE)
 
 
 def block_count(model: ModelConfig) -> int:

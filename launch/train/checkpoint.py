@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from lmforge.launch.train.errors import CheckpointError
 from lmforge.launch.train.safe_load import load_weights_only, weights_only_loads
-from lmforge.pipeline.durable import fsync_dir
+from lmforge.pipeline.durable import write_atomic
 
 log = logging.getLogger("lmforge.train")
 
@@ -104,8 +104,8 @@ def save_checkpoint(
                      for f in sorted(folder.rglob("*")) if f.is_file()}
             marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size(),
                       "files": files}
-            _durable_write(folder / COMPLETE, json.dumps(marker))
-            _durable_write(root / LATEST, tag)
+            write_atomic(folder / COMPLETE, json.dumps(marker))
+            write_atomic(root / LATEST, tag)
         except OSError as err:
             raise CheckpointError(_save_failure(folder, root, rank, err)) from err
         _prune(root, keep, current=tag)
@@ -123,17 +123,6 @@ def _save_failure(folder: Path, root: Path, rank: int, err: Exception) -> str:
     return (f"{folder}: saving the checkpoint failed on rank {rank} ({str(err).strip()[:200]}); "
             f"{free} on that filesystem; {kept}. Free space (or lower "
             "train.keep_checkpoints) and continue with --resume auto")
-
-
-def _durable_write(path: Path, text: str) -> None:
-    """Temp file, fsync, rename, folder fsync: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def incomplete_reason(folder: Path) -> str | None:

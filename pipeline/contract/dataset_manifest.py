@@ -23,6 +23,7 @@ from lmforge.pipeline.contract.shard_format import (
     padding_id,
 )
 from lmforge.pipeline.contract.shard_tar import is_url, local_path, read_bytes
+from lmforge.pipeline.durable import write_atomic
 
 _AGAIN = "run `lmforge prepare` again"
 
@@ -281,8 +282,7 @@ class DatasetManifest:
         return Path(folder) / MANIFEST_FILE
 
     def write(self, path: str | Path) -> None:
-        """Write atomically (temp file, fsync, rename, folder fsync); remember `path` as
-        `location`.
+        """Write durably (`durable.write_atomic`); remember `path` as `location`.
 
         Args:
             path: The manifest.json to write (a local path), or an existing folder.
@@ -292,18 +292,7 @@ class DatasetManifest:
         path = Path(local_path(str(path)))
         if path.is_dir():
             path = self.path_in(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
         self.location = str(path)
 
     def to_dict(self) -> dict[str, Any]:

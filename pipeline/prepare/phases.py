@@ -11,7 +11,7 @@ does the rest. The functions know nothing about who runs them (in-process or Ray
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 
 from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.contract.shard_format import sample_key, shard_file_name
-from lmforge.pipeline.durable import disk_space_errors, read_marker, write_json
+from lmforge.pipeline.durable import disk_space_errors, read_marker, write_atomic, write_json
 from lmforge.pipeline.prepare.readers import BadInputLog, read_piece
 from lmforge.pipeline.prepare.shards import ShardWriter, pack_windows
 from lmforge.pipeline.prepare.sources import ReadTask
@@ -53,11 +53,11 @@ class WorkContext:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write an .npy atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)
+    """Write an .npy durably (see `durable.write_atomic`): the item's `done/` marker, written
+    after it, vouches for it."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
 
 
 def resumable(ctx: WorkContext, phase: str, key: str, work: Callable[[], dict]) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +284,20 @@ def test_max_tokens_sets_the_length_in_steps(tmp_path):
                                               f"--run_dir={tmp_path}"])
     steps = [s.config.train.max_steps for s in expand_stages(job)]
     assert steps == [49, 7, 98]  # ceil(100000 / 1024) = 98
+
+
+def test_saved_config_is_readable_by_its_owner_only(tmp_path):
+    """config.yaml holds the real values (issue 21): 0o600 whatever the umask, also when a
+    world-readable file was there before."""
+    cfg = load_config(TINY)
+    path = tmp_path / "config.yaml"
+    path.write_text("old")
+    path.chmod(0o644)
+    old_umask = os.umask(0o000)
+    try:
+        cfg.save(path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_config(path).to_dict() == cfg.to_dict()
+    assert not list(tmp_path.glob("*.tmp*"))
