@@ -12,6 +12,7 @@ from pathlib import Path
 from lmforge.launch.config import LaunchConfig
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
+from lmforge.launch.train.rendezvous import resolve, single_machine_env, torchrun_args
 
 
 def _has_cuda() -> bool:
@@ -21,8 +22,9 @@ def _has_cuda() -> bool:
 
 
 def worker_env(launch: LaunchConfig) -> dict[str, str]:
-    """The environment of every training process."""
-    env = dict(os.environ)
+    """The environment of every training process (and of torchrun's agent): gloo and NCCL
+    listen on the interface of ``launch.master_addr`` (loopback by default) only."""
+    env = single_machine_env(dict(os.environ), resolve(launch.master_addr))
     env["OMP_NUM_THREADS"] = str(launch.omp_num_threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,17 +36,16 @@ def worker_env(launch: LaunchConfig) -> dict[str, str]:
 def torchrun_command(
     launch: LaunchConfig, run_dir: Path, resume: str | None, run_id: str | None
 ) -> list[str]:
-    """The torchrun command line that runs ``lmforge.launch.train.worker`` on every local rank."""
-    if launch.master_port is None:
-        # torchrun binds a free port itself: no window for another process to take it.
-        rendezvous = ["--standalone"]
-    else:
-        rendezvous = ["--nnodes=1", f"--master_addr={launch.master_addr}",
-                      f"--master_port={launch.master_port}"]
+    """The torchrun command line that runs ``lmforge.launch.train.worker`` on every local rank.
+
+    torchrun's own rendezvous stores (``--standalone``, ``--rdzv-backend=static``) listen on
+    every interface; this one's store listens on ``launch.master_addr`` (127.0.0.1 by
+    default) only, on ``launch.master_port`` or, unset, a free port the kernel picks when
+    the socket is bound (see :mod:`lmforge.launch.train.rendezvous`)."""
+    address = resolve(launch.master_addr)
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={launch.nproc_per_node}",
-        *rendezvous,
+        sys.executable, "-m", "lmforge.launch.train.rendezvous",
+        *torchrun_args(launch.nproc_per_node, address, launch.master_port),
         "-m", "lmforge.launch.train.worker",
         "--run-dir", str(run_dir),
     ]

@@ -30,6 +30,7 @@ from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 from lmforge.launch.train.loss_guard import BadLossError
 from lmforge.launch.train.preemption import PreemptionHandler
+from lmforge.launch.train.rendezvous import init_process_group
 from lmforge.launch.train.warm_start import WarmStartError
 from lmforge.model import estimate_flops, estimate_hardware_flops
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
@@ -79,6 +80,9 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     owns_process_group = not dist.is_initialized()  # Ray Train sets it up itself
+    # srun: rank 0's store listens on MASTER_ADDR's address only (torch's own binds every
+    # interface); under torchrun the agent hosts a loopback store and this does nothing.
+    init_process_group(cfg.launch.resolved_backend())
     deepspeed.init_distributed(dist_backend=cfg.launch.resolved_backend(), verbose=False)
     rank = dist.get_rank()
     if rank != 0:

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,6 @@ import psutil
 import pytest
 from mlflow_server import free_port
 
-from lmforge.launch.commands import RunResult, print_summary
 from lmforge.launch.config import load_config
 from lmforge.launch.submit.slurm import SlurmJob, render_script
 
@@ -46,6 +46,8 @@ def tree(pid: int) -> set[int]:
 
 @pytest.mark.slow
 def test_the_printed_mlflow_ui_command_listens_on_localhost_only(tmp_path, capsys):
+    from lmforge.launch.commands import RunResult, print_summary
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     print_summary(RunResult(tmp_path, tmp_path / "manifest.json", uri, "r", None, [], 0))
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("open the UI"))
@@ -101,3 +103,165 @@ def test_ray_prepare_sbatch_binds_the_dashboard_to_localhost(tmp_path):
     script = render_script(load_config(TINY), SlurmJob(nodes=2), "prepare", workdir=tmp_path)
     assert "--dashboard-host=127.0.0.1" in script
     assert "0.0.0.0" not in script
+
+
+# -- training: the torchrun agent's rendezvous store, the ranks' process group -----------
+
+TRAIN_CONFIG = """\
+name: bind
+data:
+  datasets: [{{name: d, paths: [unused.txt]}}]
+  output_dir: {data}
+  seq_len: 16
+tokenizer: {{vocab_size: 1000}}
+model: {{preset: tiny, n_layers: 1, d_model: 32, n_heads: 2, n_kv_heads: 1, d_ff: 64}}
+train: {{micro_batch_size: 2, max_steps: {steps}, checkpoint_every: 0, eval_every: 0,
+         eval_batches: 1, log_every: 1, warmup_steps: 1, precision: fp32}}
+deepspeed: {{zero_stage: 1}}
+tracking: {{enabled: false}}
+"""
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets ``pid`` holds open (from /proc/PID/fd)."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # exited (or not ours to read)
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def _address(hex_address: str) -> str:
+    """A /proc/net/tcp{,6} local address (kernel byte order) as text."""
+    raw = bytes.fromhex(hex_address)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # 4 host-order words
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def kernel_listening(inodes: set[str]) -> list[tuple[str, int, str]]:
+    """(address, port, inode) of every listening TCP socket among ``inodes``, from the
+    kernel's socket tables (IPv4 and IPv6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                address, port = fields[1].rsplit(":", 1)
+                found.append((_address(address), int(port, 16), fields[9]))
+    return found
+
+
+def test_the_socket_table_reader_sees_what_a_socket_binds():
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::"),
+                         (socket.AF_INET6, "::1"), (socket.AF_INET, "0.0.0.0")):
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            assert (host, port) in [(a, p) for a, p, _ in kernel_listening(socket_inodes(
+                os.getpid()))]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0")
+                if "=" in item)
+
+
+@pytest.mark.slow
+def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
+    """A real 2-process `lmforge train`: every listening socket of the launcher, the
+    torchrun agent and the ranks, read from the kernel's tables while it runs, is on
+    127.0.0.1 or ::1, and the ranks' communication libraries are told to use loopback."""
+    from engine_helpers import shard_fixtures
+
+    shard_fixtures().write_shards(tmp_path / "data", {"d": {"train": [64], "val": [8]}},
+                                  seq_len=16)
+    config = tmp_path / "bind.yaml"
+    config.write_text(TRAIN_CONFIG.format(data=tmp_path / "data", steps=30))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
+         f"--run_dir={tmp_path / 'run'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: dict[tuple[str, int], str] = {}
+    rank_env: dict[int, dict[str, str]] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in tree(proc.pid):
+                env = _environ(pid)
+                if "LOCAL_RANK" in env:
+                    rank_env[pid] = env
+                for address, port, _ in kernel_listening(socket_inodes(pid)):
+                    seen[(address, port)] = "rank" if "LOCAL_RANK" in env else "launcher/agent"
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert len(rank_env) == 2, f"saw {len(rank_env)} ranks"
+    assert seen, "nothing listened: the rendezvous store was not seen"
+    assert set(seen.values()) == {"rank", "launcher/agent"}, seen  # the store and gloo
+    exposed = {k: v for k, v in seen.items() if k[0] not in LOCAL}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    for env in rank_env.values():
+        assert env.get("MASTER_ADDR") == "127.0.0.1", env.get("MASTER_ADDR")
+        assert env.get("GLOO_SOCKET_IFNAME") == "lo" and env.get("NCCL_SOCKET_IFNAME") == "lo"
+
+
+CLUSTER_RANK = """
+import os, sys, torch, torch.distributed as dist
+from lmforge.launch.train.rendezvous import init_process_group
+assert init_process_group("gloo")
+total = torch.ones(1)
+dist.all_reduce(total)
+print("ready", int(total.item()), os.environ.get("GLOO_SOCKET_IFNAME"), flush=True)
+sys.stdin.readline()
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_a_cluster_launcher_starts_listen_on_the_master_address_only(tmp_path):
+    """What `srun` starts (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and no torchrun agent):
+    rank 0's store and every rank's gloo listen on the address MASTER_ADDR names."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GLOO_", "NCCL_", "TORCHELASTIC_", "SLURM_"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", CLUSTER_RANK], env={**env, "RANK": str(r)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        for proc in ranks:
+            assert proc.stdout.readline().split() == ["ready", "2", "lo"]
+        sockets = [s for proc in ranks for s in kernel_listening(socket_inodes(proc.pid))]
+        for proc in ranks:
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        for proc in ranks:
+            assert proc.wait(timeout=60) == 0
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert port in {p for _, p, _ in sockets}, f"rank 0's store not seen: {sockets}"
+    assert {a for a, _, _ in sockets} == {"127.0.0.1"}, sockets
