@@ -7,13 +7,12 @@ The optimizer and LR schedule are built by lmforge (``launch/train/optim.py``) a
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 from lmforge.launch.config.sections import DeepSpeedConfig, TrainConfig
-from lmforge.launch.config.typed_yaml import ConfigError
+from lmforge.launch.config.typed_yaml import ConfigError, deep_merge
 
 # Keys whose values lmforge derives from the typed config; a user JSON may repeat them only
 # with the same value.
@@ -83,7 +82,7 @@ def build_deepspeed_config(
         generated["checkpoint"] = {"load_universal": True}
     if ds.config_file is not None:
         generated = _merge_user_json(generated, Path(ds.config_file))
-    return _deep_update(generated, ds.overrides)
+    return deep_merge(generated, ds.overrides)
 
 
 def _fp16_block(precision: str) -> dict[str, Any]:
@@ -124,7 +123,7 @@ def _merge_user_json(generated: dict[str, Any], path: Path) -> dict[str, Any]:
             f"{path}: conflicts with the typed config (change the YAML or the JSON):\n  "
             + "\n  ".join(conflicts)
         )
-    merged = _deep_update(generated, {k: v for k, v in user.items() if v != "auto"})
+    merged = deep_merge(generated, {k: v for k, v in user.items() if v != "auto"})
     return merged
 
 
@@ -136,13 +135,3 @@ def _conflicts(user: dict, generated: dict, keys: tuple[str, str]) -> list[str]:
     if theirs == "auto" or theirs == ours:
         return []
     return [f"{block}.{key}: JSON has {theirs!r}, config gives {ours!r}"]
-
-
-def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out

@@ -33,14 +33,13 @@ Errors name the stage's key and line: ``cfg.yaml:14: stages[1].train.lr: must be
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge.launch.config.typed_yaml import ConfigError, Where, build, located_error
+from lmforge.launch.config.typed_yaml import ConfigError, Where, build, deep_merge, located_error
 
 if TYPE_CHECKING:
     from lmforge.launch.config.run_config import RunConfig
@@ -214,7 +213,7 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
                         else f"; known: {', '.join(sorted(set(STAGE_KEYS) | sections))}")
                 raise ConfigError(f"{at((key,))}: a stage cannot set '{key}'{hint}")
         directory = stage_dir(cfg.run_dir, index, name)
-        merged = _deep_merge(base, {k: v for k, v in raw.items() if k not in STAGE_KEYS})
+        merged = deep_merge(base, {k: v for k, v in raw.items() if k not in STAGE_KEYS})
         merged["name"] = f"{cfg.name}-{name}"
         merged["run_dir"] = str(directory)
         own_train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
@@ -265,17 +264,6 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
 
 def _plain(hook: str | HookSpec) -> Any:
     return hook if isinstance(hook, str) else dataclasses.asdict(hook)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``top`` merged in: mappings key by key, anything else replaced."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _stage_data(merged: dict[str, Any], raw: dict[str, Any], directory: Path) -> None:

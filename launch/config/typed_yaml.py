@@ -9,6 +9,7 @@ re-raised as :class:`ConfigError` with the section path and the YAML line prepen
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -298,6 +299,23 @@ def apply_override(data: dict[str, Any], path: tuple[str, ...], value: Any) -> N
         node[_index(node, last, path)] = value
     else:
         node[last] = value
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` laid over it: mappings merge key by key, anything else (a list, a
+    scalar, a mapping over a scalar) is replaced. Neither input is modified; the result
+    shares no mutable value with them.
+
+    The one merge of config layers: a stage over the run's sections, a user's DeepSpeed JSON
+    and ``deepspeed.overrides`` over the generated JSON.
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def _index(items: list, key: str, path: tuple[str, ...]) -> int:

@@ -14,6 +14,7 @@ import pytest
 from lmforge.launch.config import ConfigError, TrainConfig, load_config
 from lmforge.launch.config.deepspeed import build_deepspeed_config
 from lmforge.launch.config.run_config import RunConfig
+from lmforge.launch.config.typed_yaml import deep_merge
 from lmforge.model import parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
@@ -301,3 +302,16 @@ def test_saved_config_is_readable_by_its_owner_only(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_config(path).to_dict() == cfg.to_dict()
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest():
+    base = {"train": {"lr": 1e-3, "betas": [0.9, 0.95]}, "model": {"d": 64}, "x": {"y": 1}}
+    top = {"train": {"lr": 3e-4, "betas": [0.8]}, "x": 5, "new": {"k": [1]}}
+    merged = deep_merge(base, top)
+    assert merged == {"train": {"lr": 3e-4, "betas": [0.8]}, "model": {"d": 64}, "x": 5,
+                      "new": {"k": [1]}}
+    merged["train"]["betas"].append(0.1)
+    merged["model"]["d"] = 1
+    merged["new"]["k"].append(2)
+    assert base["train"]["betas"] == [0.9, 0.95] and base["model"]["d"] == 64  # inputs intact
+    assert top["new"]["k"] == [1]
