@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -53,8 +54,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap, TextMap]:
         raise ConfigError(f"{path}: no such config file")
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        data, node = parse_yaml(text, str(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:
@@ -65,6 +65,59 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap, TextMap]:
     texts: TextMap = {}
     _collect(node, (), lines, texts)
     return data, lines, texts
+
+
+# A config has hundreds of nodes; an alias bomb (each level an alias list of the one before,
+# ~400 bytes for 10^9 nodes) is refused before anything walks or copies its expansion.
+MAX_YAML_NODES = 100_000
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Parses one YAML document safely: composed once, refused when it would expand (aliases
+    counted at every use) to more than :data:`MAX_YAML_NODES` nodes, is recursive, or nests
+    deeper than the parser can go; then built from the same node with PyYAML's safe
+    constructor (no Python objects). Returns the value and its node (None for an empty one).
+
+    Raises:
+        ConfigError: The document is too large once expanded, recursive or too deep.
+        yaml.YAMLError: The text is not valid YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        if _expanded_size(node, {}, set(), source) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: the YAML expands to over {MAX_YAML_NODES:,} nodes through its "
+                "aliases: write the values out instead of nesting aliases")
+        return loader.construct_document(node), node
+    except RecursionError as err:
+        raise ConfigError(f"{source}: the YAML nests too deeply to read; flatten it") from err
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int],
+                   source: str) -> int:
+    """Nodes in ``node`` once every alias is expanded, in time linear in the document (a node
+    an alias reuses is counted from ``sizes``, not walked again)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError(f"{source}, line {node.start_mark.line + 1}: a recursive YAML alias "
+                          "(a node that contains itself); write the value out")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    total = 1 + sum(_expanded_size(child, sizes, open_nodes, source) for child in children)
+    open_nodes.discard(key)
+    sizes[key] = min(total, MAX_YAML_NODES + 1)  # "too many" is all the caller needs
+    return sizes[key]
 
 
 def _collect(
@@ -226,13 +279,18 @@ def _scalar(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
             except ValueError:
                 pass
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting means anything with inf or nan
+                raise ConfigError(f"{where(path)}: must be a finite number, got {_show(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -272,8 +330,7 @@ def parse_override(arg: str, texts: TextMap | None = None) -> tuple[tuple[str, .
         raise ConfigError(f"override '{arg}': expected --section.key=value")
     path = tuple(key.split("."))
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = yaml.compose(raw) if raw != "" else None
+        value, node = parse_yaml(raw, f"override '{arg}'") if raw != "" else ("", None)
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{arg}': value is not valid YAML: {err}") from err
     if texts is not None:
