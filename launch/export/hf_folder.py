@@ -5,7 +5,9 @@
 `model.safetensors`, `generation_config.json`, the tokenizer files and the sentencepiece
 `tokenizer.model` into a temporary sibling folder; a `verify` callback checks that folder,
 and only then is it renamed into place, so a crash or a failed check never replaces the
-previous export. `verify_logits` reloads a folder with the Auto class of its architecture
+previous export. It replaces only an earlier export (whose `.lmforge_export` marker lists
+every file in it) or an empty folder, never another folder (`check_replaceable`).
+`verify_logits` reloads a folder with the Auto class of its architecture
 (`AutoModelForCausalLM`, `AutoModelForMaskedLM`, `AutoModelForSeq2SeqLM`) and compares
 its logits with the training model's.
 
@@ -29,7 +31,7 @@ from safetensors.torch import save_file
 from lmforge.launch.export import ExportError
 from lmforge.launch.export.hf_tokenizer import export_tokenizer
 
-__all__ = ["ExportError", "verify_logits", "write_hf_folder"]
+__all__ = ["MARKER", "ExportError", "check_replaceable", "verify_logits", "write_hf_folder"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -147,6 +149,50 @@ def _fsync_tree(folder: Path) -> None:
         os.close(dir_fd)
 
 
+MARKER = ".lmforge_export"
+"""Written into every export: the files it holds. Only such a folder (holding nothing else)
+or an empty one is ever replaced."""
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Raises unless ``out_dir`` is absent, empty, or an earlier lmforge export holding only
+    the files its :data:`MARKER` lists: an export never deletes what lmforge did not write
+    (another model, the run directory with its checkpoints and ``mlflow.db``).
+
+    Raises:
+        ExportError: Naming the folder, what is in it, and what to do.
+    """
+    what_to_do = ("choose another folder with --out (or export.output_dir), or move "
+                  "the folder away yourself")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ExportError(f"{out_dir}: the export folder exists and is not a folder (a file "
+                          f"or a symbolic link); lmforge will not replace it: {what_to_do}")
+    if not out_dir.exists():
+        return
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        return
+    listed: set[str] = set()
+    if MARKER in entries:
+        try:
+            listed = set(json.loads((out_dir / MARKER).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = set()
+    foreign = sorted(entries - listed - {MARKER})
+    if not foreign:
+        return
+    run_files = sorted({"checkpoints", "mlflow.db", "config.yaml"} & set(foreign))
+    if run_files:
+        kind = f"looks like a run directory (it holds {', '.join(run_files)})"
+    elif MARKER not in entries:
+        kind = "is not empty and is not an lmforge export"
+    else:
+        kind = "is an lmforge export that also holds files lmforge did not write"
+    shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+    raise ExportError(f"{out_dir}: the export folder {kind} ({shown}); an export replaces "
+                      f"only an earlier export or an empty folder: {what_to_do}")
+
+
 def write_hf_folder(
     out_dir: str | Path,
     hf_config: dict[str, Any],
@@ -159,7 +205,9 @@ def write_hf_folder(
     """Writes a Hugging Face model folder, atomically, verified before it is published.
 
     Args:
-        out_dir: Destination folder; an existing export there is replaced.
+        out_dir: Destination folder: absent, empty, or an earlier export (its
+            :data:`MARKER` lists every file in it), which is replaced; anything else is
+            refused before any work.
         hf_config: `PretrainedConfig.to_dict()`-style mapping with `model_type`.
         hf_state_dict: Tensors under Hugging Face names.
         spm_model: The run's sentencepiece `.model`; exported and verified as the tokenizer.
@@ -185,6 +233,7 @@ def write_hf_folder(
     config.pop("torch_dtype", None)  # transformers 5 names it `dtype`
     tensors = _contiguous_unshared(_untie(config, hf_state_dict, class_name), dtype)
 
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of an earlier crash
@@ -202,6 +251,9 @@ def write_hf_folder(
         # AutoTokenizer reads tokenizer.json, and verification runs with both present.
         shutil.copyfile(spm_model, tmp / "tokenizer.model")
         export_tokenizer(spm_model, tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"written_by": "lmforge export",
+                                              "files": files}, indent=2) + "\n")
         _fsync_tree(tmp)
         if verify is not None:
             verify(tmp)
@@ -211,6 +263,11 @@ def write_hf_folder(
     # Swap: the old export moves aside before the new one takes its name, so `out_dir` is
     # always absent or complete, never partial.
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    try:
+        check_replaceable(out_dir)  # again: the folder may have changed while verifying
+    except ExportError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)

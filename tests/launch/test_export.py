@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from lmforge.launch.export import ExportError
-from lmforge.launch.export.hf_folder import verify_logits, write_hf_folder
+from lmforge.launch.export.hf_folder import MARKER, verify_logits, write_hf_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import (  # noqa: E402  (after the offline switch)
@@ -223,13 +223,80 @@ def test_failed_export_keeps_the_previous_one(spm_model: Path, tmp_path: Path) -
 def test_successful_export_replaces_the_previous_one(spm_model: Path, tmp_path: Path) -> None:
     first, second = tiny_llama(tie=False), tiny_gpt2()
     write_hf_folder(tmp_path / "hf", first.config.to_dict(), first.state_dict(), spm_model)
+    # A file an earlier export wrote and this one does not: listed in its marker, replaced.
     (tmp_path / "hf" / "stale.txt").write_text("from the old export")
+    marker = json.loads((tmp_path / "hf" / MARKER).read_text())
+    (tmp_path / "hf" / MARKER).write_text(json.dumps({**marker,
+                                                      "files": marker["files"] + ["stale.txt"]}))
     out = write_hf_folder(
         tmp_path / "hf", second.config.to_dict(), second.state_dict(), spm_model
     )
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(json.loads((out / MARKER).read_text())["files"]) == sorted(
+        p.name for p in out.iterdir() if p.name != MARKER)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _run_directory(path: Path) -> Path:
+    (path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (path / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").write_bytes(b"w")
+    (path / "mlflow.db").write_bytes(b"SQLite format 3\x00")
+    (path / "config.yaml").write_text("name: mine\n")
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("other_model", "is not empty and is not an lmforge export (config.json, model.safetensors"),
+    ("run_dir", "looks like a run directory (it holds checkpoints, config.yaml, mlflow.db)"),
+    ("holds_run_dir", "is not empty and is not an lmforge export (my-run)"),
+    ("export_plus_user_file", "an lmforge export that also holds files lmforge did not write "
+                              "(README.md)"),
+    ("a_file", "exists and is not a folder"),
+    ("a_symlink", "exists and is not a folder"),
+])
+def test_an_export_never_replaces_a_folder_lmforge_did_not_write(
+    case: str, message: str, spm_model: Path, tmp_path: Path
+) -> None:
+    """Issue 21: `lmforge export --out DIR` replaced whatever DIR held (another model, the
+    run directory with its checkpoints and mlflow.db)."""
+    model = tiny_llama(tie=False)
+    out = tmp_path / "out"
+    if case == "other_model":
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"someone else's weights")
+    elif case == "run_dir":
+        _run_directory(out.mkdir() or out)
+    elif case == "holds_run_dir":
+        _run_directory(out / "my-run")
+    elif case == "export_plus_user_file":
+        write_hf_folder(out, model.config.to_dict(), model.state_dict(), spm_model)
+        (out / "README.md").write_text("my model card")
+    elif case == "a_file":
+        out.write_text("notes")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        out.symlink_to(tmp_path / "elsewhere")
+    before = _tree(tmp_path)
+    with pytest.raises(ExportError) as err:
+        write_hf_folder(out, model.config.to_dict(), model.state_dict(), spm_model)
+    assert str(err.value).startswith(f"{out}: the export folder ")
+    assert message in str(err.value) and "choose another folder with --out" in str(err.value)
+    assert _tree(tmp_path) == before  # nothing deleted, no temporary folder left
+
+
+def test_an_export_fills_an_empty_folder(spm_model: Path, tmp_path: Path) -> None:
+    model = tiny_llama(tie=False)
+    (tmp_path / "hf").mkdir()
+    out = write_hf_folder(tmp_path / "hf", model.config.to_dict(), model.state_dict(),
+                          spm_model)
+    assert (out / "model.safetensors").is_file() and (out / MARKER).is_file()
 
 
 def test_bad_inputs_are_refused_before_writing(spm_model: Path, tmp_path: Path) -> None:
