@@ -12,6 +12,7 @@
 Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse; of the
 pipeline, the contract and the loader, and the builder only through its one entry point.
 May import: lmforge.pipeline.contract, lmforge.pipeline.config, lmforge.pipeline.durable,
-    lmforge.pipeline.loader, lmforge.pipeline.prepare.driver, lmforge.model, torch, deepspeed,
-    ray, mlflow, sentencepiece, tokenizers, transformers, peft, safetensors, webdataset
+    lmforge.pipeline.folder_lock, lmforge.pipeline.loader, lmforge.pipeline.prepare.driver,
+    lmforge.model, torch, deepspeed, ray, mlflow, sentencepiece, tokenizers, transformers, peft,
+    safetensors, webdataset
 """
