@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, overrides + allocation_overrides(args), sections)
         if args.dry_run:
             if cfg.stages and args.command == "run":
-                from lmforge.launch.stages import describe_graph
+                from lmforge.launch.stages.graph import describe_graph
 
                 print(describe_graph(cfg))
                 return
@@ -123,12 +123,10 @@ def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
             f"`lmforge {args.command}` one stage's config (<run_dir>/stages/<ii>-<name>/"
             "config.yaml)"
         )
-    if args.command == "run":
-        if cfg.stages:
-            from lmforge.launch.stages import run_stages
+    if args.command == "run":  # every run is a stage graph (a plain config: one stage)
+        from lmforge.launch.stages.runner import run_graph
 
-            return run_stages(cfg, resume=args.resume).exit_code
-        return commands.run_job(cfg, resume=args.resume).exit_code
+        return run_graph(cfg, resume=args.resume).exit_code
     if args.command == "prepare":
         print(f"manifest: {commands.prepare_data(cfg)}")
         return 0

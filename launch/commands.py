@@ -1,42 +1,29 @@
-"""The commands of ``lmforge``: prepare → train → export → sample, and ``run`` for all four.
+"""The single commands of ``lmforge``: prepare, train, export, sample, as plain functions.
 
-``lmforge run`` calls :func:`run_job`; the single commands (``prepare``, ``train``,
-``export``, ``sample``) call the functions here directly. Each reads what the earlier ones
-wrote (the prepared dataset's manifest, the run directory), so any of them can be rerun on
-its own.
+``lmforge prepare|train|export|sample`` call them directly; ``lmforge run`` and every
+submitted job run them stage by stage through the one runner (``launch/stages/runner.py``).
+Each reads what the earlier ones wrote (the prepared dataset's manifest, the run directory),
+so any of them can be rerun on its own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.launch.config import ConfigError, RunConfig
 from lmforge.launch.config.dataset_check import config_for_dataset, read_prepared
-from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.torchrun import launch_training
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
+if TYPE_CHECKING:
+    from lmforge.launch.stages.launchers import Launcher
+
 log = logging.getLogger("lmforge")
-
-Launcher = Callable[[RunConfig, Path, "str | None", "str | None"], int]
-"""Starts a run's training processes and returns their exit status (75: preempted)."""
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    manifest: Path
-    tracking_uri: str
-    run_id: str | None
-    export_dir: Path | None
-    samples: list[str]
-    exit_code: int
 
 
 def heading(title: str) -> None:
@@ -119,17 +106,22 @@ def config_for_training(cfg: RunConfig) -> RunConfig:
 def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
           launcher: Launcher | None = None) -> int:
     """Trains on the prepared shards with DeepSpeed across local processes (torchrun), or
-    with ``launcher(cfg, run_dir, resume, run_id)`` (a stage graph on Slurm or Ray)."""
+    with ``launcher(cfg, run_dir, resume, run_id)`` (srun in a Slurm job, Ray Train in a Ray
+    job); returns the processes' exit status (75: checkpointed and stopped, to resume).
+
+    A run directory's ``STAGE_COMPLETE`` no longer holds once training runs in it again, so
+    it is removed first."""
     check_devices(cfg)
     cfg = config_for_training(cfg)
     heading(
         f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
         f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"
     )
-    run_dir = RunDir.of(cfg.run_dir).path
+    run = RunDir.of(cfg.run_dir)
+    run.stage_complete.unlink(missing_ok=True)
     if launcher is not None:
-        return launcher(cfg, run_dir, resume, run_id)
-    return launch_training(cfg.launch, run_dir, resume=resume, run_id=run_id)
+        return launcher(cfg, run.path, resume, run_id)
+    return launch_training(cfg.launch, run.path, resume=resume, run_id=run_id)
 
 
 # -- export and sample ---------------------------------------------------------------
@@ -181,89 +173,3 @@ def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
     for record in records:
         print(f"--- prompt: {record['prompt']!r}\n{record['text']}\n", flush=True)
     return records
-
-
-# -- the whole job -------------------------------------------------------------------
-
-
-def run_job(cfg: RunConfig, resume: str | None = None) -> RunResult:
-    """prepare → train → export → the family's demonstration, tracked in one MLflow run."""
-    run = RunDir.of(cfg.run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    cfg.save(run.config)
-    tracker = Tracker(cfg.tracking, run.path)
-    run_id = tracker.start(
-        run_name=cfg.name,
-        run_id=run.read_run_id() if resume else None,
-        system_metrics=False,  # rank 0 samples them while training runs
-    )
-    if run_id:
-        run.write_run_id(run_id)
-    tracker.log_params(cfg.to_dict())  # secrets redacted; run.config keeps the real values
-    tracker.log_config(cfg.to_dict())
-    hooks, context = _run_hooks(cfg, run, tracker, run_id)
-    status = "FAILED"
-    export_dir, samples, code = None, [], 1
-    try:
-        if hooks:
-            hooks.emit("on_stage_start", context)
-        manifest = prepare_data(cfg, tracker)
-        tracker.flush()
-        code = train(cfg, resume=resume, run_id=run_id)
-        if code != 0:
-            status = "KILLED"
-            log.error("training exited with status %d; the run stops here", code)
-            return RunResult(run.path, manifest, tracker.uri, run_id, None, [], code)
-        if cfg.export.enabled:
-            export_dir = export(cfg)
-            tracker.log_artifacts(export_dir, "export")
-            if hooks:
-                tracker.flush()
-                context.export_dir = export_dir
-                hooks.emit("on_export", context)
-        if hooks:
-            hooks.emit("on_stage_end", context)
-        records = sample(cfg)
-        samples = [record["text"] for record in records]
-        run.final_samples.write_text(json.dumps(records, indent=2), encoding="utf-8")
-        tracker.log_artifact(run.final_samples)
-        status = "FINISHED"
-    finally:
-        tracker.close(status=status)
-    if tracker.run_id:  # the real id, also when MLflow answered only after start() returned
-        run_id = tracker.run_id
-        run.write_run_id(run_id)
-    result = RunResult(run.path, manifest, tracker.uri, run_id, export_dir, samples, code)
-    print_summary(result)
-    return result
-
-
-def _run_hooks(cfg: RunConfig, run: RunDir, tracker: Tracker, run_id: str | None):
-    """The hooks of a run without stages (the whole run is one stage), or (None, None)
-    when it names none: such a run behaves exactly as before hooks existed."""
-    if not cfg.hooks and not cfg.tracking.registered_model:
-        return None, None
-    from lmforge.launch.hooks import HookRunner, StageContext
-
-    hooks = HookRunner.from_config(cfg, ("register",) if cfg.tracking.registered_model else ())
-    tracker.flush()
-    context = StageContext(cfg.name, 0, run.path, run.path, cfg,
-                           run_id=tracker.run_id or run_id, tracking_uri=tracker.uri)
-    return hooks, context
-
-
-def print_summary(result: RunResult) -> None:
-    print("\n== done ==")
-    print(f"run directory : {result.run_dir}")
-    uri = redact_text(result.tracking_uri)
-    print(f"MLflow store  : {uri}  (run {result.run_id})")
-    if result.export_dir is not None:
-        print(f"HF export     : {result.export_dir}")
-    print(f"resume        : lmforge train {RunDir(result.run_dir).config} --resume auto")
-    if result.tracking_uri.startswith("sqlite:"):
-        print(
-            "open the UI   : mlflow ui --backend-store-uri "
-            f"{result.tracking_uri} --host 127.0.0.1 --port 5000   # then http://127.0.0.1:5000"
-        )
-    else:
-        print(f"open the UI   : {uri}")

@@ -17,15 +17,20 @@
         stage.json         the stage's name, index and MLflow runs (for hooks in training)
         STAGE_COMPLETE     written when the stage is done (final checkpoint, export, metrics)
         from_scratch/      the same stage from random weights (compare_from_scratch)
+      stage.json, STAGE_COMPLETE   a config without ``stages:`` is a graph of one stage
+                           whose directory is the run directory itself
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lmforge.launch.config import CONFIG_FILE
-from lmforge.pipeline.durable import write_atomic
+from lmforge.pipeline.durable import write_atomic, write_json
 
 
 @dataclass(frozen=True)
@@ -88,20 +93,12 @@ class RunDir:
         return self.path / "logs"
 
     @property
-    def stages(self) -> Path:
-        return self.path / "stages"
-
-    @property
     def stage_info(self) -> Path:
         return self.path / "stage.json"
 
     @property
     def stage_complete(self) -> Path:
         return self.path / "STAGE_COMPLETE"
-
-    @property
-    def from_scratch(self) -> Path:
-        return self.path / "from_scratch"
 
     def job_config(self, job: str) -> Path:
         """The resolved config a submitted job of ``job`` (prepare, train) starts from."""
@@ -121,3 +118,98 @@ class RunDir:
     def write_run_id(self, run_id: str) -> None:
         """Records the job's MLflow run id (atomically: attempts may read it concurrently)."""
         write_atomic(self.run_id_file, run_id)
+
+    # -- typed records: stage.json, STAGE_COMPLETE, train_summary.json -------------------
+
+    def write_stage_info(self, info: StageInfo) -> None:
+        """Writes ``stage.json`` (durably: the training processes read it)."""
+        write_json(self.stage_info, info.to_dict())
+
+    def read_stage_info(self) -> StageInfo | None:
+        """The stage's ``stage.json``, or None when it has none (plain ``lmforge train``)."""
+        data = _read_json(self.stage_info)
+        return None if data is None else StageInfo.from_dict(data)
+
+    def write_stage_complete(self, record: StageRecord) -> None:
+        """Writes ``STAGE_COMPLETE`` (durably: it vouches for the final checkpoint)."""
+        write_json(self.stage_complete, record.to_dict())
+
+    def read_stage_complete(self) -> StageRecord | None:
+        """How the stage ended, or None while it is not complete."""
+        data = _read_json(self.stage_complete)
+        return None if data is None else StageRecord.from_dict(data)
+
+    def write_train_summary(self, summary: TrainSummary) -> None:
+        """Writes ``train_summary.json`` (rank 0, at the end of a training attempt)."""
+        write_json(self.train_summary, summary.to_dict())
+
+    def read_train_summary(self) -> TrainSummary | None:
+        """How the last training attempt ended, or None when it wrote nothing."""
+        data = _read_json(self.train_summary)
+        return None if data is None else TrainSummary.from_dict(data)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+class _Record:
+    """A dataclass stored as JSON: unknown keys (from a newer version) are ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):  # returns the subclass
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class StageInfo(_Record):
+    """``stage.json``: which stage a run directory is, for hooks inside training."""
+
+    stage: str
+    index: int
+    job_dir: str
+    parent_run_id: str | None = None
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass
+class StageRecord(_Record):
+    """``STAGE_COMPLETE``: how a finished stage ended (a rerun with ``--resume auto``
+    skips the stage and reads this instead)."""
+
+    name: str
+    index: int
+    exit_code: int = 0
+    step: int | None = None
+    checkpoint: str | None = None
+    """The stage's final complete checkpoint."""
+    export_dir: str | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    scratch_metrics: dict[str, float] | None = None
+    """The same stage's metrics from random weights (``compare_from_scratch``)."""
+    run_id: str | None = None
+
+
+@dataclass
+class TrainSummary(_Record):
+    """``train_summary.json``: how the last training attempt ended (rank 0 writes it)."""
+
+    step: int
+    tokens_seen: int = 0
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    """``(step, val_loss)`` after each validation pass (lists once read back)."""
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    """The last validation pass's metrics."""
+    preempted: bool = False
+    """Stopped by SIGTERM/SIGUSR1 after a checkpoint (exit 75: requeue and resume)."""
+    skipped_samples: int = 0
+    skipped_shards: dict[str, str] = field(default_factory=dict)
+    """Shards replaced in lenient mode: name → reason."""

@@ -1,7 +1,7 @@
 """The stage graph of a run (``stages:``) and its hooks (``hooks:``, ``hook_failure:``).
 
 A config with ``stages:`` is a list of training phases run in order by ``lmforge run``
-(``launch/stages.py``)::
+(``launch/stages/runner.py``)::
 
     stages:
       - name: pretrain               # unique, [A-Za-z0-9_-]
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from lmforge.launch.config.run_config import RunConfig
 
 BUILTIN_HOOKS = ("export", "register", "submit_next")
-"""Hooks lmforge provides by name (see ``launch/hooks.py``)."""
+"""Hooks lmforge provides by name (see ``launch/stages/builtin_hooks.py``)."""
 HOOK_EVENTS = ("on_stage_start", "on_stage_end", "on_eval", "on_checkpoint", "on_export")
 """The events a hook can receive."""
 STAGE_KEYS = ("name", "hooks", "compare_from_scratch")
@@ -180,8 +180,7 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
     Raises:
         ConfigError: A stage is invalid; names ``stages[i].<key>`` and its line.
     """
-    from lmforge.launch.config.run_config import RunConfig
-
+    config_class = type(cfg)  # RunConfig, without importing the module that imports this one
     where = where or Where()
     if not cfg.stages:
         return []
@@ -189,7 +188,7 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
     for key in JOB_KEYS:
         base.pop(key, None)
     base["stages"] = []
-    sections = {f.name for f in dataclasses.fields(RunConfig)} - set(JOB_KEYS) - {"name"}
+    sections = {f.name for f in dataclasses.fields(config_class)} - set(JOB_KEYS) - {"name"}
     has_init = "init" in sections
     names: list[str] = []
     first_data: dict[str, Any] | None = None
@@ -252,7 +251,7 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
         if not isinstance(compare, bool):
             raise ConfigError(f"{at(('compare_from_scratch',))}: expected true or false, "
                               f"got {compare!r}")
-        stage_cfg = build(RunConfig, merged, (), at)
+        stage_cfg = build(config_class, merged, (), at)
         try:
             stage_cfg.check_training()
             check_hooks(stage_cfg.hooks, stage_cfg.tracking.registered_model)

@@ -5,17 +5,17 @@
     lmforge submit local CONFIG [--job prepare|train|all]
 
 The same resolved config (YAML plus ``--section.key=value`` overrides) goes to every
-target; ``--dry-run`` prints what would be submitted and submits nothing. A config with
-``stages:`` submits the whole graph as the training job (``slurm/stages.sbatch``, or Ray
-Train per stage): each stage's data preparation and export run inside the job, and a
-requeue or retry resumes inside the stage it was in.
+target; ``--dry-run`` prints what would be submitted and submits nothing. A training job
+(``--job train``, the default) is the one runner, as ``lmforge run``: every stage of the
+config (a config without ``stages:`` is one stage) prepares its data inside the job, trains
+(srun, Ray Train, torchrun), exports and verifies, and registers with
+``tracking.registered_model``; a requeue or retry resumes inside the stage it was in.
 
 Owns the submitting side (``slurm.py``, ``ray_jobs.py``, ``local.py``, shared parts in
-``spec.py``) and, kept apart, the job body's steps on the cluster (``job.py``; Ray Train in
-``ray_train.py``); ``launch.train`` only inside the job.
-May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.tracking,
-    lmforge.launch.commands, lmforge.launch.stages, lmforge.launch.train, lmforge.launch.redact,
-    lmforge.pipeline.contract, lmforge.pipeline.config, lmforge.pipeline.durable, ray, torch
+``spec.py``) and, kept apart, the job body on the cluster (``job.py``, which runs
+``launch.stages.runner``). May import: ``launch.config``, ``launch.rundir``,
+``launch.redact``, ``launch.commands`` (prepare jobs), ``launch.stages`` (the job body and
+the MLflow run created at submit time), ``pipeline.contract``.
 """
 
 from __future__ import annotations
@@ -54,13 +54,16 @@ def build_submit_parser(sub: argparse._SubParsersAction) -> None:
         else:
             cmd.add_argument("--job", dest="work", choices=["prepare", "train", "all"],
                              default="train",
-                             help="what to run (default train; all = prepare then train)")
+                             help="what to run: train (default: the whole job, as lmforge "
+                                  "run; it prepares its data itself; all is the same) or "
+                                  "prepare")
 
 
 def _add_slurm_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--job", dest="work", choices=["train", "prepare"], default="train",
-                     help="train (default; prepared data must exist, or use --after) or prepare "
-                          "(a Ray cluster across the allocation runs the data pipeline)")
+                     help="train (default: the whole job, as lmforge run; it prepares its data "
+                          "on the first node, or give --after PREPARE_JOB_ID) or prepare (a Ray "
+                          "cluster across the allocation runs the data pipeline)")
     cmd.add_argument("--nodes", type=int, default=None,
                      help="nodes to allocate (default launch.nnodes)")
     cmd.add_argument("--gpus-per-node", type=int, default=0,

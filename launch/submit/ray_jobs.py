@@ -27,13 +27,9 @@ from typing import Any
 from lmforge.launch.config import RunConfig, load_config
 from lmforge.launch.redact import REDACTED, is_secret_key, redact_text
 from lmforge.launch.rundir import RunDir
+from lmforge.launch.stages.mlflow_runs import ensure_mlflow_run
 from lmforge.launch.submit.ray_train import RayTrainJob
-from lmforge.launch.submit.spec import (
-    check_job_value,
-    ensure_mlflow_run,
-    mlflow_line,
-    resolve_in,
-)
+from lmforge.launch.submit.spec import check_job_value, mlflow_line, resolve_in
 
 CONFIG_ENV = "LMFORGE_JOB_CONFIG"
 RUN_ID_ENV = "LMFORGE_MLFLOW_RUN_ID"
@@ -205,7 +201,17 @@ def print_submission(cfg: RunConfig, job: RayJob, result: RaySubmission,
 
 
 def run_job(work: str, train: RayTrainJob) -> None:
-    """The job's body, on the cluster: the config comes from ``LMFORGE_JOB_CONFIG``."""
+    """The job's body, on the cluster: the config comes from ``LMFORGE_JOB_CONFIG``.
+
+    ``prepare`` runs the data pipeline on this Ray cluster; ``train`` runs the config's stage
+    graph (a config without ``stages:`` is one stage) with ``--resume auto`` as ``lmforge
+    run`` does, each stage's training through Ray Train, so a retried (or resubmitted) job
+    resumes inside the right stage.
+
+    Raises:
+        RuntimeError: The graph stopped (a stage's training still failed after
+            ``--max-failures`` restarts, or a hook stopped it).
+    """
     import ray
 
     text = os.environ.get(CONFIG_ENV)
@@ -221,48 +227,13 @@ def run_job(work: str, train: RayTrainJob) -> None:
 
         print(f"manifest: {prepare_data(cfg)}", flush=True)
         return
-    from lmforge.launch.submit.job import finish_run, setup_run
-    from lmforge.launch.submit.ray_train import fit
+    from lmforge.launch.stages.launchers import ray_train_launcher
+    from lmforge.launch.submit.job import run_job as run_graph_job
 
-    if cfg.stages:
-        run_graph(cfg, train)
-        return
-    cfg = setup_run(cfg, run_id=os.environ.get(RUN_ID_ENV))
-    run = RunDir.of(cfg.run_dir)
-    # The job driver may run where there is no GPU: the workers' resources decide.
-    backend = cfg.launch.resolved_backend(cuda=train.gpus_per_worker > 0)
-    try:
-        fit(run.path, train, run.read_run_id(), backend)
-    except Exception:
-        finish_run(run.path, "FAILED")
-        raise
-    finish_run(run.path, "FINISHED")
-
-
-def run_graph(cfg: RunConfig, train: RayTrainJob) -> None:
-    """A stage graph as the job's body: every stage in turn, each one's training through
-    Ray Train; a retried job (or a resubmitted one) resumes inside the right stage.
-
-    Raises:
-        RuntimeError: A stage's training still failed after ``--max-failures`` restarts.
-    """
-    from lmforge.launch.stages import run_stages
-    from lmforge.launch.submit.ray_train import fit
-
-    run = RunDir.of(cfg.run_dir)
-    if os.environ.get(RUN_ID_ENV) and run.read_run_id() is None:
-        run.write_run_id(os.environ[RUN_ID_ENV])
-
-    def launcher(stage_cfg: RunConfig, run_dir: Path, resume: str | None,
-                 run_id: str | None) -> int:
-        backend = stage_cfg.launch.resolved_backend(cuda=train.gpus_per_worker > 0)
-        fit(run_dir, train, run_id, backend)  # each worker resumes with --resume auto
-        return 0
-
-    result = run_stages(cfg, resume="auto", launcher=launcher)
-    if result.exit_code != 0:
-        raise RuntimeError(f"stage graph stopped with status {result.exit_code}; submit the "
-                           "same config again to resume inside the stage")
+    code = run_graph_job(cfg, ray_train_launcher(train), run_id=os.environ.get(RUN_ID_ENV))
+    if code != 0:
+        raise RuntimeError(f"the job stopped with status {code}; submit the same config "
+                           "again to resume inside the stage it was in")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """``lmforge submit slurm``: render an sbatch script from ``slurm/`` and hand it to sbatch.
 
-Training runs one task per GPU (or per CPU process) through ``srun``; ranks come from
-``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` and the rendezvous host from
-``scontrol show hostnames``. The job is requeueable and asks for a pre-kill signal: the batch
-shell forwards it to the ranks, which checkpoint and exit 75, and the script requeues the
-job, which resumes from that checkpoint (``--resume auto``).
+A training job runs the one runner on the first node (``slurm/train.sbatch``), as ``lmforge
+run`` does: each stage (a config without ``stages:`` is one) prepares its data, trains with
+one task per GPU (or per CPU process) through ``srun`` (ranks from
+``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, the rendezvous host from ``scontrol show
+hostnames``), exports and verifies. The job is requeueable and asks for a pre-kill signal: the
+batch shell forwards it through the runner to the ranks, which checkpoint and exit 75, and the
+script requeues the job, which resumes inside that stage from that checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from pathlib import Path
 from lmforge.launch.config import RunConfig
 from lmforge.launch.config.dataset_check import config_for_dataset
 from lmforge.launch.rundir import RunDir
+from lmforge.launch.stages.mlflow_runs import ensure_mlflow_run
 from lmforge.launch.submit.spec import (
     SLURM_TEMPLATES,
     check_job_value,
-    ensure_mlflow_run,
     mlflow_line,
     render_template,
     resolve_in,
@@ -32,7 +34,6 @@ from lmforge.launch.submit.spec import (
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 TEMPLATES = {"train": "train.sbatch", "prepare": "ray-prepare.sbatch"}
-STAGES_TEMPLATE = "stages.sbatch"
 TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 
 
@@ -163,9 +164,9 @@ def render_script(
 
 
 def template_name(cfg: RunConfig, work: str) -> str:
-    """The template under ``slurm/``: a stage graph's training job runs every stage
-    (``stages.sbatch``), including each stage's data preparation and export."""
-    return STAGES_TEMPLATE if work == "train" and cfg.stages else TEMPLATES[work]
+    """The template under ``slurm/``: ``train.sbatch`` runs the stage graph (any config),
+    ``ray-prepare.sbatch`` the data pipeline on a Ray cluster across the allocation."""
+    return TEMPLATES[work]
 
 
 def job_name(cfg: RunConfig, work: str) -> str:
@@ -254,13 +255,10 @@ def submit_slurm(
     if dry_run:
         return SlurmSubmission(script, script_path, None, log_pattern, None)
     manifest = DatasetManifest.path_in(resolve_in(cfg.data.output_dir, workdir))
-    if work == "train" and job.after is None and not cfg.stages:  # stages prepare in the job
-        if not manifest.is_file():
-            raise ValueError(
-                f"{manifest}: no prepared dataset; run `lmforge prepare CONFIG` (or `lmforge "
-                "submit slurm CONFIG --job prepare`) first, or pass --after PREPARE_JOB_ID"
-            )
-        config_for_dataset(cfg, DatasetManifest.read(manifest))  # refuse now, not in the queue
+    # The job prepares its data itself (skipped when it is prepared already); data prepared
+    # now must fit the config: refuse now, not in the queue.
+    if work == "train" and job.after is None and not cfg.stages and manifest.is_file():
+        config_for_dataset(cfg, DatasetManifest.read(manifest))
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise FileNotFoundError(
@@ -297,7 +295,7 @@ def print_submission(cfg: RunConfig, job: SlurmJob, result: SlurmSubmission) -> 
               f"{kind}")
     print(f"  status : squeue -j {jid}    scontrol show job {jid}    sacct -j {jid}")
     print(f"  logs   : tail -f {result.log_pattern.replace('%j', jid)}")
-    if result.script_path.name in (TEMPLATES["train"], STAGES_TEMPLATE):
+    if result.script_path.name == TEMPLATES["train"]:
         print(f"  stop   : scancel --signal=USR1 --batch {jid}   (checkpoint and requeue)")
         print(f"  MLflow : {mlflow_line(cfg, run_dir, result.run_id)}")
     print(f"  cancel : scancel {jid}")

@@ -118,29 +118,6 @@ def with_allocation(cfg: RunConfig, nnodes: int, nproc_per_node: int) -> RunConf
         ) from err
 
 
-def ensure_mlflow_run(cfg: RunConfig, run_dir: Path) -> str | None:
-    """Creates the job's MLflow run once and records its id in the run directory.
-
-    Every attempt of the job (requeues, Ray Train retries) attaches to the recorded run, so
-    one job is one MLflow run. Returns None when tracking is off.
-    """
-    if not cfg.tracking.enabled:
-        return None
-    run = RunDir.of(run_dir)
-    recorded = run.read_run_id()
-    if recorded:
-        return recorded
-    from lmforge.launch.tracking import Tracker
-
-    tracker = Tracker(cfg.tracking, run_dir)
-    run_id = tracker.start(run_name=cfg.tracking.run_name or cfg.name, system_metrics=False)
-    tracker.log_params(cfg.to_dict())
-    tracker.close(status="RUNNING")  # the job's last step ends the run
-    run_id = tracker.run_id or run_id
-    run.write_run_id(run_id)
-    return run_id
-
-
 def mlflow_line(cfg: RunConfig, run_dir: Path, run_id: str | None) -> str:
     """One line saying where the job's metrics go."""
     if not cfg.tracking.enabled:

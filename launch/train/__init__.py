@@ -10,8 +10,12 @@ from a checkpoint or Hugging Face folder (``warm_start.py``); trainable subsets,
 parameters and LoRA adapters (``trainable.py``); activation checkpointing applied from
 outside the model (``activation_checkpointing.py``); the bad-loss policy (``loss_guard.py``).
 
+The worker adds the stage hooks (``hooks:``) to its callbacks: of ``launch/stages/`` it
+imports ``hooks.py`` alone (user hooks, their failure policy), nothing that runs a graph.
+
 May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.tracking,
-    lmforge.launch.sample, lmforge.launch.redact, lmforge.pipeline.contract,
+    lmforge.launch.sample, lmforge.launch.redact, lmforge.launch.stages.hooks,
+    lmforge.pipeline.contract,
     lmforge.pipeline.config, lmforge.pipeline.durable, lmforge.pipeline.loader, lmforge.model,
     torch, deepspeed, peft, safetensors, transformers, sentencepiece
 Imports nothing from here at package level: the worker must stay cheap to start.

@@ -8,7 +8,6 @@ MASTER_ADDR, MASTER_PORT) and the resolved config from ``DIR/config.yaml``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from lmforge.launch.config import RunConfig, load_resolved
-from lmforge.launch.hooks import hook_callbacks
-from lmforge.launch.rundir import RunDir
+from lmforge.launch.rundir import RunDir, TrainSummary
 from lmforge.launch.sample import TextSampler
+from lmforge.launch.stages.hooks import hook_callbacks
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.build import build_trainer
 from lmforge.launch.train.callbacks import EvalHistory, MetricsLogger, Sampler
@@ -112,16 +111,15 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
             return 1
         status = "KILLED" if preemption.stopped else "FINISHED"
         if rank == 0:
-            summary = {
-                "step": state.step,
-                "tokens_seen": state.tokens_seen,
-                "val_loss": history.history,
-                "val_metrics": history.last,
-                "preempted": preemption.stopped,
-                "skipped_samples": metrics.skipped_samples,
-                "skipped_shards": metrics.skipped_shards,
-            }
-            run.train_summary.write_text(json.dumps(summary, indent=2))
+            run.write_train_summary(TrainSummary(
+                step=state.step,
+                tokens_seen=state.tokens_seen,
+                val_loss=history.history,
+                val_metrics=history.last,
+                preempted=preemption.stopped,
+                skipped_samples=metrics.skipped_samples,
+                skipped_shards=metrics.skipped_shards,
+            ))
     except (CheckpointError, UnsafeCheckpointError, WarmStartError) as err:
         # A clear line instead of a traceback per rank; exiting lets the launcher (torchrun,
         # srun, Ray Train) stop the other ranks instead of leaving them at a barrier.

@@ -10,6 +10,7 @@ import pytest
 
 from lmforge.launch.cli import main
 from lmforge.launch.config import load_config
+from lmforge.launch.stages.launchers import srun_command
 from lmforge.launch.submit.slurm import SlurmJob, job_config, render_script
 from lmforge.launch.submit.spec import JobTemplate, render_template
 
@@ -42,7 +43,10 @@ def test_gpu_job_flags(capsys, tmp_path):
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
     assert "DS_ACCELERATOR=cpu" not in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
-    assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in script
+    # The job body is the runner; each stage's srun step maps Slurm's task ids to ranks.
+    assert "-m lmforge.launch.submit.job run --config" in script
+    step = " ".join(srun_command(tmp_path, "auto", None))
+    assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in step
     assert "--resume auto" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     # A dry run writes nothing and submits nothing.
     assert not (tmp_path / "run").exists()

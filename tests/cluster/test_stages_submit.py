@@ -21,8 +21,8 @@ def test_slurm_script_runs_the_graph(tmp_path):
     cfg = load_config(STAGES, [f"--run_dir={tmp_path / 'run'}"])
     job = SlurmJob(nodes=1, tasks_per_node=2)
     script = render_script(job_config(cfg, job), job, "train", REPO)
-    assert template_name(cfg, "train") == "stages.sbatch"
-    assert ("-m lmforge.launch.stages --config "
+    assert template_name(cfg, "train") == "train.sbatch"  # one template: every run is a graph
+    assert ("-m lmforge.launch.submit.job run --config "
             f"{tmp_path / 'run'}/submit/train-config.yaml --launcher slurm --resume auto") in script
     assert "\nsrun " not in script  # each stage's srun step comes from the graph runner
     assert "#SBATCH --requeue" in script and "scontrol requeue" in script

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from lmforge.launch.hooks import StageCallback, StageContext
+from lmforge.launch.stages.hooks import StageCallback, StageContext
 
 CALLS: list[tuple[str, str]] = []
 

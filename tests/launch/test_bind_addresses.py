@@ -46,10 +46,10 @@ def tree(pid: int) -> set[int]:
 
 @pytest.mark.slow
 def test_the_printed_mlflow_ui_command_listens_on_localhost_only(tmp_path, capsys):
-    from lmforge.launch.commands import RunResult, print_summary
+    from lmforge.launch.stages.graph import GraphResult, print_summary
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    print_summary(RunResult(tmp_path, tmp_path / "manifest.json", uri, "r", None, [], 0))
+    print_summary(GraphResult(tmp_path, uri, "r", [], 0, single=True))
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("open the UI"))
     command = shlex.split(line.split(":", 1)[1].split("#")[0])
     assert command[:2] == ["mlflow", "ui"] and "--host" in command

@@ -10,10 +10,10 @@ import stage_hooks
 
 from lmforge.launch.config import load_config
 from lmforge.launch.config.stages import HookSpec
-from lmforge.launch.hooks import (
+from lmforge.launch.stages.hooks import (
     HookError,
-    HookRunner,
     StageContext,
+    StageHooks,
     hook_callbacks,
     load_hook,
 )
@@ -28,9 +28,9 @@ def context(tmp_path: Path) -> StageContext:
 def test_function_and_callback_hooks(tmp_path):
     stage_hooks.CALLS.clear()
     stage_hooks.Counter.seen.clear()
-    runner = HookRunner([load_hook("stage_hooks:record"), load_hook("stage_hooks:Counter")])
-    runner.emit("on_stage_start", context(tmp_path))
-    runner.emit("on_stage_end", context(tmp_path))
+    hooks = StageHooks([load_hook("stage_hooks:record"), load_hook("stage_hooks:Counter")])
+    hooks.on_stage_start(context(tmp_path))
+    hooks.on_stage_end(context(tmp_path))
     assert stage_hooks.CALLS == [("on_stage_start", "sft"), ("on_stage_end", "sft")]
     assert stage_hooks.Counter.seen == ["start:sft", "end:sft"]
 
@@ -38,7 +38,7 @@ def test_function_and_callback_hooks(tmp_path):
 def test_events_filter(tmp_path):
     stage_hooks.CALLS.clear()
     hook = load_hook(HookSpec(name="stage_hooks:record", events=["on_stage_end"]))
-    HookRunner([hook]).emit("on_stage_start", context(tmp_path))
+    StageHooks([hook]).on_stage_start(context(tmp_path))
     assert stage_hooks.CALLS == []
 
 
@@ -46,17 +46,17 @@ def test_failure_policy(tmp_path):
     failing = [load_hook("stage_hooks:fail"), load_hook("stage_hooks:record")]
     with pytest.raises(HookError, match=r"hook 'stage_hooks:fail' failed on on_stage_end of "
                                         r"stage 'sft': RuntimeError: failing on purpose"):
-        HookRunner(failing, "stop").emit("on_stage_end", context(tmp_path))
+        StageHooks(failing, "stop").on_stage_end(context(tmp_path))
     stage_hooks.CALLS.clear()
-    runner = HookRunner(failing, "warn")
-    runner.emit("on_stage_end", context(tmp_path))
-    assert len(runner.failures) == 1 and "stage_hooks:fail" in runner.failures[0]
+    hooks = StageHooks(failing, "warn")
+    hooks.on_stage_end(context(tmp_path))
+    assert len(hooks.failures) == 1 and "stage_hooks:fail" in hooks.failures[0]
     assert stage_hooks.CALLS == [("on_stage_end", "sft")]  # the next hook still ran
 
 
 @pytest.mark.parametrize("name,message", [
     ("no_such_module:f", "cannot import no_such_module"),
-    ("stage_hooks:missing", "has no function or Callback subclass named 'missing'"),
+    ("stage_hooks:missing", "has no function or StageCallback subclass named 'missing'"),
 ])
 def test_load_errors_name_the_hook(name, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -76,6 +76,6 @@ def test_submit_next_runs_lmforge_submit(tmp_path, capsys):
     hook = load_hook(HookSpec(name="submit_next", args={
         "target": "local", "config": str(config), "flags": ["--dry-run"],
         "overrides": ["--run_dir={run_dir}/next", "--name=next-{stage}"]}))
-    HookRunner([hook]).emit("on_stage_end", context(tmp_path))
+    StageHooks([hook]).on_stage_end(context(tmp_path))
     out = capsys.readouterr().out
     assert f'"run_dir": "{tmp_path}/next"' in out and "dry run: nothing started" in out

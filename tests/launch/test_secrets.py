@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from lmforge.launch.config import load_config
 from lmforge.launch.redact import is_secret_key, redact, redact_text
 from lmforge.launch.rundir import RunDir
-from lmforge.launch.submit.spec import ensure_mlflow_run
+from lmforge.launch.stages.mlflow_runs import ensure_mlflow_run
 from lmforge.launch.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_mlflow_params_and_config_artifact_are_redacted(tmp_path: Path) -> None:
     run = RunDir.of(cfg.run_dir)
     cfg.save(run.config)  # what run_job does first: the workers' input keeps real values
     assert "SEKRIT-ds" in run.config.read_text()
-    # The submit path (spec.ensure_mlflow_run) and run_job's params + config artifact.
+    # The submit path (mlflow_runs.ensure_mlflow_run) and the runner's params + config artifact.
     run_id = ensure_mlflow_run(cfg, run.path)
     tracker = Tracker(cfg.tracking, run.path)
     tracker.start(run_id=run_id)
