@@ -1,31 +1,42 @@
 # Two commands on a fresh machine:
-#   make run    set up .venv and run the main job (configs/tiny.yaml, CPU, minutes)
-#   make test   set up .venv with test extras and run the test suite
+#   make run        set up .venv and run the main job (configs/tiny.yaml, CPU, minutes)
+#   make test       set up .venv with test extras and run the whole test suite
+#   make test-fast  the suite without the slow end-to-end tests (the edit-test loop)
 #
 # torch is installed before the project so that nothing pulls a CUDA build by accident:
 # without an NVIDIA GPU we install $(TORCH_SPEC) (a CPU wheel here; elsewhere point
-# TORCH_INDEX at PyTorch's CPU wheel index); with one, the default CUDA build.
+# TORCH_INDEX at PyTorch's CPU wheel index); with one, the CUDA build of the same version.
+# Every other package is installed at the exact version in $(CONSTRAINTS), the versions the
+# suite last passed on (`make constraints` rewrites it from .venv); pyproject.toml keeps
+# the lower bounds for users who install the package themselves.
 
 PYTHON     ?= python3
 VENV       ?= .venv
 BIN        := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+# torch's version is the constraints file's (one owner); a local label such as +cpu is
+# left to the index: torch==2.13.0 matches 2.13.0+cpu and the CUDA wheel alike.
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
 TORCH_INDEX ?=
 CONFIG     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test setup setup-test lint clean
+.PHONY: run test test-fast setup setup-test constraints lint clean
 
 run: $(VENV)/.installed
 	$(BIN)/lmforge run $(CONFIG)
 
-test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The 30 slowest tests are listed at the end of every run (CI's output included).
+test: $(VENV)/.installed-test $(VENV)/.ds-ops
+	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-test $(VENV)/.ds-ops
+	$(BIN)/python -m pytest -m "not slow" --durations=30 $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed
-setup-test: $(VENV)/.installed-test
+setup-test: $(VENV)/.installed-test $(VENV)/.ds-ops
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,20 +46,37 @@ $(VENV)/.torch: | $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "NVIDIA GPU found: installing CUDA torch"; $(BIN)/python -m pip install -q torch; \
+		echo "NVIDIA GPU found: installing CUDA torch ($(TORCH_SPEC))"; \
+		$(BIN)/python -m pip install -q $(TORCH_SPEC); \
 	else \
 		echo "no GPU: installing CPU torch ($(TORCH_SPEC))"; \
 		$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(BIN)/python -m pip install -q -e .
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[test]"
+$(VENV)/.installed-test: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $@ $(VENV)/.installed
+
+# DeepSpeed's CPU ops the suite's runs use (shared-memory collectives, CPU Adam), built once
+# here instead of inside the first test that needs each; clears a build lock a killed run
+# left behind (tests/conftest.py does that too, at every session start).
+$(VENV)/.ds-ops: $(VENV)/.installed-test
+	OMP_NUM_THREADS=1 $(BIN)/python tests/deepspeed_ops.py
+	touch $@
+
+# Rewrites $(CONSTRAINTS) from what .venv holds now: run it after upgrading a package
+# and seeing `make test` pass. torch keeps its public version (no +cpu / +cu label).
+constraints: $(VENV)/.installed-test
+	{ echo "# Exact versions \`make test\` last passed on; \`make constraints\` rewrites this file"; \
+	  echo "# from .venv. Used as pip -c by make run / make test; pyproject.toml keeps lower bounds."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	} > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check pipeline model launch tests benchmarks

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+from deepspeed_ops import clear_stale_locks
 
 # Nothing in the suite may reach a hub; exports and parity tests load local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed picks the CPU accelerator without GPUs; saying so skips a warning per process.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A run killed while DeepSpeed JIT-built an op left torch's build lock: without this,
+    every later DeepSpeed start in the suite would wait on it forever."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    clear_stale_locks(say=reporter.write_line if reporter else
+                      lambda message: print(message, file=sys.stderr))
 
 
 @pytest.fixture(autouse=True)
