@@ -89,6 +89,10 @@ def save_checkpoint(
     tag = tag_for(step)
     folder = root / tag
     rank = dist.get_rank()
+    if folder.is_symlink():  # every rank: all raise, none waits at the barrier below
+        raise CheckpointError(f"{folder} is a symbolic link; lmforge writes checkpoints "
+                              "into real folders only and will not write through it or "
+                              "delete it: remove the link (or move it out of the folder)")
     if rank == 0 and folder.exists():  # a partial leftover from a crash at this step
         shutil.rmtree(folder)
     dist.barrier()
@@ -153,13 +157,24 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _own_folders(root: Path) -> list[Path]:
+    """The ``step_NNNNNNNN`` folders under ``root`` that saves create: real folders only,
+    never a symbolic link (which may point outside ``checkpoints/``) nor any other folder."""
+    return [p for p in root.iterdir()
+            if _TAG.fullmatch(p.name) and not p.is_symlink() and p.is_dir()]
+
+
 def _prune(root: Path, keep: int, current: str) -> None:
-    complete = complete_checkpoints(root)
+    """Deletes complete checkpoints older than the newest ``keep`` and partial ones older
+    than ``current``, among :func:`_own_folders` only: ``best/``, ``Backup/``, an export or
+    a symlinked ``step_*`` beside them are never touched."""
+    ours = _own_folders(root)
+    complete = sorted((p for p in ours if incomplete_reason(p) is None), key=lambda p: p.name)
     for old in complete[:-keep]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.iterdir():  # partial folders older than the newest complete one
-        if leftover.is_dir() and not (leftover / COMPLETE).exists() and leftover.name < current:
+    for leftover in ours:  # partial folders older than the newest complete one
+        if not (leftover / COMPLETE).exists() and leftover.name < current:
             shutil.rmtree(leftover, ignore_errors=True)
 
 

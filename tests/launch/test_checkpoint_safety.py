@@ -101,6 +101,32 @@ def test_checkpoints_without_a_complete_one_are_an_error_unless_resume_none(tmp_
 # -- weights-only loading ------------------------------------------------------------
 
 
+def test_pruning_touches_only_the_step_folders_saves_create(tmp_path):
+    """Issue 21: pruning deleted every folder without COMPLETE that sorts before `step_`
+    (`best/`, `Backup/`, `hf_export/`) and counted a symlinked `step_*` as a checkpoint."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        fake_checkpoint(root, step)
+    fake_checkpoint(root, 5, complete=False)  # a crash's leftover: pruned
+    for name in ("best", "Backup", "hf_export", "notes", "step_final"):
+        (root / name).mkdir()
+        (root / name / "weights.pt").write_bytes(b"mine")
+    outside = tmp_path / "elsewhere"
+    fake_checkpoint(outside, 1)  # complete, older than every real one
+    fake_checkpoint(outside, 3, complete=False)  # partial, older than the current save
+    (root / "step_00000001").symlink_to(outside / "step_00000001")
+    (root / "step_00000003").symlink_to(outside / "step_00000003")
+    ckpt._prune(root, keep=2, current="step_00000006")
+    assert sorted(p.name for p in root.iterdir()) == [
+        "Backup", "best", "hf_export", "notes", "step_00000001", "step_00000003",
+        "step_00000004", "step_00000006", "step_final"]
+    for name in ("best", "Backup", "hf_export", "notes", "step_final"):
+        assert (root / name / "weights.pt").read_bytes() == b"mine"
+    assert (root / "step_00000001").is_symlink() and (root / "step_00000003").is_symlink()
+    assert (outside / "step_00000001" / ckpt.COMPLETE).is_file()
+    assert (outside / "step_00000003" / "mp_rank_00_model_states.pt").is_file()
+
+
 def test_a_planted_payload_is_refused_and_never_runs(tmp_path):
     target = tmp_path / "pwned"
     path = tmp_path / "rank00000.pt"
@@ -165,6 +191,23 @@ def test_resume_export_and_sample_refuse_a_planted_payload(trained, tmp_path, na
         assert proc.returncode != 0, command
         assert f"{planted}: refused to load" in proc.stdout + proc.stderr, command
     assert not target.exists()
+
+
+@pytest.mark.slow
+def test_a_save_never_writes_through_a_symlinked_step_folder(trained, tmp_path):
+    config, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    link = copy / "checkpoints" / "step_00000006"
+    link.symlink_to(outside)
+    proc = _cli("train", str(config), f"--run_dir={copy}", "--train.max_steps=6",
+                "--resume", "auto")
+    assert proc.returncode != 0
+    assert f"{link} is a symbolic link" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert link.is_symlink() and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
 def _small_fs(where: Path, size_kib: int) -> Path:
