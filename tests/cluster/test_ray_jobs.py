@@ -105,6 +105,9 @@ def test_ray_train_survives_a_lost_worker_and_matches_a_local_run(ray_cluster, p
     assert logged.count(CHECKPOINT + 1) == 2, logged
     ray_loss = metrics(on_ray)  # the retry's lines win for steps logged twice
     assert sorted(ray_loss) == list(range(1, STEPS + 1))
+    # the job is the one runner, as `lmforge run`: it ends with a verified export
+    assert "export verified: " in logs
+    assert (on_ray / "export" / "model.safetensors").is_file()
 
     run_id = (on_ray / "mlflow_run_id").read_text().strip()
     assert f"experiment 'cluster'  run {run_id}" in stdout

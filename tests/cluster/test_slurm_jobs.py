@@ -99,6 +99,9 @@ def test_two_task_job_runs_to_completion(jobs):
     assert sorted(loss) == list(range(1, STEPS + 1))
     assert loss[STEPS] < loss[1] - 0.5
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}").is_dir()
+    # the job is the one runner, as `lmforge run`: it ends with a verified export
+    assert "export verified: " in log
+    assert (run_dir / "export" / "model.safetensors").is_file()
 
 
 def test_submit_says_how_to_follow_the_job_and_mlflow_run_finishes(jobs):
