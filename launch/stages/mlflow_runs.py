@@ -6,16 +6,10 @@ with ``stages:`` adds a child run per stage (tag ``mlflow.parentRunId``, recorde
 stage directory); a config without stages is a graph of one stage whose run is the job's
 run itself (no parent/child split).
 
-How a run ends follows from the exit status of what it ran (:func:`mlflow_status`):
-
-====================  ==========  ===============================================
-exit status           MLflow      meaning
-====================  ==========  ===============================================
-0                     FINISHED    done
-75 (requeue)          KILLED      stopped after a checkpoint; the next attempt resumes
-                                  into the same run (which is RUNNING again then)
-anything else         FAILED      crashed, or a hook stopped the job
-====================  ==========  ===============================================
+How a run ends follows from the exit status of what it ran: 0 FINISHED, 75 (checkpointed
+and stopped, to be resumed) KILLED, anything else FAILED (:func:`mlflow_status`, stated once
+in ``launch/train/exit_codes.py`` next to the exit codes; the training processes end a run
+they own by it too).
 """
 
 from __future__ import annotations
@@ -26,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
-from lmforge.launch.tracking.tracker import RunStatus
-from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
+from lmforge.launch.train.exit_codes import mlflow_status
+
+__all__ = ["end_recorded_run", "end_run", "ensure_mlflow_run", "mlflow_status",
+           "start_job_run", "start_stage_run"]
 
 if TYPE_CHECKING:
     from lmforge.launch.config import RunConfig
@@ -35,16 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmforge")
 
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def mlflow_status(exit_code: int) -> RunStatus:
-    """The MLflow status of a run whose work exited with ``exit_code``: 0 → FINISHED, the
-    requeue code 75 → KILLED (preempted after a checkpoint, will resume), else FAILED."""
-    if exit_code == 0:
-        return "FINISHED"
-    if exit_code == REQUEUE_EXIT_CODE:
-        return "KILLED"
-    return "FAILED"
 
 
 def run_params(cfg: RunConfig) -> dict[str, Any]:
