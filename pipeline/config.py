@@ -105,7 +105,8 @@ class CleanConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The sentencepiece tokenizer: trained on a sample of the cleaned corpus, or reused."""
+    """The sentencepiece tokenizer: trained on a uniform share of the cleaned corpus (its
+    training text), or reused."""
 
     type: Literal["bpe", "unigram"] = "bpe"
     """sentencepiece model type."""
@@ -114,7 +115,8 @@ class TokenizerConfig:
     model_path: str | None = None
     """Reuse this existing sentencepiece .model instead of training one."""
     sample_bytes: int = 100 * 2**20
-    """Size of the uniform document sample the tokenizer is trained on."""
+    """Bytes of the tokenizer's training text: documents drawn uniformly from the cleaned,
+    deduplicated corpus. (The key keeps its name: configs and dataset fingerprints use it.)"""
     character_coverage: float = 0.9995
     """Fraction of characters covered by pieces; the rest fall back to bytes."""
     mask_token: str | None = "<mask>"
@@ -320,8 +322,9 @@ class DataConfig:
     shard_target_bytes: int = 256 * 2**20
     """Approximate size of one shard tar."""
     read_chunk_bytes: int = 64 * 2**20
-    """Largest input bytes per read task: big files are split, small files grouped (tasks
-    get smaller, down to 1 MiB, when that is needed to give each worker ~4 tasks)."""
+    """Largest input bytes per read chunk (the read work item): big files are split, small
+    files grouped (chunks get smaller, down to 1 MiB, when that is needed to give each worker
+    ~4 chunks)."""
     dedup: bool = True
     """Remove exact duplicate documents across all datasets (the first occurrence is kept)."""
     clean: CleanConfig = field(default_factory=CleanConfig)

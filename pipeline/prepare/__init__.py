@@ -1,0 +1,14 @@
+"""The builder: raw text → a prepared dataset (shards, tokenizer, stats.json, manifest.json).
+
+- ``driver.py`` ``prepare()``, the one entry point (``task_driver.py`` for ``data.task``)
+- ``sources.py`` input files and their read chunks; ``readers.py`` documents out of them
+- ``steps.py`` cleaning and quality steps; ``phases.py`` each phase's work per item, resumable,
+  returning the dataclasses of ``results.py``; ``tasks.py`` fine-tuning task data
+- ``tokenizer.py`` sentencepiece training and encoding; ``shards.py`` the shard writer
+- ``manifest_writer.py``, ``task_manifest.py``, ``stats.py`` what is written at the end;
+  ``publish.py`` the work folder and moving the finished dataset into place
+
+No torch, nothing of ``launch``; the drivers hand the phase items to ``run``'s executors.
+May import: lmforge.pipeline.config, lmforge.pipeline.contract, lmforge.pipeline.durable,
+    lmforge.pipeline.run, sentencepiece, webdataset
+"""

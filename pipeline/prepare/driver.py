@@ -1,13 +1,13 @@
 """`prepare`: raw text → cleaned, deduplicated, tokenized, packed WebDataset shards.
 
-Phases (each item resumable, see phases.py): plan read tasks → clean → dedup → sample and
-train the tokenizer (or reuse one) → encode (a pool of Ray actors) → write shards → stats,
-plots, manifest.json (last, atomic). Without dedup and with a given tokenizer nothing needs
-the whole corpus before encoding, so clean and encode run as one pass in the encoders.
-Intermediate files live in `<output_dir>/_work/<fingerprint>/` and are removed after
-success. The new dataset is built there too (`dataset/`) and moved into `<output_dir>` only
-once complete, so a failed or interrupted re-prepare (a full disk) leaves the previous
-dataset readable.
+Phases (each item resumable, see phases.py): plan read chunks → clean → dedup → gather the
+tokenizer's training text and train it (or reuse one) → encode (a pool of Ray actors) →
+write shards → stats, plots, manifest.json (last, atomic). Without dedup and with a given
+tokenizer nothing needs the whole corpus before encoding, so clean and encode run as one
+pass in the encoders. Intermediate files live in `<output_dir>/_work/` (see
+`publish.Workspace`) and are removed after success. The new dataset is built there too
+(`dataset/`) and moved into `<output_dir>` only once complete, so a failed or interrupted
+re-prepare (a full disk) leaves the previous dataset readable.
 
 With `data.task` set, the task's JSONL records take the same road with their own phase
 items (tasks.py): labels (classify without configured labels) → encode (read, check,
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
-from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest, ShardInfo
 from lmforge.pipeline.contract.shard_format import TOKENIZER_FILE, padding_id, token_dtype
 from lmforge.pipeline.durable import disk_space_errors, write_json
 from lmforge.pipeline.prepare.manifest_writer import (
@@ -40,15 +40,21 @@ from lmforge.pipeline.prepare.phases import (
     SPLITS,
     ShardPlan,
     WorkContext,
-    clean_and_encode_task,
-    clean_task,
+    clean_and_encode_chunk,
+    clean_chunk,
     dedup_partition,
-    encode_task,
-    sample_task,
-    write_task,
+    encode_chunk,
+    tokenizer_text_of_chunk,
+    write_shard,
 )
-from lmforge.pipeline.prepare.publish import publish, read_chunk_bytes, say, work_folder
-from lmforge.pipeline.prepare.sources import ReadTask, SourceFile, discover_files, plan_read_tasks
+from lmforge.pipeline.prepare.publish import Workspace, publish, say
+from lmforge.pipeline.prepare.results import CleanResult, DedupResult, EncodeResult
+from lmforge.pipeline.prepare.sources import (
+    ReadChunk,
+    SourceFile,
+    discover_files,
+    plan_read_chunks,
+)
 from lmforge.pipeline.prepare.stats import draw_plot, plots_of, summarize, summary_for_manifest
 from lmforge.pipeline.prepare.task_driver import check_task_tokenizer, run_task
 from lmforge.pipeline.prepare.tasks import discover_task_files
@@ -59,8 +65,8 @@ from lmforge.pipeline.run.local_ray import ray_session
 PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
 # (encode results, shard plans, written shards) and, before them, clean results, dedup
 # results, the tokenizer model and its description.
-_Written = tuple[list[dict], list[ShardPlan], list[dict]]
-_Phases = tuple[list[dict], list[dict], Path, dict, _Written]
+_Written = tuple[list[EncodeResult], list[ShardPlan], list[ShardInfo]]
+_Phases = tuple[list[CleanResult], list[DedupResult], Path, dict, _Written]
 
 
 def prepare(
@@ -127,25 +133,22 @@ def _run(
     ex: LocalExecutor | RayExecutor,
     progress: bool,
 ) -> Path:
-    out = Path(data.output_dir)
-    total_bytes = sum(f.size for f in files)
-    chunk = read_chunk_bytes(data.read_chunk_bytes, total_bytes, ex.workers)
-    work = work_folder(out, fp, chunk)
-    staging = work / "dataset"  # the new dataset, until publish
+    space = Workspace.of(data, [f.size for f in files], fp, ex.workers)
+    out, staging = space.out, space.staging
     ctx = WorkContext(
-        work_dir=str(work),
+        work_dir=str(space.work),
         output_dir=str(staging),
         data=data,
-        num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)),
+        num_partitions=max(1, math.ceil(space.input_bytes / PARTITION_BYTES)),
     )
     seconds: dict[str, float] = {}
 
-    tasks = plan_read_tasks(data.datasets, chunk, files)
+    chunks = plan_read_chunks(data.datasets, space.chunk_bytes, files)
     empty = [f.url for f in files if f.size == 0]
-    say(f"{len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} read tasks "
+    say(f"{len(files)} files, {space.input_bytes / 1e6:.1f} MB in {len(chunks)} read chunks "
         f"on {ex.workers} workers", progress)
     clean, dedup, model, info, (encoded, plans, shards) = _phases(
-        data, tokenizer, ctx, ex, tasks, seconds, progress
+        data, tokenizer, ctx, ex, chunks, seconds, progress
     )
     for spec in data.datasets:
         if data.val_fraction > 0 and not any(p.dataset == spec.name and p.split == "val"
@@ -167,7 +170,7 @@ def _run(
         ex.collect(drawn, "plots")
         manifest.write(DatasetManifest.path_in(staging))
     names = [spec.name for spec in data.datasets]
-    manifest_path = publish(staging, out, names, {s["path"] for s in shards})
+    manifest_path = publish(staging, out, names, {s.path for s in shards})
     if not data.keep_work:
         shutil.rmtree(out / "_work", ignore_errors=True)
     total = sum(sum(v.values()) for v in stats["tokens"].values())
@@ -183,23 +186,23 @@ def _phases(
     tokenizer: TokenizerConfig,
     ctx: WorkContext,
     ex: LocalExecutor | RayExecutor,
-    tasks: list[ReadTask],
+    chunks: list[ReadChunk],
     seconds: dict[str, float],
     progress: bool,
 ) -> _Phases:
-    """Clean every task, dedup across the corpus, get the tokenizer, then encode; or, with
-    no dedup and a given tokenizer, read, clean and encode each task in one pass."""
+    """Clean every chunk, dedup across the corpus, get the tokenizer, then encode; or, with
+    no dedup and a given tokenizer, read, clean and encode each chunk in one pass."""
     one_pass = not data.dedup and bool(tokenizer.model_path)
-    clean: list[dict] = []
-    dedup: list[dict] = []
+    clean: list[CleanResult] = []
+    dedup: list[DedupResult] = []
     if not one_pass:
         t0 = time.perf_counter()
-        clean = ex.map(clean_task, tasks, "clean", ctx)
+        clean = ex.map(clean_chunk, chunks, "clean", ctx)
         seconds["clean"] = time.perf_counter() - t0
         _check_some_kept(clean)
         t0 = time.perf_counter()
         if data.dedup:
-            bounds = [r["partition_bounds"] for r in clean]
+            bounds = [r.partition_bounds for r in clean]
             dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx,
                            bounds)
         seconds["dedup"] = time.perf_counter() - t0
@@ -212,18 +215,18 @@ def _phases(
     seconds["tokenizer"] = time.perf_counter() - t0
 
     if not one_pass:
-        written = _encode_and_write(data, ctx, ex, tasks, encode_task,
-                                    [t.index for t in tasks], info, seconds)
+        written = _encode_and_write(data, ctx, ex, chunks, encode_chunk,
+                                    [c.index for c in chunks], info, seconds)
         return clean, dedup, model, info, written
-    written = _encode_and_write(data, ctx, ex, tasks, clean_and_encode_task, tasks, info,
+    written = _encode_and_write(data, ctx, ex, chunks, clean_and_encode_chunk, chunks, info,
                                 seconds, phase="clean+encode")
-    clean = [r.pop("clean") for r in written[0]]
+    clean = [r.clean for r in written[0]]
     _check_some_kept(clean)
     return clean, dedup, model, info, written
 
 
-def _check_some_kept(clean: list[dict]) -> None:
-    if not sum(r["kept"]["docs"] for r in clean):
+def _check_some_kept(clean: list[CleanResult]) -> None:
+    if not sum(r.kept.docs for r in clean):
         raise ValueError(
             "datasets: no documents left after reading and cleaning; check the paths, "
             f"format and data.clean settings (bad input: {_bad_counts(clean)})"
@@ -234,27 +237,27 @@ def _encode_and_write(
     data: DataConfig,
     ctx: WorkContext,
     ex: LocalExecutor | RayExecutor,
-    tasks: list[ReadTask],
-    encode_fn: Callable[..., dict],
+    chunks: list[ReadChunk],
+    encode_fn: Callable[..., EncodeResult],
     items: list[Any],
     info: dict,
     seconds: dict[str, float],
     phase: str = "encode",
 ) -> _Written:
-    """Encode every task (`encode_fn` over `items`, one per task) and write the shards;
+    """Encode every chunk (`encode_fn` over `items`, one per chunk) and write the shards;
     returns (encode results, plans, shards).
 
     Writing overlaps encoding: a shard is written as soon as all its tokens are encoded.
     """
     t0 = time.perf_counter()
     itemsize = np.dtype(token_dtype(info["vocab_size"], info["pad_id"])).itemsize
-    planner = ShardPlanner(data, itemsize, [t.dataset for t in tasks])
+    planner = ShardPlanner(data, itemsize, [c.dataset for c in chunks])
     encoded, handles = [], []
     for result in ex.encode_stream(encode_fn, items, ctx):
         encoded.append(result)
-        handles += [ex.submit(write_task, plan, ctx) for plan in planner.add(result)]
+        handles += [ex.submit(write_shard, plan, ctx) for plan in planner.add(result)]
     planner.check_complete()
-    encoded.sort(key=lambda r: r["task"])
+    encoded.sort(key=lambda r: r.chunk)
     seconds[phase] = time.perf_counter() - t0
     t0 = time.perf_counter()
     written = ex.collect(handles, "write")
@@ -268,10 +271,10 @@ def _encode_and_write(
     return encoded, [planner.plans[i] for i in order], [written[i] for i in order]
 
 
-def _bad_counts(clean: list[dict]) -> dict[str, int]:
+def _bad_counts(clean: list[CleanResult]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in clean:
-        for kind, n in r["bad_input"]["counts"].items():
+        for kind, n in r.bad_input.counts.items():
             counts[kind] = counts.get(kind, 0) + n
     return counts
 
@@ -281,11 +284,12 @@ def _tokenizer_model(
     tokenizer: TokenizerConfig,
     ctx: WorkContext,
     ex: LocalExecutor | RayExecutor,
-    clean: list[dict],
-    dedup: list[dict],
+    clean: list[CleanResult],
+    dedup: list[DedupResult],
     progress: bool,
 ) -> Path:
-    """Reuse `tokenizer.model_path`, or train on a uniform sample of the cleaned corpus."""
+    """Reuse `tokenizer.model_path`, or train one on a uniform share of the cleaned corpus
+    (about `tokenizer.sample_bytes` of text)."""
     if tokenizer.model_path:
         path = Path(tokenizer.model_path)
         if not path.is_file():
@@ -294,20 +298,20 @@ def _tokenizer_model(
     model = ctx.path("tokenizer.model")
     if model.exists():  # trained by an interrupted run with the same fingerprint
         return model
-    kept = sum(r["kept"]["bytes"] for r in clean) - sum(r["removed_bytes"] for r in dedup)
-    ctx.sample_threshold = min(1.0, tokenizer.sample_bytes / max(kept, 1))
-    texts = ex.map(sample_task, [r["task"] for r in clean], "sample", ctx)
-    sample_file = ctx.path("tokenizer_sample.txt")
-    with open(sample_file, "w", encoding="utf-8", errors="surrogatepass") as f:
-        for task_texts in texts:
-            for text in task_texts:
+    kept = sum(r.kept.bytes for r in clean) - sum(r.removed_bytes for r in dedup)
+    ctx.tokenizer_text_threshold = min(1.0, tokenizer.sample_bytes / max(kept, 1))
+    texts = ex.map(tokenizer_text_of_chunk, [r.chunk for r in clean], "tokenizer text", ctx)
+    text_file = ctx.path("tokenizer_text.txt")
+    with open(text_file, "w", encoding="utf-8", errors="surrogatepass") as f:
+        for chunk_texts in texts:
+            for text in chunk_texts:
                 f.write(text)
                 f.write("\n")
-    size = sample_file.stat().st_size
+    size = text_file.stat().st_size
     say(f"training a {tokenizer.type} tokenizer ({tokenizer.vocab_size} pieces) "
-        f"on a {size / 1e6:.1f} MB sample", progress)
+        f"on {size / 1e6:.1f} MB of its training text", progress)
     tmp = ctx.path("tokenizer.tmp.model")
-    train_tokenizer(sample_file, tokenizer, tmp)
+    train_tokenizer(text_file, tokenizer, tmp)
     tmp.replace(model)
-    sample_file.unlink()
+    text_file.unlink()
     return model

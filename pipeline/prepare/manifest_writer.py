@@ -32,6 +32,7 @@ from lmforge.pipeline.contract.shard_format import (
     token_dtype,
 )
 from lmforge.pipeline.prepare.phases import SPLITS, ShardPlan
+from lmforge.pipeline.prepare.results import EncodeResult
 from lmforge.pipeline.prepare.sources import SourceFile
 from lmforge.pipeline.prepare.tokenizer import file_sha256
 
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 FORMAT_REVISION = 1  # bump when the shard bytes for the same inputs would change
-# How the job runs (and how input is chunked into tasks), and the loader's settings, do
+# How the job runs (and how input is cut into read chunks), and the loader's settings, do
 # not change the shards.
 _NOT_FINGERPRINTED = (
     "output_dir", "num_workers", "ray_address", "keep_work", "read_chunk_bytes", "loader"
@@ -93,50 +94,50 @@ def is_complete(path: Path, fp: str) -> bool:
 class ShardPlanner:
     """Plans shards while encode results stream in, so writing overlaps encoding.
 
-    A shard is planned as soon as every token it holds is known: all tasks before its end
-    (in task order) are encoded. Each dataset/split stream is cut into windows of
+    A shard is planned as soon as every token it holds is known: all read chunks before its
+    end (in chunk order) are encoded. Each dataset/split stream is cut into windows of
     seq_len + 1 tokens, `samples_per_shard` windows per shard; the last window is padded.
 
     Args:
         data: The `data` section.
         itemsize: Bytes per token (2 or 4).
-        task_datasets: Per task (in task order), its dataset name.
+        chunk_datasets: Per read chunk (in chunk order), its dataset name.
     """
 
-    def __init__(self, data: DataConfig, itemsize: int, task_datasets: list[str]) -> None:
+    def __init__(self, data: DataConfig, itemsize: int, chunk_datasets: list[str]) -> None:
         self.window = data.seq_len + 1
         self.per_shard = samples_per_shard(data.shard_target_bytes, data.seq_len, itemsize)
-        self.task_datasets = task_datasets
-        self.last_task = {name: i for i, name in enumerate(task_datasets)}
+        self.chunk_datasets = chunk_datasets
+        self.last_chunk = {name: i for i, name in enumerate(chunk_datasets)}
         self.streams = {(d.name, split): _Stream() for d in data.datasets for split in SPLITS}
-        self.waiting: dict[int, dict] = {}
-        self.next_task = 0
+        self.waiting: dict[int, EncodeResult] = {}
+        self.next_chunk = 0
         self.plans: list[ShardPlan] = []
 
-    def add(self, result: dict) -> list[ShardPlan]:
-        """Take one task's encode result (any order); return the shards now plannable."""
-        self.waiting[result["task"]] = result
+    def add(self, result: EncodeResult) -> list[ShardPlan]:
+        """Take one chunk's encode result (any order); return the shards now plannable."""
+        self.waiting[result.chunk] = result
         new: list[ShardPlan] = []
-        while self.next_task in self.waiting:
-            task = self.next_task
-            result = self.waiting.pop(task)
-            dataset = self.task_datasets[task]
+        while self.next_chunk in self.waiting:
+            chunk = self.next_chunk
+            result = self.waiting.pop(chunk)
+            dataset = self.chunk_datasets[chunk]
             for split in SPLITS:
                 stream = self.streams[(dataset, split)]
-                tokens = result["splits"][split]["tokens"]
+                tokens = result.splits[split].tokens
                 if tokens:
-                    stream.bases.append((task, stream.position))
+                    stream.bases.append((chunk, stream.position))
                     stream.position += tokens
-                final = self.last_task[dataset] == task
+                final = self.last_chunk[dataset] == chunk
                 new += self._emit(dataset, split, stream, final)
-            self.next_task += 1
+            self.next_chunk += 1
         return new
 
     def check_complete(self) -> None:
-        """Raise if some task's encode result never arrived."""
-        if self.waiting or self.next_task != len(self.task_datasets):
+        """Raise if some chunk's encode result never arrived."""
+        if self.waiting or self.next_chunk != len(self.chunk_datasets):
             raise RuntimeError(
-                f"encode results missing from task {self.next_task} on; rerun prepare"
+                f"encode results missing from read chunk {self.next_chunk} on; rerun prepare"
             )
 
     def _emit(self, dataset: str, split: str, stream: _Stream, final: bool) -> list[ShardPlan]:
@@ -151,10 +152,10 @@ class ShardPlanner:
                 return new
             lo, hi = first * self.window, (first + count) * self.window
             bases = stream.bases
-            # Tasks whose tokens overlap [lo, hi); a document that started in an earlier task
-            # needs no entry: window position 0 always counts as a document start.
+            # Chunks whose tokens overlap [lo, hi); a document that started in an earlier
+            # chunk needs no entry: window position 0 always counts as a document start.
             overlapping = [
-                (task, base) for i, (task, base) in enumerate(bases)
+                (chunk, base) for i, (chunk, base) in enumerate(bases)
                 if base < hi and (bases[i + 1][1] if i + 1 < len(bases) else stream.position) > lo
             ]
             plan = ShardPlan(dataset, split, stream.next_shard, first, count, overlapping)
@@ -175,7 +176,7 @@ def build_manifest(
     tokenizer_info: dict[str, Any],
     fp: str,
     files: list[SourceFile],
-    shard_results: list[dict],
+    shard_results: list[ShardInfo],
     plans: list[ShardPlan],
     summary: dict[str, Any],
 ) -> DatasetManifest:
@@ -196,7 +197,7 @@ def build_manifest(
         splits = {}
         for split in SPLITS:
             shards = [
-                ShardInfo(**r) for r, p in zip(shard_results, plans, strict=True)
+                r for r, p in zip(shard_results, plans, strict=True)
                 if p.dataset == spec.name and p.split == split
             ]
             samples = sum(s.samples for s in shards)

@@ -1,10 +1,10 @@
-"""Finding input files and splitting them into balanced read tasks.
+"""Finding input files and splitting them into balanced read chunks.
 
 Files come from local paths, globs or fsspec URLs. Uncompressed line-oriented files bigger
 than `read_chunk_bytes` are cut at record boundaries (a newline, or a blank line for
-paragraphs) so that several tasks read one big file; small files are grouped so that a
-task holds about `read_chunk_bytes`. Task order (dataset, file, offset) fixes the document
-order, so the output does not depend on how many workers ran.
+paragraphs) into pieces, so that several chunks read one big file; small files are grouped
+so that a chunk holds about `read_chunk_bytes`. Chunk order (dataset, file, offset) fixes
+the document order, so the output does not depend on how many workers ran.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ class ReadPiece:
 
 
 @dataclass
-class ReadTask:
-    """The unit of work of the read/clean phase: consecutive pieces of one dataset."""
+class ReadChunk:
+    """The read work item of the clean (or clean+encode) phase: consecutive pieces of one
+    dataset's files, about `data.read_chunk_bytes` in all."""
 
     index: int
     dataset: str
@@ -162,31 +163,31 @@ def split_file(file: SourceFile, chunk_bytes: int, txt_unit: str) -> list[ReadPi
     return [ReadPiece(file, a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def plan_read_tasks(
+def plan_read_chunks(
     specs: list[DatasetSpec], chunk_bytes: int, files: list[SourceFile]
-) -> list[ReadTask]:
-    """Group/split the discovered files into balanced read tasks.
+) -> list[ReadChunk]:
+    """Group/split the discovered files into balanced read chunks.
 
     Args:
         specs: The datasets, in config order.
-        chunk_bytes: Target input bytes per task.
+        chunk_bytes: Target input bytes per chunk.
         files: Every dataset's files (from `discover_files`).
 
     Returns:
-        Tasks in document order (dataset, file, offset). Empty files get no task; the
+        Chunks in document order (dataset, file, offset). Empty files get no chunk; the
         caller reports them.
     """
-    tasks: list[ReadTask] = []
+    chunks: list[ReadChunk] = []
     for spec in specs:
-        current: ReadTask | None = None
+        current: ReadChunk | None = None
         current_bytes = 0
         for file in files:
             if file.dataset != spec.name or file.size == 0:
                 continue
             for piece in split_file(file, chunk_bytes, spec.txt_unit):
                 if current is None or current_bytes >= chunk_bytes:
-                    current, current_bytes = ReadTask(len(tasks), spec.name), 0
-                    tasks.append(current)
+                    current, current_bytes = ReadChunk(len(chunks), spec.name), 0
+                    chunks.append(current)
                 current.pieces.append(piece)
                 current_bytes += (piece.end if piece.end >= 0 else file.size) - piece.start
-    return tasks
+    return chunks

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.contract.dataset_manifest import DatasetInfo
+from lmforge.pipeline.prepare.results import CleanResult, DedupResult, EncodeResult
 from lmforge.pipeline.prepare.steps import StepStats
 
 MAX_REPORTED_EXAMPLES = 200
 
 
 def summarize(
-    clean_results: list[dict],
-    dedup_results: list[dict],
-    encode_results: list[dict],
+    clean_results: list[CleanResult],
+    dedup_results: list[DedupResult],
+    encode_results: list[EncodeResult],
     manifest_datasets: dict[str, DatasetInfo],
     empty_files: list[str],
     seconds: dict[str, float],
@@ -27,35 +28,36 @@ def summarize(
     """Counts per phase, step, dataset and bad-input kind, plus throughput.
 
     Returns:
-        The full stats (stats.json); `summary_for_manifest` picks the short part.
+        The full stats (stats.json, read back by `contract.stats.PrepareStats`);
+        `summary_for_manifest` picks the short part.
     """
     steps: dict[str, StepStats] = {}
     bad_counts: dict[str, int] = {}
     examples: list[dict] = []
     per_dataset: dict[str, dict[str, int]] = {}
     for r in clean_results:
-        ds = per_dataset.setdefault(r["dataset"], {"read_docs": 0, "read_bytes": 0,
-                                                   "clean_docs": 0, "clean_bytes": 0})
-        ds["read_docs"] += r["read"]["docs"]
-        ds["read_bytes"] += r["read"]["bytes"]
-        ds["clean_docs"] += r["kept"]["docs"]
-        ds["clean_bytes"] += r["kept"]["bytes"]
-        for name, counts in r["steps"].items():
+        ds = per_dataset.setdefault(r.dataset, {"read_docs": 0, "read_bytes": 0,
+                                                "clean_docs": 0, "clean_bytes": 0})
+        ds["read_docs"] += r.read.docs
+        ds["read_bytes"] += r.read.bytes
+        ds["clean_docs"] += r.kept.docs
+        ds["clean_bytes"] += r.kept.bytes
+        for name, counts in r.steps.items():
             steps.setdefault(name, StepStats()).add(StepStats(**counts))
-        for kind, n in r["bad_input"]["counts"].items():
+        for kind, n in r.bad_input.counts.items():
             bad_counts[kind] = bad_counts.get(kind, 0) + n
-        examples.extend(r["bad_input"]["examples"])
+        examples.extend(r.bad_input.examples)
     if empty_files:
         bad_counts["empty_file"] = len(empty_files)
         examples.extend({"kind": "empty_file", "file": f, "line": 0, "detail": ""}
                         for f in empty_files)
     dedup = {
-        "removed_docs": sum(r["removed_docs"] for r in dedup_results),
-        "removed_bytes": sum(r["removed_bytes"] for r in dedup_results),
+        "removed_docs": sum(r.removed_docs for r in dedup_results),
+        "removed_bytes": sum(r.removed_bytes for r in dedup_results),
     }
     hist = [0] * 40
     for r in encode_results:
-        hist = [a + b for a, b in zip(hist, r["doc_tokens_log2_hist"], strict=True)]
+        hist = [a + b for a, b in zip(hist, r.doc_tokens_log2_hist, strict=True)]
     tokens = {
         name: {split: s.tokens for split, s in d.splits.items()}
         for name, d in manifest_datasets.items()
@@ -74,7 +76,7 @@ def summarize(
             for name, d in manifest_datasets.items()
         },
         "doc_tokens_log2_hist": hist,
-        "encode_nodes": sorted({r["node"] for r in encode_results if r.get("node")}),
+        "encode_nodes": sorted({r.node for r in encode_results if r.node}),
         "seconds": seconds,
         "throughput": {
             "tokens_per_s": total_tokens / wall if wall else 0.0,

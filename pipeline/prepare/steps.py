@@ -2,7 +2,7 @@
 
 A step takes a list of `Document`s and returns the ones it keeps (possibly with changed
 text), counting what it kept and removed. Steps know nothing about who runs them: the
-same chain runs in-process in unit tests and inside Ray tasks in `prepare`.
+same chain runs in-process in unit tests and on the Ray phase workers in `prepare`.
 """
 
 from __future__ import annotations

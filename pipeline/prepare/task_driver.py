@@ -25,8 +25,8 @@ from lmforge.pipeline.contract.shard_format import (
 )
 from lmforge.pipeline.durable import disk_space_errors, write_json
 from lmforge.pipeline.prepare.phases import SPLITS
-from lmforge.pipeline.prepare.publish import publish, read_chunk_bytes, say, work_folder
-from lmforge.pipeline.prepare.sources import ReadTask, SourceFile, plan_read_tasks
+from lmforge.pipeline.prepare.publish import Workspace, publish, say
+from lmforge.pipeline.prepare.sources import ReadChunk, SourceFile, plan_read_chunks
 from lmforge.pipeline.prepare.task_manifest import (
     bad_input,
     build_task_manifest,
@@ -36,8 +36,8 @@ from lmforge.pipeline.prepare.task_manifest import (
 )
 from lmforge.pipeline.prepare.tasks import (
     TaskContext,
+    chunk_labels,
     encode_examples,
-    label_task,
     plan_task_shards,
     task_specs,
     write_task_shard,
@@ -68,27 +68,25 @@ def run_task(
     progress: bool,
 ) -> Path:
     """Prepare the task data set: labels → encode → pack and write → stats and manifest."""
-    out, spec = Path(data.output_dir), data.task
-    total_bytes = sum(f.size for f in files)
-    chunk = read_chunk_bytes(data.read_chunk_bytes, total_bytes, ex.workers)
-    work = work_folder(out, fp, chunk)
-    staging = work / "dataset"
+    spec = data.task
+    space = Workspace.of(data, [f.size for f in files], fp, ex.workers)
+    out, staging = space.out, space.staging
     model = Path(tokenizer.model_path)
     info = describe_tokenizer(model, tokenizer)
     dtype = token_dtype(info["vocab_size"], info["pad_id"])
     ctx = TaskContext(
-        work_dir=str(work), output_dir=str(staging), data=data, num_partitions=1,
+        work_dir=str(space.work), output_dir=str(staging), data=data, num_partitions=1,
         tokenizer_model=str(model), pad_id=padding_id(info["pad_id"], info["vocab_size"]),
         token_dtype=dtype,
     )
-    tasks = plan_read_tasks(task_specs(spec), chunk, files)
-    say(f"{spec.kind} task: {len(files)} files, {total_bytes / 1e6:.1f} MB in {len(tasks)} "
-        f"read tasks on {ex.workers} workers", progress)
+    chunks = plan_read_chunks(task_specs(spec), space.chunk_bytes, files)
+    say(f"{spec.kind} task: {len(files)} files, {space.input_bytes / 1e6:.1f} MB in "
+        f"{len(chunks)} read chunks on {ex.workers} workers", progress)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if spec.kind == "classify":
-        ctx.labels = list(spec.labels) or _train_labels(ex, tasks, ctx)
-    encoded = sorted(ex.encode_stream(encode_examples, tasks, ctx), key=lambda r: r["task"])
+        ctx.labels = list(spec.labels) or _train_labels(ex, chunks, ctx)
+    encoded = sorted(ex.encode_stream(encode_examples, chunks, ctx), key=lambda r: r.chunk)
     seconds["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -96,7 +94,7 @@ def run_task(
                                        np.dtype(dtype).itemsize, spec.kind)
     plans = []
     for split in SPLITS:
-        lengths = [(r["task"], np.load(ctx.path("tokens", f"{r['task']:06d}.{split}.lengths.npy")))
+        lengths = [(r.chunk, np.load(ctx.path("tokens", f"{r.chunk:06d}.{split}.lengths.npy")))
                    for r in encoded]
         plans += plan_task_shards(spec.kind, split, lengths, data.seq_len + 1, per_shard)
     task = task_info(data, ctx.labels, encoded)
@@ -112,11 +110,11 @@ def run_task(
         shutil.copyfile(model, staging / TOKENIZER_FILE)
         manifest = build_task_manifest(data, info, fp, files, shards, plans, task)
         empty = [f.url for f in files if f.size == 0]
-        stats = task_stats(encoded, manifest, total_bytes, empty, seconds)
+        stats = task_stats(encoded, manifest, space.input_bytes, empty, seconds)
         write_json(staging / "stats.json", stats)
         manifest.stats = task_summary(stats)
         manifest.write(DatasetManifest.path_in(staging))
-    manifest_path = publish(staging, out, [TASK_DATASET], {s["path"] for s in shards})
+    manifest_path = publish(staging, out, [TASK_DATASET], {s.path for s in shards})
     if not data.keep_work:
         shutil.rmtree(out / "_work", ignore_errors=True)
     say(f"wrote {len(shards)} {spec.kind} shards: "
@@ -126,11 +124,11 @@ def run_task(
     return manifest_path
 
 
-def _train_labels(ex: LocalExecutor | RayExecutor, tasks: list[ReadTask],
+def _train_labels(ex: LocalExecutor | RayExecutor, chunks: list[ReadChunk],
                   ctx: TaskContext) -> list[str]:
     """classify without `task.labels`: the sorted distinct labels of the training files."""
-    found = ex.map(label_task, [t for t in tasks if t.dataset == "train"], "labels", ctx)
-    labels = sorted({label for r in found for label in r["labels"]})
+    found = ex.map(chunk_labels, [c for c in chunks if c.dataset == "train"], "labels", ctx)
+    labels = sorted({label for r in found for label in r.labels})
     if len(labels) < 2:
         raise ValueError(
             f"task.labels: the training records have {len(labels)} distinct label(s) "

@@ -22,22 +22,23 @@ from lmforge.pipeline.contract.dataset_manifest import (
 )
 from lmforge.pipeline.contract.shard_format import TASK_DATASET, TOKENIZER_FILE, token_dtype
 from lmforge.pipeline.prepare.phases import SPLITS
+from lmforge.pipeline.prepare.results import ExamplesResult
 from lmforge.pipeline.prepare.sources import SourceFile
 from lmforge.pipeline.prepare.stats import MAX_REPORTED_EXAMPLES
 from lmforge.pipeline.prepare.tasks import TaskShardPlan
 
 
-def _split_totals(encoded: list[dict], split: str, key: str) -> int:
-    return sum(r["splits"][split][key] for r in encoded)
+def _split_totals(encoded: list[ExamplesResult], split: str, key: str) -> int:
+    return sum(getattr(r.splits[split], key) for r in encoded)
 
 
-def task_info(data: DataConfig, labels: list[str], encoded: list[dict]) -> TaskInfo:
+def task_info(data: DataConfig, labels: list[str], encoded: list[ExamplesResult]) -> TaskInfo:
     """The manifest's `task` entry from the encode results."""
     splits = {}
     for split in SPLITS:
         counts = dict.fromkeys(labels, 0)
         for r in encoded:
-            for label, n in r["splits"][split]["label_counts"].items():
+            for label, n in r.splits[split].label_counts.items():
                 counts[label] += n
         splits[split] = TaskSplitInfo(_split_totals(encoded, split, "examples"), counts)
     return TaskInfo(kind=data.task.kind, labels=list(labels), splits=splits)
@@ -48,7 +49,7 @@ def build_task_manifest(
     tokenizer_info: dict[str, Any],
     fp: str,
     files: list[SourceFile],
-    shard_results: list[dict],
+    shard_results: list[ShardInfo],
     plans: list[TaskShardPlan],
     task: TaskInfo,
 ) -> DatasetManifest:
@@ -56,8 +57,7 @@ def build_task_manifest(
     window = data.seq_len + 1
     splits = {}
     for split in SPLITS:
-        shards = [ShardInfo(**r) for r, p in zip(shard_results, plans, strict=True)
-                  if p.split == split]
+        shards = [r for r, p in zip(shard_results, plans, strict=True) if p.split == split]
         samples = sum(s.samples for s in shards)
         tokens = sum(s.tokens for s in shards)
         splits[split] = SplitInfo(samples, tokens, samples * window - tokens, shards)
@@ -73,14 +73,14 @@ def build_task_manifest(
     )
 
 
-def bad_input(encoded: list[dict], empty_files: list[str]) -> dict[str, Any]:
-    """Bad records of every read task: counts by kind and the first examples (file:line)."""
+def bad_input(encoded: list[ExamplesResult], empty_files: list[str]) -> dict[str, Any]:
+    """Bad records of every read chunk: counts by kind and the first examples (file:line)."""
     counts: dict[str, int] = {}
     examples: list[dict] = []
     for r in encoded:
-        for kind, n in r["bad_input"]["counts"].items():
+        for kind, n in r.bad_input.counts.items():
             counts[kind] = counts.get(kind, 0) + n
-        examples.extend(r["bad_input"]["examples"])
+        examples.extend(r.bad_input.examples)
     if empty_files:
         counts["empty_file"] = len(empty_files)
         examples.extend({"kind": "empty_file", "file": f, "line": 0, "detail": ""}
@@ -89,7 +89,7 @@ def bad_input(encoded: list[dict], empty_files: list[str]) -> dict[str, Any]:
 
 
 def task_stats(
-    encoded: list[dict],
+    encoded: list[ExamplesResult],
     manifest: DatasetManifest,
     read_bytes: int,
     empty_files: list[str],
@@ -107,7 +107,7 @@ def task_stats(
                               for split in SPLITS},
         },
         "datasets": {TASK_DATASET: {
-            "read_docs": sum(r["read"] for r in encoded), "read_bytes": read_bytes,
+            "read_docs": sum(r.read for r in encoded), "read_bytes": read_bytes,
             "clean_docs": sum(s.examples for s in task.splits.values()),
         }},
         "bad_input": bad_input(encoded, empty_files),

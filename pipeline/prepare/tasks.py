@@ -2,9 +2,9 @@
 examples → WebDataset shards with the task's members (see ``shard_format.py``).
 
 The phase items here run on the same executor as pretraining data, resumable the same
-way (a ``done/`` marker per item): ``label_task`` (classify without configured labels:
-the distinct labels of a read task), ``encode_examples`` (read, check, clean, split and
-encode a read task's records; on the encoder actors) and ``write_task_shard`` (one
+way (a ``done/`` marker per item): ``chunk_labels`` (classify without configured labels:
+the distinct labels of a read chunk), ``encode_examples`` (read, check, clean, split and
+encode a read chunk's records; on the encoder actors) and ``write_task_shard`` (one
 shard). Between encode and write, ``plan_task_shards`` packs the examples into samples
 and samples into shards, in record order, so the shards never depend on how the input
 was chunked or how many workers ran.
@@ -20,11 +20,11 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TaskDataConfig
+from lmforge.pipeline.contract.dataset_manifest import ShardInfo
 from lmforge.pipeline.contract.shard_format import (
     DOC_STARTS_MEMBER,
     LABEL_MEMBER,
@@ -44,8 +44,9 @@ from lmforge.pipeline.prepare.phases import (
     write_shard_once,
 )
 from lmforge.pipeline.prepare.readers import BadInputLog, read_json_records
+from lmforge.pipeline.prepare.results import BadInput, ChunkLabels, ExampleSplit, ExamplesResult
 from lmforge.pipeline.prepare.shards import ShardWriter
-from lmforge.pipeline.prepare.sources import ReadPiece, ReadTask, SourceFile, discover_files
+from lmforge.pipeline.prepare.sources import ReadChunk, ReadPiece, SourceFile, discover_files
 from lmforge.pipeline.prepare.steps import build_clean_steps
 from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
@@ -63,7 +64,7 @@ class TaskContext(WorkContext):
 
 def task_specs(task: TaskDataConfig) -> list[DatasetSpec]:
     """The task's files as datasets named by the split they come from (``train``, ``val``),
-    read as JSON lines, for `discover_files` and `plan_read_tasks`."""
+    read as JSON lines, for `discover_files` and `plan_read_chunks`."""
     return [DatasetSpec(name=split, paths=list(paths), format="jsonl")
             for split, paths in (("train", task.train), ("val", task.val)) if paths]
 
@@ -108,7 +109,7 @@ def _field_cleaner(clean: CleanConfig) -> Callable[[str], str]:
 
 
 class _Records:
-    """A read task's records as checked field pairs, bad ones reported with file:line."""
+    """A read chunk's records as checked field pairs, bad ones reported with file:line."""
 
     def __init__(self, spec: TaskDataConfig, data: DataConfig, log: BadInputLog) -> None:
         self.spec, self.data, self.log = spec, data, log
@@ -116,10 +117,10 @@ class _Records:
         self.clean = _field_cleaner(data.clean)
         self.read = 0
 
-    def of(self, task: ReadTask) -> Iterator[tuple[ReadPiece, int, str, str]]:
+    def of(self, chunk: ReadChunk) -> Iterator[tuple[ReadPiece, int, str, str]]:
         """Yields ``(piece, line, first field, second field)`` of every usable record (a
         bad record is reported once, for its first bad field)."""
-        for piece in task.pieces:
+        for piece in chunk.pieces:
             for line, record in read_json_records(piece, self.data.max_record_bytes, self.log):
                 self.read += 1
                 first = self._field(record, self.names[0], piece, line)
@@ -147,17 +148,17 @@ class _Records:
         return value
 
 
-def label_task(task: ReadTask, ctx: TaskContext) -> dict:
-    """The distinct labels of a read task's records (bad records are reported by encode)."""
-    def work() -> dict:
+def chunk_labels(chunk: ReadChunk, ctx: TaskContext) -> ChunkLabels:
+    """The distinct labels of a read chunk's records (bad records are reported by encode)."""
+    def work() -> ChunkLabels:
         records = _Records(ctx.data.task, ctx.data, BadInputLog(strict=False))
-        return {"labels": sorted({label for _, _, _, label in records.of(task)})}
+        return ChunkLabels(sorted({label for _, _, _, label in records.of(chunk)}))
 
-    return resumable(ctx, "labels", f"{task.index:06d}", work)
+    return resumable(ctx, "labels", f"{chunk.index:06d}", work, ChunkLabels.from_dict)
 
 
 class _SplitExamples:
-    """One split's encoded examples of a read task, as flat arrays."""
+    """One split's encoded examples of a read chunk, as flat arrays."""
 
     def __init__(self) -> None:
         self.ids: list[np.ndarray] = []
@@ -170,7 +171,7 @@ class _SplitExamples:
         if target is not None:
             self.targets.append(np.asarray(target, np.int64))
 
-    def save(self, ctx: TaskContext, stem: str) -> dict[str, int]:
+    def save(self, ctx: TaskContext, stem: str, label_counts: dict[str, int]) -> ExampleSplit:
         dtype = np.dtype(ctx.token_dtype)
         ids = np.concatenate(self.ids).astype(dtype) if self.ids else np.zeros(0, dtype)
         lengths = np.array([len(x) for x in self.ids], np.int64)
@@ -181,13 +182,15 @@ class _SplitExamples:
             targets = np.concatenate(self.targets).astype(dtype) if self.targets \
                 else np.zeros(0, dtype)
             save_npy(ctx.path("tokens", f"{stem}.targets.npy"), targets)
-        return {"examples": len(self.ids), "tokens": int(lengths.sum()),
-                "target_tokens": int(sum(self.aux)) if self.targets else 0}
+        return ExampleSplit(len(self.ids), int(lengths.sum()),
+                            int(sum(self.aux)) if self.targets else 0, label_counts)
 
 
-def encode_examples(task: ReadTask, ctx: TaskContext, encoder: DocumentEncoder) -> dict:
-    """Read, check, split and encode a read task's records (on an encoder actor)."""
-    return resumable(ctx, "encode", f"{task.index:06d}", lambda: _encode(task, ctx, encoder))
+def encode_examples(chunk: ReadChunk, ctx: TaskContext,
+                    encoder: DocumentEncoder) -> ExamplesResult:
+    """Read, check, split and encode a read chunk's records (on an encoder actor)."""
+    return resumable(ctx, "encode", f"{chunk.index:06d}", lambda: _encode(chunk, ctx, encoder),
+                     ExamplesResult.from_dict)
 
 
 class _Encoder:
@@ -211,7 +214,7 @@ class _Encoder:
         return encode(first) + self.eos, len(target), target
 
 
-def _encode(task: ReadTask, ctx: TaskContext, encoder: DocumentEncoder) -> dict:
+def _encode(chunk: ReadChunk, ctx: TaskContext, encoder: DocumentEncoder) -> ExamplesResult:
     spec: TaskDataConfig = ctx.data.task
     log = BadInputLog(strict=ctx.data.strict)
     records = _Records(spec, ctx.data, log)
@@ -220,7 +223,7 @@ def _encode(task: ReadTask, ctx: TaskContext, encoder: DocumentEncoder) -> dict:
     splits = {split: _SplitExamples() for split in SPLITS}
     label_counts = {split: dict.fromkeys(ctx.labels, 0) for split in SPLITS}
     hashed_val = not spec.val and ctx.data.val_fraction > 0
-    for piece, line, first, second in records.of(task):
+    for piece, line, first, second in records.of(chunk):
         if spec.kind == "classify" and second not in make.label_ids:
             shown = ", ".join(ctx.labels[:8]) + (", ..." if len(ctx.labels) > 8 else "")
             log.report("unknown_label", piece, line, f"{second!r} is not one of {shown}")
@@ -232,20 +235,15 @@ def _encode(task: ReadTask, ctx: TaskContext, encoder: DocumentEncoder) -> dict:
                        f"{longest} tokens; a {spec.kind} example holds at most {limit} "
                        f"(data.seq_len {ctx.data.seq_len})")
             continue
-        split = "val" if task.dataset == "val" else "train"
+        split = "val" if chunk.dataset == "val" else "train"
         if hashed_val and is_val(_record_digest(first, second), ctx.data.val_fraction)[0]:
             split = "val"
         splits[split].add(ids, aux, target)
         if spec.kind == "classify":
             label_counts[split][second] += 1
-    result: dict[str, Any] = {"task": task.index, "read": records.read, "splits": {}}
-    for split, examples in splits.items():
-        result["splits"][split] = {
-            **examples.save(ctx, f"{task.index:06d}.{split}"),
-            "label_counts": label_counts[split],
-        }
-    result["bad_input"] = {"counts": log.counts, "examples": log.examples}
-    return result
+    saved = {split: examples.save(ctx, f"{chunk.index:06d}.{split}", label_counts[split])
+             for split, examples in splits.items()}
+    return ExamplesResult(chunk.index, records.read, saved, BadInput(log.counts, log.examples))
 
 
 def _record_digest(first: str, second: str) -> np.ndarray:
@@ -282,16 +280,16 @@ class TaskShardPlan:
     split: str
     index: int
     n_samples: int
-    ranges: list[tuple[int, int, int]]  # (read task, first example, end example) in order
+    ranges: list[tuple[int, int, int]]  # (read chunk, first example, end example) in order
 
 
 def plan_task_shards(
-    kind: str, split: str, task_lengths: list[tuple[int, np.ndarray]], window: int,
+    kind: str, split: str, chunk_lengths: list[tuple[int, np.ndarray]], window: int,
     per_shard: int,
 ) -> list[TaskShardPlan]:
-    """Pack a split's examples (one lengths array per read task, in task order) into
+    """Pack a split's examples (one lengths array per read chunk, in chunk order) into
     samples, and cut the samples into shards of ``per_shard``."""
-    lengths = np.concatenate([x for _, x in task_lengths]) if task_lengths else np.zeros(0)
+    lengths = np.concatenate([x for _, x in chunk_lengths]) if chunk_lengths else np.zeros(0)
     if not len(lengths):
         return []
     if kind == "sft":
@@ -299,22 +297,22 @@ def plan_task_shards(
     else:
         sample_of = np.arange(len(lengths))
     n_samples = int(sample_of[-1]) + 1
-    task_starts = np.cumsum([0] + [len(x) for _, x in task_lengths])
+    chunk_starts = np.cumsum([0] + [len(x) for _, x in chunk_lengths])
     plans = []
     for index, first in enumerate(range(0, n_samples, per_shard)):
         stop = min(first + per_shard, n_samples)
         lo, hi = np.searchsorted(sample_of, [first, stop])
         ranges = []
-        for (task, _), start, end in zip(task_lengths, task_starts[:-1], task_starts[1:],
-                                         strict=True):
+        for (chunk, _), start, end in zip(chunk_lengths, chunk_starts[:-1], chunk_starts[1:],
+                                          strict=True):
             a, b = max(lo, start), min(hi, end)
             if a < b:
-                ranges.append((task, int(a - start), int(b - start)))
+                ranges.append((chunk, int(a - start), int(b - start)))
         plans.append(TaskShardPlan(split, index, stop - first, ranges))
     return plans
 
 
-def write_task_shard(plan: TaskShardPlan, ctx: TaskContext) -> dict:
+def write_task_shard(plan: TaskShardPlan, ctx: TaskContext) -> ShardInfo:
     """Write one task shard unless a finished copy is already there (`write_shard_once`)."""
     path = Path(ctx.output_dir) / TASK_DATASET / shard_file_name(plan.split, plan.index)
 
@@ -332,8 +330,8 @@ def write_task_shard(plan: TaskShardPlan, ctx: TaskContext) -> dict:
 def _load(ctx: TaskContext, plan: TaskShardPlan) -> dict[str, list[np.ndarray]]:
     """The plan's examples: ids (and targets) per example, and the per-example aux value."""
     out: dict[str, list] = {"ids": [], "aux": [], "targets": []}
-    for task, lo, hi in plan.ranges:
-        stem = f"{task:06d}.{plan.split}"
+    for chunk, lo, hi in plan.ranges:
+        stem = f"{chunk:06d}.{plan.split}"
         ids = np.load(ctx.path("tokens", f"{stem}.ids.npy"), mmap_mode="r")
         lengths = np.load(ctx.path("tokens", f"{stem}.lengths.npy"))
         aux = np.load(ctx.path("tokens", f"{stem}.aux.npy"))

@@ -34,7 +34,7 @@ SENTENCEPIECE_OPTIONS: dict[str, Any] = {
     "unk_piece": "<unk>",
     "bos_piece": "<s>",
     "eos_piece": "</s>",
-    # Deterministic training: the sample is used whole, in file order, on one thread.
+    # Deterministic training: the training text is used whole, in file order, on one thread.
     "input_sentence_size": 0,
     "shuffle_input_sentence": False,
     "num_threads": 1,
@@ -55,11 +55,11 @@ def trainer_options(config: TokenizerConfig) -> dict[str, Any]:
     }
 
 
-def train_tokenizer(sample_file: Path, config: TokenizerConfig, model_path: Path) -> Path:
+def train_tokenizer(text_file: Path, config: TokenizerConfig, model_path: Path) -> Path:
     """Train a sentencepiece model on a text file (one or more lines per document).
 
     Args:
-        sample_file: The training sample.
+        text_file: The tokenizer's training text.
         config: The `tokenizer` section.
         model_path: Where to write the `.model` (its `.vocab` goes next to it).
 
@@ -67,22 +67,22 @@ def train_tokenizer(sample_file: Path, config: TokenizerConfig, model_path: Path
         `model_path`.
 
     Raises:
-        ValueError: If the sample cannot support `vocab_size` (says what to change).
+        ValueError: If the text cannot support `vocab_size` (says what to change).
     """
     spm.set_random_generator_seed(config.seed)
     prefix = str(model_path.with_suffix(""))
     try:
         spm.SentencePieceTrainer.train(
-            input=str(sample_file), model_prefix=prefix, **trainer_options(config)
+            input=str(text_file), model_prefix=prefix, **trainer_options(config)
         )
     except RuntimeError as err:
         raise ValueError(
             f"vocab_size: sentencepiece could not train {config.vocab_size} pieces on the "
-            f"{sample_file.stat().st_size}-byte sample ({err}); lower tokenizer.vocab_size "
-            "or raise tokenizer.sample_bytes / add data"
+            f"{text_file.stat().st_size} bytes of training text ({err}); lower "
+            "tokenizer.vocab_size or raise tokenizer.sample_bytes / add data"
         ) from err
-    # The model records the sample file and output paths; drop them so the same sample
-    # gives the same bytes wherever it was trained.
+    # The model records the text file and output paths; drop them so the same text gives
+    # the same bytes wherever it was trained.
     from sentencepiece import sentencepiece_model_pb2
 
     produced = Path(prefix + ".model")

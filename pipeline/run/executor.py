@@ -11,9 +11,10 @@ The Ray they run on comes from `local_ray.ray_session` (a cluster, or a lean loc
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -21,6 +22,9 @@ from lmforge.pipeline.prepare.phases import WorkContext
 from lmforge.pipeline.prepare.stats import load_plotting
 from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
+# An encode item's result: a dataclass with a `node` field (results.EncodeResult,
+# results.ExamplesResult) that a Ray worker fills in with its node id.
+R = TypeVar("R")
 _ENCODERS_PER_WRITER = 16
 _POOL_START_TIMEOUT_S = 600
 
@@ -47,8 +51,8 @@ class LocalExecutor:
         return results
 
     def encode_stream(
-        self, fn: Callable[..., dict], items: list[Any], ctx: WorkContext
-    ) -> Iterator[dict]:
+        self, fn: Callable[..., R], items: list[Any], ctx: WorkContext
+    ) -> Iterator[R]:
         """`fn(item, ctx, encoder)` for every item with one encoder, yielding each result."""
         encoder = DocumentEncoder(ctx.tokenizer_model) if items else None
         with _bar(len(items), "encode", self.progress) as bar:
@@ -92,12 +96,12 @@ class _FirstError:
 
 
 class PhaseWorker:
-    """A Ray actor that runs phase items (clean, dedup, sample), encode items and shard
-    writes.
+    """A Ray actor that runs phase items (clean, dedup, tokenizer text), encode items and
+    shard writes.
 
-    One pool of them serves every phase: a Ray task per item would need fresh worker
-    processes for each phase and run, and each process costs ~1 s of CPU to start. For the
-    encode phase each loads the sentencepiece model once, on its first encode item.
+    One pool of them serves every phase: a Ray remote function per item would need fresh
+    worker processes for each phase and run, and each process costs ~1 s of CPU to start.
+    For the encode phase each loads the sentencepiece model once, on its first encode item.
 
     A plain actor pool rather than Ray Data: the encode phase hands out a few dozen small
     items whose results are small dicts (the tokens go to disk), which needs none of Ray
@@ -121,10 +125,10 @@ class PhaseWorker:
     def run(self, fn: Callable[..., Any], item: Any, *args: Any) -> Any:
         return fn(item, *args)
 
-    def encode(self, fn: Callable[..., dict], item: Any, ctx: WorkContext) -> dict:
+    def encode(self, fn: Callable[..., R], item: Any, ctx: WorkContext) -> R:
         if self.encoder is None or self.model != ctx.tokenizer_model:
             self.encoder, self.model = DocumentEncoder(ctx.tokenizer_model), ctx.tokenizer_model
-        return {**fn(item, ctx, self.encoder), "node": self.node}
+        return dataclasses.replace(fn(item, ctx, self.encoder), node=self.node)
 
 
 def spread_over_nodes(node_cpus: dict[str, float], count: int) -> list[str]:
@@ -273,8 +277,8 @@ class RayExecutor:
         return [results[r] for r in refs]
 
     def encode_stream(
-        self, fn: Callable[..., dict], items: list[Any], ctx: WorkContext
-    ) -> Iterator[dict]:
+        self, fn: Callable[..., R], items: list[Any], ctx: WorkContext
+    ) -> Iterator[R]:
         """`fn(item, ctx, encoder)` for every item on the `workers` phase workers (each
         loads the sentencepiece model once), yielding each result as soon as it is done.
         Shard writes submitted meanwhile run on the same workers, between encode items.
@@ -283,7 +287,7 @@ class RayExecutor:
         whole pool even when some workers start later than others (on other nodes), and
         each starts its next item without waiting for the driver. A ValueError in `fn` (bad
         input in strict mode, a config problem) is raised here as itself, with its
-        file:line message, rather than wrapped in Ray's task errors; when several items
+        file:line message, rather than wrapped in Ray's `RayTaskError`; when several items
         fail, the earliest in item order.
         """
         if not items:

@@ -45,7 +45,7 @@ def make_configs(corpus: Path, out: Path) -> tuple[DataConfig, TokenizerConfig]:
         seq_len=SEQ_LEN,
         val_fraction=0.1,
         num_workers=2,
-        read_chunk_bytes=30_000,  # several read tasks, one file cut at paragraph boundaries
+        read_chunk_bytes=30_000,  # several read chunks, one file cut at paragraph boundaries
         shard_target_bytes=40_000,  # several shards
     )
     return data, TokenizerConfig(vocab_size=512, sample_bytes=1_000_000)

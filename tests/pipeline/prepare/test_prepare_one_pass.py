@@ -86,7 +86,7 @@ def test_one_pass_on_ray_gives_the_multi_pass_shards_and_resumes(
     manifest = prepare(data, tok, progress=False)
     check_same_as_multi_pass(manifest, multi_pass)
     # Drop the manifest, half the encode markers and every written shard: the rerun redoes
-    # only that and gives the same bytes (finished tasks come from their markers, with
+    # only that and gives the same bytes (finished chunks come from their markers, with
     # their clean counts).
     before = shards(manifest)
     manifest.unlink()

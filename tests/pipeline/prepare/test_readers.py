@@ -12,7 +12,7 @@ import pytest
 
 from lmforge.pipeline.config import DatasetSpec
 from lmforge.pipeline.prepare.readers import BadInputError, BadInputLog, read_piece
-from lmforge.pipeline.prepare.sources import ReadPiece, discover_files, plan_read_tasks, split_file
+from lmforge.pipeline.prepare.sources import ReadPiece, discover_files, plan_read_chunks, split_file
 
 CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 
@@ -23,8 +23,8 @@ def read_all(path: Path, unit: str = "paragraph", max_bytes: int = 1 << 20,
     files = discover_files(spec)
     log = BadInputLog(strict=strict)
     docs = []
-    for task in plan_read_tasks([spec], chunk, files):
-        for piece in task.pieces:
+    for read_chunk in plan_read_chunks([spec], chunk, files):
+        for piece in read_chunk.pieces:
             docs.extend(read_piece(piece, unit, spec.text_field, max_bytes, log))
     return docs, log
 
@@ -81,7 +81,7 @@ def test_bad_input_is_counted_with_file_and_line(tmp_path: Path) -> None:
                         [(e["file"].rsplit("/", 1)[-1], e["line"]) for e in log.examples])
     assert counts["utf8.txt"] == (["good", "fine"], {"invalid_utf8": 1}, [("utf8.txt", 3)])
     assert counts["bin.txt"] == ([], {"binary_file": 1}, [("bin.txt", 0)])
-    assert counts["empty.txt"] == ([], {}, [])  # no task at all; prepare reports it
+    assert counts["empty.txt"] == ([], {}, [])  # no read chunk at all; prepare reports it
     salvaged = counts["cut.txt.gz"][0]  # complete paragraphs before the cut, none after
     assert 100 < len(salvaged) < 3000 and salvaged == paragraphs[: len(salvaged)]
     assert counts["cut.txt.gz"][1] == {"truncated_or_corrupt_file": 1}
@@ -122,17 +122,17 @@ def test_missing_path_names_the_pattern(tmp_path: Path) -> None:
         discover_files(DatasetSpec(name="d", paths=[str(tmp_path / "x.bin")]))
 
 
-def test_uneven_files_make_balanced_tasks(tmp_path: Path) -> None:
+def test_uneven_files_make_balanced_read_chunks(tmp_path: Path) -> None:
     sizes = [5_000, 300, 120_000, 800, 900, 40_000, 100]
     text = CORPUS.read_bytes()
     for i, size in enumerate(sizes):
         (tmp_path / f"f{i}.txt").write_bytes(text[:size])
     spec = DatasetSpec(name="d", paths=[str(tmp_path / "*.txt")], txt_unit="line")
-    tasks = plan_read_tasks([spec], 16_000, discover_files(spec))
-    assert sum(t.bytes for t in tasks) == sum(sizes)
-    assert all(t.bytes <= 2 * 16_000 for t in tasks)  # big files are split ...
-    assert len(tasks) <= sum(sizes) // 16_000 + 2  # ... and small files grouped
-    order = [(p.file.url, p.start) for t in tasks for p in t.pieces]
+    chunks = plan_read_chunks([spec], 16_000, discover_files(spec))
+    assert sum(c.bytes for c in chunks) == sum(sizes)
+    assert all(c.bytes <= 2 * 16_000 for c in chunks)  # big files are split ...
+    assert len(chunks) <= sum(sizes) // 16_000 + 2  # ... and small files grouped
+    order = [(p.file.url, p.start) for c in chunks for p in c.pieces]
     assert order == sorted(order)  # document order is file order, then offset
 
 
@@ -146,6 +146,6 @@ def test_fsspec_urls_are_read(tmp_path: Path) -> None:
     files = discover_files(spec)
     assert [f.url for f in files] == ["memory:///corpus/a.jsonl", "memory:///corpus/b.txt"]
     log = BadInputLog()
-    docs = [d.text for t in plan_read_tasks([spec], 1 << 20, files) for p in t.pieces
+    docs = [d.text for c in plan_read_chunks([spec], 1 << 20, files) for p in c.pieces
             for d in read_piece(p, "paragraph", "text", 1 << 20, log)]
     assert docs == ["from memory", "para one", "para two"]

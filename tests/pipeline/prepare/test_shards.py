@@ -72,17 +72,19 @@ def test_shard_planner_is_order_independent_and_covers_every_window() -> None:
     data = DataConfig(datasets=[DatasetSpec(name="a", paths=["x"]),
                                 DatasetSpec(name="b", paths=["y"])],
                       seq_len=9, shard_target_bytes=3 * 2048)  # 3 windows of 10 per shard
-    task_datasets = ["a", "a", "a", "b", "b"]
+    from lmforge.pipeline.prepare.results import EncodeResult, SplitTokens
+
+    chunk_datasets = ["a", "a", "a", "b", "b"]
     tokens = [(37, 5), (0, 0), (51, 9), (8, 0), (15, 4)]
-    results = [{"task": i, "splits": {"train": {"tokens": t}, "val": {"tokens": v}}}
+    results = [EncodeResult(i, {"train": SplitTokens(1, t), "val": SplitTokens(1, v)}, [])
                for i, (t, v) in enumerate(tokens)]
 
     def plan(order: list[int]) -> list[tuple]:
-        planner = ShardPlanner(data, 2, task_datasets)
+        planner = ShardPlanner(data, 2, chunk_datasets)
         for i in order:
             planner.add(results[i])
         planner.check_complete()
-        return sorted((p.dataset, p.split, p.index, p.first_window, p.n_windows, tuple(p.tasks))
+        return sorted((p.dataset, p.split, p.index, p.first_window, p.n_windows, tuple(p.chunks))
                       for p in planner.plans)
 
     in_order = plan([0, 1, 2, 3, 4])

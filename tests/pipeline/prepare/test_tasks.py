@@ -33,8 +33,9 @@ FILES = {"sft": "shakespeare_sft", "classify": "shakespeare_order",
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> TokenizerConfig:
     root = tmp_path_factory.mktemp("tok")
-    (root / "sample.txt").write_text(CORPUS.read_text()[:200_000])
-    train_tokenizer(root / "sample.txt", TokenizerConfig(vocab_size=400), root / "tok.model")
+    text = root / "tokenizer_text.txt"
+    text.write_text(CORPUS.read_text()[:200_000])
+    train_tokenizer(text, TokenizerConfig(vocab_size=400), root / "tok.model")
     return TokenizerConfig(vocab_size=400, model_path=str(root / "tok.model"))
 
 
@@ -99,7 +100,7 @@ def test_every_kind_prepares_through_ray_as_in_process(ray_cluster, tokenizer, s
                                                        prepared, tmp_path) -> None:
     for kind, (train, val) in subsets.items():
         data = task_data(tmp_path / kind, kind, [train], [val], num_workers=2,
-                         read_chunk_bytes=4096)  # several read tasks
+                         read_chunk_bytes=4096)  # several read chunks
         manifest = prepare(data, tokenizer, progress=False, executor="ray")
         assert shard_digests(manifest) == shard_digests(prepared[kind])
         ours, theirs = DatasetManifest.read(manifest), DatasetManifest.read(prepared[kind])

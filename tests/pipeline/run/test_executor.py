@@ -5,6 +5,7 @@ prepare job uses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,20 @@ from lmforge.pipeline.run.executor import RayExecutor, spread_over_nodes
 from lmforge.pipeline.run.local_ray import CHECKED_RAY_VERSIONS
 
 CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
+
+
+def probe_type() -> type:
+    """An encode item's result as the executor wants one (a dataclass with a `node` field),
+    made in a function so that Ray's workers get the class by value, not by module name."""
+
+    @dataclasses.dataclass
+    class Probe:
+        index: int
+        pid: int = 0
+        tokens: int = 0
+        node: str = ""
+
+    return Probe
 
 
 def _max_overlap(spans: list[tuple[float, float]]) -> int:
@@ -49,7 +64,7 @@ def test_phase_items_run_at_most_num_workers_at_once(ray_cluster, workers: int) 
     finally:
         executor.close()
     assert [len(r) for r in (first, second)] == [4, 4]
-    # Two CPUs, so one-CPU Ray tasks would run two at a time even with num_workers=1.
+    # Two CPUs, so one-CPU Ray remote calls would run two at a time even with num_workers=1.
     assert max(_max_overlap(first), _max_overlap(second)) <= workers
     # Both phases ran on the same `workers` processes: no process start per phase.
     assert len({pid for *_, pid in first + second}) == workers
@@ -60,8 +75,10 @@ def test_phase_items_run_at_most_num_workers_at_once(ray_cluster, workers: int) 
 def test_encoders_and_shard_writers_are_the_phase_workers_already_running(
     ray_cluster, encode_ctx
 ) -> None:
-    def encode(index: int, ctx: WorkContext, encoder) -> dict:
-        return {"task": index, "pid": os.getpid()}
+    probe = probe_type()
+
+    def encode(index: int, ctx: WorkContext, encoder):
+        return probe(index, os.getpid())
 
     executor = RayExecutor(num_workers=2, progress=False)
     try:
@@ -69,8 +86,8 @@ def test_encoders_and_shard_writers_are_the_phase_workers_already_running(
         assert len(pids) == 2
         handles = []
         for result in executor.encode_stream(encode, [0, 1, 2, 3], encode_ctx):
-            assert result["pid"] in pids
-            handles.append(executor.submit(lambda _: os.getpid(), result["task"]))
+            assert result.pid in pids and result.node
+            handles.append(executor.submit(lambda _: os.getpid(), result.index))
         assert set(executor.collect(handles, "test")) <= pids
         assert len(executor.pool) == 2  # no process started for encoding or writing
     finally:
@@ -116,30 +133,34 @@ def encode_ctx(tmp_path_factory: pytest.TempPathFactory) -> WorkContext:
 
 
 def test_encode_items_are_shared_over_the_encoder_pool(ray_cluster, encode_ctx) -> None:
-    def item(index: int, ctx: WorkContext, encoder) -> dict:
+    probe = probe_type()
+
+    def item(index: int, ctx: WorkContext, encoder):
         time.sleep(0.2)
-        return {"task": index, "pid": os.getpid(), "tokens": len(encoder.encode(["ab"])[0])}
+        return probe(index, os.getpid(), len(encoder.encode(["ab"])[0]))
 
     executor = RayExecutor(num_workers=2, progress=False)
     try:
         results = list(executor.encode_stream(item, list(range(6)), encode_ctx))
     finally:
         executor.close()
-    assert sorted(r["task"] for r in results) == list(range(6))
-    assert len({r["pid"] for r in results}) == 2  # both encoders got items
-    assert all(r["node"] and r["tokens"] >= 2 for r in results)  # model loaded, node named
+    assert sorted(r.index for r in results) == list(range(6))
+    assert len({r.pid for r in results}) == 2  # both encoders got items
+    assert all(r.node and r.tokens >= 2 for r in results)  # model loaded, node named
 
 
 def test_encode_reports_the_earliest_bad_item_whichever_fails_first(
     ray_cluster, encode_ctx
 ) -> None:
-    def item(index: int, ctx: WorkContext, encoder) -> dict:
+    probe = probe_type()
+
+    def item(index: int, ctx: WorkContext, encoder):
         if index == 1:  # the earliest bad item fails last
             time.sleep(0.5)
             raise ValueError("item 1: bad")
         if index == 2:
             raise ValueError("item 2: bad")
-        return {"task": index}
+        return probe(index)
 
     executor = RayExecutor(num_workers=2, progress=False)
     try:
