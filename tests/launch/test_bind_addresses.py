@@ -192,10 +192,12 @@ def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
                                   seq_len=16)
     config = tmp_path / "bind.yaml"
     config.write_text(TRAIN_CONFIG.format(data=tmp_path / "data", steps=30))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
-         f"--run_dir={tmp_path / 'run'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "train.log"
+    with open(log, "w") as sink:  # a file, not a pipe nobody drains while we poll
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lmforge.launch.cli", "train", str(config),
+             f"--run_dir={tmp_path / 'run'}"],
+            stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen: dict[tuple[str, int], str] = {}
     rank_env: dict[int, dict[str, str]] = {}
     try:
@@ -208,13 +210,14 @@ def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
                 for address, port, _ in kernel_listening(socket_inodes(pid)):
                     seen[(address, port)] = "rank" if "LOCAL_RANK" in env else "launcher/agent"
             time.sleep(0.1)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
-    assert len(rank_env) == 2, f"saw {len(rank_env)} ranks"
+    assert len(rank_env) == 2, f"saw {len(rank_env)} ranks: {seen}\n{out[-3000:]}"
     assert seen, "nothing listened: the rendezvous store was not seen"
     assert set(seen.values()) == {"rank", "launcher/agent"}, seen  # the store and gloo
     exposed = {k: v for k, v in seen.items() if k[0] not in LOCAL}
