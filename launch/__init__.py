@@ -5,8 +5,11 @@
 - ``train/``    the per-rank worker, its wiring, the loop, callbacks, checkpoints, objectives
 - ``tracking/`` MLflow, delivered from a background thread
 - ``export/``   checkpoint → verified Hugging Face folder
+- ``stages/``   every run as a stage graph (a plain config: one stage): the one runner of
+  ``lmforge run`` and of every submitted job, launchers (torchrun, srun, Ray Train), hooks,
+  the MLflow run lifecycle
 - ``submit/``   Slurm, Ray and local job submission, apart from the job body on the cluster
-- ``commands.py`` the ``lmforge`` commands (prepare, train, export, sample, run), ``cli.py``
+- ``commands.py`` the single ``lmforge`` commands (prepare, train, export, sample), ``cli.py``
   their command line, ``rundir.py`` the run directory's layout, ``sample.py`` text generation
 
 Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse; of the
