@@ -96,6 +96,7 @@ def test_llama_round_trip_matches_logits(tie: bool, spm_model: Path, tmp_path: P
     assert out == tmp_path / "hf"
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        MARKER,
         "config.json",
         "generation_config.json",
         "model.safetensors",
@@ -103,6 +104,7 @@ def test_llama_round_trip_matches_logits(tie: bool, spm_model: Path, tmp_path: P
         "tokenizer.model",
         "tokenizer_config.json",
     ]
+    assert json.loads((out / MARKER).read_text())["files"] == names[1:]
     assert (out / "tokenizer.model").read_bytes() == spm_model.read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
