@@ -89,7 +89,7 @@ class RunConfig:
     hooks: list[str | HookSpec] = field(default_factory=list)
     """Called at stage start/end, evaluation, checkpoint and export: import paths
     ``package.module:function`` or built-ins ``export``, ``register``, ``submit_next``
-    (see ``launch/hooks.py``)."""
+    (see ``launch/stages/hooks.py``)."""
     hook_failure: Literal["stop", "warn"] = "stop"
     """A failing hook stops the job (stop) or is reported and skipped (warn)."""
 
