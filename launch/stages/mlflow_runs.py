@@ -14,15 +14,17 @@ they own by it too).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge.launch.rundir import RunDir
+from lmforge.launch.rundir import RunDir, StageRecord
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.exit_codes import mlflow_status
 
-__all__ = ["end_recorded_run", "end_run", "ensure_mlflow_run", "mlflow_status",
+__all__ = ["end_recorded_run", "end_run", "ended_by", "ensure_mlflow_run", "mlflow_status",
            "start_job_run", "start_stage_run"]
 
 if TYPE_CHECKING:
@@ -94,6 +96,20 @@ def _pending(run_id: str) -> bool:
 def end_run(tracker: Tracker, exit_code: int) -> None:
     """Ends a run started here with the status :func:`mlflow_status` gives ``exit_code``."""
     tracker.close(status=mlflow_status(exit_code))
+
+
+@contextlib.contextmanager
+def ended_by(tracker: Tracker | None, outcome: StageRecord) -> Iterator[None]:
+    """Ends ``tracker``'s run by ``outcome.exit_code`` when the block is left, by an
+    exception too (the exit code becomes 1 then). ``None``: the caller's run, left open."""
+    try:
+        yield
+    except BaseException:
+        outcome.exit_code = outcome.exit_code or 1
+        raise
+    finally:
+        if tracker is not None:
+            end_run(tracker, outcome.exit_code)
 
 
 def ensure_mlflow_run(cfg: RunConfig, run_dir: Path) -> str | None:

@@ -30,7 +30,7 @@ from lmforge.launch.rundir import RunDir, StageInfo
 from lmforge.launch.stages.graph import GraphResult, StageResult, plan, print_result
 from lmforge.launch.stages.hooks import StageContext, StageHooks
 from lmforge.launch.stages.launchers import Launcher, torchrun_launcher
-from lmforge.launch.stages.mlflow_runs import end_run, start_job_run, start_stage_run
+from lmforge.launch.stages.mlflow_runs import end_run, ended_by, start_job_run, start_stage_run
 from lmforge.launch.tracking import Tracker
 
 log = logging.getLogger("lmforge")
@@ -143,7 +143,7 @@ def run_stage(stage: Stage, hooks: StageHooks, job_dir: Path, resume: str | None
     context = StageContext(stage.name, stage.index, run.path, job_dir, cfg,
                            parent_run_id=parent_id, run_id=run_id, tracking_uri=tracker.uri)
     result = StageResult(stage.name, stage.index, run_id=run_id)
-    try:
+    with ended_by(tracker if job_run is None else None, result):
         hooks.on_stage_start(context)
         prepare_data(cfg, tracker)
         tracker.flush()
@@ -173,12 +173,6 @@ def run_stage(stage: Stage, hooks: StageHooks, job_dir: Path, resume: str | None
         result.export_dir = str(context.export_dir) if context.export_dir else None
         run.write_stage_complete(result.record())
         return result
-    except BaseException:
-        result.exit_code = result.exit_code or 1
-        raise
-    finally:
-        if job_run is None:
-            end_run(tracker, result.exit_code)
 
 
 def run_from_scratch(stage: Stage, parent_id: str | None, resume: str | None,
@@ -194,17 +188,12 @@ def run_from_scratch(stage: Stage, parent_id: str | None, resume: str | None,
     run.path.mkdir(parents=True, exist_ok=True)
     tracker, run_id = start_stage_run(cfg, name, stage.index, parent_id, resume is not None)
     result = StageResult(name, stage.index, run_id=run_id)
-    try:
+    with ended_by(tracker, result):
         result.exit_code = train(cfg, resume=resume, run_id=run_id, launcher=launcher)
         if result.exit_code == 0:
             _read_training(run, result)
             run.write_stage_complete(result.record())
-        return result
-    except BaseException:
-        result.exit_code = result.exit_code or 1
-        raise
-    finally:
-        end_run(tracker, result.exit_code)
+    return result
 
 
 def demonstrate(cfg: RunConfig, tracker: Tracker) -> list[str]:
