@@ -99,8 +99,9 @@ def bound_listener(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise OSError(err.errno, f"the rendezvous store cannot listen on {host}:{port}: "
-                      f"{err.strerror} (launch.master_port: pick a free port, or leave it "
-                      "unset for a free one)") from err
+                      f"{err.strerror} (launch.master_addr must be an address of this "
+                      "machine, 127.0.0.1 by default; launch.master_port a free port, or "
+                      "unset for one the kernel picks)") from err
     return sock
 
 
@@ -157,6 +158,24 @@ def create_handler(params):
     host, port = parse_rendezvous_endpoint(params.endpoint, default_port=0)
     timeout = int(params.config.get("timeout", 600))
     return BoundRendezvous(host, port, 0, 1, params.run_id, timeout)
+
+
+def check_local_address(master_addr: str) -> str:
+    """The IP address ``launch.master_addr`` names, checked to belong to this machine.
+
+    Raises:
+        ValueError: It does not resolve, or no interface of this machine holds it.
+    """
+    try:
+        address = resolve(master_addr)
+    except OSError as err:
+        raise ValueError(f"launch.master_addr: {master_addr!r} does not resolve ({err}); a "
+                         "run on one machine listens on 127.0.0.1 (the default)") from err
+    if interface_of(address) is None:
+        raise ValueError(f"launch.master_addr: {master_addr} ({address}) is not an address of "
+                         "this machine; a run on one machine listens on it (leave it at "
+                         "127.0.0.1 so nothing is reachable from the network)")
+    return address
 
 
 def torchrun_args(nproc_per_node: int, address: str, port: int | None) -> list[str]:

@@ -12,7 +12,11 @@ from pathlib import Path
 from lmforge.launch.config import LaunchConfig
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
-from lmforge.launch.train.rendezvous import resolve, single_machine_env, torchrun_args
+from lmforge.launch.train.rendezvous import (
+    check_local_address,
+    single_machine_env,
+    torchrun_args,
+)
 
 
 def _has_cuda() -> bool:
@@ -24,7 +28,7 @@ def _has_cuda() -> bool:
 def worker_env(launch: LaunchConfig) -> dict[str, str]:
     """The environment of every training process (and of torchrun's agent): gloo and NCCL
     listen on the interface of ``launch.master_addr`` (loopback by default) only."""
-    env = single_machine_env(dict(os.environ), resolve(launch.master_addr))
+    env = single_machine_env(dict(os.environ), check_local_address(launch.master_addr))
     env["OMP_NUM_THREADS"] = str(launch.omp_num_threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,7 +46,7 @@ def torchrun_command(
     every interface; this one's store listens on ``launch.master_addr`` (127.0.0.1 by
     default) only, on ``launch.master_port`` or, unset, a free port the kernel picks when
     the socket is bound (see :mod:`lmforge.launch.train.rendezvous`)."""
-    address = resolve(launch.master_addr)
+    address = check_local_address(launch.master_addr)
     command = [
         sys.executable, "-m", "lmforge.launch.train.rendezvous",
         *torchrun_args(launch.nproc_per_node, address, launch.master_port),

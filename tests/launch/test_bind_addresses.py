@@ -217,7 +217,9 @@ def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
             proc.wait()
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
-    assert len(rank_env) == 2, f"saw {len(rank_env)} ranks: {seen}\n{out[-3000:]}"
+    # A rank's own children (data loader workers) inherit its variables: count RANKs.
+    ranks = {env.get("RANK") for env in rank_env.values()}
+    assert ranks == {"0", "1"}, f"saw ranks {ranks}: {seen}\n{out[-3000:]}"
     assert seen, "nothing listened: the rendezvous store was not seen"
     assert set(seen.values()) == {"rank", "launcher/agent"}, seen  # the store and gloo
     exposed = {k: v for k, v in seen.items() if k[0] not in LOCAL}
@@ -268,3 +270,40 @@ def test_ranks_a_cluster_launcher_starts_listen_on_the_master_address_only(tmp_p
                 proc.wait()
     assert port in {p for _, p, _ in sockets}, f"rank 0's store not seen: {sockets}"
     assert {a for a, _, _ in sockets} == {"127.0.0.1"}, sockets
+
+
+@pytest.mark.parametrize("host,fixed", [("127.0.0.1", False), ("127.0.0.1", True),
+                                        ("::1", False)])
+def test_the_loopback_rendezvous_store_listens_on_its_address_only(host, fixed):
+    """The store torchrun's agent hosts (launch.master_port set or not; IPv6 too): one
+    listening socket, on the endpoint's address, and a client of it works."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from lmforge.launch.train.rendezvous import BACKEND, create_handler, torchrun_args
+
+    port = free_port() if fixed else None
+    endpoint = next(a for a in torchrun_args(2, host, port) if a.startswith("--rdzv-endpoint"))
+    before = {s[2] for s in kernel_listening(socket_inodes(os.getpid()))}
+    handler = create_handler(RendezvousParameters(BACKEND, endpoint.split("=", 1)[1],
+                                                  "lmforge", 1, 1))
+    info = handler.next_rendezvous()
+    opened = [s for s in kernel_listening(socket_inodes(os.getpid())) if s[2] not in before]
+    bound = info.bootstrap_store_info
+    assert [(a, p) for a, p, _ in opened] == [(host, bound.master_port)]
+    assert bound.master_addr == host and (bound.master_port == port if fixed else
+                                          bound.master_port > 0)
+    info.store.set("key", "value")
+    client = TCPStore(host, bound.master_port, None, False, timedelta(seconds=10))
+    assert client.get("lmforge/key") == b"value"
+
+
+def test_a_single_machine_run_refuses_a_master_addr_of_another_machine():
+    from lmforge.launch.train.rendezvous import check_local_address
+
+    assert check_local_address("127.0.0.1") == "127.0.0.1"
+    with pytest.raises(ValueError, match=r"launch.master_addr: 192.0.2.77 \(192.0.2.77\) is "
+                                         "not an address of this machine"):
+        check_local_address("192.0.2.77")  # TEST-NET-1: resolved, never contacted
