@@ -144,7 +144,8 @@ def _memorised(configs, tmp_path: Path, zero_stage: int) -> Path:
     metrics = _metrics(run)
     assert metrics[20]["train/loss"] < 1.0  # memorised: the shifted data will spike
     cfg = load_resolved(run)
-    ratio = flops_per_token(cfg, hardware=True) / flops_per_token(cfg)
+    seq_len = cfg.data.seq_len  # the dataset's (the dataset check refuses another)
+    ratio = flops_per_token(cfg, seq_len, hardware=True) / flops_per_token(cfg, seq_len)
     assert ratio > 1.1  # full recomputation of the blocks (the output head is not redone)
     for record in metrics.values():
         assert 0 < record["train/mfu"] < record["train/hfu"]
@@ -152,9 +153,24 @@ def _memorised(configs, tmp_path: Path, zero_stage: int) -> Path:
     return run / "checkpoints" / "step_00000020"
 
 
+@pytest.fixture(scope="module")
+def memorised(configs, tmp_path_factory):
+    """``memorised(zero_stage)``: the memorised step-20 checkpoint of that ZeRO stage, trained
+    (and checked, see _memorised) once and shared by every test that resumes from it."""
+    checkpoints: dict[int, Path] = {}
+
+    def get(zero_stage: int) -> Path:
+        if zero_stage not in checkpoints:
+            tmp = tmp_path_factory.mktemp(f"memorised-zero{zero_stage}")
+            checkpoints[zero_stage] = _memorised(configs, tmp, zero_stage)
+        return checkpoints[zero_stage]
+
+    return get
+
+
 @pytest.mark.slow
-def test_spike_stops_the_run_with_a_clear_error(configs, tmp_path):
-    checkpoint = _memorised(configs, tmp_path, zero_stage=2)
+def test_spike_stops_the_run_with_a_clear_error(configs, memorised, tmp_path):
+    checkpoint = memorised(2)
     out = _run(configs[1], tmp_path / "stop", "--train.max_steps=24", resume=str(checkpoint))
     assert out.returncode != 0
     assert "step 21: the training loss" in out.stdout
@@ -165,8 +181,8 @@ def test_spike_stops_the_run_with_a_clear_error(configs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_skip_zeroes_bad_steps_and_finishes(configs, tmp_path, zero_stage):
-    checkpoint = _memorised(configs, tmp_path, zero_stage)
+def test_skip_zeroes_bad_steps_and_finishes(configs, memorised, tmp_path, zero_stage):
+    checkpoint = memorised(zero_stage)
     run = tmp_path / "skip"
     out = _run(configs[1], run, "--train.max_steps=24", "--train.bad_loss_policy=skip",
                f"--deepspeed.zero_stage={zero_stage}", resume=str(checkpoint))
