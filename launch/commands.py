@@ -47,7 +47,7 @@ def prepare_data(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
 
 def log_prepared_dataset(tracker: Tracker, manifest: DatasetManifest) -> None:
     """Lineage, tokenizer, stats, plots and the pipeline's counts and throughput to MLflow."""
-    tracker.log_dataset_lineage(manifest.location)
+    tracker.log_dataset_lineage(manifest)
     folder = Path(manifest.folder)
     tracker.log_artifact(manifest.tokenizer_path, "data")
     stats_file = folder / "stats.json"
@@ -154,9 +154,9 @@ def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
     manifest = read_prepared(cfg.data)
     cfg = config_for_dataset(cfg, manifest)
     model = load_trained_model(cfg.model, RunDir.of(cfg.run_dir).checkpoints, checkpoint)
-    tokenizer_path, tokenizer = manifest.tokenizer_path, manifest.tokenizer
+    tokenizer = manifest.tokenizer_model
     if family == "encoder":
-        records = FillMaskSampler(cfg.sample, tokenizer_path, tokenizer)(model)
+        records = FillMaskSampler(cfg.sample, tokenizer)(model)
         for record in records:
             tops = "; ".join(f"#{m['position']}: {' | '.join(m['top_tokens'])}"
                              for m in record["masks"])
@@ -164,11 +164,11 @@ def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
                   f"{tops}\nfilled: {record['text']}\n", flush=True)
         return records
     if family == "encoder_decoder":
-        records = Seq2SeqSampler(cfg.sample, tokenizer_path, tokenizer)(model)
+        records = Seq2SeqSampler(cfg.sample, tokenizer)(model)
         for record in records:
             print(f"--- source: {record['prompt']!r}\ntarget: {record['text']}\n", flush=True)
         return records
-    texts = TextSampler(cfg.sample, tokenizer_path, tokenizer, cfg.seed)(model)
+    texts = TextSampler(cfg.sample, tokenizer, cfg.seed)(model)
     records = [{"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, texts, strict=True)]
     for record in records:
         print(f"--- prompt: {record['prompt']!r}\n{record['text']}\n", flush=True)

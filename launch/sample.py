@@ -9,13 +9,12 @@ tokens) and ``Seq2SeqSampler`` (encoder-decoder: beam search from a source) run 
 
 from __future__ import annotations
 
-import sentencepiece as spm
 import torch
 from torch import nn
 
 from lmforge.launch.config import SampleConfig
 from lmforge.model import generate, generate_seq2seq
-from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
+from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 
 
 class TextSampler:
@@ -23,27 +22,21 @@ class TextSampler:
 
     Args:
         sample: The sample section (prompts, length, temperature, top-k/p).
-        tokenizer_path: The sentencepiece model the data was encoded with.
-        tokenizer: Its manifest entry (the EOS id that ends a continuation).
+        tokenizer: The tokenizer the data was encoded with (its EOS id ends a continuation).
         seed: Seeds a generator of its own, so sampling never consumes the training RNG
             (exact resume) and the same model gives the same texts.
     """
 
-    def __init__(
-        self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo, seed: int
-    ) -> None:
+    def __init__(self, sample: SampleConfig, tokenizer: DatasetTokenizer, seed: int) -> None:
         self.sample = sample
-        self.tokenizer_path = str(tokenizer_path)
-        self.eos_id = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.info.eos_id if tokenizer.info.eos_id >= 0 else None
         self.seed = seed
-        self._sp: spm.SentencePieceProcessor | None = None  # loaded on first use
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[str]:
         """The prompt + continuation text for every prompt, in order."""
-        if self._sp is None:
-            self._sp = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
-        sp = self._sp
+        sp = self.tokenizer.processor
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         texts = []
@@ -69,17 +62,15 @@ class FillMaskSampler:
 
     Args:
         sample: The sample section (prompts with the mask token, ``mask_top_k``).
-        tokenizer_path: The sentencepiece model the data was encoded with.
-        tokenizer: Its manifest entry (the mask id).
+        tokenizer: The tokenizer the data was encoded with (and its mask id).
     """
 
-    def __init__(self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo
-                 ) -> None:
-        if tokenizer.mask_id is None:
+    def __init__(self, sample: SampleConfig, tokenizer: DatasetTokenizer) -> None:
+        if tokenizer.info.mask_id is None:
             raise ValueError("tokenizer.mask_token: the fill-mask demonstration needs a mask "
                              "token; set it and prepare again")
-        self.sample, self.mask_id = sample, tokenizer.mask_id
-        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        self.sample, self.mask_id = sample, tokenizer.info.mask_id
+        self.sp = tokenizer.processor
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[dict]:
@@ -109,14 +100,13 @@ class Seq2SeqSampler:
 
     Args:
         sample: The sample section (prompts, ``max_new_tokens``, ``num_beams``).
-        tokenizer_path: The sentencepiece model the data was encoded with.
-        tokenizer: Its manifest entry (EOS: the decoder start and the end of a target).
+        tokenizer: The tokenizer the data was encoded with (EOS: the decoder start and the
+            end of a target).
     """
 
-    def __init__(self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo
-                 ) -> None:
-        self.sample, self.eos_id = sample, tokenizer.eos_id
-        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    def __init__(self, sample: SampleConfig, tokenizer: DatasetTokenizer) -> None:
+        self.sample, self.eos_id = sample, tokenizer.info.eos_id
+        self.sp = tokenizer.processor
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[dict]:
@@ -138,17 +128,17 @@ class ClassifySampler:
     ([bos when the tokenizer has one] + text + [eos]), and gets the [CLS] head's label.
 
     Args:
-        tokenizer_path: The sentencepiece model the data was encoded with.
-        tokenizer: Its manifest entry (bos and eos ids).
+        tokenizer: The tokenizer the data was encoded with (and its bos and eos ids).
         labels: The class names in id order (the task's labels).
     """
 
-    def __init__(self, sample: SampleConfig, tokenizer_path: str, tokenizer: TokenizerInfo,
+    def __init__(self, sample: SampleConfig, tokenizer: DatasetTokenizer,
                  labels: list[str]) -> None:
         self.sample, self.labels = sample, list(labels)
-        self.bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-        self.eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
-        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        info = tokenizer.info
+        self.bos = [info.bos_id] if info.bos_id >= 0 else []
+        self.eos = [info.eos_id] if info.eos_id >= 0 else []
+        self.sp = tokenizer.processor
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[dict]:

@@ -142,7 +142,7 @@ def test_failed_verification_keeps_the_previous_export(bert):
                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     # A corrupted weight (one row: a shift of every row would vanish in the LayerNorm).
     hf_state["bert.encoder.layer.1.output.dense.weight"][0] += 0.05
-    check = ExportCheck(bert["model"], cfg.model, manifest.tokenizer_path, tok, atol=1e-4,
+    check = ExportCheck(bert["model"], cfg.model, manifest.tokenizer_model, atol=1e-4,
                         length=32)
     with pytest.raises(ExportError, match=r"differ from the trained model's by (\S+) \(> atol"
                        ) as err:

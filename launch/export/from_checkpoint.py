@@ -100,6 +100,6 @@ def export_checkpoint(
         decoder_start_token_id=tokenizer.eos_id,  # BART's convention; denoising trains with it
         labels=task_labels(manifest) if model_cfg.num_labels else None,
     )
-    check = ExportCheck(model, model_cfg, manifest.tokenizer_path, tokenizer,
-                        atol=export.verify_atol, length=min(manifest.seq_len, 64), seed=seed)
+    check = ExportCheck(model, model_cfg, manifest.tokenizer_model, atol=export.verify_atol,
+                        length=min(manifest.seq_len, 64), seed=seed)
     return write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_path, verify=check)

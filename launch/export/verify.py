@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from torch import nn
 
 from lmforge.launch.export import ExportError
 from lmforge.launch.export.hf_folder import load_export, verify_logits
 from lmforge.model import ModelConfig, generate, generate_seq2seq
-from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
+from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 
 GREEDY_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
 """The real text greedy decoding is compared on."""
@@ -36,17 +35,16 @@ class ExportCheck:
     Args:
         model: The trained lmforge model (fp32, eval).
         model_cfg: Its model section.
-        tokenizer_path: The run's sentencepiece model.
-        tokenizer: Its manifest entry (special ids).
+        tokenizer: The run's tokenizer (the greedy check's text, special ids).
         atol: Largest accepted logit difference.
         length: Length of the random id rows.
         seed: Seeds the random ids.
     """
 
-    def __init__(self, model: nn.Module, model_cfg: ModelConfig, tokenizer_path: str | Path,
-                 tokenizer: TokenizerInfo, atol: float, length: int, seed: int = 0) -> None:
-        self.model, self.cfg, self.tokenizer = model, model_cfg, tokenizer
-        self.tokenizer_path = str(tokenizer_path)
+    def __init__(self, model: nn.Module, model_cfg: ModelConfig, tokenizer: DatasetTokenizer,
+                 atol: float, length: int, seed: int = 0) -> None:
+        self.model, self.cfg, self.tokenizer = model, model_cfg, tokenizer.info
+        self.sentencepiece = tokenizer
         self.atol, self.length, self.seed = atol, length, seed
         self.max_diff: float | None = None
         self.greedy_tokens: list[int] | None = None
@@ -77,8 +75,7 @@ class ExportCheck:
 
     @torch.no_grad()
     def _check_greedy(self, folder: Path, hf_model: nn.Module) -> list[int]:
-        sp = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
-        ids = sp.encode(GREEDY_TEXT)
+        ids = self.sentencepiece.processor.encode(GREEDY_TEXT)
         eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
         common = {"max_new_tokens": GREEDY_TOKENS, "do_sample": False, "num_beams": 1,
                   "eos_token_id": eos, "pad_token_id": pad}

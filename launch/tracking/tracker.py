@@ -263,22 +263,22 @@ class Tracker:
         text = yaml.safe_dump(redact(config), sort_keys=False, allow_unicode=True)
         self.log_text(text, artifact_file)
 
-    def log_dataset_lineage(self, manifest_path: Path | str, context: str = "train") -> None:
-        """Record a shard manifest as the run's dataset input, and the manifest as an artifact.
+    def log_dataset_lineage(self, manifest: DatasetManifest, context: str = "train") -> None:
+        """Record a prepared dataset as the run's dataset input, and its manifest.json as an
+        artifact.
 
         The dataset digest is the sha256 of the tokenizer's sha256 followed by every shard's
         sha256 (in manifest order), so a change of tokenizer or of any shard changes it.
 
         Args:
-            manifest_path: the dataset's manifest.json.
+            manifest: the dataset's manifest, as read (``location`` is its manifest.json).
             context: dataset role shown in MLflow ("train", "eval", ...).
         """
         if self._inactive():
             return
-        manifest_path = Path(manifest_path)
         try:
-            dataset = dataset_entity(DatasetManifest.read(manifest_path))
-        except (OSError, ValueError) as exc:
+            dataset = dataset_entity(manifest)
+        except ValueError as exc:
             log.warning("tracking: dataset lineage not logged: %s", exc)
             return
 
@@ -288,8 +288,8 @@ class Tracker:
             tags = [InputTag("mlflow.data.context", context)]
             client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
 
-        self._worker.put_op(f"dataset {manifest_path}", send)
-        self.log_artifact(manifest_path, f"datasets/{context}")
+        self._worker.put_op(f"dataset {manifest.location}", send)
+        self.log_artifact(manifest.location, f"datasets/{context}")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is delivered, at most `timeout` (default close_timeout_s).

@@ -67,7 +67,7 @@ def shard_loader(manifest: DatasetManifest, split: str, micro_batch_size: int,
                  loader: LoaderConfig, seed: int, infinite: bool) -> ShardLoader:
     """This rank's loader of one split of the prepared dataset."""
     return ShardLoader(
-        manifest.location, split, micro_batch_size, rank=dist.get_rank(),
+        manifest, split, micro_batch_size, rank=dist.get_rank(),
         world_size=dist.get_world_size(), seed=seed, config=loader, infinite=infinite,
     )
 
@@ -93,10 +93,9 @@ def build_trainer(
     train_loader = shard_loader(manifest, "train", micro, loader, cfg.seed, infinite=True)
     task = manifest.task
     objective = build_objective(
-        cfg.train.objective, manifest.tokenizer, cfg.model.vocab_size or
-        manifest.tokenizer.vocab_size, loader.document_masking,
+        cfg.train.objective, manifest.tokenizer, cfg.model.vocab_size, loader.document_masking,
         labels=list(task.labels) if task is not None else [],
-        tokenizer_path=str(manifest.tokenizer_path), decode=cfg.deepspeed.zero_stage != 3,
+        tokenizer_model=manifest.tokenizer_model, decode=cfg.deepspeed.zero_stage != 3,
     )
     trainer = Trainer(
         engine, cfg.train, objective, train_loader,

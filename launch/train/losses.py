@@ -48,6 +48,7 @@ from lmforge.model import (
     shift_right,
 )
 from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
+from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 
 IGNORE_INDEX = -100
 
@@ -245,12 +246,11 @@ class Seq2Seq:
 
     language_model = True
 
-    def __init__(self, ids: SpecialIds, tokenizer_path: str | None = None,
+    def __init__(self, ids: SpecialIds, tokenizer_model: DatasetTokenizer | None = None,
                  decode: bool = True) -> None:
         self.ids = ids
-        self.tokenizer_path = tokenizer_path
-        self.decode = decode and tokenizer_path is not None
-        self._sp = None
+        self.tokenizer_model = tokenizer_model
+        self.decode = decode and tokenizer_model is not None
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
                  generator: torch.Generator) -> ObjectiveOutput:
@@ -280,10 +280,6 @@ class Seq2Seq:
     def greedy_texts(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device
                      ) -> tuple[list[str], list[str]]:
         """(greedy outputs, references) as text, each cut at its first eos."""
-        import sentencepiece as spm
-
-        if self._sp is None:
-            self._sp = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
         module = getattr(model, "module", model)  # the engine's model: decoding is local
         real = (batch["target_ids"] != self.ids.pad).any(-1)  # not a padding row
         batch = {name: t[real] for name, t in batch.items()}
@@ -303,7 +299,7 @@ class Seq2Seq:
             if token in (self.ids.eos, self.ids.pad):
                 break
             kept.append(token)
-        return self._sp.decode(kept)
+        return self.tokenizer_model.processor.decode(kept)
 
     def metrics(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         """Exact match and BLEU (``val_`` names)."""
@@ -315,7 +311,8 @@ Objective = CausalLM | MaskedLM | Denoising | SFT | Classify | Seq2Seq
 
 def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
                     document_masking: bool, labels: list[str] | None = None,
-                    tokenizer_path: str | None = None, decode: bool = True) -> Objective:
+                    tokenizer_model: DatasetTokenizer | None = None,
+                    decode: bool = True) -> Objective:
     """The objective ``train.objective`` names.
 
     Args:
@@ -325,7 +322,7 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
         vocab_size: Model vocabulary (masked LM's random replacements come from it).
         document_masking: Whether batches carry segment/position ids to pass on.
         labels: classify: the class names in id order.
-        tokenizer_path: seq2seq: the sentencepiece model (validation outputs as text).
+        tokenizer_model: seq2seq: the dataset's tokenizer (validation outputs as text).
         decode: seq2seq: greedy-decode in validation (off under ZeRO-3, where ranks must
             run the same number of forwards).
 
@@ -344,7 +341,7 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
         if ids.eos < 0:
             raise ValueError("train.objective: seq2seq starts the decoder with the eos piece, "
                              "but the tokenizer has none; use a tokenizer with an eos piece")
-        return Seq2Seq(ids, tokenizer_path, decode)
+        return Seq2Seq(ids, tokenizer_model, decode)
     if ids.mask is None:
         raise ValueError(
             f"train.objective: {name} needs a mask token, but the tokenizer has none; set "

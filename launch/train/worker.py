@@ -37,10 +37,10 @@ from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 log = logging.getLogger("lmforge.train")
 
 
-def flops_per_token(cfg: RunConfig, hardware: bool = False) -> float | None:
-    """Training FLOPs per data token: model FLOPs (for MFU) or, with ``hardware``, plus the
-    forwards that activation checkpointing recomputes (for HFU)."""
-    seq_len = cfg.data.seq_len
+def flops_per_token(cfg: RunConfig, seq_len: int, hardware: bool = False) -> float | None:
+    """Training FLOPs per data token at the prepared dataset's ``seq_len`` (the manifest's):
+    model FLOPs (for MFU) or, with ``hardware``, plus the forwards that activation
+    checkpointing recomputes (for HFU)."""
     if hardware:
         flops = estimate_hardware_flops(cfg.model, seq_len, cfg.train.activation_checkpointing)
     else:
@@ -91,14 +91,15 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
         tracker.start(run_name=cfg.name, run_id=run_id)
     manifest = DatasetManifest.read(DatasetManifest.path_in(cfg.data.output_dir))
     metrics = MetricsLogger(
-        tracker, flops_per_token(cfg), peak_flops(cfg.train.peak_flops_per_device),
-        jsonl=run.metrics, hardware_flops_per_token=flops_per_token(cfg, True),
+        tracker, flops_per_token(cfg, manifest.seq_len),
+        peak_flops(cfg.train.peak_flops_per_device), jsonl=run.metrics,
+        hardware_flops_per_token=flops_per_token(cfg, manifest.seq_len, hardware=True),
     )
     history = EvalHistory()
     preemption = PreemptionHandler()
     status = "FAILED"
     try:
-        texts = TextSampler(cfg.sample, manifest.tokenizer_path, manifest.tokenizer, cfg.seed)
+        texts = TextSampler(cfg.sample, manifest.tokenizer_model, cfg.seed)
         sampler = Sampler(tracker, texts, cfg.train.sample_every, jsonl=run.training_samples)
         callbacks = [metrics, history, sampler, preemption, *hook_callbacks(cfg, run.path)]
         trainer = build_trainer(cfg, manifest, run, callbacks, resume)

@@ -9,12 +9,14 @@ manifest describes is in `shard_format.py`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 from lmforge.pipeline.contract.shard_format import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
@@ -321,6 +323,12 @@ class DatasetManifest:
     def tokenizer_path(self) -> str:
         """The sentencepiece model (a path, or a URL for remote datasets)."""
         return f"{self.folder}/{self.tokenizer.file}"
+
+    @functools.cached_property
+    def tokenizer_model(self) -> DatasetTokenizer:
+        """The tokenizer the data was encoded with, as one handle whose sentencepiece
+        processor is opened once (on first use) for everything that reads this manifest."""
+        return DatasetTokenizer(self.tokenizer, self.tokenizer_path)
 
 
 def _manifest_location(path: str | Path) -> str:

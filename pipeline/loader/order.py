@@ -163,7 +163,8 @@ class Manifest:
     """The parts of a `DatasetManifest` the loader needs, for one split.
 
     Args:
-        path: ``manifest.json``, its folder, or an fsspec URL of either.
+        path: The dataset's `DatasetManifest` (already read), or ``manifest.json``, its
+            folder, or an fsspec URL of either.
         split: ``train`` or ``val``.
 
     Raises:
@@ -171,8 +172,8 @@ class Manifest:
         ValueError: No dataset has samples in ``split``.
     """
 
-    def __init__(self, path: str, split: str) -> None:
-        manifest = DatasetManifest.read(path)
+    def __init__(self, path: DatasetManifest | str, split: str) -> None:
+        manifest = path if isinstance(path, DatasetManifest) else DatasetManifest.read(path)
         self.path = manifest.location
         self.seq_len = manifest.seq_len
         self.token_dtype = manifest.token_dtype

@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from lmforge.pipeline.config import LoaderConfig
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.shard_format import TASK_MEMBERS
 from lmforge.pipeline.contract.shard_tar import ShardError, is_url
 from lmforge.pipeline.loader.batches import BatchStream, Plan, collate, keep
@@ -55,7 +56,8 @@ class ShardLoader:
     ``attention_mask``, ``target_ids``.
 
     Args:
-        manifest: ``manifest.json``, its folder, or an fsspec URL of either.
+        manifest: The dataset's `DatasetManifest` (a trainer hands over the one it read), or
+            ``manifest.json``, its folder, or an fsspec URL of either.
         split: ``train`` or ``val``.
         micro_batch_size: Rows per batch on this rank.
         rank: This rank.
@@ -72,7 +74,7 @@ class ShardLoader:
 
     def __init__(
         self,
-        manifest: str | Path,
+        manifest: DatasetManifest | str | Path,
         split: str,
         micro_batch_size: int,
         *,
@@ -89,7 +91,8 @@ class ShardLoader:
         if seed < 0:
             raise ValueError(f"seed: must be >= 0, got {seed}")
         self.config = config or LoaderConfig()
-        self.manifest = Manifest(str(manifest), split)
+        self.manifest = Manifest(
+            manifest if isinstance(manifest, DatasetManifest) else str(manifest), split)
         self.task_kind = self.manifest.task_kind
         """The manifest's task kind (``sft``, ``classify``, ``seq2seq``), None for text."""
         self.split = split

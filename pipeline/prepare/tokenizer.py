@@ -7,7 +7,6 @@ normalization, no whitespace squeezing, byte fallback for unseen characters.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmforge.pipeline.config import TokenizerConfig
+from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 from lmforge.pipeline.contract.shard_format import token_dtype
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -94,15 +94,6 @@ def train_tokenizer(text_file: Path, config: TokenizerConfig, model_path: Path) 
     if produced != model_path:
         produced.unlink()
     return model_path
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_tokenizer(model_path: Path | str, config: TokenizerConfig) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from lmforge.launch.train.warm_start import (
 )
 from lmforge.model import ModelConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -243,7 +244,7 @@ def test_seq2seq_evaluation_decodes_greedily_to_text(prepared):
     source = target.clone()  # row 2: a padding row of the last batch
     batch = {"input_ids": source, "attention_mask": (source != 0).long(), "target_ids": target}
     objective = build_objective("seq2seq", fixture_tokenizer(), 1000, False,
-                                tokenizer_path=str(prepared / "tokenizer.model"))
+                                tokenizer_model=DatasetManifest.read(prepared).tokenizer_model)
     out = objective(model, batch, torch.device("cpu"), torch.Generator())
     assert out.references == ["To be, or not", "hear me speak"]
     from lmforge.model import generate_seq2seq
@@ -271,6 +272,10 @@ def prepared(tmp_path_factory) -> Path:
                                   seq_len=32)
     spm_model = train_spm(root / "spm")
     shutil.copyfile(spm_model, root / "data" / "tokenizer.model")
+    manifest = root / "data" / "manifest.json"  # records the real tokenizer's sha256
+    layout = json.loads(manifest.read_text())
+    layout["tokenizer"]["sha256"] = file_sha256(spm_model)
+    manifest.write_text(json.dumps(layout))
     return root / "data"
 
 
@@ -553,7 +558,6 @@ def write_classify_shards(root: Path, spm_model: Path, labels: list[str]) -> Non
                          "shards": [shard]}
         task_splits[split] = {"examples": count, "label_counts": counts}
     shutil.copyfile(spm_model, root / "tokenizer.model")
-    from lmforge.pipeline.prepare.tokenizer import file_sha256
 
     manifest = {
         "version": 1, "seq_len": 16, "token_dtype": "uint16",

@@ -21,6 +21,7 @@ from mlflow_server import MlflowServer, free_port
 from lmforge.launch.config import TrackingConfig
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.tracking.records import flatten_params
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
 # Small delivery interval so tests see records quickly; no system metrics unless tested.
 FAST = {"flush_interval_s": 0.2, "system_metrics": False, "retry_max_s": 1.0, "timeout_s": 5.0}
@@ -254,7 +255,7 @@ def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> N
     path.write_text(json.dumps(manifest))
     tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
     run_id = tracker.start()
-    tracker.log_dataset_lineage(path, context="train")
+    tracker.log_dataset_lineage(DatasetManifest.read(path), context="train")
     assert tracker.close(timeout=60)
 
     import hashlib
@@ -282,11 +283,10 @@ def test_dataset_lineage_without_checksums_warns_and_training_goes_on(
     tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
     run_id = tracker.start()
     with caplog.at_level(logging.WARNING, logger="lmforge.launch.tracking"):
-        tracker.log_dataset_lineage(path)
-        tracker.log_dataset_lineage(tmp_path / "missing.json")
+        tracker.log_dataset_lineage(DatasetManifest.read(path))
     tracker.log_metrics({"loss": 1.0}, step=1)
     assert tracker.close(timeout=60)
-    assert "shards without a sha256" in caplog.text and "missing.json" in caplog.text
+    assert "shards without a sha256" in caplog.text
     run = MlflowClient(tracker.tracking_uri).get_run(run_id)
     assert run.inputs.dataset_inputs == [] and run.data.metrics == {"loss": 1.0}
 
