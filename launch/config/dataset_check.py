@@ -11,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmforge.launch.config.run_config import TASK_OBJECTIVES, RunConfig
+from lmforge.launch.config.run_config import (
+    TASK_OBJECTIVES,
+    RunConfig,
+    resolve_vocab_size,
+    steps_for_tokens,
+)
 from lmforge.launch.config.typed_yaml import ConfigError
 from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
-from lmforge.pipeline.prepare.tokenizer import file_sha256
+from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 
 # Objectives that replace tokens by the tokenizer's mask piece.
 MASKING_OBJECTIVES = ("masked_lm", "denoising")
@@ -43,7 +48,8 @@ def read_prepared(data: DataConfig) -> DatasetManifest:
 
 def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
     """``cfg`` checked against the prepared dataset, with ``model.vocab_size`` taken from its
-    tokenizer when the config leaves it open.
+    tokenizer when the config leaves it open (``run_config.resolve_vocab_size``) and
+    ``train.max_tokens`` counted in the dataset's sequences (``steps_for_tokens``).
 
     For ``train.objective=classify``, ``model.num_labels`` is taken from the task's labels.
 
@@ -62,12 +68,12 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
             f"data.seq_len: {cfg.data.seq_len}, but {data} was prepared with "
             f"{manifest.seq_len}: prepare again, or set data.seq_len={manifest.seq_len}"
         )
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
-        problems.append(
-            f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {data} was prepared "
-            f"with has {tokenizer.vocab_size} pieces: set model.vocab_size to at least "
-            f"{tokenizer.vocab_size}, or leave it unset to take the tokenizer's"
-        )
+    model = cfg.model
+    try:
+        model = resolve_vocab_size(model, tokenizer.vocab_size,
+                                   f"the tokenizer {data} was prepared with")
+    except ValueError as err:
+        problems.append(str(err))
     if cfg.tokenizer.model_path is not None:
         problems += _tokenizer_problems(cfg.tokenizer.model_path, manifest, data)
     if cfg.train.objective in MASKING_OBJECTIVES and tokenizer.mask_id is None:
@@ -86,14 +92,10 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
     if problems:
         head = "" if len(problems) == 1 else "the run config does not fit the prepared data:\n  "
         raise DatasetMismatchError(head + "\n  ".join(problems))
-    if cfg.model.vocab_size is None:
-        model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-        cfg = dataclasses.replace(cfg, model=model)
-    if cfg.train.objective == "classify" and not cfg.model.num_labels:
-        labels = list(manifest.task.labels)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                 num_labels=len(labels)))
-    return cfg
+    if cfg.train.objective == "classify" and not model.num_labels:
+        model = dataclasses.replace(model, num_labels=len(manifest.task.labels))
+    train = steps_for_tokens(cfg.train, cfg.world_size, manifest.seq_len)
+    return dataclasses.replace(cfg, model=model, train=train)
 
 
 def _task_problems(cfg: RunConfig, manifest: DatasetManifest, data: str) -> list[str]:

@@ -96,15 +96,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.name)
-        if self.model.vocab_size is None and self.tokenizer.model_path is None:
-            self.model = dataclasses.replace(self.model, vocab_size=self.tokenizer.vocab_size)
-        if self.train.max_tokens is not None:
-            if self.train.max_tokens < 1:
-                raise ValueError(f"train.max_tokens: must be at least 1, got "
-                                 f"{self.train.max_tokens}; or leave it unset to use max_steps")
-            per_step = self.train.sequences_per_step(self.launch.world_size) * self.data.seq_len
-            steps = -(-self.train.max_tokens // per_step)
-            self.train = dataclasses.replace(self.train, max_steps=steps)
+        if self.tokenizer.model_path is None:
+            # Trained here: sentencepiece trains exactly tokenizer.vocab_size pieces (hard
+            # limit), so the vocabulary is known before the data is prepared.
+            self.model = resolve_vocab_size(self.model, self.tokenizer.vocab_size,
+                                            "the tokenizer trained here (tokenizer.vocab_size)")
+        if self.train.max_tokens is not None and self.train.max_tokens < 1:
+            raise ValueError(f"train.max_tokens: must be at least 1, got "
+                             f"{self.train.max_tokens}; or leave it unset to use max_steps")
+        # The plan before the data exists; training redoes it from the manifest's seq_len.
+        self.train = steps_for_tokens(self.train, self.launch.world_size, self.data.seq_len)
 
     def check_training(self) -> None:
         """Checks the sections against each other, as training needs them: batch sizes,
@@ -123,15 +124,6 @@ class RunConfig:
                 f"train.global_batch_size: {train.global_batch_size} != micro_batch_size "
                 f"{train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} x world "
                 f"size {world} (= {per_step}); change one of them"
-            )
-        # With tokenizer.model_path, tokenizer.vocab_size is unused: the dataset check compares
-        # model.vocab_size with the given model's real vocabulary (from the manifest).
-        trained_here = self.tokenizer.model_path is None
-        vocab = self.model.vocab_size
-        if trained_here and vocab is not None and vocab < self.tokenizer.vocab_size:
-            raise ValueError(
-                f"model.vocab_size: {self.model.vocab_size} is smaller than "
-                f"tokenizer.vocab_size {self.tokenizer.vocab_size}"
             )
         self._check_objective()
         self._check_init_and_trainable()
@@ -223,6 +215,45 @@ class RunConfig:
         written 0o600: only its owner can read it, whatever the umask.
         """
         write_atomic(Path(path), self.to_yaml(), mode=CONFIG_FILE_MODE)
+
+
+def resolve_vocab_size(model: ModelConfig, pieces: int, tokenizer: str) -> ModelConfig:
+    """The one rule for the model's vocabulary: ``model.vocab_size`` when set (it may pad the
+    tokenizer's, never be smaller), else the tokenizer's ``pieces``.
+
+    Applied when a config is loaded with a tokenizer trained here and, with the prepared
+    dataset's real vocabulary, by ``dataset_check.config_for_dataset`` before training.
+
+    Args:
+        model: The model section.
+        pieces: The tokenizer's vocabulary, special and byte pieces included.
+        tokenizer: Which tokenizer, for the message (``"the tokenizer DIR was prepared with"``).
+
+    Raises:
+        ValueError: ``model.vocab_size`` is smaller than ``pieces``.
+    """
+    if model.vocab_size is None:
+        return dataclasses.replace(model, vocab_size=pieces)
+    if model.vocab_size < pieces:
+        raise ValueError(
+            f"model.vocab_size: {model.vocab_size}, but {tokenizer} has {pieces} pieces: set "
+            f"model.vocab_size to at least {pieces}, or leave it unset to take the tokenizer's"
+        )
+    return model
+
+
+def steps_for_tokens(train: TrainConfig, world_size: int, seq_len: int) -> TrainConfig:
+    """``train`` with ``max_steps`` from ``max_tokens`` (unchanged when that is unset):
+    ceil(max_tokens / (sequences per step x seq_len)).
+
+    Training's ``seq_len`` is the prepared dataset's (``config_for_dataset`` passes the
+    manifest's); a config loaded before the data exists uses ``data.seq_len``, the length
+    the data is prepared with (the dataset check refuses any other).
+    """
+    if train.max_tokens is None:
+        return train
+    per_step = train.sequences_per_step(world_size) * seq_len
+    return dataclasses.replace(train, max_steps=-(-train.max_tokens // per_step))
 
 
 def block_count(model: ModelConfig) -> int:
