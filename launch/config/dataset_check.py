@@ -94,8 +94,10 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
         raise DatasetMismatchError(head + "\n  ".join(problems))
     if cfg.train.objective == "classify" and not model.num_labels:
         model = dataclasses.replace(model, num_labels=len(manifest.task.labels))
-    train = steps_for_tokens(cfg.train, cfg.world_size, manifest.seq_len)
-    return dataclasses.replace(cfg, model=model, train=train)
+    cfg = dataclasses.replace(cfg, model=model)
+    # After the replace (whose __post_init__ plans with data.seq_len): the manifest's wins.
+    cfg.train = steps_for_tokens(cfg.train, cfg.world_size, manifest.seq_len)
+    return cfg
 
 
 def _task_problems(cfg: RunConfig, manifest: DatasetManifest, data: str) -> list[str]:

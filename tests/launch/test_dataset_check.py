@@ -37,6 +37,12 @@ def test_a_fitting_config_takes_the_tokenizer_vocabulary(data):
     assert cfg.model.vocab_size == 1000  # the manifest's, not a default
 
 
+def test_max_tokens_counts_the_prepared_sequences(data):
+    # tiny.yaml: 8 sequences per process x 2 processes at the manifest's 16 tokens = 256.
+    cfg = config_for_dataset(_config(data, "--train.max_tokens=1000"), DatasetManifest.read(data))
+    assert cfg.train.max_steps == 4  # ceil(1000 / 256), by hand
+
+
 def test_seq_len_mismatch_names_both_values_and_the_fix(data):
     cfg = _config(data, "--data.seq_len=64")
     with pytest.raises(DatasetMismatchError) as err:
