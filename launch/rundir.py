@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.launch.config import CONFIG_FILE
+from lmforge.launch.config.run_config import CONFIG_FILE_MODE
 from lmforge.pipeline.durable import write_atomic, write_json
 
 
@@ -122,8 +123,9 @@ class RunDir:
     # -- typed records: stage.json, STAGE_COMPLETE, train_summary.json -------------------
 
     def write_stage_info(self, info: StageInfo) -> None:
-        """Writes ``stage.json`` (durably: the training processes read it)."""
-        write_json(self.stage_info, info.to_dict())
+        """Writes ``stage.json`` (durably: the training processes read it; 0o600 like
+        config.yaml: its tracking URI may carry a password)."""
+        write_json(self.stage_info, info.to_dict(), mode=CONFIG_FILE_MODE)
 
     def read_stage_info(self) -> StageInfo | None:
         """The stage's ``stage.json``, or None when it has none (plain ``lmforge train``)."""

@@ -15,6 +15,7 @@ from lmforge.launch.config import ConfigError, TrainConfig, load_config
 from lmforge.launch.config.deepspeed import build_deepspeed_config
 from lmforge.launch.config.run_config import RunConfig
 from lmforge.launch.config.typed_yaml import deep_merge
+from lmforge.launch.rundir import RunDir, StageInfo
 from lmforge.model import parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
@@ -302,6 +303,10 @@ def test_saved_config_is_readable_by_its_owner_only(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_config(path).to_dict() == cfg.to_dict()
     assert not list(tmp_path.glob("*.tmp*"))
+    run = RunDir.of(tmp_path / "run")  # stage.json carries the tracking URI
+    run.write_stage_info(StageInfo("a", 0, str(tmp_path), tracking_uri="http://u:pw@host"))
+    assert stat.S_IMODE(run.stage_info.stat().st_mode) == 0o600
+    assert run.read_stage_info().tracking_uri == "http://u:pw@host"
 
 
 def test_deep_merge_merges_mappings_and_replaces_the_rest():
