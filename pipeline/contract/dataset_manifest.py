@@ -10,9 +10,10 @@ manifest describes is in `shard_format.py`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,7 @@ class DatasetManifest:
     version: int = MANIFEST_VERSION
     location: str = ""
     """The manifest.json path or URL this was read from or written to (not in the JSON)."""
+    _tokenizer_checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def read(cls, path: str | Path) -> DatasetManifest:
@@ -324,6 +326,29 @@ class DatasetManifest:
         """The sentencepiece model (a path, or a URL for remote datasets)."""
         return f"{self.folder}/{self.tokenizer.file}"
 
+    def check_tokenizer_file(self) -> None:
+        """Check that the dataset's tokenizer file is the one the data was encoded with
+        (its sha256 against the manifest's); done once per manifest object.
+
+        Raises:
+            ManifestError: The file is missing, unreadable or another one (names it and
+                says to prepare again).
+        """
+        if self._tokenizer_checked:
+            return
+        path = self.tokenizer_path
+        try:
+            digest = hashlib.sha256(read_bytes(path)).hexdigest()
+        except OSError as err:
+            raise ManifestError(f"{path}: cannot read the dataset's tokenizer ({err}); "
+                                f"{_AGAIN}") from err
+        if digest != self.tokenizer.sha256:
+            raise ManifestError(
+                f"{path}: sha256 {digest[:12]}… is not the {self.tokenizer.sha256[:12]}… "
+                f"{self.location or 'the manifest'} records: the tokenizer was replaced "
+                f"after the data was encoded; {_AGAIN}")
+        self._tokenizer_checked = True
+
     @functools.cached_property
     def tokenizer_model(self) -> DatasetTokenizer:
         """The tokenizer the data was encoded with, as one handle whose sentencepiece
@@ -375,6 +400,14 @@ class _Object:
     def text(self, name: str) -> str:
         return self.get(name, (str,), "a string")
 
+    def checksum(self, name: str) -> str:
+        """A sha256 that must be there: an empty one would turn verification off."""
+        value = self.text(name)
+        if not value.strip():
+            raise ManifestError(f"{self.location}: key '{self._key(name)}' is empty; every "
+                                f"file needs its sha256: {_AGAIN}")
+        return value
+
     def flag(self, name: str) -> bool:
         return self.get(name, (bool,), "true or false")
 
@@ -402,7 +435,7 @@ def _tokenizer(t: _Object) -> TokenizerInfo:
     extras = special.array("extra") if "extra" in special.raw else []
     return TokenizerInfo(
         file=t.text("file"),
-        sha256=t.text("sha256"),
+        sha256=t.checksum("sha256"),
         vocab_size=t.integer("vocab_size"),
         type=t.text("type"),
         pad_id=t.integer("pad_id"),
@@ -434,7 +467,7 @@ def _dataset(d: _Object) -> DatasetInfo:
 def _split(s: _Object) -> SplitInfo:
     shards = [
         ShardInfo(e.text("path"), e.integer("samples"), e.integer("tokens"),
-                  e.integer("bytes"), e.text("sha256"))
+                  e.integer("bytes"), e.checksum("sha256"))
         for e in s.array("shards")
     ]
     return SplitInfo(s.integer("samples"), s.integer("tokens"), s.integer("padding_tokens"),

@@ -79,8 +79,14 @@ def walk_tar(buf: Any, url: str):
         except ValueError as err:
             raise ShardError(f"shard {url}: corrupt tar header at byte {pos}") from err
         kind = buf[pos + 156]
-        if pax:
-            size = int(pax.get("size", size))
+        if pax and "size" in pax:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                size = -1
+        if size < 0:  # the walk would step backwards and never end
+            raise ShardError(f"shard {url}: corrupt tar header at byte {pos} (member size "
+                             f"{size}); the shard is damaged: prepare the dataset again")
         data = pos + BLOCK
         if data + size > end:
             raise ShardError(
@@ -126,10 +132,18 @@ def tar_number(field: bytes) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``length key=value\n`` records of a pax header.
+
+    Raises:
+        ValueError: A record whose length is not a number, does not cover its own
+            ``length `` prefix (a zero length would never advance), or runs past the header.
+    """
     records = {}
     while data:
         length, _, rest = data.partition(b" ")
-        n = int(length)
+        n = int(length)  # ValueError for anything but digits
+        if n <= len(length) + 1 or n > len(data):
+            raise ValueError(f"pax record length {n}")
         key, _, value = rest[: n - len(length) - 2].partition(b"=")
         records[key.decode()] = value.decode()
         data = data[n:]

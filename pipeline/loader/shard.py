@@ -85,7 +85,10 @@ class ShardReader:
             self.buf = open_shard(url)
         except (OSError, ValueError) as err:
             raise ShardError(f"shard {url}: cannot open: {err}") from err
-        if verify and sha256 and hashlib.sha256(self.buf).hexdigest() != sha256:
+        if verify and not sha256:  # no checksum must not mean "do not check"
+            raise ShardError(f"shard {url}: the manifest records no sha256 for it; "
+                             "run `lmforge prepare` again")
+        if verify and hashlib.sha256(self.buf).hexdigest() != sha256:
             raise ShardError(f"shard {url}: sha256 does not match the manifest")
         self._token_head, self._token_size = b"", 0
         # Walk index, flat per sample: tokens offset and size, doc_starts offset and size,

@@ -69,7 +69,9 @@ class ShardLoader:
             rank yields ``len(loader)`` batches.
 
     Raises:
-        ValueError: Bad arguments, or a manifest that is missing or has no such split.
+        ValueError: Bad arguments, or a manifest that is missing or has no such split;
+            with ``config.verify_checksums``, a tokenizer file that is not the one the
+            manifest records (`ManifestError`, naming it).
     """
 
     def __init__(
@@ -91,8 +93,11 @@ class ShardLoader:
         if seed < 0:
             raise ValueError(f"seed: must be >= 0, got {seed}")
         self.config = config or LoaderConfig()
-        self.manifest = Manifest(
-            manifest if isinstance(manifest, DatasetManifest) else str(manifest), split)
+        if not isinstance(manifest, DatasetManifest):
+            manifest = DatasetManifest.read(str(manifest))
+        if self.config.verify_checksums:  # the tokens must come from the recorded tokenizer
+            manifest.check_tokenizer_file()
+        self.manifest = Manifest(manifest, split)
         self.task_kind = self.manifest.task_kind
         """The manifest's task kind (``sft``, ``classify``, ``seq2seq``), None for text."""
         self.split = split

@@ -24,6 +24,8 @@ from lmforge.pipeline.prepare.sources import ReadPiece
 from lmforge.pipeline.prepare.steps import Document
 
 _BLOCK = 4 << 20
+# json.loads recurses once per nesting level: a line of 100k '[' exhausts the stack.
+_TOO_DEEP = "nested too deeply to parse (RecursionError)"
 MAX_EXAMPLES_PER_KIND = 20
 
 
@@ -38,27 +40,38 @@ class BadInputLog:
     strict: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)
+    # (url, piece start) -> newlines before the piece: counted once per piece, not once per
+    # bad record (2,000 bad lines re-read their file 2,000 times).
+    _lines_before: dict[tuple[str, int], int] = field(default_factory=dict, repr=False,
+                                                      compare=False)
 
     def report(self, kind: str, piece: ReadPiece, line: int, detail: str = "") -> None:
         """Record one bad record (or raise in strict mode)."""
-        location = _absolute_line(piece, line)
         if self.strict:
+            location = self._absolute_line(piece, line)
             raise BadInputError(
                 f"{piece.file.url}:{location}: {kind}{': ' + detail if detail else ''}; "
                 "fix the input or set data.strict=false to skip and report such records"
             )
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if sum(1 for e in self.examples if e["kind"] == kind) < MAX_EXAMPLES_PER_KIND:
+            location = self._absolute_line(piece, line)
             self.examples.append(
                 {"kind": kind, "file": piece.file.url, "line": location, "detail": detail}
             )
 
+    def _absolute_line(self, piece: ReadPiece, line: int) -> int:
+        """Turn a line number relative to the piece start into one relative to the file."""
+        if piece.start == 0 or line == 0:
+            return line
+        key = (piece.file.url, piece.start)
+        if key not in self._lines_before:
+            self._lines_before[key] = _newlines_before(piece)
+        return self._lines_before[key] + line
 
-def _absolute_line(piece: ReadPiece, line: int) -> int:
-    """Turn a line number relative to the piece start into one relative to the file."""
-    if piece.start == 0 or line == 0:
-        return line
-    # Only done for the few reported records; counts newlines before the piece.
+
+def _newlines_before(piece: ReadPiece) -> int:
+    """Newlines in the file before the piece (one read of that prefix, in blocks)."""
     before = 0
     with fsspec.open(piece.file.url, "rb") as f:
         remaining = piece.start
@@ -68,7 +81,7 @@ def _absolute_line(piece: ReadPiece, line: int) -> int:
                 break
             before += block.count(b"\n")
             remaining -= len(block)
-    return before + line
+    return before
 
 
 def _open(piece: ReadPiece) -> IO[bytes]:
@@ -235,6 +248,9 @@ def read_jsonl(
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             log.report("malformed_json", piece, line_no, str(err)[:200])
             continue
+        except RecursionError:
+            log.report("malformed_json", piece, line_no, _TOO_DEEP)
+            continue
         if not isinstance(record, dict) or text_field not in record:
             log.report("missing_text_field", piece, line_no, f"no field {text_field!r}")
             continue
@@ -264,6 +280,9 @@ def read_json_records(
         except json.JSONDecodeError as err:
             log.report("malformed_json", piece, line_no, str(err)[:200])
             continue
+        except RecursionError:
+            log.report("malformed_json", piece, line_no, _TOO_DEEP)
+            continue
         if not isinstance(record, dict):
             log.report("not_an_object", piece, line_no, type(record).__name__)
             continue
@@ -273,7 +292,14 @@ def read_json_records(
 def read_parquet(
     piece: ReadPiece, text_field: str, max_bytes: int, log: BadInputLog
 ) -> Iterator[Document]:
-    """Documents of a Parquet file, read one row group at a time."""
+    """Documents of a Parquet file, read in bounded batches of one row group at a time.
+
+    Before a row group is decoded, its text column's uncompressed size (file metadata) is
+    checked: a group whose values average more than `max_bytes` holds at least one record
+    over the limit and is skipped as ``record_too_long`` without being decoded (a few KiB of
+    compressed file can decode to GBs). A group that fails to decode is counted as
+    ``corrupt_parquet_row_group`` and reading goes on with the next one.
+    """
     import pyarrow.parquet as pq  # pyarrow comes with ray[data]
 
     with fsspec.open(piece.file.url, "rb") as raw:
@@ -285,17 +311,59 @@ def read_parquet(
         if text_field not in parquet.schema_arrow.names:
             log.report("missing_text_field", piece, 0, f"no column {text_field!r}")
             return
-        row = 0
+        leaves = _leaf_columns(parquet.metadata.schema, text_field)
+        first = 0  # rows before this row group
         for group in range(parquet.num_row_groups):
-            column = parquet.read_row_group(group, columns=[text_field]).column(0)
-            for value in column.to_pylist():
-                row += 1
-                if not isinstance(value, str):
-                    log.report("text_not_a_string", piece, row, type(value).__name__)
-                elif len(value) > max_bytes:
-                    log.report("record_too_long", piece, row, f"{len(value)} chars")
-                else:
-                    yield Document(value, piece.file.url, row, 0)
+            meta = parquet.metadata.row_group(group)
+            rows = meta.num_rows
+            size = sum(meta.column(j).total_uncompressed_size for j in leaves)
+            if rows and size / rows > max_bytes:
+                log.report("record_too_long", piece, first + 1,
+                           f"row group {group}: {rows} rows, {size} bytes of {text_field!r} "
+                           "uncompressed; skipped without decoding")
+            else:
+                yield from _row_group_documents(parquet, piece, group, text_field,
+                                                _batch_rows(size, rows), first, max_bytes, log)
+            first += rows
+
+
+def _leaf_columns(schema: Any, text_field: str) -> list[int]:
+    """Indices of the Parquet leaf columns of the top-level field `text_field`."""
+    return [j for j in range(len(schema))
+            if schema.column(j).path == text_field
+            or schema.column(j).path.startswith(text_field + ".")]
+
+
+def _batch_rows(size: int, rows: int) -> int:
+    """Rows per decoded batch: about `_BLOCK` bytes of text each, 1 to 65536 rows."""
+    average = size / rows if rows else 1
+    return int(max(1, min(65536, _BLOCK // max(average, 1))))
+
+
+def _row_group_documents(
+    parquet: Any, piece: ReadPiece, group: int, text_field: str, batch_rows: int,
+    first: int, max_bytes: int, log: BadInputLog,
+) -> Iterator[Document]:
+    batches = parquet.iter_batches(batch_size=batch_rows, row_groups=[group],
+                                   columns=[text_field], use_threads=False)
+    row = first
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ... for bad pages
+            log.report("corrupt_parquet_row_group", piece, row + 1,
+                       f"row group {group}: {str(err)[:160]}")
+            return
+        if batch is None:
+            return
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(value, str):
+                log.report("text_not_a_string", piece, row, type(value).__name__)
+            elif len(value) > max_bytes:
+                log.report("record_too_long", piece, row, f"{len(value)} chars")
+            else:
+                yield Document(value, piece.file.url, row, 0)
 
 
 def read_piece(

@@ -102,10 +102,16 @@ def write_shards(
             "weight": (weights or {}).get(name, 1.0), "sources": ["fixture"],
             "splits": split_entries,
         }
+    # Not a sentencepiece model (nothing here decodes tokens), but recorded by its real
+    # sha256, which the loader checks like a prepared dataset's.
+    tokenizer_file = root / "tokenizer.model"
+    tokenizer_file.write_bytes(b"fixture tokenizer placeholder\n")
     manifest = {
         "version": 1, "seq_len": seq_len, "token_dtype": token_dtype,
         "tokenizer": {
-            "file": "tokenizer.model", "sha256": "0" * 64, "vocab_size": VOCAB, "type": "bpe",
+            "file": "tokenizer.model",
+            "sha256": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+            "vocab_size": VOCAB, "type": "bpe",
             "pad_id": PAD_ID, "unk_id": 1, "bos_id": 2, "eos_id": 3, "special_tokens": {},
             "byte_fallback": True,
         },

@@ -4,6 +4,7 @@ and one shard format shared by the writer and the loader."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -150,6 +151,10 @@ def _drop(raw: dict, *keys: str) -> None:
          r"key 'datasets\.web\.weight' should be a number"),
         (lambda m: m["tokenizer"]["special_tokens"].update(mask=4),
          r"key 'tokenizer\.special_tokens\.mask' should be an object"),
+        # An empty checksum used to turn verification off (issue 21).
+        (lambda m: m["datasets"]["web"]["splits"]["train"]["shards"][0].update(sha256=""),
+         r"key 'datasets\.web\.splits\.train\.shards\[0\]\.sha256' is empty"),
+        (lambda m: m["tokenizer"].update(sha256=" "), r"key 'tokenizer\.sha256' is empty"),
     ],
 )
 def test_bad_manifests_name_the_file_and_the_key(tmp_path: Path, change, message: str) -> None:
@@ -205,9 +210,11 @@ def test_the_loader_reads_what_the_writer_writes(tmp_path: Path) -> None:
     writer.write([sample_key("web", "train", 0, i) for i in range(5)], samples, starts, 45)
     shard = writer.close()
     assert shard.path == "web/train-000000.tar"
+    (tmp_path / "tokenizer.model").write_bytes(b"the tokenizer")
     manifest = DatasetManifest(
         seq_len=seq_len, token_dtype=dtype,
-        tokenizer=TokenizerInfo.from_dict(tokenizer_section(vocab_size=vocab)),
+        tokenizer=TokenizerInfo.from_dict(tokenizer_section(
+            vocab_size=vocab, sha256=hashlib.sha256(b"the tokenizer").hexdigest())),
         datasets={"web": DatasetInfo(1.0, [], {"train": SplitInfo(5, 45, 0, [shard])})},
         fingerprint="", stats={},
     )
@@ -218,3 +225,22 @@ def test_the_loader_reads_what_the_writer_writes(tmp_path: Path) -> None:
     assert batch["keys"] == [sample_key("web", "train", 0, i) for i in range(5)]
     assert batch["input_ids"].tolist() == samples[:, :-1].astype(np.int64).tolist()
     assert batch["segment_ids"][1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_training_refuses_a_tokenizer_that_is_not_the_recorded_one(tmp_path: Path) -> None:
+    # The manifest's tokenizer sha256 was recorded but never checked (issue 21): tokens
+    # encoded with one tokenizer were trained and exported with another.
+    test_the_loader_reads_what_the_writer_writes(tmp_path)
+    config = LoaderConfig(shuffle=False, verify_checksums=True)
+    (tmp_path / "tokenizer.model").write_bytes(b"another tokenizer")
+    with pytest.raises(ManifestError, match=r"tokenizer\.model: sha256 [0-9a-f]{12}… is not "
+                       r"the [0-9a-f]{12}… .*manifest\.json records.*prepare` again"):
+        ShardLoader(tmp_path, "train", 5, config=config, infinite=False)
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(ManifestError, match=r"tokenizer\.model: cannot read"):
+        ShardLoader(tmp_path, "train", 5, config=config, infinite=False)
+    # A shard entry without a checksum is an error when verifying, not a skipped check.
+    manifest = DatasetManifest.read(tmp_path)
+    url = f"{manifest.folder}/web/train-000000.tar"
+    with pytest.raises(loader_shard.ShardError, match="records no sha256"):
+        loader_shard.ShardReader(url, 5, 8, manifest.token_dtype, sha256="", verify=True)
