@@ -78,13 +78,17 @@ class RayCluster:
                     pids.append(pid)
         return pids
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10) -> None:
+        """Stops the cluster (a second call does nothing): SIGTERM to both `ray start
+        --block` (each stops its node's processes), up to ``grace`` seconds for them, then
+        SIGKILL to whatever is left of them, by pid."""
         for node in reversed(self.nodes):
             if node.poll() is None:
-                node.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes
+                node.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for node in self.nodes:
             try:
-                node.wait(timeout=30)
+                node.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         for node in self.nodes:  # whatever outlived its `ray start`, by pid
@@ -93,4 +97,5 @@ class RayCluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        self.nodes = []
         shutil.rmtree(self.temp_dir, ignore_errors=True)

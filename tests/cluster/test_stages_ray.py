@@ -8,22 +8,14 @@ from __future__ import annotations
 import sys
 
 import pytest
-from cluster_helpers import TINY, lmforge, metrics, tiny_overrides, write_corpus
+from cluster_helpers import TINY, lmforge, metrics
 from test_ray_jobs import job_logs, wait_for_job
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("--stages=[{name: pretrain, train: {max_steps: 8}}, "
-          "{name: anneal, train: {max_steps: 12, lr_schedule: linear, warmup_steps: 0}, "
-          "init: {optimizer: keep}}]")
 
-
-def test_ray_job_runs_the_graph(ray_cluster, tmp_path):
-    write_corpus(tmp_path)
-    common = [*tiny_overrides(tmp_path), STAGES, "--export.enabled=false"]
-    local = tmp_path / "local"
-    lmforge("run", str(TINY), f"--run_dir={local}", *common, cwd=tmp_path, timeout=900)
-
+def test_ray_job_runs_the_graph(ray_cluster, stage_graph, tmp_path):
+    common, local = stage_graph.args, stage_graph.reference  # the same graph, run locally
     run_dir = tmp_path / "ray"
     submit = ["submit", "ray", str(TINY), "--address", ray_cluster.dashboard, "--python",
               sys.executable, f"--run_dir={run_dir}", *common]

@@ -11,22 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import TINY, lmforge, metrics, tiny_overrides, write_corpus
+from cluster_helpers import TINY, lmforge, metrics
 from test_slurm_jobs import JOB_TIMEOUT_S, job_field, job_log, wait_for_end
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("--stages=[{name: pretrain, train: {max_steps: 10}}, "
-          "{name: anneal, train: {max_steps: 30, lr_schedule: linear, warmup_steps: 0}, "
-          "init: {optimizer: keep}}]")
 
-
-def test_requeued_graph_resumes_inside_the_second_stage(slurm_cluster, tmp_path):
-    write_corpus(tmp_path)
-    common = [*tiny_overrides(tmp_path), STAGES, "--export.enabled=false"]
-    straight = tmp_path / "straight"
-    lmforge("run", str(TINY), f"--run_dir={straight}", *common, cwd=tmp_path, timeout=900)
-
+def test_requeued_graph_resumes_inside_the_second_stage(slurm_cluster, stage_graph, tmp_path):
+    common, straight = stage_graph.args, stage_graph.reference  # the graph, uninterrupted
     run_dir = tmp_path / "slurm"
     out = lmforge("submit", "slurm", str(TINY), "--nodes", "1", "--tasks-per-node", "2",
                   f"--run_dir={run_dir}", *common, cwd=tmp_path).stdout
