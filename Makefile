@@ -16,7 +16,7 @@ BIN        := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 # torch's version is the constraints file's (one owner); a local label such as +cpu is
 # left to the index: torch==2.13.0 matches 2.13.0+cpu and the CUDA wheel alike.
-TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
+TORCH_SPEC ?= $(or $(shell grep -m1 '^torch==' $(CONSTRAINTS) 2>/dev/null),torch)
 TORCH_INDEX ?=
 CONFIG     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
