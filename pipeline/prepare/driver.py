@@ -18,7 +18,6 @@ task shards → stats, manifest with its `task` entry.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,8 @@ import numpy as np
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest, ShardInfo
 from lmforge.pipeline.contract.shard_format import TOKENIZER_FILE, padding_id, token_dtype
-from lmforge.pipeline.durable import disk_space_errors, write_json
+from lmforge.pipeline.durable import disk_space_errors, fsync_dir, write_atomic, write_json
+from lmforge.pipeline.folder_lock import folder_lock
 from lmforge.pipeline.prepare.manifest_writer import (
     ShardPlanner,
     build_manifest,
@@ -47,7 +47,7 @@ from lmforge.pipeline.prepare.phases import (
     tokenizer_text_of_chunk,
     write_shard,
 )
-from lmforge.pipeline.prepare.publish import Workspace, publish, say
+from lmforge.pipeline.prepare.publish import Workspace, publish, remove_work, say
 from lmforge.pipeline.prepare.results import CleanResult, DedupResult, EncodeResult
 from lmforge.pipeline.prepare.sources import (
     ReadChunk,
@@ -92,7 +92,21 @@ def prepare(
 
     Raises:
         ValueError: A config or input problem (naming the key, or the file and line).
+        FolderLocked: Another process (a prepare, or a training job reading the dataset)
+            holds `data.output_dir`; the message names it.
     """
+    # Held for the whole run: a second prepare on the folder is refused naming this one,
+    # and no shard is swapped under a job that trains on it (it holds the lock shared).
+    with folder_lock(data.output_dir, "lmforge prepare"):
+        return _prepare_locked(data, tokenizer, progress, executor)
+
+
+def _prepare_locked(
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    progress: bool,
+    executor: Literal["ray", "local"],
+) -> Path:
     out = Path(data.output_dir)
     manifest_path = DatasetManifest.path_in(out)
     if data.task is not None:
@@ -157,7 +171,7 @@ def _run(
                 "data.val_fraction or add data", progress)
 
     with disk_space_errors(staging):
-        shutil.copyfile(model, staging / TOKENIZER_FILE)
+        write_atomic(staging / TOKENIZER_FILE, model.read_bytes())  # the manifest vouches
         manifest = build_manifest(data, info, fp, files, shards, plans, {})
         stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds)
         # The phase workers draw the plots while this process writes the rest.
@@ -169,10 +183,9 @@ def _run(
         manifest.stats = summary_for_manifest(stats)
         ex.collect(drawn, "plots")
         manifest.write(DatasetManifest.path_in(staging))
-    names = [spec.name for spec in data.datasets]
-    manifest_path = publish(staging, out, names, {s.path for s in shards})
+    manifest_path = publish(staging, out, {s.path for s in shards})
     if not data.keep_work:
-        shutil.rmtree(out / "_work", ignore_errors=True)
+        remove_work(space)
     total = sum(sum(v.values()) for v in stats["tokens"].values())
     say(f"wrote {len(shards)} shards, {total:,} tokens "
         f"({stats['throughput']['tokens_per_s']:,.0f} tokens/s); "
@@ -311,7 +324,8 @@ def _tokenizer_model(
     say(f"training a {tokenizer.type} tokenizer ({tokenizer.vocab_size} pieces) "
         f"on {size / 1e6:.1f} MB of its training text", progress)
     tmp = ctx.path("tokenizer.tmp.model")
-    train_tokenizer(text_file, tokenizer, tmp)
+    train_tokenizer(text_file, tokenizer, tmp)  # fsynced: its existence is the marker
     tmp.replace(model)
+    fsync_dir(model.parent)
     text_file.unlink()
     return model

@@ -26,6 +26,7 @@ from lmforge.pipeline.contract.shard_format import (
     RECORD,
     TOKENS_MEMBER,
 )
+from lmforge.pipeline.durable import fsync_dir
 
 
 def pack_windows(
@@ -171,8 +172,9 @@ class ShardWriter:
                          self.tokens, self.size, self.digest.hexdigest())
 
     def commit(self) -> None:
-        """Move the finished temp file to the shard path."""
+        """Move the finished (fsynced) temp file to the shard path, durably."""
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
 
     def discard(self) -> None:
         """Close and delete the temp file (after a failed write: a full disk stays full

@@ -6,11 +6,13 @@ under `files` in it (and in the manifest's `stats`).
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.contract.dataset_manifest import DatasetInfo
+from lmforge.pipeline.durable import write_atomic
 from lmforge.pipeline.prepare.results import CleanResult, DedupResult, EncodeResult
 from lmforge.pipeline.prepare.steps import StepStats
 
@@ -165,6 +167,9 @@ def draw_plot(plot: BarPlot, out_dir: str) -> str:
     ax.set_title(plot.title)
     ax.tick_params(axis="x", labelrotation=plot.label_rotation)
     fig.tight_layout()
-    # Fixed metadata so reruns write identical PNGs.
-    fig.savefig(path, dpi=80, metadata={"Software": None})
+    # Fixed metadata so reruns write identical PNGs; durable like every file the
+    # manifest's stats list.
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80, metadata={"Software": None})
+    write_atomic(path, png.getvalue())
     return str(path)

@@ -8,7 +8,6 @@ publishes a pretraining dataset. Every item is resumable (tasks.py).
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -17,15 +16,14 @@ import numpy as np
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.shard_format import (
-    TASK_DATASET,
     TOKENIZER_FILE,
     padding_id,
     task_samples_per_shard,
     token_dtype,
 )
-from lmforge.pipeline.durable import disk_space_errors, write_json
+from lmforge.pipeline.durable import disk_space_errors, write_atomic, write_json
 from lmforge.pipeline.prepare.phases import SPLITS
-from lmforge.pipeline.prepare.publish import Workspace, publish, say
+from lmforge.pipeline.prepare.publish import Workspace, publish, remove_work, say
 from lmforge.pipeline.prepare.sources import ReadChunk, SourceFile, plan_read_chunks
 from lmforge.pipeline.prepare.task_manifest import (
     bad_input,
@@ -107,16 +105,16 @@ def run_task(
 
     with disk_space_errors(staging):
         staging.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(model, staging / TOKENIZER_FILE)
+        write_atomic(staging / TOKENIZER_FILE, model.read_bytes())  # the manifest vouches
         manifest = build_task_manifest(data, info, fp, files, shards, plans, task)
         empty = [f.url for f in files if f.size == 0]
         stats = task_stats(encoded, manifest, space.input_bytes, empty, seconds)
         write_json(staging / "stats.json", stats)
         manifest.stats = task_summary(stats)
         manifest.write(DatasetManifest.path_in(staging))
-    manifest_path = publish(staging, out, [TASK_DATASET], {s.path for s in shards})
+    manifest_path = publish(staging, out, {s.path for s in shards})
     if not data.keep_work:
-        shutil.rmtree(out / "_work", ignore_errors=True)
+        remove_work(space)
     say(f"wrote {len(shards)} {spec.kind} shards: "
         f"{', '.join(f'{n} {s.examples} examples' for n, s in task.splits.items())}; "
         f"bad input: {stats['bad_input']['counts'] or 'none'}; manifest {manifest_path}",

@@ -16,6 +16,7 @@ import sentencepiece as spm
 from lmforge.pipeline.config import TokenizerConfig
 from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 from lmforge.pipeline.contract.shard_format import token_dtype
+from lmforge.pipeline.durable import write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -90,7 +91,9 @@ def train_tokenizer(text_file: Path, config: TokenizerConfig, model_path: Path) 
     proto.ParseFromString(produced.read_bytes())
     proto.trainer_spec.ClearField("input")
     proto.trainer_spec.ClearField("model_prefix")
-    model_path.write_bytes(proto.SerializeToString())
+    # Durable (fsynced, with its folder) before anything records its sha256 or trusts it
+    # on a rerun: a crash must not leave a zero-filled model that a marker vouches for.
+    write_atomic(model_path, proto.SerializeToString())
     if produced != model_path:
         produced.unlink()
     return model_path

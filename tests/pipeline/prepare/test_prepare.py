@@ -18,6 +18,7 @@ import webdataset as wds
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.stats import PrepareStats
+from lmforge.pipeline.folder_lock import LOCK_FILE
 from lmforge.pipeline.prepare.driver import prepare
 
 CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
@@ -147,10 +148,13 @@ def test_decoded_tokens_give_back_the_source_documents(prepared: Path, corpus: P
 def test_rerun_is_skipped_and_a_fresh_run_is_byte_identical(
     prepared: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    before = {p: p.stat().st_mtime_ns for p in prepared.parent.rglob("*") if p.is_file()}
+    # Everything but the folder's lock file, which each prepare rewrites with its PID.
+    before = {p: p.stat().st_mtime_ns for p in prepared.parent.rglob("*")
+              if p.is_file() and p.name != LOCK_FILE}
     data, tok = make_configs(corpus, prepared.parent)
     assert prepare(data, tok, progress=False) == prepared
-    after = {p: p.stat().st_mtime_ns for p in prepared.parent.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in prepared.parent.rglob("*")
+             if p.is_file() and p.name != LOCK_FILE}
     assert before == after  # nothing rewritten
 
     data, tok = make_configs(corpus, tmp_path / "again")
