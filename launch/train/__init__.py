@@ -5,7 +5,8 @@ one machine (``torchrun.py``), with the rendezvous that keeps its store and the 
 gloo/NCCL on loopback (``rendezvous.py``, also rank 0's store under ``srun``); wiring a
 rank's engine, loaders and objective from the config (``build.py``); the loop
 (``trainer.py``) and the :class:`~lmforge.launch.train.callbacks.Callback` API with the
-built-in callbacks (``callbacks.py``, ``preemption.py``); checkpoints (``checkpoint.py``);
+built-in callbacks (``callbacks.py``, ``preemption.py``); checkpoints (``checkpoint.py``;
+fsync and per-file hashes ``integrity.py``; the checked resume with its fallback ``resume.py``);
 objectives on loader batches (``losses.py``) and the task objectives' validation metrics
 (``task_metrics.py``); AdamW and LR schedules (``optim.py``); warm starts from a checkpoint
 or Hugging Face folder (``warm_start.py``); trainable subsets, frozen parameters and LoRA
@@ -19,6 +20,6 @@ May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.trackin
     lmforge.launch.sample, lmforge.launch.redact, lmforge.launch.stages.hooks,
     lmforge.pipeline.contract,
     lmforge.pipeline.config, lmforge.pipeline.durable, lmforge.pipeline.loader, lmforge.model,
-    torch, deepspeed, peft, safetensors, transformers, sentencepiece, psutil
+    torch, deepspeed, peft, safetensors, transformers, sentencepiece, psutil, xxhash
 Imports nothing from here at package level: the worker must stay cheap to start.
 """

@@ -27,6 +27,7 @@ from lmforge.launch.train.activation_checkpointing import apply_activation_check
 from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.losses import build_objective
 from lmforge.launch.train.optim import build_optimizer, build_scheduler
+from lmforge.launch.train.resume import resume_point
 from lmforge.launch.train.trainable import apply_trainable
 from lmforge.launch.train.trainer import Trainer
 from lmforge.launch.train.warm_start import WarmStart, load_source_weights, resolve
@@ -80,7 +81,7 @@ def build_trainer(
     ``resume`` is what ``Trainer.resume`` will be given: a checkpoint written by another
     number of ranks needs an engine that loads universal checkpoints."""
     world = dist.get_world_size()
-    folder = ckpt.find_resume(run_dir.checkpoints, resume)
+    folder = resume_point(run_dir.checkpoints, resume)  # hashes checked, damaged ones skipped
     # A warm start only while the run has no checkpoint of its own: a resume always wins.
     warm = resolve(cfg.init, cfg.model, cfg.trainable) if folder is None else None
     if folder is not None and cfg.init.source is not None and dist.get_rank() == 0:

@@ -4,8 +4,9 @@ Layout under ``<run_dir>/checkpoints``::
 
     step_00000300/            DeepSpeed's files (model/optimizer shards, client state)
     step_00000300/rank00000.pt  per-rank state: RNG streams (python, numpy, torch)
-    step_00000300/COMPLETE    written by rank 0 once every rank has finished writing; lists
-                              every file with its size, checked before a resume trusts it
+    step_00000300/COMPLETE    written by rank 0 once every rank has written and fsynced its
+                              files; lists every file with its size and xxh3-64 hash, checked
+                              before a resume trusts it (``integrity.py``)
     step_00000300/universal/  DeepSpeed's universal form of it, made on the first resume on
                               another data-parallel world size (kept for retries)
     latest                    the tag of the newest COMPLETE checkpoint (DeepSpeed's format)
@@ -14,7 +15,11 @@ Layout under ``<run_dir>/checkpoints``::
 fsync, rename, folder fsync), so a crash at any point leaves it pointing at a whole
 checkpoint; ``--resume auto`` reads it, and falls back to the newest complete checkpoint
 with a warning when it is unreadable, dangling, outside ``checkpoints/`` or points at an
-incomplete one. Every file is loaded weights-only (``safe_load.py``).
+incomplete one. A resume also hashes every file (split across ranks): under ``--resume
+auto`` a checkpoint with a damaged file, or one that fails to load, is skipped for the previous
+complete one with a warning naming the file; an explicit ``--resume PATH`` is refused. Every
+file is loaded weights-only (``safe_load.py``). ``latest``, ``COMPLETE`` and the files are
+opened without following links or blocking: a FIFO or a symlinked ``step_*`` is never used.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +40,20 @@ import torch
 import torch.distributed as dist
 
 from lmforge.launch.train.errors import CheckpointError
+from lmforge.launch.train.integrity import (
+    COMPLETE,
+    SealingEngine,
+    fsync_tree,
+    incomplete_reason,
+    read_small,
+    seal_existing,
+    write_sealed,
+)
 from lmforge.launch.train.safe_load import load_weights_only, weights_only_loads
-from lmforge.pipeline.durable import write_atomic
+from lmforge.pipeline.durable import fsync_dir, write_atomic
 
 log = logging.getLogger("lmforge.train")
 
-COMPLETE = "COMPLETE"
 LATEST = "latest"
 UNIVERSAL = "universal"
 _TAG = re.compile(r"step_\d{8}")
@@ -72,9 +86,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    engine: Any, root: Path, step: int, client_state: dict[str, Any], keep: int
+    engine: Any, root: Path, step: int, client_state: dict[str, Any], keep: int,
+    integrity: bool = True,
 ) -> Path:
     """Saves a checkpoint collectively (every rank calls this) and publishes it.
+
+    Every rank hashes the files it writes while writing them and fsyncs them and the folder;
+    rank 0 writes ``COMPLETE`` (sizes and hashes) and ``latest`` once all ranks are through.
 
     Args:
         engine: The DeepSpeed engine.
@@ -82,6 +100,8 @@ def save_checkpoint(
         step: The optimizer step just completed.
         client_state: Training state DeepSpeed does not track (loader position, tokens seen).
         keep: How many complete checkpoints to keep.
+        integrity: False skips the fsyncs and hashes (sizes only): the baseline
+            ``benchmarks/checkpoint.py`` measures their cost against; never for training.
 
     Returns:
         The checkpoint folder.
@@ -97,17 +117,17 @@ def save_checkpoint(
         shutil.rmtree(folder)
     dist.barrier()
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), folder / f"rank{rank:05d}.pt")
+        sealed = _write_rank_files(engine, root, folder, tag, client_state, integrity)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         raise CheckpointError(_save_failure(folder, root, rank, err)) from err
-    dist.barrier()
+    # The barrier before COMPLETE: every rank's files and folder entries are on disk by now.
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sealed)
     if rank == 0:
         try:
-            files = {str(f.relative_to(folder)): f.stat().st_size
-                     for f in sorted(folder.rglob("*")) if f.is_file()}
+            files = _marker_files(folder, gathered, integrity)
             marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size(),
-                      "files": files}
+                      "hash": "xxh3_64" if integrity else None, "files": files}
             write_atomic(folder / COMPLETE, json.dumps(marker))
             write_atomic(root / LATEST, tag)
         except OSError as err:
@@ -115,6 +135,45 @@ def save_checkpoint(
         _prune(root, keep, current=tag)
     dist.barrier()
     return folder
+
+
+def _write_rank_files(engine: Any, root: Path, folder: Path, tag: str,
+                      client_state: dict[str, Any], integrity: bool) -> dict[str, Any]:
+    """This rank's part of a save: DeepSpeed's files and the RNG file, hashed while written
+    and fsynced with the folder; returns name → ``COMPLETE`` entry for what it wrote."""
+    rng_file = folder / f"rank{dist.get_rank():05d}.pt"
+    if not integrity:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), rng_file)
+        return {}
+    sealing = SealingEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = sealing
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        engine.checkpoint_engine = sealing.inner
+    state = rng_state()
+    sealing.sealed[str(rng_file)] = write_sealed(rng_file, lambda f: torch.save(state, f))
+    fsync_dir(folder)
+    return {Path(os.path.relpath(path, folder)).as_posix(): entry
+            for path, entry in sealing.sealed.items()}
+
+
+def _marker_files(folder: Path, gathered: list[dict[str, Any]],
+                  integrity: bool) -> dict[str, Any]:
+    """Every file in ``folder`` with its ``COMPLETE`` entry: the ranks' own, or (a file
+    DeepSpeed copied in without its checkpoint engine) sealed here by rank 0."""
+    written = {name: entry for part in gathered for name, entry in part.items()}
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        name = path.relative_to(folder).as_posix()
+        if not integrity:
+            files[name] = path.stat().st_size
+        else:
+            files[name] = written.get(name) or seal_existing(path)
+    return files
 
 
 def _save_failure(folder: Path, root: Path, rank: int, err: Exception) -> str:
@@ -129,31 +188,11 @@ def _save_failure(folder: Path, root: Path, rank: int, err: Exception) -> str:
             "train.keep_checkpoints) and continue with --resume auto")
 
 
-def incomplete_reason(folder: Path) -> str | None:
-    """Why ``folder`` is not a whole checkpoint, or None when its COMPLETE marker exists and
-    every file it lists is there with the listed size."""
-    marker = folder / COMPLETE
-    if not marker.is_file():
-        return f"no {COMPLETE} marker (its save did not finish)"
-    try:
-        files = json.loads(marker.read_text(encoding="utf-8")).get("files", {})
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return f"its {COMPLETE} marker is unreadable"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {COMPLETE} lists {size}"
-    return None
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+def complete_checkpoints(root: Path, exclude: Collection[Path] = ()) -> list[Path]:
+    """Complete checkpoint folders, oldest first (symbolic links and ``exclude`` left out)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)
-             and incomplete_reason(p) is None]
+    found = [p for p in _own_folders(root) if p not in exclude and incomplete_reason(p) is None]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -181,18 +220,20 @@ def _prune(root: Path, keep: int, current: str) -> None:
 def _read_latest(root: Path) -> tuple[Path | None, str | None]:
     """The checkpoint ``latest`` points at, or (None, what is wrong with it)."""
     latest = root / LATEST
-    if not latest.exists():
-        return None, None
     try:
-        tag = latest.read_bytes().decode("utf-8").strip()
+        latest.lstat()
+    except OSError:
+        return None, None
+    try:  # never blocks: a FIFO or a device planted as `latest` is refused, not opened
+        tag = read_small(latest, limit=4096).decode("utf-8").strip()
     except UnicodeDecodeError:
         return None, "is not text"
     except OSError as err:
-        return None, f"cannot be read ({err})"
+        return None, f"cannot be read ({err.strerror or err})"
     if not _TAG.fullmatch(tag):  # also refuses "../x" and absolute paths
         return None, f"holds {tag[:60]!r}, not a checkpoint tag like step_00000300"
     folder = root / tag
-    if not folder.is_dir():
+    if not folder.is_dir() and not folder.is_symlink():
         return None, f"points at {tag}, which does not exist"
     reason = incomplete_reason(folder)
     if reason is not None:
@@ -200,14 +241,16 @@ def _read_latest(root: Path) -> tuple[Path | None, str | None]:
     return folder, None
 
 
-def find_resume(root: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from.
+def find_resume(root: Path, resume: str | None,
+                exclude: Collection[Path] = ()) -> Path | None:
+    """The checkpoint to resume from, by its structure (marker, files, sizes; no hashes).
 
     Args:
         root: The run's checkpoints folder.
         resume: None or "none" (start fresh), "auto" (the checkpoint ``latest`` names, else
             the newest complete one with a warning saying why; fresh when there is none), or
             a path to a checkpoint folder.
+        exclude: Checkpoints ``auto`` must pass over (found damaged by :func:`resume_point`).
 
     Raises:
         FileNotFoundError: A named checkpoint is missing or incomplete.
@@ -217,16 +260,21 @@ def find_resume(root: Path, resume: str | None) -> Path | None:
         return None
     if resume == "auto":
         folder, problem = _read_latest(root)
-        if folder is not None:
+        if folder is not None and folder not in exclude:
             return folder
-        complete = complete_checkpoints(root)
+        complete = complete_checkpoints(root, exclude)
         if problem is not None:
             instead = f"resuming from {complete[-1].name} instead" if complete else "ignoring it"
             log.warning("%s %s; %s", root / LATEST, problem, instead)
         if complete:
             return complete[-1]
-        partial = sorted(p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)) \
-            if root.is_dir() else []
+        if exclude:
+            raise CheckpointError(
+                f"{root}: no complete checkpoint is intact "
+                f"({', '.join(sorted(p.name for p in exclude))} failed their checks, see the "
+                "warnings above). Restore a good copy there, or start again from step 0 "
+                "with --resume none")
+        partial = sorted(_own_folders(root)) if root.is_dir() else []
         if partial:
             raise CheckpointError(
                 f"{root}: {len(partial)} checkpoint folder(s) but none is complete "
@@ -279,7 +327,9 @@ def universal_copy(folder: Path) -> Path:
         with weights_only_loads():
             ds_to_universal.main(args)
         (folder / "latest_universal").unlink(missing_ok=True)  # points at the tmp name
+        fsync_tree(tmp)  # what the rename vouches for is on disk first
         os.replace(tmp, target)
+        fsync_dir(folder)
     dist.barrier()
     return target
 

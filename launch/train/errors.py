@@ -7,3 +7,7 @@ class CheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds something other than tensors and plain data."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file cannot be read as one (zero-filled, cut short, not a torch file)."""

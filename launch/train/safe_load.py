@@ -15,11 +15,12 @@ import os
 import pickle
 import re
 import threading
+import zipfile
 from collections.abc import Iterator
 
 import torch
 
-from lmforge.launch.train.errors import UnsafeCheckpointError
+from lmforge.launch.train.errors import UnreadableCheckpointError, UnsafeCheckpointError
 
 _lock = threading.Lock()
 
@@ -42,15 +43,14 @@ def weights_only_loads() -> Iterator[None]:
     Raises:
         UnsafeCheckpointError: A file held a type outside the allow-list (a planted
             payload, or a checkpoint from an untrusted source); names the file.
+        UnreadableCheckpointError: A file is not a torch file at all (zero-filled or cut
+            short by a crash, overwritten); names the file.
     """
     original = torch.load
 
     def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
-        try:
-            return original(f, *args, **kwargs)
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(_refusal(f, err)) from None
+        return _load(original, f, *args, **kwargs)
 
     with _lock, torch.serialization.safe_globals(_allowed_globals()):
         torch.load = load
@@ -62,16 +62,41 @@ def weights_only_loads() -> Iterator[None]:
 
 def load_weights_only(path) -> object:
     """``torch.load`` of one of lmforge's own files, weights-only, refused with a clear error."""
+    return _load(torch.load, path, map_location="cpu", weights_only=True)
+
+
+def _load(load, f, *args, **kwargs):
+    """``load(f, ...)`` with its failures named: a payload, or a file that is no torch file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load(f, *args, **kwargs)
     except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(_refusal(path, err)) from None
+        if _globals(err):
+            raise UnsafeCheckpointError(_refusal(f, err)) from None
+        raise UnreadableCheckpointError(_unreadable(f, err)) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, (UnsafeCheckpointError, UnreadableCheckpointError,
+                            torch.OutOfMemoryError)) or "CUDA" in str(err):
+            raise  # ours already, or the device's trouble rather than the file's
+        raise UnreadableCheckpointError(_unreadable(f, err)) from None
+
+
+def _name(f) -> object:
+    return os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f)
+
+
+def _globals(err: Exception) -> list[str]:
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
 
 
 def _refusal(f, err: Exception) -> str:
-    name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f)
-    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+    found = _globals(err)
     what = f" (it references {', '.join(found)})" if found else ""
-    return (f"{name}: refused to load: the file holds more than tensors and plain data{what}. "
-            "Loading it could run code. Use checkpoints written by lmforge from a source you "
-            "trust, or delete this one and resume from an earlier checkpoint")
+    return (f"{_name(f)}: refused to load: the file holds more than tensors and plain "
+            f"data{what}. Loading it could run code. Use checkpoints written by lmforge from a "
+            "source you trust, or delete this one and resume from an earlier checkpoint")
+
+
+def _unreadable(f, err: Exception) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return (f"{_name(f)}: cannot be read as a checkpoint file ({first}); it was damaged after "
+            "it was written (zero-filled or cut short by a crash, or overwritten)")

@@ -26,6 +26,7 @@ from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.collectives import all_reduce, all_reduce_values
 from lmforge.launch.train.loss_guard import LossGuard, skip_loss
 from lmforge.launch.train.losses import Objective, corruption_generator
+from lmforge.launch.train.resume import load_resume
 from lmforge.pipeline.loader.shard_loader import ShardLoader
 
 log = logging.getLogger("lmforge.train")
@@ -118,12 +119,11 @@ class Trainer:
 
     def resume(self, resume: str | None) -> Path | None:
         """Restores engine, RNG, loader position and counters from a checkpoint."""
-        folder = ckpt.find_resume(self.checkpoints, resume)
+        folder, client = load_resume(self.engine, self.checkpoints, resume)
         if folder is None:
             if resume not in (None, "none") and self.rank == 0:
                 log.info("no checkpoint to resume from; starting at step 0")
             return None
-        client = ckpt.load_checkpoint(self.engine, folder)
         self.state = TrainState(**client["train_state"])
         self.train_loader.load_state_dict(client["loader"])
         if "loss_guard" in client:  # absent from checkpoints of older versions
