@@ -21,6 +21,7 @@ from engine_helpers import shard_fixtures
 from lmforge.launch.config import TrainConfig, load_resolved
 from lmforge.launch.train.loss_guard import BadLossError, LossGuard, skip_loss, zero_loss
 from lmforge.launch.train.worker import flops_per_token, peak_flops
+from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -207,6 +208,10 @@ def tokenizer_config(configs, tmp_path_factory) -> Path:
         model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1,
         input_sentence_size=20000, minloglevel=2,
     )
+    manifest = data / "manifest.json"  # records the real tokenizer's sha256 (checked on open)
+    layout = json.loads(manifest.read_text())
+    layout["tokenizer"]["sha256"] = file_sha256(data / "tokenizer.model")
+    manifest.write_text(json.dumps(layout))
     return configs[0]
 
 
