@@ -67,7 +67,8 @@ def test_a_configured_tokenizer_must_be_the_one_the_data_was_encoded_with(data, 
         config_for_dataset(cfg, DatasetManifest.read(data))
     message = str(err.value)
     assert message.startswith(f"tokenizer.model_path: {other} (sha256 ")
-    assert f"is not the tokenizer {data} was prepared with (sha256 000000000000" in message
+    recorded = DatasetManifest.read(data).tokenizer.sha256[:12]
+    assert f"is not the tokenizer {data} was prepared with (sha256 {recorded}" in message
     assert f"set tokenizer.model_path={data}/tokenizer.model" in message
 
 

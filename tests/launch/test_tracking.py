@@ -3,6 +3,7 @@ that is killed and restarted mid-run. No mocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -279,11 +280,16 @@ def test_dataset_lineage_without_checksums_warns_and_training_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "manifest.json"
-    path.write_text(json.dumps(manifest_json({"train": [shard("train-000000.tar", 1, "")]})))
+    path.write_text(json.dumps(manifest_json({"train": [shard("train-000000.tar", 1, "a")]})))
+    # A manifest.json without a shard's sha256 is refused when read (issue 21); a manifest
+    # object built without one must still not stop tracking.
+    manifest = DatasetManifest.read(path)
+    shards = manifest.datasets["shakespeare"].splits["train"].shards
+    shards[0] = dataclasses.replace(shards[0], sha256="")
     tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
     run_id = tracker.start()
     with caplog.at_level(logging.WARNING, logger="lmforge.launch.tracking"):
-        tracker.log_dataset_lineage(DatasetManifest.read(path))
+        tracker.log_dataset_lineage(manifest)
     tracker.log_metrics({"loss": 1.0}, step=1)
     assert tracker.close(timeout=60)
     assert "shards without a sha256" in caplog.text
