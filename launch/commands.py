@@ -19,6 +19,7 @@ from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.torchrun import launch_training
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.stats import PrepareStats
 
 if TYPE_CHECKING:
     from lmforge.launch.stages.launchers import Launcher
@@ -46,27 +47,27 @@ def prepare_data(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
 
 
 def log_prepared_dataset(tracker: Tracker, manifest: DatasetManifest) -> None:
-    """Lineage, tokenizer, stats, plots and the pipeline's counts and throughput to MLflow."""
+    """Lineage, tokenizer, stats, plots and the pipeline's counts and throughput to MLflow.
+
+    stats.json and manifest.json go as redacted copies: both name the sources, whose URLs
+    may carry credentials (``?X-Amz-Signature=``, ``user:password@``)."""
     tracker.log_dataset_lineage(manifest)
-    folder = Path(manifest.folder)
     tracker.log_artifact(manifest.tokenizer_path, "data")
-    stats_file = folder / "stats.json"
-    if not stats_file.exists():
+    stats = PrepareStats.read(manifest.folder)
+    if stats is None:
         return
-    stats = json.loads(stats_file.read_text())
-    files = stats.get("files", {})
-    tracker.log_artifact(stats_file, "data")
-    for plot in files.get("plots", []):
-        tracker.log_artifact(folder / plot, "data/plots")
-    metrics = {f"prepare/{k}": v for k, v in stats.get("throughput", {}).items()}
-    metrics["prepare/dedup_removed_docs"] = stats.get("dedup", {}).get("removed_docs", 0)
-    for name, counts in stats.get("datasets", {}).items():
-        metrics[f"prepare/{name}/docs_read"] = counts.get("read_docs", 0)
-        metrics[f"prepare/{name}/docs_kept"] = counts.get("clean_docs", 0)
-    for name, splits in stats.get("tokens", {}).items():
+    tracker.log_dict(json.loads(stats.file.read_text(encoding="utf-8")), "data/stats.json")
+    for plot in stats.plot_paths:
+        tracker.log_artifact(plot, "data/plots")
+    metrics = {f"prepare/{k}": v for k, v in stats.throughput.items()}
+    metrics["prepare/dedup_removed_docs"] = stats.dedup_removed_docs
+    for name, counts in stats.datasets.items():
+        metrics[f"prepare/{name}/docs_read"] = counts.read_docs
+        metrics[f"prepare/{name}/docs_kept"] = counts.clean_docs
+    for name, splits in stats.tokens.items():
         for split, tokens in splits.items():
             metrics[f"prepare/{name}/{split}_tokens"] = tokens
-    for kind, count in stats.get("bad_input", {}).get("counts", {}).items():
+    for kind, count in stats.bad_input.items():
         metrics[f"prepare/bad_input/{kind}"] = count
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
 

@@ -7,8 +7,9 @@ when a word
 - contains ``password``, ``passwd``, ``secret`` or ``credential`` (``PGPASSWORD``,
   ``secretkey``, ``gcp_credentials``), or is ``pwd``, ``auth``, ``authorization``, ``jwt``,
   ``sig``, ``signature`` or ``apikey``;
-- is or ends with ``token`` (``HF_TOKEN``, ``authtoken``), except the tokenizer's special
-  tokens (``mask_token``, ``pad_token``, ...), and never ``tokens`` or ``tokenizer``;
+- is or ends with ``token`` and is the name's last word (``HF_TOKEN``, ``authtoken``), except
+  the tokenizer's special tokens (``mask_token``, ``pad_token``, ...); never ``tokens``,
+  ``tokenizer`` or a qualified ``token_dtype``/``token_ids``;
 - is ``key`` after ``api``, ``access``, ``private``, ``secret``, ``storage``, ``account``,
   ``master``, ``signing``, ``client``, ``encryption`` or ``shared`` (``AZURE_STORAGE_KEY``,
   ``private_key``), or one word of those glued to ``key`` (``privatekey``, ``accesskey``).
@@ -67,7 +68,7 @@ def is_secret_key(key: str) -> bool:
         before = words[i - 1] if i else ""
         if word in _WHOLE or any(stem in word for stem in _CONTAINED):
             return True
-        if word == "token" or (word.endswith("token") and word != "token"):
+        if word.endswith("token") and i == len(words) - 1:  # a qualified token_dtype is not
             if word == "token" and before in _SPECIAL_TOKENS:
                 continue
             return True

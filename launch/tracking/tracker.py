@@ -264,8 +264,8 @@ class Tracker:
         self.log_text(text, artifact_file)
 
     def log_dataset_lineage(self, manifest: DatasetManifest, context: str = "train") -> None:
-        """Record a prepared dataset as the run's dataset input, and its manifest.json as an
-        artifact.
+        """Record a prepared dataset as the run's dataset input, and its manifest.json (secrets
+        redacted) as an artifact.
 
         The dataset digest is the sha256 of the tokenizer's sha256 followed by every shard's
         sha256 (in manifest order), so a change of tokenizer or of any shard changes it.
@@ -289,7 +289,8 @@ class Tracker:
             client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
 
         self._worker.put_op(f"dataset {manifest.location}", send)
-        self.log_artifact(manifest.location, f"datasets/{context}")
+        # redacted (log_dict): the sources it names may be URLs with credentials in them
+        self.log_dict(manifest.to_dict(), f"datasets/{context}/manifest.json")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is delivered, at most `timeout` (default close_timeout_s).

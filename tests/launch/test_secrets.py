@@ -56,8 +56,8 @@ def test_widened_rule_names_and_value_shapes() -> None:
                 "pwd", "Authorization", "jwt", "sig", "X-Amz-Signature", "X-Amz-Credential",
                 "X-Amz-Security-Token", "privateKey", "client_secret"):
         assert is_secret_key(key), key
-    for key in ("eos_token_id", "tokens_seen", "sort_key", "__key__", "signal", "design",
-                "keyboard", "data.paths", "shard_size"):
+    for key in ("eos_token_id", "token_dtype", "token_ids", "tokens_seen", "sort_key", "__key__",
+                "signal", "design", "keyboard", "data.paths", "shard_size"):
         assert not is_secret_key(key), key
     hf, gh = "hf_" + "A1b2" * 6, "ghp_" + "x9" * 18
     cases = {

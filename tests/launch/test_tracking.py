@@ -276,6 +276,27 @@ def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> N
     assert json.loads((logged / "manifest.json").read_text()) == manifest
 
 
+def test_logged_manifest_hides_credentials_in_its_source_urls(tmp_path: Path) -> None:
+    """manifest.json names the sources; a signed URL or a password in one stays on disk only."""
+    manifest = manifest_json({"train": [shard("s/train-000000.tar", 3, "a")]})
+    manifest["datasets"]["shakespeare"]["sources"] = [
+        "https://bucket.s3.amazonaws.com/c.jsonl?X-Amz-Signature=SEKRIT1&X-Amz-Date=20261206",
+        "https://ann:SEKRIT2@data.example.com/d.txt"]
+    path = tmp_path / "ds" / "manifest.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(manifest))
+    tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
+    run_id = tracker.start()
+    tracker.log_dataset_lineage(DatasetManifest.read(path), context="train")
+    assert tracker.close(timeout=60)
+    logged = (tmp_path / "run" / "mlartifacts" / run_id / "artifacts" / "datasets" / "train"
+              / "manifest.json").read_text()
+    assert "SEKRIT" not in logged
+    assert json.loads(logged)["datasets"]["shakespeare"]["sources"] == [
+        "https://bucket.s3.amazonaws.com/c.jsonl?X-Amz-Signature=***&X-Amz-Date=20261206",
+        "https://ann:***@data.example.com/d.txt"]
+
+
 def test_dataset_lineage_without_checksums_warns_and_training_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
