@@ -22,6 +22,7 @@ from lmforge.launch.redact import redact, redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.submit import allocation_overrides, build_submit_parser, dispatch_submit
 from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
+from lmforge.pipeline.folder_lock import FolderLocked
 
 COMMANDS = {
     "run": "prepare data, train, export and sample: the whole job (or every stage of a "
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmforge: config error: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(2)
     except (FileNotFoundError, ValueError, ExportError, CheckpointError,
-            UnsafeCheckpointError) as err:
+            UnsafeCheckpointError, FolderLocked) as err:
         print(f"lmforge: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)

@@ -20,6 +20,7 @@ from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.torchrun import launch_training
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.stats import PrepareStats
+from lmforge.pipeline.folder_lock import folder_lock
 
 if TYPE_CHECKING:
     from lmforge.launch.stages.launchers import Launcher
@@ -111,18 +112,28 @@ def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
     job); returns the processes' exit status (75: checkpointed and stopped, to resume).
 
     A run directory's ``STAGE_COMPLETE`` no longer holds once training runs in it again, so
-    it is removed first."""
+    it is removed first.
+
+    The run directory is locked for the whole training (a second ``lmforge train`` there is
+    refused, naming this one), and the dataset folder is held shared, so no ``prepare`` can
+    swap the shards the run verified while it reads them.
+
+    Raises:
+        FolderLocked: Another process uses the run directory, or prepares the dataset.
+    """
     check_devices(cfg)
-    cfg = config_for_training(cfg)
-    heading(
-        f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
-        f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"
-    )
     run = RunDir.of(cfg.run_dir)
-    run.stage_complete.unlink(missing_ok=True)
-    if launcher is not None:
-        return launcher(cfg, run.path, resume, run_id)
-    return launch_training(cfg.launch, run.path, resume=resume, run_id=run_id)
+    with folder_lock(run.path, "lmforge train"), \
+            folder_lock(cfg.data.output_dir, "lmforge train (reading the dataset)", shared=True):
+        cfg = config_for_training(cfg)
+        heading(
+            f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
+            f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"
+        )
+        run.stage_complete.unlink(missing_ok=True)
+        if launcher is not None:
+            return launcher(cfg, run.path, resume, run_id)
+        return launch_training(cfg.launch, run.path, resume=resume, run_id=run_id)
 
 
 # -- export and sample ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import sys
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = ".lmforge.lock"
+
+log = logging.getLogger("lmforge")
 
 # folder -> (open file, mode, depth) of the locks this process holds
 _HELD: dict[Path, tuple[int, str, int]] = {}
@@ -69,6 +72,10 @@ def folder_lock(folder: str | Path, purpose: str, shared: bool = False) -> Itera
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderLocked(_busy_message(folder, path, purpose, mode)) from None
+        except OSError as err:  # a filesystem without flock (some parallel filesystems)
+            log.warning("%s: this filesystem cannot lock files (%s); %s runs without the lock, "
+                        "so make sure no other lmforge process uses the folder", folder, err,
+                        purpose)
         if not shared:  # a reader must not overwrite the writer's line (there is none now)
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_line(purpose).encode(), 0)

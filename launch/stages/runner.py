@@ -32,6 +32,7 @@ from lmforge.launch.stages.hooks import StageContext, StageHooks
 from lmforge.launch.stages.launchers import Launcher, torchrun_launcher
 from lmforge.launch.stages.mlflow_runs import end_run, ended_by, start_job_run, start_stage_run
 from lmforge.launch.tracking import Tracker
+from lmforge.pipeline.folder_lock import folder_lock
 
 log = logging.getLogger("lmforge")
 
@@ -51,6 +52,7 @@ def run_graph(cfg: RunConfig, resume: str | None = None,
         ValueError: ``--resume`` names a checkpoint (ambiguous across stages), or a hook
             cannot be loaded.
         HookError: A hook failed under ``hook_failure: stop``.
+        FolderLocked: Another process runs in the run directory (names it).
     """
     stages = plan(cfg)
     single = not cfg.stages
@@ -61,6 +63,13 @@ def run_graph(cfg: RunConfig, resume: str | None = None,
     extra = ("register",) if cfg.tracking.registered_model else ()
     hooks = [StageHooks.from_config(s.config, extra) for s in stages]  # import errors now
     job = RunDir.of(cfg.run_dir)
+    with folder_lock(job.path, "lmforge run"):  # one job per run directory
+        return _run_locked(cfg, stages, hooks, job, resume, launcher)
+
+
+def _run_locked(cfg: RunConfig, stages: list[Stage], hooks: list[StageHooks], job: RunDir,
+                resume: str | None, launcher: Launcher) -> GraphResult:
+    single = not cfg.stages
     cfg.save(job.config)
     tracker, job_id = start_job_run(cfg, resume is not None,
                                     None if single else [s.name for s in stages])
