@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from lmforge.launch.redact import redact_text
 from lmforge.launch.stages.callback import StageCallback, StageContext
 
 log = logging.getLogger("lmforge.hooks")
@@ -72,13 +73,13 @@ class SubmitNextHook(StageCallback):
         filled = [o.format_map({k: str(v) for k, v in values.items()}) for o in self.overrides]
         command = [sys.executable, "-m", "lmforge.launch.cli", "submit", self.target,
                    self.config, *self.flags, *filled]
-        print(f"submit_next: lmforge submit {self.target} {self.config} "
-              f"{' '.join([*self.flags, *filled])}", flush=True)
+        print(redact_text(f"submit_next: lmforge submit {self.target} {self.config} "
+                          f"{' '.join([*self.flags, *filled])}"), flush=True)
         proc = subprocess.run(command, capture_output=True, text=True)
-        sys.stdout.write(proc.stdout)
+        sys.stdout.write(redact_text(proc.stdout))
         if proc.returncode != 0:
             raise RuntimeError(f"lmforge submit {self.target} exited with {proc.returncode}: "
-                               f"{proc.stderr.strip()[-2000:]}")
+                               f"{redact_text(proc.stderr.strip()[-2000:])}")
 
 
 BUILTINS: dict[str, type[StageCallback]] = {

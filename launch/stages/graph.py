@@ -88,7 +88,7 @@ def describe_graph(cfg: RunConfig) -> str:
         lines.append(f"    export    : {'yes' if c.export.enabled else 'no'}; hooks: "
                      f"{', '.join(hooks) or 'none'}" +
                      ("; compare_from_scratch" if stage.compare_from_scratch else ""))
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))  # sources, paths and URIs may carry credentials
 
 
 def print_result(graph: GraphResult) -> None:

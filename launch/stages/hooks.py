@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.launch.config.stages import HookSpec, hook_spec
+from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.stages.builtin_hooks import BUILTINS
 from lmforge.launch.stages.callback import FunctionHook, StageCallback, StageContext
@@ -153,8 +154,8 @@ class StageHooks:
             except HookError:
                 raise
             except Exception as err:
-                line = (f"hook '{hook.name}' failed on {event} of stage '{stage}': "
-                        f"{type(err).__name__}: {err}")
+                line = redact_text(f"hook '{hook.name}' failed on {event} of stage '{stage}': "
+                                   f"{type(err).__name__}: {err}")
                 self.failures.append(line)
                 if self.policy == "stop":
                     raise HookError(f"{line} (hook_failure: stop; set hook_failure: warn to "

@@ -27,6 +27,7 @@ from lmforge.launch.rundir import RunDir
 from lmforge.launch.stages.launchers import Launcher, slurm_launcher, torchrun_launcher
 from lmforge.launch.stages.mlflow_runs import end_recorded_run
 from lmforge.launch.stages.runner import run_graph
+from lmforge.pipeline.folder_lock import FolderLocked
 
 log = logging.getLogger("lmforge")
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "lmforge: USR1 outside training: the job goes on (no checkpoint to write yet)"))
         resume = None if args.resume == "none" else args.resume
         return run_job(load_config(args.config), LAUNCHERS[args.launcher], resume=resume)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError too: one line, exit 1
+    except (FileNotFoundError, ValueError, FolderLocked) as err:  # ConfigError too: exit 1
         print(f"lmforge: {redact_text(str(err))}", file=sys.stderr)
         return 1
 

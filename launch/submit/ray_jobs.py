@@ -1,7 +1,9 @@
 """``lmforge submit ray``: run the data pipeline or training as a Ray Job on a Ray cluster.
 
 The job carries its resolved config in its runtime environment (``LMFORGE_JOB_CONFIG``),
-so the cluster needs lmforge installed but not the user's YAML. It runs this module:
+so the cluster needs lmforge installed but not the user's YAML. Ray keeps the runtime
+environment in its job table and logs, so that config holds no secret: each value the
+redaction rule hides travels in a variable of its own (``LMFORGE_SECRET_<n>``). It runs this module:
 
     python -m lmforge.launch.submit.ray_jobs --job prepare|train [--num-workers N ...]
 
@@ -20,18 +22,23 @@ import secrets
 import shlex
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lmforge.launch.config import RunConfig, load_config
-from lmforge.launch.redact import REDACTED, is_secret_key, redact_text
+from lmforge.launch.redact import REDACTED, is_secret_key, redact, redact_text
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.stages.mlflow_runs import ensure_mlflow_run
 from lmforge.launch.submit.ray_train import RayTrainJob
 from lmforge.launch.submit.spec import check_job_value, mlflow_line, resolve_in
 
 CONFIG_ENV = "LMFORGE_JOB_CONFIG"
+SECRET_ENV_PREFIX = "LMFORGE_SECRET_"  # a secret name: dry runs and logs show ***
+SECRET_REF = "lmforge-secret-env:"
 RUN_ID_ENV = "LMFORGE_MLFLOW_RUN_ID"
 
 
@@ -88,8 +95,10 @@ def job_spec(cfg: RunConfig, job: RayJob, workdir: Path) -> tuple[str, dict[str,
                     str(t.gpus_per_worker), "--cpus-per-worker", str(t.cpus_per_worker),
                     "--max-failures", str(t.max_failures)]
     entrypoint = shlex.join(command)
+    config, secret_env = split_secrets(cfg.to_dict())
     env = {
-        CONFIG_ENV: cfg.to_yaml(),
+        CONFIG_ENV: yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+        **secret_env,
         "OMP_NUM_THREADS": str(cfg.launch.omp_num_threads),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -103,6 +112,59 @@ def job_spec(cfg: RunConfig, job: RayJob, workdir: Path) -> tuple[str, dict[str,
     else:
         entrypoint = f"cd {shlex.quote(str(workdir))} && {entrypoint}"
     return entrypoint, runtime_env
+
+
+def split_secrets(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config with every value the redaction rule would hide replaced by a reference to
+    an environment variable of the job (``LMFORGE_SECRET_<n>``, its value as JSON), and those
+    variables: the serialized config, which Ray keeps in its job table and logs, holds no
+    secret. :func:`config_from_env` puts them back inside the job."""
+    secrets_env: dict[str, str] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, "") for v in value]
+        if redact(value, key) != value:
+            name = f"{SECRET_ENV_PREFIX}{len(secrets_env)}"
+            secrets_env[name] = json.dumps(value)
+            return f"{SECRET_REF}{name}"
+        return value
+
+    return walk(config, ""), secrets_env
+
+
+def config_from_env(environ: Mapping[str, str]) -> RunConfig:
+    """The job's config: ``LMFORGE_JOB_CONFIG`` with its secrets taken back from the
+    ``LMFORGE_SECRET_<n>`` variables (see :func:`split_secrets`).
+
+    Raises:
+        ValueError: The config or one of its secret variables is missing.
+    """
+    text = environ.get(CONFIG_ENV)
+    if not text:
+        raise ValueError(f"{CONFIG_ENV}: not set; start this module through `lmforge submit ray`")
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and value.startswith(SECRET_REF):
+            name = value[len(SECRET_REF):]
+            if name not in environ:
+                raise ValueError(f"{name}: not set in the job's environment; submit the job "
+                                 "again with `lmforge submit ray`")
+            return json.loads(environ[name])
+        return value
+
+    config = walk(yaml.safe_load(text))
+    with tempfile.TemporaryDirectory() as tmp:  # 0700: the file holds the real values
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+                        encoding="utf-8")
+        return load_config(path)
 
 
 def submit_ray(
@@ -214,13 +276,7 @@ def run_job(work: str, train: RayTrainJob) -> None:
     """
     import ray
 
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        raise ValueError(f"{CONFIG_ENV}: not set; start this module through `lmforge submit ray`")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(text, encoding="utf-8")
-        cfg = load_config(path)
+    cfg = config_from_env(os.environ)
     ray.init()  # the cluster this job runs on (RAY_ADDRESS is set by the job server)
     if work == "prepare":
         from lmforge.launch.commands import prepare_data

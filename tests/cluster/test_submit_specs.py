@@ -60,6 +60,27 @@ def test_ray_job_config_round_trips(tmp_path):
     assert sent["train"]["max_steps"] == 7 and sent == cfg.to_dict()
 
 
+def test_ray_job_config_carries_no_secret_and_the_job_gets_them_back(tmp_path):
+    """Ray keeps a job's runtime_env in its job table and logs: the serialized config there
+    holds no secret; each travels in an LMFORGE_SECRET_<n> variable and comes back in the job."""
+    from lmforge.launch.config import load_config
+    from lmforge.launch.submit.ray_jobs import RayJob, config_from_env, job_spec
+    from lmforge.launch.submit.ray_train import RayTrainJob
+
+    cfg = load_config(TINY, ["--deepspeed.overrides={api_key: SEKRIT-ds, train_batch_size: 16}",
+                             "--tracking.tags={hf_token: SEKRIT-tag, team: nlp}",
+                             "--tracking.uri=https://ann:SEKRIT-uri@mlflow.example.com"])
+    job = RayJob("http://h:8265", "train", RayTrainJob(), "python3", str(tmp_path), {})
+    _, runtime_env = job_spec(cfg, job, tmp_path)
+    env = runtime_env["env_vars"]
+    assert "SEKRIT" not in env[CONFIG_ENV]
+    carriers = {k: v for k, v in env.items() if "SEKRIT" in v}
+    assert sorted(carriers) == ["LMFORGE_SECRET_0", "LMFORGE_SECRET_1", "LMFORGE_SECRET_2"]
+    assert config_from_env(env).to_dict() == cfg.to_dict()
+    with pytest.raises(ValueError, match="LMFORGE_SECRET_0: not set"):
+        config_from_env({CONFIG_ENV: env[CONFIG_ENV]})
+
+
 def test_ray_worker_count_must_match_the_batch_size(capsys):
     code, _, err = cli(capsys, "submit", "ray", str(TINY), "--address", "http://h:8265",
                        "--num-workers", "3", "--dry-run")

@@ -92,6 +92,20 @@ def test_run_dry_run_prints_no_secret() -> None:
     assert "team: nlp" in proc.stdout  # ordinary values stay readable
 
 
+def test_stage_graph_dry_run_hides_sources_paths_and_uris() -> None:
+    """The stage graph's --dry-run printed init.source and data paths as written."""
+    proc = subprocess.run(
+        [*LMFORGE, "run", str(REPO / "configs" / "tiny-stages.yaml"), "--dry-run",
+         "--stages.1.init.source=https://u:SEKRIT-uri@h/ckpt",
+         "--data.output_dir=s3://bucket/data?X-Amz-Signature=SEKRIT-ds"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_no_secret(proc.stdout + proc.stderr, "lmforge run STAGES --dry-run")
+    assert "init      : https://u:***@h/ckpt" in proc.stdout
+    assert "s3://bucket/data?X-Amz-Signature=***" in proc.stdout
+
+
 def test_submit_ray_dry_run_hides_env_secrets() -> None:
     proc = subprocess.run(
         [*LMFORGE, "submit", "ray", str(TINY), "--address", "http://127.0.0.1:8265", "--dry-run",
