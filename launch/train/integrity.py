@@ -121,13 +121,18 @@ def write_sealed(path: Path, save: Callable[[Any], None]) -> dict[str, Any]:
     return {"size": out.size, HASH: out.digest.hexdigest()}
 
 
-def seal_existing(path: Path) -> dict[str, Any]:
-    """Fsyncs a file this process wrote by other means and returns its ``COMPLETE`` entry."""
+def fsync_file(path: Path) -> None:
+    """Fsyncs a regular file (without following a link or blocking on a FIFO)."""
     fd = open_regular(path)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def seal_existing(path: Path) -> dict[str, Any]:
+    """Fsyncs a file this process wrote by other means and returns its ``COMPLETE`` entry."""
+    fsync_file(path)
     size, digest = file_hash(path)
     return {"size": size, HASH: digest}
 
@@ -137,7 +142,7 @@ def fsync_tree(folder: Path) -> None:
     about to be renamed into place)."""
     for parent, _, names in os.walk(folder):
         for name in names:
-            seal_existing(Path(parent) / name)
+            fsync_file(Path(parent) / name)
         fsync_dir(Path(parent))
 
 
