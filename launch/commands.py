@@ -122,10 +122,11 @@ def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
         FolderLocked: Another process uses the run directory, or prepares the dataset.
     """
     check_devices(cfg)
+    config_for_dataset(cfg, read_prepared(cfg.data))  # refused before anything is written
     run = RunDir.of(cfg.run_dir)
     with folder_lock(run.path, "lmforge train"), \
             folder_lock(cfg.data.output_dir, "lmforge train (reading the dataset)", shared=True):
-        cfg = config_for_training(cfg)
+        cfg = config_for_training(cfg)  # again under the locks: the dataset the workers read
         heading(
             f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "
             f"{cfg.world_size} process(es), {cfg.train.max_steps} steps"

@@ -10,5 +10,5 @@
 
 No torch, nothing of ``launch``; the drivers hand the phase items to ``run``'s executors.
 May import: lmforge.pipeline.config, lmforge.pipeline.contract, lmforge.pipeline.durable,
-    lmforge.pipeline.run, sentencepiece, webdataset
+    lmforge.pipeline.folder_lock, lmforge.pipeline.run, sentencepiece, webdataset
 """
