@@ -78,6 +78,8 @@ def log_prepared_dataset(tracker: Tracker, manifest: DatasetManifest) -> None:
 
 def check_devices(cfg: RunConfig) -> None:
     """Refuses settings this machine cannot run, before any process starts."""
+    if cfg.train.precision != "fp16" and cfg.launch.backend != "nccl":
+        return  # nothing to ask CUDA about: importing torch here costs every command ~1.5 s
     import torch
 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
