@@ -10,7 +10,7 @@
   the MLflow run lifecycle
 - ``submit/``   Slurm, Ray and local job submission, apart from the job body on the cluster
 - ``commands.py`` the single ``lmforge`` commands (prepare, train, export, sample), ``cli.py``
-  their command line, ``rundir.py`` the run directory's layout, ``sample.py`` text generation
+  their command line, ``rundir.py`` the run directory's layout, ``generate.py`` text generation
 
 Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse; of the
 pipeline, the contract and the loader, and the builder only through its one entry point.

@@ -161,7 +161,7 @@ def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
     writes a target for each with beam search. Returns one record per prompt
     (``{"prompt", "text", ...}``)."""
     from lmforge.launch.export.from_checkpoint import load_trained_model
-    from lmforge.launch.sample import FillMaskSampler, Seq2SeqSampler, TextSampler
+    from lmforge.launch.generate import FillMaskPredictor, Seq2SeqGenerator, TextGenerator
 
     family = cfg.model.family
     heading({"decoder": "sample: continuations", "encoder": "sample: fill-mask top-k",
@@ -171,7 +171,7 @@ def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
     model = load_trained_model(cfg.model, RunDir.of(cfg.run_dir).checkpoints, checkpoint)
     tokenizer = manifest.tokenizer_model
     if family == "encoder":
-        records = FillMaskSampler(cfg.sample, tokenizer)(model)
+        records = FillMaskPredictor(cfg.sample, tokenizer)(model)
         for record in records:
             tops = "; ".join(f"#{m['position']}: {' | '.join(m['top_tokens'])}"
                              for m in record["masks"])
@@ -179,11 +179,11 @@ def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
                   f"{tops}\nfilled: {record['text']}\n", flush=True)
         return records
     if family == "encoder_decoder":
-        records = Seq2SeqSampler(cfg.sample, tokenizer)(model)
+        records = Seq2SeqGenerator(cfg.sample, tokenizer)(model)
         for record in records:
             print(f"--- source: {record['prompt']!r}\ntarget: {record['text']}\n", flush=True)
         return records
-    texts = TextSampler(cfg.sample, tokenizer, cfg.seed)(model)
+    texts = TextGenerator(cfg.sample, tokenizer, cfg.seed)(model)
     records = [{"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, texts, strict=True)]
     for record in records:
         print(f"--- prompt: {record['prompt']!r}\n{record['text']}\n", flush=True)

@@ -39,11 +39,11 @@ _EXPORTS = {
     "hf_mismatch": "hf_classes",
     "to_hf": "hf",
     "KVCache": "layers",
-    "causal_lm_loss": "objectives",
-    "denoising_inputs": "objectives",
-    "masked_lm_inputs": "objectives",
-    "masked_lm_loss": "objectives",
-    "shift_right": "objectives",
+    "causal_lm_loss": "losses",
+    "denoising_inputs": "objective_inputs",
+    "masked_lm_inputs": "objective_inputs",
+    "masked_lm_loss": "losses",
+    "shift_right": "objective_inputs",
     "PRESETS": "presets",
 }
 

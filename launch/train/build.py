@@ -25,7 +25,7 @@ from lmforge.launch.rundir import RunDir
 from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.launch.train.callbacks import Callback
-from lmforge.launch.train.losses import build_objective
+from lmforge.launch.train.objectives import build_objective
 from lmforge.launch.train.optim import build_optimizer, build_scheduler
 from lmforge.launch.train.resume import resume_point
 from lmforge.launch.train.trainable import apply_trainable

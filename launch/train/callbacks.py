@@ -23,7 +23,7 @@ from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.collectives import all_reduce_values
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from lmforge.launch.sample import TextSampler
+    from lmforge.launch.generate import TextGenerator
     from lmforge.launch.train.trainer import StepResult, Trainer
 
 log = logging.getLogger("lmforge.train")
@@ -199,7 +199,7 @@ class Sampler(Callback):
     skipped there (``lmforge sample`` after training still works).
     """
 
-    def __init__(self, tracker: Tracker, texts: TextSampler, every: int,
+    def __init__(self, tracker: Tracker, texts: TextGenerator, every: int,
                  jsonl: Path | None = None) -> None:
         self.tracker = tracker
         self.texts = texts

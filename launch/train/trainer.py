@@ -2,7 +2,7 @@
 
 One process per rank runs :class:`Trainer`. The step itself is short (the objective's
 forward and loss, the bad-loss check, backward, optimizer step for each micro-batch);
-objectives live in ``train/losses.py``, the bad-loss policy in ``train/loss_guard.py``,
+objectives live in ``train/objectives.py``, the bad-loss policy in ``train/loss_guard.py``,
 and logging, evaluation, sampling and preemption handling hang off the step as
 :class:`~lmforge.launch.train.callbacks.Callback` objects (``train/callbacks.py``).
 ``train/build.py`` wires a trainer together from the run config's sections.
@@ -25,7 +25,7 @@ from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.collectives import all_reduce, all_reduce_values
 from lmforge.launch.train.loss_guard import LossGuard, skip_loss
-from lmforge.launch.train.losses import Objective, corruption_generator
+from lmforge.launch.train.objectives import Objective, corruption_generator
 from lmforge.launch.train.resume import load_resume
 from lmforge.pipeline.loader.shard_loader import ShardLoader
 
@@ -58,7 +58,7 @@ class Trainer:
     Args:
         engine: The DeepSpeed engine (model, optimizer and LR scheduler inside).
         train: The train section.
-        objective: Turns a loader batch into the loss (``train/losses.py``).
+        objective: Turns a loader batch into the loss (``train/objectives.py``).
         train_loader: This rank's training batches (infinite).
         val_loader: Makes a fresh one-pass validation loader for each evaluation.
         checkpoints: The run's checkpoints folder.

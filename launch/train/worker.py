@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from lmforge.launch.config import RunConfig, load_resolved
+from lmforge.launch.generate import TextGenerator
 from lmforge.launch.rundir import RunDir, TrainSummary
-from lmforge.launch.sample import TextSampler
 from lmforge.launch.stages.hooks import hook_callbacks
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.build import build_trainer
@@ -99,7 +99,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     preemption = PreemptionHandler()
     status = "FAILED"
     try:
-        texts = TextSampler(cfg.sample, manifest.tokenizer_model, cfg.seed)
+        texts = TextGenerator(cfg.sample, manifest.tokenizer_model, cfg.seed)
         sampler = Sampler(tracker, texts, cfg.train.sample_every, jsonl=run.training_samples)
         callbacks = [metrics, history, sampler, preemption, *hook_callbacks(cfg, run.path)]
         trainer = build_trainer(cfg, manifest, run, callbacks, resume)

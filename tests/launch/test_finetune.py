@@ -24,7 +24,7 @@ from engine_helpers import finish, losses, shard_fixtures, train
 from lmforge.launch.config import ExportConfig, InitConfig, TrainableConfig, TrainConfig
 from lmforge.launch.export.from_checkpoint import export_checkpoint, load_trained_model
 from lmforge.launch.train import checkpoint as ckpt
-from lmforge.launch.train.losses import IGNORE_INDEX, SpecialIds, build_objective
+from lmforge.launch.train.objectives import IGNORE_INDEX, SpecialIds, build_objective
 from lmforge.launch.train.optim import build_optimizer, lr_factor, param_groups
 from lmforge.launch.train.task_metrics import classification_metrics, generation_metrics
 from lmforge.launch.train.trainable import apply_trainable, merge_lora

@@ -17,7 +17,7 @@ import torch
 from engine_helpers import finish, losses, shard_fixtures, train
 
 from lmforge.launch.config import ConfigError, load_config
-from lmforge.launch.train.losses import (
+from lmforge.launch.train.objectives import (
     Denoising,
     MaskedLM,
     build_objective,

@@ -1,7 +1,7 @@
 """Training objectives: a loader batch in, the model's loss out, one small object per family.
 
-The tensor maths (the losses, BERT and BART corruption) is in ``model/objectives.py``; this
-module applies it to loader batches on the engine's device.
+The tensor maths is in ``model/``: the losses in ``losses.py``, BERT and BART corruption in
+``objective_inputs.py``; this module applies it to loader batches on the engine's device.
 
 ``train.objective`` picks one (``RunConfig`` checks it against ``model.family``):
 

@@ -1,10 +1,10 @@
 """Text from a trained model, the demonstration that fits its family.
 
-``TextSampler`` (decoder: prompts → sentencepiece ids → ``generate`` → text) runs at the end
+``TextGenerator`` (decoder: prompts → sentencepiece ids → ``generate`` → text) runs at the end
 of ``lmforge run`` / in ``lmforge sample`` and, every ``train.sample_every`` steps, in the
-training callback that logs samples to MLflow. ``FillMaskSampler`` (encoder: top-k at mask
-tokens) and ``Seq2SeqSampler`` (encoder-decoder: beam search from a source) run at the end;
-``ClassifySampler`` (an encoder with a classification head: each prompt's label).
+training callback that logs samples to MLflow. ``FillMaskPredictor`` (encoder: top-k at mask
+tokens) and ``Seq2SeqGenerator`` (encoder-decoder: beam search from a source) run at the end;
+``ClassifyPredictor`` (an encoder with a classification head: each prompt's label).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lmforge.model import generate, generate_seq2seq
 from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 
 
-class TextSampler:
+class TextGenerator:
     """Continues ``sample.prompts`` with a decoder model.
 
     Args:
@@ -56,7 +56,7 @@ class TextSampler:
         return texts
 
 
-class FillMaskSampler:
+class FillMaskPredictor:
     """The encoder's demonstration: the top ``sample.mask_top_k`` tokens at every mask token
     of each prompt, from the masked-LM logits.
 
@@ -94,7 +94,7 @@ class FillMaskSampler:
         return records
 
 
-class Seq2SeqSampler:
+class Seq2SeqGenerator:
     """The encoder-decoder's demonstration: each prompt is a source (mask tokens are spans to
     fill in, as in denoising) and beam search with ``sample.num_beams`` writes its target.
 
@@ -123,7 +123,7 @@ class Seq2SeqSampler:
         return records
 
 
-class ClassifySampler:
+class ClassifyPredictor:
     """A classifier's demonstration: each prompt is a text, encoded as the task data is
     ([bos when the tokenizer has one] + text + [eos]), and gets the [CLS] head's label.
 
