@@ -57,6 +57,7 @@ log = logging.getLogger("lmforge.train")
 LATEST = "latest"
 UNIVERSAL = "universal"
 _TAG = re.compile(r"step_\d{8}")
+SEALS_PREFIX = "seals-rank"  # seals-rank00001.json: a rank's COMPLETE entries
 
 
 def tag_for(step: int) -> str:
@@ -120,11 +121,15 @@ def save_checkpoint(
         sealed = _write_rank_files(engine, root, folder, tag, client_state, integrity)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         raise CheckpointError(_save_failure(folder, root, rank, err)) from err
-    # The barrier before COMPLETE: every rank's files and folder entries are on disk by now.
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sealed)
+    # Each rank's entries go beside its files (rank 0 reads them from the shared folder), so
+    # the barrier before COMPLETE is a plain barrier, not an object collective on the host.
+    if integrity:
+        write_atomic(folder / f"{SEALS_PREFIX}{rank:05d}.json", json.dumps(sealed))
+    dist.barrier()  # every rank's files and folder entries are on disk by now
     if rank == 0:
         try:
+            gathered = [json.loads((folder / f"{SEALS_PREFIX}{r:05d}.json").read_text())
+                        for r in range(dist.get_world_size())] if integrity else []
             files = _marker_files(folder, gathered, integrity)
             marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size(),
                       "hash": "xxh3_64" if integrity else None, "files": files}
