@@ -35,6 +35,7 @@ from lmforge.launch.rundir import RunDir
 from lmforge.launch.stages.mlflow_runs import ensure_mlflow_run
 from lmforge.launch.submit.ray_train import RayTrainJob
 from lmforge.launch.submit.spec import check_job_value, mlflow_line, resolve_in
+from lmforge.pipeline.folder_lock import FolderLocked
 
 CONFIG_ENV = "LMFORGE_JOB_CONFIG"
 SECRET_ENV_PREFIX = "LMFORGE_SECRET_"  # a secret name: dry runs and logs show ***
@@ -304,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.max_failures)
     try:
         run_job(args.work, train)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"lmforge: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, FolderLocked) as err:  # Ray keeps the job's log
+        print(f"lmforge: {redact_text(str(err))}", file=sys.stderr)
         return 1
     return 0
 
