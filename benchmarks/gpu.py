@@ -109,6 +109,7 @@ def write_dataset(root: Path, vocab: int, seq_len: int, distinct: int, copies: i
         SplitInfo,
         TokenizerInfo,
     )
+    from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
     from lmforge.pipeline.contract.shard_format import sample_key, shard_file_name, token_dtype
     from lmforge.pipeline.prepare.shards import write_shard
 
@@ -122,9 +123,13 @@ def write_dataset(root: Path, vocab: int, seq_len: int, distinct: int, copies: i
         shard = write_shard(root / "d" / shard_file_name(split, 0), keys, samples, starts,
                             samples.size, root)
         splits[split] = SplitInfo(len(samples), samples.size, 0, [shard])
+    # No text is encoded here, but the loader checks the tokenizer file against its sha256.
+    placeholder = root / "tokenizer.model"
+    placeholder.write_bytes(b"placeholder: the GPU check trains on random token ids\n")
     tokenizer = TokenizerInfo(
-        file="tokenizer.model", sha256="", vocab_size=vocab, type="bpe", pad_id=0, unk_id=1,
-        bos_id=2, eos_id=3, special_tokens={}, extra_special_tokens=[], byte_fallback=True)
+        file="tokenizer.model", sha256=file_sha256(placeholder), vocab_size=vocab, type="bpe",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, special_tokens={}, extra_special_tokens=[],
+        byte_fallback=True)
     DatasetManifest(seq_len=seq_len, token_dtype=dtype, tokenizer=tokenizer,
                     datasets={"d": DatasetInfo(1.0, ["random"], splits)},
                     fingerprint="gpu-check", stats={}).write(DatasetManifest.path_in(root))
