@@ -13,11 +13,27 @@ from typing import Any
 
 from lmforge.pipeline.contract.dataset_manifest import DatasetInfo
 from lmforge.pipeline.durable import write_atomic
-from lmforge.pipeline.prepare.results import CleanResult, DedupResult, EncodeResult
+from lmforge.pipeline.prepare.results import BadInput, CleanResult, DedupResult, EncodeResult
 from lmforge.pipeline.prepare.steps import StepStats
 
 MAX_REPORTED_EXAMPLES = 200
 
+
+
+def merge_bad_input(reports: list[BadInput], empty_files: list[str]) -> dict[str, Any]:
+    """Bad records of every read chunk (corpus or task data): counts by kind, plus empty
+    files, and the first examples with file and line (stats.json's ``bad_input``)."""
+    counts: dict[str, int] = {}
+    examples: list[dict] = []
+    for report in reports:
+        for kind, n in report.counts.items():
+            counts[kind] = counts.get(kind, 0) + n
+        examples.extend(report.examples)
+    if empty_files:
+        counts["empty_file"] = len(empty_files)
+        examples.extend({"kind": "empty_file", "file": f, "line": 0, "detail": ""}
+                        for f in empty_files)
+    return {"counts": counts, "examples": examples[:MAX_REPORTED_EXAMPLES]}
 
 def summarize(
     clean_results: list[CleanResult],
@@ -34,8 +50,6 @@ def summarize(
         `summary_for_manifest` picks the short part.
     """
     steps: dict[str, StepStats] = {}
-    bad_counts: dict[str, int] = {}
-    examples: list[dict] = []
     per_dataset: dict[str, dict[str, int]] = {}
     for r in clean_results:
         ds = per_dataset.setdefault(r.dataset, {"read_docs": 0, "read_bytes": 0,
@@ -46,13 +60,6 @@ def summarize(
         ds["clean_bytes"] += r.kept.bytes
         for name, counts in r.steps.items():
             steps.setdefault(name, StepStats()).add(StepStats(**counts))
-        for kind, n in r.bad_input.counts.items():
-            bad_counts[kind] = bad_counts.get(kind, 0) + n
-        examples.extend(r.bad_input.examples)
-    if empty_files:
-        bad_counts["empty_file"] = len(empty_files)
-        examples.extend({"kind": "empty_file", "file": f, "line": 0, "detail": ""}
-                        for f in empty_files)
     dedup = {
         "removed_docs": sum(r.removed_docs for r in dedup_results),
         "removed_bytes": sum(r.removed_bytes for r in dedup_results),
@@ -71,7 +78,7 @@ def summarize(
         "datasets": per_dataset,
         "steps": {name: vars(s) for name, s in steps.items()},
         "dedup": dedup,
-        "bad_input": {"counts": bad_counts, "examples": examples[:MAX_REPORTED_EXAMPLES]},
+        "bad_input": merge_bad_input([r.bad_input for r in clean_results], empty_files),
         "tokens": tokens,
         "padding_tokens": {
             name: {split: s.padding_tokens for split, s in d.splits.items()}

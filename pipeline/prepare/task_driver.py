@@ -25,8 +25,8 @@ from lmforge.pipeline.durable import disk_space_errors, write_atomic, write_json
 from lmforge.pipeline.prepare.phases import SPLITS
 from lmforge.pipeline.prepare.publish import Workspace, publish, remove_work, say
 from lmforge.pipeline.prepare.sources import ReadChunk, SourceFile, plan_read_chunks
+from lmforge.pipeline.prepare.stats import merge_bad_input
 from lmforge.pipeline.prepare.task_manifest import (
-    bad_input,
     build_task_manifest,
     task_info,
     task_stats,
@@ -97,7 +97,7 @@ def run_task(
         plans += plan_task_shards(spec.kind, split, lengths, data.seq_len + 1, per_shard)
     task = task_info(data, ctx.labels, encoded)
     if not task.splits["train"].examples:
-        bad = bad_input(encoded, [])["counts"]
+        bad = merge_bad_input([r.bad_input for r in encoded], [])["counts"]
         raise ValueError(f"task.train: no usable training examples; check the files and "
                          f"the field names (bad input: {bad or 'none'})")
     shards = ex.collect([ex.submit(write_task_shard, plan, ctx) for plan in plans], "write")

@@ -24,7 +24,7 @@ from lmforge.pipeline.contract.shard_format import TASK_DATASET, TOKENIZER_FILE,
 from lmforge.pipeline.prepare.phases import SPLITS
 from lmforge.pipeline.prepare.results import ExamplesResult
 from lmforge.pipeline.prepare.sources import SourceFile
-from lmforge.pipeline.prepare.stats import MAX_REPORTED_EXAMPLES
+from lmforge.pipeline.prepare.stats import merge_bad_input
 from lmforge.pipeline.prepare.tasks import TaskShardPlan
 
 
@@ -73,21 +73,6 @@ def build_task_manifest(
     )
 
 
-def bad_input(encoded: list[ExamplesResult], empty_files: list[str]) -> dict[str, Any]:
-    """Bad records of every read chunk: counts by kind and the first examples (file:line)."""
-    counts: dict[str, int] = {}
-    examples: list[dict] = []
-    for r in encoded:
-        for kind, n in r.bad_input.counts.items():
-            counts[kind] = counts.get(kind, 0) + n
-        examples.extend(r.bad_input.examples)
-    if empty_files:
-        counts["empty_file"] = len(empty_files)
-        examples.extend({"kind": "empty_file", "file": f, "line": 0, "detail": ""}
-                        for f in empty_files)
-    return {"counts": counts, "examples": examples[:MAX_REPORTED_EXAMPLES]}
-
-
 def task_stats(
     encoded: list[ExamplesResult],
     manifest: DatasetManifest,
@@ -110,7 +95,7 @@ def task_stats(
             "read_docs": sum(r.read for r in encoded), "read_bytes": read_bytes,
             "clean_docs": sum(s.examples for s in task.splits.values()),
         }},
-        "bad_input": bad_input(encoded, empty_files),
+        "bad_input": merge_bad_input([r.bad_input for r in encoded], empty_files),
         "tokens": {TASK_DATASET: tokens},
         "padding_tokens": {TASK_DATASET: {split: s.padding_tokens for split, s in splits.items()}},
         "seconds": seconds,

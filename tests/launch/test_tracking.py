@@ -245,6 +245,19 @@ def manifest_json(splits: dict[str, list[dict[str, object]]]) -> dict[str, objec
             "fingerprint": "f" * 64, "stats": {}}
 
 
+def log_lineage(manifest: dict, path: Path, run_dir: Path) -> tuple[Tracker, str, Path]:
+    """Writes ``manifest`` to ``path``, logs it as a run's training dataset (sqlite store in
+    ``run_dir``); returns the tracker, the run id and the logged manifest.json artifact."""
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(manifest))
+    tracker = Tracker(TrackingConfig(**FAST), run_dir)
+    run_id = tracker.start()
+    tracker.log_dataset_lineage(DatasetManifest.read(path), context="train")
+    assert tracker.close(timeout=60)
+    return tracker, run_id, run_dir / "mlartifacts" / run_id / "artifacts" / "datasets" / \
+        "train" / "manifest.json"
+
+
 def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> None:
     # The layout pipeline/prepare/manifest_writer.py writes: datasets -> splits -> shards.
     manifest = manifest_json({
@@ -252,12 +265,7 @@ def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> N
         "val": [shard("s/val-000000.tar", 1, "c")],
     })
     path = tmp_path / "tinyshakespeare" / "manifest.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(manifest))
-    tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
-    run_id = tracker.start()
-    tracker.log_dataset_lineage(DatasetManifest.read(path), context="train")
-    assert tracker.close(timeout=60)
+    tracker, run_id, logged = log_lineage(manifest, path, tmp_path / "run")
 
     import hashlib
 
@@ -272,8 +280,7 @@ def test_dataset_lineage_digest_covers_tokenizer_and_shards(tmp_path: Path) -> N
     assert profile["splits"]["shakespeare/val"] == {"shards": 1, "samples": 1, "tokens": 1000}
     assert profile["digest_sha256"] == expected
     assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "train"}
-    logged = tmp_path / "run" / "mlartifacts" / run_id / "artifacts" / "datasets" / "train"
-    assert json.loads((logged / "manifest.json").read_text()) == manifest
+    assert json.loads(logged.read_text()) == manifest
 
 
 def test_logged_manifest_hides_credentials_in_its_source_urls(tmp_path: Path) -> None:
@@ -282,15 +289,8 @@ def test_logged_manifest_hides_credentials_in_its_source_urls(tmp_path: Path) ->
     manifest["datasets"]["shakespeare"]["sources"] = [
         "https://bucket.s3.amazonaws.com/c.jsonl?X-Amz-Signature=SEKRIT1&X-Amz-Date=20261206",
         "https://ann:SEKRIT2@data.example.com/d.txt"]
-    path = tmp_path / "ds" / "manifest.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(manifest))
-    tracker = Tracker(TrackingConfig(**FAST), tmp_path / "run")
-    run_id = tracker.start()
-    tracker.log_dataset_lineage(DatasetManifest.read(path), context="train")
-    assert tracker.close(timeout=60)
-    logged = (tmp_path / "run" / "mlartifacts" / run_id / "artifacts" / "datasets" / "train"
-              / "manifest.json").read_text()
+    _, _, artifact = log_lineage(manifest, tmp_path / "ds" / "manifest.json", tmp_path / "run")
+    logged = artifact.read_text()
     assert "SEKRIT" not in logged
     assert json.loads(logged)["datasets"]["shakespeare"]["sources"] == [
         "https://bucket.s3.amazonaws.com/c.jsonl?X-Amz-Signature=***&X-Amz-Date=20261206",

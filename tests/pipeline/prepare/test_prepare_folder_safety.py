@@ -97,19 +97,26 @@ def test_prepare_refuses_a_dataset_folder_another_process_holds(tmp_path, mode):
     assert f"pid={os.getpid()} " in (out / LOCK_FILE).read_text()  # prepare held it
 
 
-def test_every_file_the_manifest_vouches_for_was_fsynced(tmp_path, monkeypatch):
-    # A power cut after the fsynced manifest must not leave a zero-filled tokenizer.model
-    # or shard behind it: every published file and folder was fsynced (by inode: renames
-    # keep it), the trained tokenizer before its sha256 was taken.
-    synced: set[tuple[int, int]] = set()
+@pytest.fixture
+def synced(monkeypatch) -> set[tuple[int, int]]:
+    """The (device, inode) of every file or folder fsynced while the test runs (the real
+    fsync still runs)."""
+    inodes: set[tuple[int, int]] = set()
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
         st = os.fstat(fd)
-        synced.add((st.st_dev, st.st_ino))
+        inodes.add((st.st_dev, st.st_ino))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    return inodes
+
+
+def test_every_file_the_manifest_vouches_for_was_fsynced(tmp_path, synced):
+    # A power cut after the fsynced manifest must not leave a zero-filled tokenizer.model
+    # or shard behind it: every published file and folder was fsynced (by inode: renames
+    # keep it), the trained tokenizer before its sha256 was taken.
     out = tmp_path / "data"
     prepare(*configs(tmp_path, out, 40_000), progress=False, executor="local")
     published = [p for p in out.rglob("*") if p.name != LOCK_FILE]
@@ -120,20 +127,11 @@ def test_every_file_the_manifest_vouches_for_was_fsynced(tmp_path, monkeypatch):
     assert not_synced == []
 
 
-def test_a_trained_tokenizer_is_fsynced_before_its_sha256_is_taken(tmp_path, monkeypatch):
+def test_a_trained_tokenizer_is_fsynced_before_its_sha256_is_taken(tmp_path, synced):
     from lmforge.pipeline.prepare import tokenizer as tokenizer_module
 
     text = tmp_path / "text.txt"
     text.write_text(CORPUS.read_text()[:50_000])
-    synced: set[tuple[int, int]] = set()
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        st = os.fstat(fd)
-        synced.add((st.st_dev, st.st_ino))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     (tmp_path / "tok").mkdir()
     model = tokenizer_module.train_tokenizer(text, TokenizerConfig(vocab_size=400),
                                              tmp_path / "tok" / "tokenizer.model")
