@@ -14,7 +14,7 @@ import pytest
 from lmforge.launch.stages.mlflow_runs import mlflow_status
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "tiny.yaml"
 
 

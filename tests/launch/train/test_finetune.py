@@ -40,7 +40,7 @@ from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 IDS = SpecialIds(pad=0, eos=3, mask=None, never_masked=(0, 1, 2, 3))
 
 

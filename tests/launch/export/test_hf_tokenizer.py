@@ -20,7 +20,7 @@ from lmforge.launch.export.hf_tokenizer import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoTokenizer  # noqa: E402  (after the offline switch)
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 USER_SYMBOLS = ["<mask>", "<sep>"]
 
 

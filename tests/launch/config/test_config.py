@@ -18,7 +18,7 @@ from lmforge.launch.config.typed_yaml import deep_merge
 from lmforge.launch.rundir import RunDir, StageInfo
 from lmforge.model import parameter_count
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "tiny.yaml"
 
 

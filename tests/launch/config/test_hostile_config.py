@@ -69,4 +69,4 @@ def test_non_finite_numbers_are_refused_naming_the_key(override: str) -> None:
 
     key = override[2:].split("=")[0]
     with pytest.raises(ConfigError, match=rf"{key}.*must be a finite number"):
-        load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", [override])
+        load_config(Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml", [override])

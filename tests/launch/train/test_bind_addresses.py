@@ -26,7 +26,7 @@ from mlflow_server import free_port
 from lmforge.launch.config import load_config
 from lmforge.launch.submit.slurm import SlurmJob, render_script
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "tiny.yaml"
 LOCAL = {"127.0.0.1", "::1"}
 

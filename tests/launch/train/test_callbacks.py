@@ -46,7 +46,7 @@ def test_callbacks_receive_every_event_in_order(tmp_path: Path) -> None:
     out = tmp_path / "events.json"
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    probe = Path(__file__).with_name("callback_probe.py")
+    probe = Path(__file__).resolve().parents[1] / "callback_probe.py"
     proc = subprocess.run([sys.executable, str(probe), str(config), str(tmp_path / "run"),
                            str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -12,7 +12,7 @@ import pytest
 
 from lmforge.launch.config import ConfigError, load_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def lmforge(*args: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from lmforge.launch.train.loss_guard import BadLossError, LossGuard, skip_loss, 
 from lmforge.launch.train.worker import flops_per_token, peak_flops
 from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_nonfinite_loss_stops_with_a_clear_error():

@@ -1,5 +1,5 @@
 """Hooks: loading by import path, built-ins by name, the failure policy (fast, in-process),
-and one real hook inside the training processes (tests/launch/test_stages_graph.py)."""
+and one real hook inside the training processes (tests/launch/stages/test_stages_graph.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from lmforge.launch.stages.hooks import (
     load_hook,
 )
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
 
 
 def context(tmp_path: Path) -> StageContext:

@@ -27,7 +27,7 @@ from lmforge.pipeline.prepare.driver import prepare
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CORPUS = REPO / "configs" / "corpora" / "tinyshakespeare.txt"
 SEQ_LEN = 32
 # Characters the tokenizer never saw: without byte fallback they encode to the unk piece,

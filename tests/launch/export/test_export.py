@@ -24,7 +24,7 @@ from transformers import (  # noqa: E402  (after the offline switch)
     LlamaForCausalLM,
 )
 
-CORPUS = Path(__file__).resolve().parents[2] / "configs" / "corpora" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[3] / "configs" / "corpora" / "tinyshakespeare.txt"
 IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 
 

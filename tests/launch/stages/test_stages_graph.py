@@ -17,8 +17,8 @@ from engine_helpers import losses
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[3]
+HERE = Path(__file__).resolve().parents[1]  # tests/launch: stage_hooks.py
 
 CONFIG = """\
 name: graph

@@ -13,7 +13,7 @@ from mlflow_server import start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 CONFIG = """\
 name: reg

@@ -22,7 +22,7 @@ from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 CONFIG = """\

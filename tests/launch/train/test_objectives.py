@@ -27,7 +27,7 @@ from lmforge.launch.train.objectives import (
 from lmforge.model.config import ModelConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MASK_ID = 4
 TINY = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}
 
