@@ -111,6 +111,26 @@ class ModelConfig:
     num_labels: int = 0
     """Classes of the encoder's sequence-classification head; 0 = no head."""
 
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling, as Hugging Face's `rope_parameters` (without `rope_theta`):
+    `{rope_type: linear, factor}`, `{rope_type: llama3, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings}` or `{rope_type: yarn, factor,
+    original_max_position_embeddings}` plus yarn's optional `beta_fast`, `beta_slow`,
+    `attention_factor`, `mscale`, `mscale_all_dim`, `truncate`. None (or `{rope_type:
+    default}`) = plain RoPE. Only with `position: rope`; see `model/rope.py`."""
+
+    qkv_bias: bool | None = None
+    """Biases on the query/key/value projections alone, whatever `bias` says (Qwen2: true
+    with `bias: false`). None = follow `bias`."""
+
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE (Qwen3)."""
+
+    hf_config: dict[str, Any] | None = None
+    """The `config.json` of the Hugging Face model these weights were imported from (filled
+    in from a Hugging Face `init.source`, not set by hand): the export writes the same class
+    (`architectures`) with the source's other fields kept."""
+
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
             value = getattr(self, name)
@@ -139,6 +159,15 @@ class ModelConfig:
         for name in ("norm_eps", "init_std", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            from lmforge.model.rope import check_rope_scaling  # torch-free
+
+            if self.position != "rope":
+                raise ValueError(f"rope_scaling: needs position: rope, not {self.position!r}; "
+                                 "remove rope_scaling")
+            check_rope_scaling(self.rope_scaling)
+        if self.hf_config is not None and not isinstance(self.hf_config, dict):
+            raise ValueError("hf_config: must be a mapping (a config.json); leave it unset")
         for name in ("type_vocab_size", "num_labels"):
             value = getattr(self, name)
             if value < 0:

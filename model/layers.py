@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.model.rope import rope_frequencies
+
 if TYPE_CHECKING:
     from lmforge.model.config import ModelConfig  # annotations only: config.build() imports us
 
@@ -45,13 +47,14 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 def rope_cos_sin(cfg: ModelConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Rotary tables for `positions` (B or 1, T) -> cos, sin of shape (B or 1, 1, T, D).
 
-    Uses the rotate-half layout of Hugging Face Llama, so its weights map unchanged.
+    Uses the rotate-half layout of Hugging Face Llama, so its weights map unchanged; the
+    frequencies and yarn's attention factor follow `cfg.rope_scaling` (model/rope.py).
     """
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (
-        torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    inv_freq, scale = rope_frequencies(cfg, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -211,7 +214,11 @@ class Attention(nn.Module):
             self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
             self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
         else:
-            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+            qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
+        # Qwen3: RMSNorm over each head's D features of q and k, before RoPE.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not cross else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not cross else None
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.out.residual_out = True  # scaled by the gpt2/llama initialisers
 
@@ -245,6 +252,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.kv_heads), \
                 self._heads(v, self.kv_heads)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if cos is not None:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
