@@ -189,9 +189,14 @@ def torchrun_args(nproc_per_node: int, address: str, port: int | None) -> list[s
 def main(argv: list[str] | None = None) -> None:
     """``python -m lmforge.launch.train.rendezvous TORCHRUN_ARGS``: torchrun with the
     :data:`BACKEND` rendezvous available."""
+    import torch
     from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.run import main as torchrun
 
+    # Decided here, where torch is imported anyway, and inherited by every worker: DeepSpeed
+    # otherwise warns on every rank that it fell back to the CPU.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     rendezvous_handler_registry.register(BACKEND, create_handler)
     torchrun(sys.argv[1:] if argv is None else argv)
 

@@ -19,12 +19,6 @@ from lmforge.launch.train.rendezvous import (
 )
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def worker_env(launch: LaunchConfig) -> dict[str, str]:
     """The environment of every training process (and of torchrun's agent): gloo and NCCL
     listen on the interface of ``launch.master_addr`` (loopback by default) only."""
@@ -32,8 +26,8 @@ def worker_env(launch: LaunchConfig) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = str(launch.omp_num_threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not _has_cuda():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every rank
+    # No torch here: importing it costs this process ~1.5 s before the agent starts; the
+    # agent sets DS_ACCELERATOR (see rendezvous.main).
     return env
 
 
