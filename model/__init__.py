@@ -40,6 +40,7 @@ _EXPORTS = {
     "to_hf": "hf",
     "KVCache": "layers",
     "causal_lm_loss": "losses",
+    "chunked_lm_loss": "losses",
     "denoising_inputs": "objective_inputs",
     "masked_lm_inputs": "objective_inputs",
     "masked_lm_loss": "losses",

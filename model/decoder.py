@@ -79,6 +79,7 @@ class DecoderLM(nn.Module):
         segment_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Logits for every position.
 
@@ -89,6 +90,8 @@ class DecoderLM(nn.Module):
                 if positions should restart per document.
             position_ids: (B, T) positions; default 0..T-1 (offset by the cache length).
             cache: KV cache for incremental decoding; filled in place.
+            return_hidden: return what `lm_head` would read, (B, T, d_model), instead of
+                the logits (for `losses.chunked_lm_loss`).
 
         Returns:
             (B, T, vocab_size) logits in the model's dtype (padding columns dropped).
@@ -126,6 +129,8 @@ class DecoderLM(nn.Module):
             x = block(x, cos, sin, mask, is_causal, cache.layers[i] if cache is not None else None)
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if return_hidden:
+            return x
         logits = self.lm_head(x)
         if cfg.padded_vocab_size != cfg.vocab_size:
             logits = logits[..., : cfg.vocab_size]

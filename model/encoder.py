@@ -122,14 +122,18 @@ class EncoderModel(nn.Module):
         position_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
         head: str = "mlm",
+        return_hidden: bool = False,
     ) -> Tensor:
         """Masked-LM logits (B, T, vocab_size); arguments as in `encode`. `head="classify"`
         returns `classify`'s class scores instead (so a wrapper such as a DeepSpeed engine,
-        which only calls `forward`, can train the classification head)."""
+        which only calls `forward`, can train the classification head); `return_hidden`
+        what `lm_head` would read, (B, T, d_model) (for `losses.chunked_lm_loss`)."""
         if head == "classify":
             return self.classify(input_ids, attention_mask, token_type_ids)
         h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids)
         h = self.mlm_norm(_head_activation(self.cfg, self.mlm_dense(h)))
+        if return_hidden:
+            return h
         logits = self.lm_head(h)
         if self.cfg.padded_vocab_size != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]

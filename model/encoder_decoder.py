@@ -130,6 +130,7 @@ class EncoderDecoderModel(nn.Module):
         memory: Tensor,
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Decoder logits (B, T, vocab_size) given the encoder output `memory` (B, S, d).
 
@@ -138,6 +139,8 @@ class EncoderDecoderModel(nn.Module):
             memory: encoder output.
             attention_mask: (B, S) source padding mask, 1 for real tokens.
             cache: KV cache from `new_cache` for incremental decoding; filled in place.
+            return_hidden: return what `lm_head` would read, (B, T, d_model), instead of
+                the logits (for `losses.chunked_lm_loss`).
         """
         cfg = self.cfg
         B, T = decoder_input_ids.shape
@@ -159,6 +162,8 @@ class EncoderDecoderModel(nn.Module):
             x = block(x, cos, sin, mask, is_causal, memory, memory_mask, layer_cache, cross_cache)
         if self.dec_final_norm is not None:
             x = self.dec_final_norm(x)
+        if return_hidden:
+            return x
         logits = self.lm_head(x)
         if cfg.padded_vocab_size != cfg.vocab_size:
             logits = logits[..., : cfg.vocab_size]
@@ -169,8 +174,10 @@ class EncoderDecoderModel(nn.Module):
         input_ids: Tensor,
         decoder_input_ids: Tensor,
         attention_mask: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
-        """Teacher-forced logits (B, T, vocab_size) for `decoder_input_ids` given the source.
+        """Teacher-forced logits (B, T, vocab_size) for `decoder_input_ids` given the source
+        (`return_hidden`: the decoder's (B, T, d_model) hidden states `lm_head` would read).
 
         Args:
             input_ids: (B, S) source tokens.
@@ -178,4 +185,4 @@ class EncoderDecoderModel(nn.Module):
             attention_mask: (B, S) source padding mask, 1 for real tokens.
         """
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask),
-                           attention_mask)
+                           attention_mask, return_hidden=return_hidden)

@@ -63,6 +63,13 @@ class TrainConfig:
     """Parameter/activation precision; bf16 and fp16 keep fp32 master weights (fp16: GPU only)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: whole blocks (full) or attention only (selective)."""
+    loss_chunk_tokens: int = 0
+    """Vocabulary losses (causal_lm, masked_lm, denoising, sft, seq2seq) computed from the
+    final hidden states this many predicted positions at a time, the output projection
+    inside the loop and each chunk recomputed in backward: the step never holds the whole
+    (micro batch x seq_len x vocabulary) fp32 logits (16 GB for Llama 3's 128,256-token
+    vocabulary at 8 x 4,096), only chunk x vocabulary. Costs one more forward of the output
+    projection; worth it for large vocabularies (e.g. 4096). 0: the plain loss."""
     checkpoint_every_n_layers: int = 1
     """With activation checkpointing: apply it to every n-th block only."""
     eval_every: int = 100
@@ -111,7 +118,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         if self.checkpoint_every_n_layers < 1:
             raise ValueError("checkpoint_every_n_layers: must be at least 1")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "sample_every"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "sample_every",
+                     "loss_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:

@@ -97,6 +97,7 @@ def build_trainer(
         cfg.train.objective, manifest.tokenizer, cfg.model.vocab_size, loader.document_masking,
         labels=list(task.labels) if task is not None else [],
         tokenizer_model=manifest.tokenizer_model, decode=cfg.deepspeed.zero_stage != 3,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
     )
     trainer = Trainer(
         engine, cfg.train, objective, train_loader,

@@ -26,6 +26,11 @@ their references (seq2seq: greedy decoding, as text), which ``task_metrics.py`` 
 Corruption draws from a ``torch.Generator`` the trainer seeds from (seed, step, rank,
 micro-batch), so a resumed run corrupts exactly as the uninterrupted one did. The random
 work runs on CPU (where the loader's tensors are) and only the results move to the device.
+
+Every objective that predicts the vocabulary goes through ``vocab_loss``: with
+``train.loss_chunk_tokens`` > 0 the model returns its final hidden states and
+``model.losses.chunked_lm_loss`` projects them chunk by chunk, so the step never holds the
+whole (B, T, V) fp32 logits.
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ from torch import Tensor, nn
 from lmforge.launch.train.task_metrics import classification_metrics, generation_metrics
 from lmforge.model import (
     causal_lm_loss,
+    chunked_lm_loss,
     denoising_inputs,
     generate_seq2seq,
     masked_lm_inputs,
-    masked_lm_loss,
     shift_right,
 )
 from lmforge.pipeline.contract.dataset_manifest import TokenizerInfo
@@ -104,14 +109,43 @@ def corruption_generator(seed: int, step: int, rank: int, micro: int) -> torch.G
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def vocab_loss(model: nn.Module, inputs: dict[str, Tensor], labels: Tensor,
+               chunk_tokens: int = 0) -> Tensor:
+    """Mean fp32 cross-entropy of the model's vocabulary predictions against ``labels``.
+
+    Args:
+        model: The model or its DeepSpeed engine; called once with ``inputs``.
+        inputs: Keyword arguments of the model's forward.
+        labels: (B, T) targets aligned with the logits, ``IGNORE_INDEX`` where none.
+        chunk_tokens: 0: the plain loss on the model's logits; > 0: the model returns its
+            hidden states and its ``lm_head`` projects ``chunk_tokens`` positions at a time
+            (``train.loss_chunk_tokens``).
+
+    Returns:
+        Scalar fp32 loss; a zero connected to the graph when no label counts (so every
+        parameter still gets a gradient).
+    """
+    if chunk_tokens <= 0:
+        logits = model(**inputs)
+        if not bool((labels != IGNORE_INDEX).any()):
+            return logits.float().sum() * 0.0
+        return causal_lm_loss(logits, labels, IGNORE_INDEX)
+    hidden = model(**inputs, return_hidden=True)
+    module = getattr(model, "module", model)  # the engine's model owns lm_head and cfg
+    return chunked_lm_loss(hidden, module.lm_head, labels, module.cfg.vocab_size,
+                           chunk_tokens, IGNORE_INDEX)
+
+
 class CausalLM:
     """Next-token prediction on the loader's (already shifted) labels."""
 
     language_model = True  # validation perplexity is meaningful
 
-    def __init__(self, document_masking: bool, ids: SpecialIds | None = None) -> None:
+    def __init__(self, document_masking: bool, ids: SpecialIds | None = None,
+                 loss_chunk_tokens: int = 0) -> None:
         self.document_masking = document_masking
         self.ids = ids
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
                  generator: torch.Generator) -> ObjectiveOutput:
@@ -123,7 +157,7 @@ class CausalLM:
             inputs["segment_ids"] = batch["segment_ids"].to(device, non_blocking=True)
             inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
-        loss = causal_lm_loss(model(**inputs), labels)
+        loss = vocab_loss(model, inputs, labels, self.loss_chunk_tokens)
         targets = int((labels != IGNORE_INDEX).sum())
         return ObjectiveOutput(loss, targets, targets)
 
@@ -134,11 +168,12 @@ class MaskedLM:
     language_model = True  # validation perplexity is meaningful
 
     def __init__(self, ids: SpecialIds, vocab_size: int, document_masking: bool,
-                 mask_prob: float = 0.15) -> None:
+                 mask_prob: float = 0.15, loss_chunk_tokens: int = 0) -> None:
         self.ids = ids
         self.vocab_size = vocab_size
         self.document_masking = document_masking
         self.mask_prob = mask_prob
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
                  generator: torch.Generator) -> ObjectiveOutput:
@@ -153,12 +188,9 @@ class MaskedLM:
         if self.document_masking:
             inputs["segment_ids"] = batch["segment_ids"].to(device, non_blocking=True)
             inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-        logits = model(**inputs)
-        targets = int((labels != IGNORE_INDEX).sum())
-        if targets == 0:  # nothing selected (tiny batch): a zero loss still reaches every grad
-            return ObjectiveOutput(logits.float().sum() * 0.0, 0, int(real.sum()))
-        return ObjectiveOutput(masked_lm_loss(logits, labels.to(device)), targets,
-                               int(real.sum()))
+        # nothing selected (tiny batch): a zero loss still reaches every grad
+        loss = vocab_loss(model, inputs, labels.to(device), self.loss_chunk_tokens)
+        return ObjectiveOutput(loss, int((labels != IGNORE_INDEX).sum()), int(real.sum()))
 
 
 class Denoising:
@@ -167,10 +199,11 @@ class Denoising:
     language_model = True  # validation perplexity is meaningful
 
     def __init__(self, ids: SpecialIds, mask_ratio: float = 0.3,
-                 poisson_lambda: float = 3.0) -> None:
+                 poisson_lambda: float = 3.0, loss_chunk_tokens: int = 0) -> None:
         self.ids = ids
         self.mask_ratio = mask_ratio
         self.poisson_lambda = poisson_lambda
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
                  generator: torch.Generator) -> ObjectiveOutput:
@@ -181,9 +214,10 @@ class Denoising:
         labels = parts.pop("labels").to(device)
         for name in ("input_ids", "decoder_input_ids"):
             parts[name] = self.ids.model_input(parts[name])
-        logits = model(**{name: t.to(device) for name, t in parts.items()})
+        loss = vocab_loss(model, {name: t.to(device) for name, t in parts.items()}, labels,
+                          self.loss_chunk_tokens)
         targets = int((labels != IGNORE_INDEX).sum())
-        return ObjectiveOutput(causal_lm_loss(logits, labels), targets, targets)
+        return ObjectiveOutput(loss, targets, targets)
 
 
 def evaluating(model: nn.Module) -> bool:
@@ -196,17 +230,9 @@ class SFT(CausalLM):
     """Supervised fine-tuning: causal LM on response tokens only (the loader's ``labels``
     are -100 elsewhere), each packed example attending only to itself."""
 
-    def __init__(self, ids: SpecialIds) -> None:
-        super().__init__(document_masking=True, ids=ids)
-
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
-                 generator: torch.Generator) -> ObjectiveOutput:
-        if not bool((batch["labels"] != IGNORE_INDEX).any()):  # no response token at all
-            inputs = self.ids.model_input(batch["input_ids"]).to(device)
-            logits = model(input_ids=inputs, segment_ids=batch["segment_ids"].to(device),
-                           position_ids=batch["position_ids"].to(device))
-            return ObjectiveOutput(logits.float().sum() * 0.0, 0, 0)
-        return super().__call__(model, batch, device, generator)
+    def __init__(self, ids: SpecialIds, loss_chunk_tokens: int = 0) -> None:
+        # A row without any response token gets a connected zero loss (``vocab_loss``).
+        super().__init__(document_masking=True, ids=ids, loss_chunk_tokens=loss_chunk_tokens)
 
 
 class Classify:
@@ -247,20 +273,23 @@ class Seq2Seq:
     language_model = True
 
     def __init__(self, ids: SpecialIds, tokenizer_model: DatasetTokenizer | None = None,
-                 decode: bool = True) -> None:
+                 decode: bool = True, loss_chunk_tokens: int = 0) -> None:
         self.ids = ids
         self.tokenizer_model = tokenizer_model
         self.decode = decode and tokenizer_model is not None
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], device: torch.device,
                  generator: torch.Generator) -> ObjectiveOutput:
         inputs = self.teacher_forcing(batch)
         labels = inputs.pop("labels").to(device)
-        logits = model(**{name: t.to(device) for name, t in inputs.items()})
+        # only padding rows (the last batch of a finite pass): vocab_loss gives a zero
+        loss = vocab_loss(model, {name: t.to(device) for name, t in inputs.items()}, labels,
+                          self.loss_chunk_tokens)
         targets = int((labels != IGNORE_INDEX).sum())
-        if targets == 0:  # only padding rows (the last batch of a finite pass)
-            return ObjectiveOutput(logits.float().sum() * 0.0, 0, 0, [], [])
-        out = ObjectiveOutput(causal_lm_loss(logits, labels), targets, targets)
+        if targets == 0:
+            return ObjectiveOutput(loss, 0, 0, [], [])
+        out = ObjectiveOutput(loss, targets, targets)
         if evaluating(model) and self.decode:
             out.predictions, out.references = self.greedy_texts(model, batch, device)
         return out
@@ -312,7 +341,7 @@ Objective = CausalLM | MaskedLM | Denoising | SFT | Classify | Seq2Seq
 def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
                     document_masking: bool, labels: list[str] | None = None,
                     tokenizer_model: DatasetTokenizer | None = None,
-                    decode: bool = True) -> Objective:
+                    decode: bool = True, loss_chunk_tokens: int = 0) -> Objective:
     """The objective ``train.objective`` names.
 
     Args:
@@ -325,6 +354,7 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
         tokenizer_model: seq2seq: the dataset's tokenizer (validation outputs as text).
         decode: seq2seq: greedy-decode in validation (off under ZeRO-3, where ranks must
             run the same number of forwards).
+        loss_chunk_tokens: ``train.loss_chunk_tokens`` (0: plain loss on full logits).
 
     Raises:
         ValueError: The objective needs a mask token the dataset's tokenizer lacks (the
@@ -332,28 +362,29 @@ def build_objective(name: str, tokenizer: TokenizerInfo, vocab_size: int,
     """
     ids = special_ids(tokenizer)
     if name == "causal_lm":
-        return CausalLM(document_masking, ids)
+        return CausalLM(document_masking, ids, loss_chunk_tokens)
     if name == "sft":
-        return SFT(ids)
+        return SFT(ids, loss_chunk_tokens)
     if name == "classify":
         return Classify(ids, labels or [])
     if name == "seq2seq":
         if ids.eos < 0:
             raise ValueError("train.objective: seq2seq starts the decoder with the eos piece, "
                              "but the tokenizer has none; use a tokenizer with an eos piece")
-        return Seq2Seq(ids, tokenizer_model, decode)
+        return Seq2Seq(ids, tokenizer_model, decode, loss_chunk_tokens)
     if ids.mask is None:
         raise ValueError(
             f"train.objective: {name} needs a mask token, but the tokenizer has none; set "
             "tokenizer.mask_token (e.g. '<mask>') and run `lmforge prepare` again"
         )
     if name == "masked_lm":
-        return MaskedLM(ids, vocab_size, document_masking)
+        return MaskedLM(ids, vocab_size, document_masking,
+                        loss_chunk_tokens=loss_chunk_tokens)
     if name == "denoising":
         if ids.eos < 0:
             raise ValueError(
                 "train.objective: denoising starts the decoder with the eos piece, but the "
                 "tokenizer has none; use a tokenizer with an eos piece"
             )
-        return Denoising(ids)
+        return Denoising(ids, loss_chunk_tokens=loss_chunk_tokens)
     raise ValueError(f"train.objective: unknown objective {name!r}")
