@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
+from lmforge.model.document_masks import document_block_mask, flex_attention_call, use_flex
 from lmforge.model.rope import rope_frequencies
 
 if TYPE_CHECKING:
@@ -96,7 +98,7 @@ def build_attention_mask(
     k_segments: Tensor | None = None,
     key_padding: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor | None, bool]:
+) -> tuple[Tensor | BlockMask | None, bool]:
     """Mask argument for `scaled_dot_product_attention`, built once per forward.
 
     Args:
@@ -112,9 +114,10 @@ def build_attention_mask(
         dtype: dtype of an additive (ALiBi) mask.
 
     Returns:
-        (mask, is_causal): mask is None, a bool (B|1, 1, T, S) tensor (True = attend) or an
-        additive float (B|1, H, T, S) tensor; is_causal is True only when SDPA's built-in
-        causal path is exact (no mask, T == S, positions aligned).
+        (mask, is_causal): mask is None, a bool (B|1, 1, T, S) tensor (True = attend), an
+        additive float (B|1, H, T, S) tensor, or with packed documents a FlexAttention
+        `BlockMask` (see `document_mask_backend`); is_causal is True only when SDPA's
+        built-in causal path is exact (no mask, T == S, positions aligned).
     """
     T, S = q_pos.shape[-1], k_pos.shape[-1]
     alibi = cfg.position == "alibi"
@@ -123,6 +126,9 @@ def build_attention_mask(
             return None, False
         if T == S:
             return None, True
+    if q_segments is not None and k_segments is not None and use_flex(cfg, q_pos.device):
+        return document_block_mask(q_pos, k_pos, q_segments, k_segments, key_padding,
+                                   causal), False
     allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=q_pos.device)
     if causal:
         allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
@@ -258,6 +264,9 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.append(k, v)
+        if isinstance(mask, BlockMask):  # packed documents (see document_mask_backend)
+            y = flex_attention_call(q, k, v, mask, self.kv_heads != self.n_heads)
+            return self.out(y.transpose(1, 2).reshape(B, T, q_dim))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
