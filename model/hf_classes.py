@@ -12,6 +12,10 @@ from typing import Any
 from lmforge.model.config import ModelConfig
 
 _ACTS = ("gelu", "gelu_tanh", "relu")
+# Biases and norms inside attention that only the Qwen classes hold.
+_PLAIN_ATTENTION = {"qkv_bias": (None,), "qk_norm": (False,)}
+_LLAMA = {"position": ("rope",), "norm": ("rmsnorm",), "norm_position": ("pre",),
+          "activation": ("swiglu",), "embedding_norm": (False,), "scale_embeddings": (False,)}
 _MARIAN_LAYOUT = ("MarianMTModel's sinusoidal table puts sin in the first half of the "
                   "features and cos in the second; lmforge's interleaves them")
 
@@ -20,26 +24,34 @@ _MARIAN_LAYOUT = ("MarianMTModel's sinusoidal table puts sin in the first half o
 # closest one in a refusal. "n_kv_heads" stands for "n_kv_heads equals n_heads".
 _CANDIDATES: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "decoder": [
-        ("LlamaForCausalLM", {"position": ("rope",), "norm": ("rmsnorm",),
-                              "norm_position": ("pre",), "activation": ("swiglu",),
-                              "embedding_norm": (False,), "scale_embeddings": (False,)}, True),
+        ("LlamaForCausalLM", {**_LLAMA, "qkv_bias": (None,), "qk_norm": (False,)}, True),
+        # Llama's layout without biases; exported as Mistral only when imported from one.
+        ("MistralForCausalLM", {**_LLAMA, "bias": (False,), "qkv_bias": (None,),
+                                "qk_norm": (False,)}, True),
+        ("Qwen2ForCausalLM", {**_LLAMA, "bias": (False,), "qkv_bias": (True,),
+                              "qk_norm": (False,)}, True),
+        ("Qwen3ForCausalLM", {**_LLAMA, "bias": (False,), "qkv_bias": (None, False),
+                              "qk_norm": (True,)}, True),
         ("GPT2LMHeadModel", {"position": ("learned",), "norm": ("layernorm",),
                              "norm_position": ("pre",), "activation": _ACTS, "bias": (True,),
                              "tie_embeddings": (True,), "n_kv_heads": (),
-                             "embedding_norm": (False,), "scale_embeddings": (False,)}, True),
+                             "embedding_norm": (False,), "scale_embeddings": (False,),
+                             **_PLAIN_ATTENTION}, True),
     ],
     "encoder": [
         ("BertForMaskedLM", {"position": ("learned",), "norm": ("layernorm",),
                              "norm_position": ("post",), "activation": _ACTS, "bias": (True,),
                              "tie_embeddings": (True,), "n_kv_heads": (),
-                             "embedding_norm": (True,), "scale_embeddings": (False,)}, True),
+                             "embedding_norm": (True,), "scale_embeddings": (False,),
+                             **_PLAIN_ATTENTION}, True),
     ],
     "encoder_decoder": [
         # BART's LayerNorms have a fixed eps of 1e-5.
         ("BartForConditionalGeneration", {
             "position": ("learned",), "norm": ("layernorm",), "norm_position": ("post",),
             "norm_eps": (1e-5,), "activation": _ACTS, "bias": (True,),
-            "tie_embeddings": (True,), "n_kv_heads": (), "embedding_norm": (True,)}, True),
+            "tie_embeddings": (True,), "n_kv_heads": (), "embedding_norm": (True,),
+            **_PLAIN_ATTENTION}, True),
         # The 2017 Transformer's closest relative: sinusoidal positions, scaled embeddings,
         # post-LN, no embedding norm, LayerNorm eps fixed at 1e-5.
         ("MarianMTModel", {
@@ -73,13 +85,17 @@ def hf_mismatch(cfg: ModelConfig) -> tuple[str, list[str]]:
         (class name, ["field=value (needed)", ...]); an empty list means the class holds
         `cfg`'s weights exactly and export maps to it.
     """
+    # A model imported from a Hugging Face folder goes back to its own class when it fits.
+    imported = ((cfg.hf_config or {}).get("architectures") or [None])[0]
     ranked = []
-    for name, required, exported in _CANDIDATES[cfg.family]:
+    for order, (name, required, exported) in enumerate(_CANDIDATES[cfg.family]):
         diffs = _differences(cfg, required)
         if not exported and not diffs:
             diffs = [f"lmforge does not export to {name}"]
-        ranked.append((len(diffs), name, diffs))
-    _, name, diffs = min(ranked, key=lambda item: item[0])
+        if name == "MistralForCausalLM" and imported != name and not diffs:
+            continue  # Llama holds the same model; Mistral only for a Mistral source
+        ranked.append((len(diffs), name != imported, order, name, diffs))
+    *_, name, diffs = min(ranked, key=lambda item: item[:3])
     if name == "BertForMaskedLM" and cfg.num_labels:
         name = "BertForSequenceClassification"
     return name, diffs

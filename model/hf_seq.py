@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.hf_config import model_config_from_hf
 
 _ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-_ACT_BACK = {**{v: k for k, v in _ACT.items()}, "gelu_pytorch_tanh": "gelu_tanh"}
 _BART_POS_OFFSET = 2  # BartLearnedPositionalEmbedding keeps two unused rows in front
 
 
@@ -18,14 +18,6 @@ def _need(sd: dict[str, Tensor], key: str) -> Tensor:
         raise ValueError(f"state_dict: weight {key!r} is missing; was the checkpoint saved "
                          "from a model built with this config?")
     return sd[key]
-
-
-def _activation(config: dict, key: str) -> str:
-    act = _ACT_BACK.get(config.get(key))
-    if act is None:
-        raise ValueError(f"{key}: {config.get(key)!r} is not supported; use one of "
-                         f"{sorted(_ACT_BACK)}")
-    return act
 
 
 def _copy(out: dict, sd: dict, pairs: list[tuple[str, str]], reverse: bool) -> None:
@@ -96,15 +88,7 @@ def bert_to_hf(cfg: ModelConfig, sd: dict[str, Tensor], labels: list[str] | None
 def bert_from_hf(config: dict, sd: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
     """`BertForMaskedLM` / `BertForSequenceClassification` -> lmforge encoder."""
     num_labels = 0 if "cls.predictions.bias" in sd else len(config.get("id2label") or {})
-    cfg = ModelConfig(
-        family="encoder", vocab_size=config["vocab_size"], d_model=config["hidden_size"],
-        n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-        d_ff=config["intermediate_size"], max_seq_len=config["max_position_embeddings"],
-        position="learned", norm="layernorm", norm_position="post",
-        norm_eps=config["layer_norm_eps"], activation=_activation(config, "hidden_act"),
-        bias=True, tie_embeddings=True, type_vocab_size=config["type_vocab_size"],
-        embedding_norm=True, init="bert", num_labels=num_labels,
-    )
+    cfg = model_config_from_hf(config, num_labels=num_labels)
     out = {"tok_emb.weight": _need(sd, "bert.embeddings.word_embeddings.weight"),
            "pos_emb.weight": _need(sd, "bert.embeddings.position_embeddings.weight"),
            "type_emb.weight": _need(sd, "bert.embeddings.token_type_embeddings.weight")}
@@ -184,22 +168,9 @@ def bart_to_hf(cfg: ModelConfig, sd: dict[str, Tensor]) -> tuple[dict, dict[str,
 
 def bart_from_hf(config: dict, sd: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
     """`BartForConditionalGeneration` -> lmforge encoder-decoder."""
-    if config["encoder_ffn_dim"] != config["decoder_ffn_dim"] or \
-            config["encoder_attention_heads"] != config["decoder_attention_heads"]:
-        raise ValueError("encoder_ffn_dim: lmforge uses one width and head count for encoder "
-                         "and decoder; this BART differs between them")
+    cfg = model_config_from_hf(config)
     if "final_logits_bias" in sd and bool(sd["final_logits_bias"].any()):
         raise ValueError("final_logits_bias: non-zero logit bias has no lmforge counterpart")
-    cfg = ModelConfig(
-        family="encoder_decoder", vocab_size=config["vocab_size"], d_model=config["d_model"],
-        n_layers=config["encoder_layers"], n_encoder_layers=config["encoder_layers"],
-        n_decoder_layers=config["decoder_layers"], n_heads=config["encoder_attention_heads"],
-        d_ff=config["encoder_ffn_dim"], max_seq_len=config["max_position_embeddings"],
-        position="learned", norm="layernorm", norm_position="post", norm_eps=1e-5,
-        activation=_activation(config, "activation_function"), bias=True,
-        tie_embeddings=True, embedding_norm=True,
-        scale_embeddings=bool(config.get("scale_embedding", False)), init="bert",
-    )
     out = {"tok_emb.weight": _need(sd, "model.shared.weight"),
            "enc_pos_emb.weight": _need(sd, "model.encoder.embed_positions.weight")[2:],
            "dec_pos_emb.weight": _need(sd, "model.decoder.embed_positions.weight")[2:]}

@@ -42,7 +42,8 @@ log = logging.getLogger("lmforge.train")
 # Fields that decide what the weights mean (shapes are checked tensor by tensor).
 _ARCH_FIELDS = ("family", "d_model", "n_heads", "kv_heads", "ffn_dim", "position", "norm",
                 "norm_position", "activation", "bias", "tie_embeddings", "embedding_norm",
-                "scale_embeddings", "encoder_layers", "decoder_layers", "norm_eps", "rope_theta")
+                "scale_embeddings", "encoder_layers", "decoder_layers", "norm_eps", "rope_theta",
+                "rope_scaling", "qkv_bias", "qk_norm")
 # Parameters a source may lack: a classification head the fine-tune adds.
 _NEW_HEAD = ("pooler.", "classifier.")
 
@@ -182,13 +183,40 @@ def source_sections(folder: Path) -> tuple[ModelConfig, TrainableConfig]:
     return model, trainable
 
 
-def _hf_weights(folder: Path, config: dict[str, Any]) -> tuple[ModelConfig, dict]:
-    from safetensors.torch import load_file
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder: those its ``model.safetensors.index.json``
+    maps (a sharded checkpoint), else ``model.safetensors``, else every ``*.safetensors``.
 
+    Raises:
+        WarmStartError: No safetensors file, or the index names a file that is missing.
+    """
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise WarmStartError(f"init.source: {index} is not a safetensors index (no "
+                                 f"weight_map: {err}); restore the file") from err
+        names = sorted(set(weight_map.values()))
+        files = [folder / name for name in names]
+        missing = [f.name for f in files if not f.is_file() or f.parent != folder]
+        if missing:
+            raise WarmStartError(f"init.source: {index} maps weights to {missing[:3]}, which "
+                                 f"{folder} does not hold; download the missing shards")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WarmStartError(f"init.source: {folder} has config.json but no *.safetensors; "
                              "lmforge reads safetensors only (never pickled .bin files)")
+    return files
+
+
+def _hf_weights(folder: Path, config: dict[str, Any]) -> tuple[ModelConfig, dict]:
+    from safetensors.torch import load_file
+
+    files = safetensors_files(folder)
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -268,5 +296,14 @@ def load_source_weights(model: nn.Module, start: WarmStart, rank: int = 0) -> li
     if rank == 0:
         log.info("warm start: weights from %s (%s)%s", start.folder, start.kind,
                  f"; newly initialised: {', '.join(fresh)}" if fresh else "")
+    if start.kind == "hf":
+        del state, loaded, target
+        start.hf_state = None  # the gate loads transformers' copy: hold one copy at a time
+        if rank == 0:
+            from lmforge.launch.train.import_gate import verify_import
+
+            line = verify_import(start.folder, model).line()
+            log.info("%s", line)
+            print(line, flush=True)
     return fresh
 
