@@ -1,8 +1,8 @@
 """Text from a trained model, the demonstration that fits its family.
 
-``TextGenerator`` (decoder: prompts → sentencepiece ids → ``generate`` → text) runs at the end
-of ``lmforge run`` / in ``lmforge sample`` and, every ``train.sample_every`` steps, in the
-training callback that logs samples to MLflow. ``FillMaskPredictor`` (encoder: top-k at mask
+``TextGenerator`` (decoder: prompts → the dataset tokenizer's ids → ``generate`` → text) runs
+at the end of ``lmforge run`` / in ``lmforge sample`` and, every ``train.sample_every`` steps,
+in the training callback that logs samples to MLflow. ``FillMaskPredictor`` (encoder: top-k at mask
 tokens) and ``Seq2SeqGenerator`` (encoder-decoder: beam search from a source) run at the end;
 ``ClassifyPredictor`` (an encoder with a classification head: each prompt's label).
 """
@@ -36,12 +36,12 @@ class TextGenerator:
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[str]:
         """The prompt + continuation text for every prompt, in order."""
-        sp = self.tokenizer.processor
+        tok = self.tokenizer  # either kind: prompts encoded as the documents were
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         texts = []
         for prompt in self.sample.prompts:
-            ids = torch.tensor([sp.encode(prompt)], dtype=torch.long, device=device)
+            ids = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
             out = generate(
                 model,
                 ids,
@@ -52,7 +52,7 @@ class TextGenerator:
                 eos_id=self.eos_id,
                 generator=generator,
             )
-            texts.append(sp.decode(out[0].tolist()))
+            texts.append(tok.decode(out[0].tolist()))
         return texts
 
 
@@ -70,7 +70,7 @@ class FillMaskPredictor:
             raise ValueError("tokenizer.mask_token: the fill-mask demonstration needs a mask "
                              "token; set it and prepare again")
         self.sample, self.mask_id = sample, tokenizer.info.mask_id
-        self.sp = tokenizer.processor
+        self.tokenizer = tokenizer
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[dict]:
@@ -80,17 +80,18 @@ class FillMaskPredictor:
         device = next(model.parameters()).device
         records = []
         for prompt in self.sample.prompts:
-            ids = self.sp.encode(prompt)
+            ids = self.tokenizer.encode(prompt)
             positions = [i for i, t in enumerate(ids) if t == self.mask_id]
             logits = model(torch.tensor([ids], device=device))[0]  # (T, V)
             top = logits[positions].topk(self.sample.mask_top_k, dim=-1).indices.tolist()
             filled = list(ids)
             for position, candidates in zip(positions, top, strict=True):
                 filled[position] = candidates[0]
-            masks = [{"position": p, "top_ids": c, "top_tokens": [self.sp.id_to_piece(t)
+            masks = [{"position": p, "top_ids": c, "top_tokens": [self.tokenizer.id_to_piece(t)
                                                                   for t in c]}
                      for p, c in zip(positions, top, strict=True)]
-            records.append({"prompt": prompt, "text": self.sp.decode(filled), "masks": masks})
+            records.append({"prompt": prompt, "text": self.tokenizer.decode(filled),
+                            "masks": masks})
         return records
 
 
@@ -106,7 +107,7 @@ class Seq2SeqGenerator:
 
     def __init__(self, sample: SampleConfig, tokenizer: DatasetTokenizer) -> None:
         self.sample, self.eos_id = sample, tokenizer.info.eos_id
-        self.sp = tokenizer.processor
+        self.tokenizer = tokenizer
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[dict]:
@@ -115,11 +116,11 @@ class Seq2SeqGenerator:
         device = next(model.parameters()).device
         records = []
         for prompt in self.sample.prompts:
-            src = torch.tensor([self.sp.encode(prompt)], device=device)
+            src = torch.tensor([self.tokenizer.encode(prompt)], device=device)
             out = generate_seq2seq(model, src, self.sample.max_new_tokens,
                                    decoder_start_id=self.eos_id, eos_id=self.eos_id,
                                    num_beams=self.sample.num_beams)[0].tolist()
-            records.append({"prompt": prompt, "text": self.sp.decode(out[1:]), "ids": out})
+            records.append({"prompt": prompt, "text": self.tokenizer.decode(out[1:]), "ids": out})
         return records
 
 
@@ -138,7 +139,7 @@ class ClassifyPredictor:
         info = tokenizer.info
         self.bos = [info.bos_id] if info.bos_id >= 0 else []
         self.eos = [info.eos_id] if info.eos_id >= 0 else []
-        self.sp = tokenizer.processor
+        self.tokenizer = tokenizer
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> list[dict]:
@@ -147,7 +148,7 @@ class ClassifyPredictor:
         device = next(model.parameters()).device
         records = []
         for prompt in self.sample.prompts:
-            ids = self.bos + self.sp.encode(prompt) + self.eos
+            ids = self.bos + self.tokenizer.encode(prompt, special_tokens=False) + self.eos
             probs = model.classify(torch.tensor([ids], device=device))[0].float().softmax(-1)
             scores = {name: round(float(p), 4) for name, p in zip(self.labels, probs,
                                                                     strict=True)}

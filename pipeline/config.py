@@ -19,6 +19,7 @@ __all__ = [
     "DataConfig",
     "DatasetSpec",
     "LoaderConfig",
+    "NearDedupConfig",
     "TASK_KINDS",
     "TaskDataConfig",
     "TokenizerConfig",
@@ -101,6 +102,37 @@ class CleanConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name}: {value} must be in (0, 1]; 1.0 turns the check off")
+
+
+@dataclass
+class NearDedupConfig:
+    """Near-duplicate removal: MinHash over word n-grams, LSH bands, verified pairs, one
+    document kept per cluster (see pipeline/prepare/near_dedup.py)."""
+
+    ngram: int = 5
+    """Words per shingle (a document's set of word n-grams is what Jaccard compares)."""
+    bands: int = 14
+    """LSH bands; documents sharing all `rows` MinHash values of any band are candidates."""
+    rows: int = 8
+    """MinHash values per band; `bands × rows` hash functions in all (112 by default)."""
+    threshold: float = 0.8
+    """Candidate pairs whose exact Jaccard of shingle sets is at least this are duplicates.
+    Pairs near ``(1/bands)**(1/rows)`` (0.72 by default) become candidates half the time."""
+    seed: int = 1
+    """Seed of the MinHash hash functions (the result is deterministic for a seed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ngram", "bands", "rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1; "
+                                 "use e.g. ngram 5, bands 14, rows 8")
+        if self.bands * self.rows > 1024:
+            raise ValueError(f"bands: {self.bands} × rows {self.rows} = "
+                             f"{self.bands * self.rows} hash functions; use at most 1024")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold: {self.threshold} must be in (0, 1]; use e.g. 0.8")
+        if self.seed < 0:
+            raise ValueError(f"seed: {self.seed} is negative; use 0 or more")
 
 
 @dataclass
@@ -327,6 +359,10 @@ class DataConfig:
     ~4 chunks)."""
     dedup: bool = True
     """Remove exact duplicate documents across all datasets (the first occurrence is kept)."""
+    near_dedup: NearDedupConfig | bool = False
+    """Remove near-duplicate documents across all datasets (after exact dedup), keeping the
+    first document of each cluster: `true` for the defaults (5-word n-grams, 14 bands × 8
+    rows, Jaccard >= 0.8) or a mapping of `NearDedupConfig` settings; `false` for none."""
     clean: CleanConfig = field(default_factory=CleanConfig)
     """Cleaning and filtering chain."""
     max_record_bytes: int = 32 * 2**20
@@ -342,6 +378,11 @@ class DataConfig:
     `<output_dir>/task/{train,val}-NNNNNN.tar` with the tokenizer at `tokenizer.model_path`."""
 
     def __post_init__(self) -> None:
+        if self.near_dedup is True:  # `near_dedup: true` means the defaults
+            self.near_dedup = NearDedupConfig()
+        elif not isinstance(self.near_dedup, (bool, NearDedupConfig)):
+            raise ValueError(f"near_dedup: {self.near_dedup!r} is neither true/false nor a "
+                             "mapping of settings (ngram, bands, rows, threshold, seed)")
         if self.task is not None and self.datasets:
             raise ValueError(
                 "task: set together with data.datasets; a task data set replaces the "

@@ -1,7 +1,8 @@
 """The run config against the dataset it trains on, checked before any process starts.
 
 ``pipeline/`` prepared the dataset and recorded what it was prepared with in its
-``DatasetManifest`` (sequence length, tokenizer file and hash, vocabulary, special tokens).
+``DatasetManifest`` (sequence length, tokenizer kind, files and hashes, vocabulary, special
+tokens).
 Training must agree with every one of them; a disagreement is reported with both values
 and what to do, all problems at once.
 """
@@ -20,7 +21,11 @@ from lmforge.launch.config.run_config import (
 from lmforge.launch.config.typed_yaml import ConfigError
 from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
-from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
+from lmforge.pipeline.contract.dataset_tokenizer import (
+    SENTENCEPIECE,
+    file_sha256,
+    tokenizer_mismatches,
+)
 
 # Objectives that replace tokens by the tokenizer's mask piece.
 MASKING_OBJECTIVES = ("masked_lm", "denoising")
@@ -130,14 +135,28 @@ def _task_problems(cfg: RunConfig, manifest: DatasetManifest, data: str) -> list
 
 
 def _tokenizer_problems(model_path: str, manifest: DatasetManifest, data: str) -> list[str]:
+    """A configured tokenizer against the manifest's: the kind and every file's sha256."""
+    info = manifest.tokenizer
+    if info.kind != SENTENCEPIECE:
+        problems = tokenizer_mismatches(model_path, info)
+        if not problems:
+            return []
+        # The dataset folder holds the tokenizer's files under their HF names.
+        return [f"{problems[0]}; the tokenizer {data} was prepared with is an HF tokenizer "
+                f"({', '.join(info.file_sha256s())}): prepare again with this one, or set "
+                f"tokenizer.model_path={manifest.folder}", *problems[1:]]
+    if Path(model_path).is_dir() or model_path.endswith(".json"):
+        return [f"tokenizer.model_path: {model_path} is an HF tokenizer, but {data} was "
+                "prepared with a sentencepiece model: prepare again with it, or set "
+                f"tokenizer.model_path={manifest.tokenizer_path}"]
     if not Path(model_path).is_file():
         return [f"tokenizer.model_path: {model_path} does not exist: point it at the "
                 f"sentencepiece model the data was prepared with ({manifest.tokenizer_path})"]
     digest = file_sha256(model_path)
-    if digest == manifest.tokenizer.sha256:
+    if digest == info.sha256:
         return []
     return [
         f"tokenizer.model_path: {model_path} (sha256 {digest[:12]}…) is not the tokenizer "
-        f"{data} was prepared with (sha256 {manifest.tokenizer.sha256[:12]}…): prepare again "
+        f"{data} was prepared with (sha256 {info.sha256[:12]}…): prepare again "
         f"with it, or set tokenizer.model_path={manifest.tokenizer_path}"
     ]

@@ -75,7 +75,7 @@ class ExportCheck:
 
     @torch.no_grad()
     def _check_greedy(self, folder: Path, hf_model: nn.Module) -> list[int]:
-        ids = self.sentencepiece.processor.encode(GREEDY_TEXT)
+        ids = self.sentencepiece.encode(GREEDY_TEXT)
         eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
         common = {"max_new_tokens": GREEDY_TOKENS, "do_sample": False, "num_beams": 1,
                   "eos_token_id": eos, "pad_token_id": pad}

@@ -328,7 +328,7 @@ class Seq2Seq:
             if token in (self.ids.eos, self.ids.pad):
                 break
             kept.append(token)
-        return self.tokenizer_model.processor.decode(kept)
+        return self.tokenizer_model.decode(kept)
 
     def metrics(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         """Exact match and BLEU (``val_`` names)."""

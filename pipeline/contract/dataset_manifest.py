@@ -48,12 +48,13 @@ class SpecialToken:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """The manifest's `tokenizer` section: the sentencepiece model the tokens come from."""
+    """The manifest's `tokenizer` section: the tokenizer the tokens come from (a sentencepiece
+    model, or a Hugging Face tokenizer: see `dataset_tokenizer.py`)."""
 
     file: str
-    """The model file, relative to the dataset folder (`tokenizer.model`)."""
+    """The main file, relative to the dataset folder (`tokenizer.model`, `tokenizer.json`)."""
     sha256: str
-    """Hex sha256 of the model file."""
+    """Hex sha256 of the main file."""
     vocab_size: int
     """Pieces in the vocabulary, special and byte-fallback pieces included."""
     type: str
@@ -71,6 +72,16 @@ class TokenizerInfo:
     """User-defined special pieces beyond the roles (the JSON's `special_tokens.extra`)."""
     byte_fallback: bool
     """Unknown characters are encoded as byte pieces."""
+    kind: str = "sentencepiece"
+    """`sentencepiece` or `hf`; the JSON has `kind` and `files` only for `hf`, so
+    sentencepiece manifests keep their bytes."""
+    files: dict[str, str] = field(default_factory=dict)
+    """hf: every file of the tokenizer in the dataset folder → its sha256 (`file` included)."""
+
+    def file_sha256s(self) -> dict[str, str]:
+        """Every file of the tokenizer (relative to the dataset folder) → its sha256, the main
+        file first: what "the same tokenizer" means (`dataset_tokenizer.tokenizer_mismatches`)."""
+        return {self.file: self.sha256, **self.files}
 
     @property
     def padding_id(self) -> int:
@@ -115,6 +126,8 @@ class TokenizerInfo:
             "eos_id": self.eos_id,
             "special_tokens": special,
             "byte_fallback": self.byte_fallback,
+            **({"kind": self.kind, "files": dict(self.files)} if self.kind != "sentencepiece"
+               else {}),
         }
 
 
@@ -323,7 +336,7 @@ class DatasetManifest:
 
     @property
     def tokenizer_path(self) -> str:
-        """The sentencepiece model (a path, or a URL for remote datasets)."""
+        """The tokenizer's main file (a path, or a URL for remote datasets)."""
         return f"{self.folder}/{self.tokenizer.file}"
 
     def check_tokenizer_file(self) -> None:
@@ -336,17 +349,18 @@ class DatasetManifest:
         """
         if self._tokenizer_checked:
             return
-        path = self.tokenizer_path
-        try:
-            digest = hashlib.sha256(read_bytes(path)).hexdigest()
-        except OSError as err:
-            raise ManifestError(f"{path}: cannot read the dataset's tokenizer ({err}); "
-                                f"{_AGAIN}") from err
-        if digest != self.tokenizer.sha256:
-            raise ManifestError(
-                f"{path}: sha256 {digest[:12]}… is not the {self.tokenizer.sha256[:12]}… "
-                f"{self.location or 'the manifest'} records: the tokenizer was replaced "
-                f"after the data was encoded; {_AGAIN}")
+        for name, want in self.tokenizer.file_sha256s().items():
+            path = f"{self.folder}/{name}"
+            try:
+                digest = hashlib.sha256(read_bytes(path)).hexdigest()
+            except OSError as err:
+                raise ManifestError(f"{path}: cannot read the dataset's tokenizer ({err}); "
+                                    f"{_AGAIN}") from err
+            if digest != want:
+                raise ManifestError(
+                    f"{path}: sha256 {digest[:12]}… is not the {want[:12]}… "
+                    f"{self.location or 'the manifest'} records: the tokenizer was replaced "
+                    f"after the data was encoded; {_AGAIN}")
         self._tokenizer_checked = True
 
     @functools.cached_property
@@ -447,7 +461,21 @@ def _tokenizer(t: _Object) -> TokenizerInfo:
         },
         extra_special_tokens=[_special(e) for e in extras],
         byte_fallback=t.flag("byte_fallback"),
+        kind=_tokenizer_kind(t),
+        files={name: f.checksum(name) for name in f.raw} if (f := _files(t)) else {},
     )
+
+
+def _tokenizer_kind(t: _Object) -> str:
+    kind = t.text("kind") if "kind" in t.raw else "sentencepiece"
+    if kind not in ("sentencepiece", "hf"):
+        raise ManifestError(f"{t.location}: key 'tokenizer.kind' is {kind!r}, expected "
+                            f"sentencepiece or hf; {_AGAIN}")
+    return kind
+
+
+def _files(t: _Object) -> _Object | None:
+    return t.obj("files") if "files" in t.raw else None
 
 
 def _dataset(d: _Object) -> DatasetInfo:

@@ -4,11 +4,12 @@
 - ``sources.py`` input files and their read chunks; ``readers.py`` documents out of them
 - ``steps.py`` cleaning and quality steps; ``phases.py`` each phase's work per item, resumable,
   returning the dataclasses of ``results.py``; ``tasks.py`` fine-tuning task data
-- ``tokenizer.py`` sentencepiece training and encoding; ``shards.py`` the shard writer
+- ``tokenizer.py`` sentencepiece training, and encoding with either tokenizer kind;
+  ``shards.py`` the shard writer
 - ``manifest_writer.py``, ``task_manifest.py``, ``stats.py`` what is written at the end;
   ``publish.py`` the work folder and moving the finished dataset into place
 
 No torch, nothing of ``launch``; the drivers hand the phase items to ``run``'s executors.
 May import: lmforge.pipeline.config, lmforge.pipeline.contract, lmforge.pipeline.durable,
-    lmforge.pipeline.folder_lock, lmforge.pipeline.run, sentencepiece, webdataset
+    lmforge.pipeline.folder_lock, lmforge.pipeline.run, sentencepiece, tokenizers, webdataset
 """

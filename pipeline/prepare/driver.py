@@ -36,6 +36,7 @@ from lmforge.pipeline.prepare.manifest_writer import (
     fingerprint,
     is_complete,
 )
+from lmforge.pipeline.prepare.near_dedup import run_near_dedup
 from lmforge.pipeline.prepare.phases import (
     SPLITS,
     ShardPlan,
@@ -64,9 +65,9 @@ from lmforge.pipeline.run.local_ray import ray_session
 
 PARTITION_BYTES = 512 * 2**20  # input bytes per dedup partition: bounds its memory
 # (encode results, shard plans, written shards) and, before them, clean results, dedup
-# results, the tokenizer model and its description.
+# results, near-dedup stats (empty when off), the tokenizer model and its description.
 _Written = tuple[list[EncodeResult], list[ShardPlan], list[ShardInfo]]
-_Phases = tuple[list[CleanResult], list[DedupResult], Path, dict, _Written]
+_Phases = tuple[list[CleanResult], list[DedupResult], dict, Path, dict, _Written]
 
 
 def prepare(
@@ -161,7 +162,7 @@ def _run(
     empty = [f.url for f in files if f.size == 0]
     say(f"{len(files)} files, {space.input_bytes / 1e6:.1f} MB in {len(chunks)} read chunks "
         f"on {ex.workers} workers", progress)
-    clean, dedup, model, info, (encoded, plans, shards) = _phases(
+    clean, dedup, near, model, info, (encoded, plans, shards) = _phases(
         data, tokenizer, ctx, ex, chunks, seconds, progress
     )
     for spec in data.datasets:
@@ -173,7 +174,8 @@ def _run(
     with disk_space_errors(staging):
         write_atomic(staging / TOKENIZER_FILE, model.read_bytes())  # the manifest vouches
         manifest = build_manifest(data, info, fp, files, shards, plans, {})
-        stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds)
+        stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds,
+                          near_dedup=near)
         # The phase workers draw the plots while this process writes the rest.
         plots = plots_of(stats)
         drawn = [ex.submit(draw_plot, plot, str(staging / "plots")) for plot in plots]
@@ -203,11 +205,13 @@ def _phases(
     seconds: dict[str, float],
     progress: bool,
 ) -> _Phases:
-    """Clean every chunk, dedup across the corpus, get the tokenizer, then encode; or, with
-    no dedup and a given tokenizer, read, clean and encode each chunk in one pass."""
-    one_pass = not data.dedup and bool(tokenizer.model_path)
+    """Clean every chunk, dedup across the corpus (exact, then near), get the tokenizer,
+    then encode; or, with no dedup and a given tokenizer, read, clean and encode each chunk
+    in one pass."""
+    one_pass = not data.dedup and not data.near_dedup and bool(tokenizer.model_path)
     clean: list[CleanResult] = []
     dedup: list[DedupResult] = []
+    near: dict = {}
     if not one_pass:
         t0 = time.perf_counter()
         clean = ex.map(clean_chunk, chunks, "clean", ctx)
@@ -219,9 +223,16 @@ def _phases(
             dedup = ex.map(dedup_partition, list(range(ctx.num_partitions)), "dedup", ctx,
                            bounds)
         seconds["dedup"] = time.perf_counter() - t0
+        if data.near_dedup:
+            t0 = time.perf_counter()
+            outcome = run_near_dedup(ctx, ex, clean)
+            ctx.near_partitions, near = outcome.partitions, outcome.stats
+            seconds["near_dedup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = _tokenizer_model(data, tokenizer, ctx, ex, clean, dedup, progress)
+    model = _tokenizer_model(data, tokenizer, ctx, ex, clean,
+                             sum(r.removed_bytes for r in dedup) + near.get("removed_bytes", 0),
+                             progress)
     info = describe_tokenizer(model, tokenizer)
     ctx.tokenizer_model = str(model)
     ctx.pad_id = padding_id(info["pad_id"], info["vocab_size"])
@@ -230,12 +241,12 @@ def _phases(
     if not one_pass:
         written = _encode_and_write(data, ctx, ex, chunks, encode_chunk,
                                     [c.index for c in chunks], info, seconds)
-        return clean, dedup, model, info, written
+        return clean, dedup, near, model, info, written
     written = _encode_and_write(data, ctx, ex, chunks, clean_and_encode_chunk, chunks, info,
                                 seconds, phase="clean+encode")
     clean = [r.clean for r in written[0]]
     _check_some_kept(clean)
-    return clean, dedup, model, info, written
+    return clean, dedup, near, model, info, written
 
 
 def _check_some_kept(clean: list[CleanResult]) -> None:
@@ -298,7 +309,7 @@ def _tokenizer_model(
     ctx: WorkContext,
     ex: LocalExecutor | RayExecutor,
     clean: list[CleanResult],
-    dedup: list[DedupResult],
+    removed_bytes: int,
     progress: bool,
 ) -> Path:
     """Reuse `tokenizer.model_path`, or train one on a uniform share of the cleaned corpus
@@ -311,7 +322,7 @@ def _tokenizer_model(
     model = ctx.path("tokenizer.model")
     if model.exists():  # trained by an interrupted run with the same fingerprint
         return model
-    kept = sum(r.kept.bytes for r in clean) - sum(r.removed_bytes for r in dedup)
+    kept = sum(r.kept.bytes for r in clean) - removed_bytes  # after exact and near dedup
     ctx.tokenizer_text_threshold = min(1.0, tokenizer.sample_bytes / max(kept, 1))
     texts = ex.map(tokenizer_text_of_chunk, [r.chunk for r in clean], "tokenizer text", ctx)
     text_file = ctx.path("tokenizer_text.txt")

@@ -25,6 +25,7 @@ from lmforge.pipeline.contract.dataset_manifest import (
     SplitInfo,
     TokenizerInfo,
 )
+from lmforge.pipeline.contract.dataset_tokenizer import tokenizer_source
 from lmforge.pipeline.contract.shard_format import (
     MANIFEST_VERSION,
     TOKENIZER_FILE,
@@ -34,7 +35,6 @@ from lmforge.pipeline.contract.shard_format import (
 from lmforge.pipeline.prepare.phases import SPLITS, ShardPlan
 from lmforge.pipeline.prepare.results import EncodeResult
 from lmforge.pipeline.prepare.sources import SourceFile
-from lmforge.pipeline.prepare.tokenizer import file_sha256
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -64,7 +64,7 @@ def fingerprint(data: DataConfig, tokenizer: TokenizerConfig, files: list[Source
     data_part = {k: v for k, v in asdict(data).items() if k not in _NOT_FINGERPRINTED}
     tok_part = asdict(tokenizer)
     if tokenizer.model_path:
-        tok_part["model_path"] = file_sha256(tokenizer.model_path)
+        tok_part["model_path"] = tokenizer_source(tokenizer.model_path).digest()
     payload = {
         "revision": FORMAT_REVISION,
         "data": data_part,

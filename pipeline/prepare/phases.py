@@ -1,11 +1,12 @@
 """The work of each prepare phase, one item at a time, resumable.
 
 Phases: clean (read + clean/filter + hash, per read chunk) → dedup (per hash partition) →
-tokenizer text (per chunk: the text the tokenizer trains on) → encode (per chunk) → write
-(per shard). Without dedup and with a given tokenizer, clean and encode run as one pass per
-chunk instead. Each item writes its outputs atomically under the work folder and then a
-`done/` marker holding its result (results.py), so a rerun after a crash returns finished
-items from their markers and only does the rest. The functions know nothing about who runs
+near dedup (near_dedup.py, when on) → tokenizer text (per chunk: the text the tokenizer
+trains on) → encode (per chunk) → write (per shard). Without dedup and with a given
+tokenizer, clean and encode run as one pass per chunk instead. Each item writes its
+outputs atomically under the work folder and then a `done/` marker holding its result
+(results.py), so a rerun after a crash returns finished items from their markers and only
+does the rest. The functions know nothing about who runs
 them (in-process or Ray).
 """
 
@@ -59,6 +60,7 @@ class WorkContext:
     tokenizer_model: str = ""
     tokenizer_text_threshold: float = 0.0  # the share of documents the tokenizer trains on
     pad_id: int = 0  # the padding id (`shard_format.padding_id`), not always a piece
+    near_partitions: int = 0  # set once near-dedup is done: its `near_dedup/` files
 
     def path(self, *parts: str) -> Path:
         return Path(self.work_dir).joinpath(*parts)
@@ -235,12 +237,12 @@ def _load_clean(chunk: int, ctx: WorkContext) -> tuple[np.ndarray, np.ndarray, n
 
 def _kept_mask(chunk: int, n_docs: int, ctx: WorkContext) -> np.ndarray:
     keep = np.ones(n_docs, bool)
-    if not ctx.data.dedup:
-        return keep
-    for partition in range(ctx.num_partitions):
-        removed = np.load(ctx.path("dedup", f"{partition:05d}.npy"), mmap_mode="r")
-        lo, hi = np.searchsorted(removed["chunk"], [chunk, chunk + 1])
-        keep[np.asarray(removed["doc"][lo:hi], np.int64)] = False
+    exact = ctx.num_partitions if ctx.data.dedup else 0
+    for folder, partitions in (("dedup", exact), ("near_dedup", ctx.near_partitions)):
+        for partition in range(partitions):
+            removed = np.load(ctx.path(folder, f"{partition:05d}.npy"), mmap_mode="r")
+            lo, hi = np.searchsorted(removed["chunk"], [chunk, chunk + 1])
+            keep[np.asarray(removed["doc"][lo:hi], np.int64)] = False
     return keep
 
 

@@ -42,8 +42,10 @@ def summarize(
     manifest_datasets: dict[str, DatasetInfo],
     empty_files: list[str],
     seconds: dict[str, float],
+    near_dedup: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Counts per phase, step, dataset and bad-input kind, plus throughput.
+    """Counts per phase, step, dataset and bad-input kind, plus throughput; `near_dedup`
+    (`near_dedup.near_dedup_stats`, when on) goes in as it is.
 
     Returns:
         The full stats (stats.json, read back by `contract.stats.PrepareStats`);
@@ -78,6 +80,7 @@ def summarize(
         "datasets": per_dataset,
         "steps": {name: vars(s) for name, s in steps.items()},
         "dedup": dedup,
+        **({"near_dedup": near_dedup} if near_dedup else {}),
         "bad_input": merge_bad_input([r.bad_input for r in clean_results], empty_files),
         "tokens": tokens,
         "padding_tokens": {
@@ -103,6 +106,9 @@ def summary_for_manifest(stats: dict[str, Any]) -> dict[str, Any]:
         },
         "steps": stats["steps"],
         "dedup": stats["dedup"],
+        **({"near_dedup": {k: stats["near_dedup"][k] for k in
+                           ("removed_docs", "removed_bytes", "datasets")}}
+           if "near_dedup" in stats else {}),
         "bad_input": stats["bad_input"]["counts"],
         "tokens": stats["tokens"],
         "files": stats.get("files", {}),
@@ -131,6 +137,8 @@ def plots_of(stats: dict[str, Any]) -> list[BarPlot]:
               for split, n in splits.items()}
     removed = {name: s["removed_docs"] for name, s in stats["steps"].items()}
     removed["dedup"] = stats["dedup"]["removed_docs"]
+    if "near_dedup" in stats:
+        removed["near_dedup"] = stats["near_dedup"]["removed_docs"]
     removed.update({f"bad:{k}": v for k, v in stats["bad_input"]["counts"].items()})
     return [
         BarPlot("doc_length_hist.png", "Document length", "documents",

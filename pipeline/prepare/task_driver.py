@@ -15,13 +15,13 @@ import numpy as np
 
 from lmforge.pipeline.config import DataConfig, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.contract.dataset_tokenizer import tokenizer_source
 from lmforge.pipeline.contract.shard_format import (
-    TOKENIZER_FILE,
     padding_id,
     task_samples_per_shard,
     token_dtype,
 )
-from lmforge.pipeline.durable import disk_space_errors, write_atomic, write_json
+from lmforge.pipeline.durable import disk_space_errors, write_json
 from lmforge.pipeline.prepare.phases import SPLITS
 from lmforge.pipeline.prepare.publish import Workspace, publish, remove_work, say
 from lmforge.pipeline.prepare.sources import ReadChunk, SourceFile, plan_read_chunks
@@ -40,7 +40,7 @@ from lmforge.pipeline.prepare.tasks import (
     task_specs,
     write_task_shard,
 )
-from lmforge.pipeline.prepare.tokenizer import describe_tokenizer
+from lmforge.pipeline.prepare.tokenizer import copy_tokenizer_files, describe_tokenizer
 from lmforge.pipeline.run.executor import LocalExecutor, RayExecutor
 
 
@@ -51,10 +51,7 @@ def check_task_tokenizer(tokenizer: TokenizerConfig) -> None:
             "tokenizer.model_path: not set; task data (data.task) is encoded with an existing "
             "tokenizer: set it to the pretraining dataset's tokenizer.model"
         )
-    if not Path(tokenizer.model_path).is_file():
-        raise ValueError(
-            f"tokenizer.model_path: {tokenizer.model_path} does not exist; fix the path"
-        )
+    tokenizer_source(tokenizer.model_path)  # a sentencepiece model, tokenizer.json or HF folder
 
 
 def run_task(
@@ -105,7 +102,7 @@ def run_task(
 
     with disk_space_errors(staging):
         staging.mkdir(parents=True, exist_ok=True)
-        write_atomic(staging / TOKENIZER_FILE, model.read_bytes())  # the manifest vouches
+        copy_tokenizer_files(model, staging)  # durable: the manifest vouches for them
         manifest = build_task_manifest(data, info, fp, files, shards, plans, task)
         empty = [f.url for f in files if f.size == 0]
         stats = task_stats(encoded, manifest, space.input_bytes, empty, seconds)

@@ -198,13 +198,14 @@ class _Encoder:
     `aux` being the prompt length (sft), the label id (classify) or the target length."""
 
     def __init__(self, kind: str, encoder: DocumentEncoder, labels: list[str]) -> None:
-        self.kind, self.sp = kind, encoder.sp
+        self.kind, self.text = kind, encoder.text
         self.eos = [encoder.eos_id] if encoder.eos_id >= 0 else []
-        self.bos = [self.sp.bos_id()] if kind == "classify" and self.sp.bos_id() >= 0 else []
+        self.bos = [self.text.bos_id] if kind == "classify" and self.text.bos_id >= 0 else []
         self.label_ids = {label: i for i, label in enumerate(labels)}
 
     def __call__(self, first: str, second: str) -> tuple[list[int], int, list[int] | None]:
-        encode = self.sp.encode
+        def encode(text: str) -> list[int]:  # the text's ids alone; bos/eos added here
+            return self.text.encode(text, special_tokens=False)
         if self.kind == "classify":
             return self.bos + encode(first) + self.eos, self.label_ids[second], None
         if self.kind == "sft":

@@ -1,12 +1,25 @@
-"""sentencepiece training, description and batch encoding.
+"""sentencepiece training; the description, files and batch encoding of either tokenizer kind.
 
 `SENTENCEPIECE_OPTIONS` is the one place the training options live; the Hugging Face export
 converts exactly these. They make `decode(encode(text)) == text` for any text: identity
 normalization, no whitespace squeezing, byte fallback for unseen characters.
+
+A reused tokenizer (`tokenizer.model_path`) is a sentencepiece model or a Hugging Face
+tokenizer (`dataset_tokenizer.tokenizer_source`); `describe_tokenizer`, `copy_tokenizer_files`
+and `DocumentEncoder` take either. An HF tokenizer encodes each document as
+`AutoTokenizer.from_pretrained(folder)(text)` does (`contract/hf_tokenizer.py`), then EOS.
+
+Threads: every encoder is one thread; parallelism comes from the pool of encoder actors (one
+per core). `tokenizers` has a Rayon thread pool of its own that `encode_batch` would use; the
+HF encoder sets ``TOKENIZERS_PARALLELISM=false`` in its process (unless the environment sets
+it), so that pool never starts and two workers on two cores run two threads, not 2 × cores
+(``RAYON_NUM_THREADS`` is then irrelevant).
 """
 
 from __future__ import annotations
 
+import os
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +27,14 @@ import numpy as np
 import sentencepiece as spm
 
 from lmforge.pipeline.config import TokenizerConfig
-from lmforge.pipeline.contract.dataset_tokenizer import file_sha256
+from lmforge.pipeline.contract.dataset_tokenizer import (
+    HF,
+    SENTENCEPIECE,
+    file_sha256,
+    open_tokenizer,
+    tokenizer_source,
+)
+from lmforge.pipeline.contract.hf_tokenizer import ROLES, HFTokenizer
 from lmforge.pipeline.contract.shard_format import token_dtype
 from lmforge.pipeline.durable import write_atomic
 
@@ -99,7 +119,58 @@ def train_tokenizer(text_file: Path, config: TokenizerConfig, model_path: Path) 
     return model_path
 
 
+def copy_tokenizer_files(model_path: Path | str, folder: Path) -> None:
+    """Write the tokenizer's files into a dataset folder under their names there
+    (``tokenizer.model``, or ``tokenizer.json`` and its config files), durably: the manifest
+    vouches for them."""
+    for name, path in tokenizer_source(model_path).files.items():
+        write_atomic(folder / name, path.read_bytes())
+
+
 def describe_tokenizer(model_path: Path | str, config: TokenizerConfig) -> dict[str, Any]:
+    """The manifest's `tokenizer` entry for a sentencepiece model (without `file`) or an HF
+    tokenizer (with `file`, `kind` and `files`); see `describe_sentencepiece`."""
+    source = tokenizer_source(model_path)
+    if source.kind == SENTENCEPIECE:
+        return describe_sentencepiece(source.files["tokenizer.model"], config)
+    return describe_hf(open_tokenizer(source), source.sha256s(), config)
+
+
+def describe_hf(tok: HFTokenizer, sha256s: dict[str, str],
+                config: TokenizerConfig) -> dict[str, Any]:
+    """The manifest's `tokenizer` entry of an HF tokenizer: the roles and ids its config
+    gives (`HFTokenizer`), its vocabulary (highest id + 1) and every file's sha256.
+
+    Without a role in the HF config, lmforge's `tokenizer.mask_token` / `sep_token` still
+    name the mask / sep token if the vocabulary has them.
+    """
+    special: dict[str, Any] = {}
+    for role in ROLES:
+        piece = tok.roles[role]
+        if piece is None and role in ("mask", "sep"):
+            piece = config.mask_token if role == "mask" else config.sep_token
+        token_id = tok.tokenizer.token_to_id(piece) if piece else None
+        if token_id is not None:
+            special[role] = {"piece": piece, "id": token_id}
+    special["extra"] = [{"piece": p, "id": tok.tokenizer.token_to_id(p)} for p in tok.extras]
+    main = next(iter(sha256s))
+    return {
+        "file": main,
+        "sha256": sha256s[main],
+        "vocab_size": tok.vocab_size,
+        "type": tok.model_type(),
+        "pad_id": tok.pad_id,
+        "unk_id": tok.unk_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "special_tokens": special,
+        "byte_fallback": tok.byte_fallback(),
+        "kind": HF,
+        "files": dict(sha256s),
+    }
+
+
+def describe_sentencepiece(model_path: Path | str, config: TokenizerConfig) -> dict[str, Any]:
     """The manifest's `tokenizer` entry (without `file`) for a sentencepiece model.
 
     Any sentencepiece model works: without a pad piece (``pad_id`` -1, as in Llama's
@@ -139,15 +210,40 @@ def describe_tokenizer(model_path: Path | str, config: TokenizerConfig) -> dict[
 
 
 class DocumentEncoder:
-    """Encodes document texts into one EOS-joined token stream (the `TokenizerStep`)."""
+    """Encodes document texts into one EOS-joined token stream (the `TokenizerStep`), with a
+    sentencepiece model or an HF tokenizer (`model_path`: a file or an HF folder).
+
+    Attributes:
+        text: The tokenizer (`encode(text, special_tokens)`, `bos_id`, ...), for task data.
+    """
 
     def __init__(self, model_path: Path | str) -> None:
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.eos_id = self.sp.eos_id()
-        self.dtype = np.dtype(token_dtype(self.sp.vocab_size(), self.sp.pad_id()))
-        self._encode = self.sp.encode
-        # A model without an eos piece: documents follow each other directly.
-        self._eos = np.array([self.eos_id] if self.eos_id >= 0 else [], np.int32)
+        source = tokenizer_source(model_path)
+        if source.kind == HF:
+            # One thread per encoder: see the module docstring.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.text = open_tokenizer(source)
+        self.eos_id = self.text.eos_id
+        self.dtype = np.dtype(token_dtype(self.text.vocab_size, self.text.pad_id))
+        # A model without an eos piece: documents follow each other directly; an HF
+        # tokenizer that ends every text with eos itself (add_eos_token) gets no second one.
+        appended = self.eos_id >= 0 and not self.text.adds_eos
+        self._eos = np.array([self.eos_id] if appended else [], np.int32)
+        if source.kind == SENTENCEPIECE:
+            self._encode = self.text.processor.encode
+        else:
+            self.encode = self._encode_hf  # type: ignore[method-assign]
+
+    def _encode_hf(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` with an HF tokenizer: one batch call, ids flattened straight into numpy."""
+        if not texts:
+            return np.zeros(0, self.dtype), np.zeros(0, np.int64)
+        docs = self.text.encode_batch(texts)
+        if len(self._eos):
+            docs = [ids + [self.eos_id] for ids in docs]
+        lengths = np.fromiter(map(len, docs), np.int64, count=len(docs))
+        tokens = np.fromiter(chain.from_iterable(docs), self.dtype, count=int(lengths.sum()))
+        return tokens, lengths
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encode texts, each followed by EOS (when the model has an eos piece).

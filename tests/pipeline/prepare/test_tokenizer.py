@@ -75,10 +75,10 @@ def test_encoder_joins_documents_with_eos(model: tuple[Path, TokenizerConfig]) -
     ends = np.cumsum(lengths) - 1
     assert np.all(tokens[ends] == 3)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    decoded = [encoder.sp.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+    decoded = [encoder.text.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
     assert decoded == TRICKY
     # The numpy ids the encoder asks sentencepiece for are its usual list ids, EOS-joined.
-    expected = [i for ids in encoder.sp.encode(TRICKY) for i in [*ids, 3]]
+    expected = [i for ids in encoder.text.encode_batch(TRICKY) for i in [*ids, 3]]
     assert tokens.tolist() == expected
     assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
 
