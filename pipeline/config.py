@@ -11,13 +11,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = [
+from lmforge.pipeline.curation_config import (
+    QUALITY_STEP_NAMES,
+    C4Config,
+    DecontaminateConfig,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LanguageConfig,
+    PiiConfig,
+    is_import_path,
+)
+
+__all__ = [  # the curation rules' sections are defined in curation_config.py
+    "C4Config",
     "CLEAN_STEP_NAMES",
     "CleanConfig",
     "DataConfig",
     "DatasetSpec",
+    "DecontaminateConfig",
+    "FineWebConfig",
+    "GopherQualityConfig",
+    "GopherRepetitionConfig",
+    "LanguageConfig",
+    "PiiConfig",
     "LoaderConfig",
     "NearDedupConfig",
     "TASK_KINDS",
@@ -25,8 +44,9 @@ __all__ = [
     "TokenizerConfig",
 ]
 
-CLEAN_STEP_NAMES = ("normalize", "strip_control", "length", "repetition")
-"""Cleaning steps `CleanConfig.steps` may name, in any order (see pipeline/prepare/steps.py)."""
+CLEAN_STEP_NAMES = ("normalize", "strip_control", "length", "repetition", *QUALITY_STEP_NAMES)
+"""Steps `CleanConfig.steps` may name, in any order (pipeline/prepare/steps.py, quality.py,
+language.py, pii.py), besides user steps given by import path."""
 TASK_KINDS = ("sft", "classify", "seq2seq")
 """Kinds of task data `TaskDataConfig.kind` may name (see pipeline/prepare/tasks.py)."""
 
@@ -70,7 +90,10 @@ class CleanConfig:
     steps: list[str] = field(
         default_factory=lambda: ["normalize", "strip_control", "length", "repetition"]
     )
-    """Steps in the order they run; any of normalize, strip_control, length, repetition."""
+    """Steps in the order they run: normalize, strip_control, length, repetition, the curation
+    rules gopher_quality, gopher_repetition, c4, fineweb, language, pii (each set by the key of
+    its name below), or a user step by import path (`mypackage.filters:MyStep`: a `Step`
+    subclass, or a function `text -> str | None`; importable on every worker)."""
     normalization: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFC"
     """Unicode normalization form used by the `normalize` step."""
     min_chars: int = 1
@@ -83,13 +106,32 @@ class CleanConfig:
     max_top_char_fraction: float = 0.5
     """`repetition` step: remove a document of >= 32 chars whose most frequent non-space
     character makes up more than this fraction of it (e.g. '!!!!!!' spam)."""
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    """`gopher_quality` step: Gopher's quality rules (word count, word length, symbols, ...)."""
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    """`gopher_repetition` step: Gopher's repeated lines, paragraphs and n-grams."""
+    c4: C4Config = field(default_factory=C4Config)
+    """`c4` step: C4's line and page rules."""
+    fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+    """`fineweb` step: FineWeb's line statistics."""
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    """`language` step: languages kept and the least score."""
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    """`pii` step: placeholders for e-mail and IP addresses."""
+    step_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments of user steps, by the import path listed in `steps`."""
 
     def __post_init__(self) -> None:
         for name in self.steps:
-            if name not in CLEAN_STEP_NAMES:
+            if name not in CLEAN_STEP_NAMES and not is_import_path(name):
                 raise ValueError(
-                    f"steps: unknown step {name!r}; choose from {', '.join(CLEAN_STEP_NAMES)}"
+                    f"steps: unknown step {name!r}; choose from {', '.join(CLEAN_STEP_NAMES)}, "
+                    "or give a user step's import path (mypackage.filters:MyStep)"
                 )
+        for name in self.step_args:
+            if name not in self.steps or not is_import_path(name):
+                raise ValueError(f"step_args: {name!r} is not a user step listed in steps; "
+                                 "add it to steps or remove its arguments")
         if len(set(self.steps)) != len(self.steps):
             raise ValueError(f"steps: {self.steps} names a step twice; list each step once")
         if self.min_chars < 0:
@@ -365,6 +407,8 @@ class DataConfig:
     rows, Jaccard >= 0.8) or a mapping of `NearDedupConfig` settings; `false` for none."""
     clean: CleanConfig = field(default_factory=CleanConfig)
     """Cleaning and filtering chain."""
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    """Remove documents sharing an n-gram with evaluation files (after the cleaning chain)."""
     max_record_bytes: int = 32 * 2**20
     """Records (lines, paragraphs, files) larger than this are skipped and reported."""
     strict: bool = False

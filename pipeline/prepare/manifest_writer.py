@@ -32,6 +32,7 @@ from lmforge.pipeline.contract.shard_format import (
     samples_per_shard,
     token_dtype,
 )
+from lmforge.pipeline.prepare.decontaminate import eval_digest
 from lmforge.pipeline.prepare.phases import SPLITS, ShardPlan
 from lmforge.pipeline.prepare.results import EncodeResult
 from lmforge.pipeline.prepare.sources import SourceFile
@@ -71,6 +72,8 @@ def fingerprint(data: DataConfig, tokenizer: TokenizerConfig, files: list[Source
         "tokenizer": tok_part,
         "files": [[f.dataset, f.url, f.size, f.mtime] for f in files],
     }
+    if data.decontaminate.eval_files:  # their n-grams, not only their names, decide removals
+        payload["eval_ngrams"] = eval_digest(data.decontaminate)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -26,6 +26,7 @@ from lmforge.pipeline.config import DataConfig
 from lmforge.pipeline.contract.dataset_manifest import ShardInfo
 from lmforge.pipeline.contract.shard_format import sample_key, shard_file_name
 from lmforge.pipeline.durable import disk_space_errors, read_marker, write_atomic, write_json
+from lmforge.pipeline.prepare.chain import build_chain, removed_samples
 from lmforge.pipeline.prepare.readers import BadInputLog, read_piece
 from lmforge.pipeline.prepare.results import (
     BadInput,
@@ -37,7 +38,7 @@ from lmforge.pipeline.prepare.results import (
 )
 from lmforge.pipeline.prepare.shards import ShardWriter, pack_windows
 from lmforge.pipeline.prepare.sources import ReadChunk
-from lmforge.pipeline.prepare.steps import Document, build_clean_steps, run_steps
+from lmforge.pipeline.prepare.steps import Document, run_steps
 from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
 HASH_ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("doc", "<u4"), ("nbytes", "<u4")])
@@ -143,7 +144,7 @@ def _read_and_clean(chunk: ReadChunk, ctx: WorkContext) -> tuple[list[Document],
     """A chunk's documents that pass the cleaning chain, and the clean result (counts)."""
     spec = next(d for d in ctx.data.datasets if d.name == chunk.dataset)
     log = BadInputLog(strict=ctx.data.strict)
-    steps = build_clean_steps(ctx.data.clean)
+    steps = build_chain(ctx.data)
     read_docs = read_bytes = 0
     kept: list[Document] = []
     for piece in chunk.pieces:
@@ -164,6 +165,7 @@ def _read_and_clean(chunk: ReadChunk, ctx: WorkContext) -> tuple[list[Document],
         steps={s.name: asdict(s.stats) for s in steps},
         kept=DocCounts(len(kept), sum(d.size() for d in kept)),
         bad_input=BadInput(log.counts, log.examples),
+        removed_samples=removed_samples(steps),
     )
 
 
@@ -210,6 +212,7 @@ def _dedup(partition: int, ctx: WorkContext, bounds: list[list[int]]) -> DedupRe
             chunks.append(np.full(hi - lo, chunk, np.uint32))
     removed = np.zeros(0, REMOVED_ROW)
     removed_bytes = 0
+    bytes_per_chunk = np.zeros(len(bounds), np.int64)
     if parts:
         rows, chunk_ids = np.concatenate(parts), np.concatenate(chunks)
         # Sort by key, then by document order: the first of each key group is kept.
@@ -221,10 +224,12 @@ def _dedup(partition: int, ctx: WorkContext, bounds: list[list[int]]) -> DedupRe
         removed["chunk"], removed["doc"] = chunk_ids[dup], rows["doc"][dup]
         removed = np.sort(removed, order=["chunk", "doc"])
         removed_bytes = int(rows["nbytes"][dup].sum())
+        np.add.at(bytes_per_chunk, chunk_ids[dup], rows["nbytes"][dup])
     save_npy(ctx.path("dedup", f"{partition:05d}.npy"), removed)
     per_chunk = np.bincount(removed["chunk"], minlength=len(bounds)) if len(removed) else []
     return DedupResult(partition, len(removed), removed_bytes,
-                       {str(c): int(n) for c, n in enumerate(per_chunk) if n})
+                       {str(c): int(n) for c, n in enumerate(per_chunk) if n},
+                       {str(c): int(n) for c, n in enumerate(bytes_per_chunk) if n})
 
 
 def _load_clean(chunk: int, ctx: WorkContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -46,6 +46,8 @@ class CleanResult:
     kept: DocCounts
     bad_input: BadInput
     partition_bounds: list[int] = field(default_factory=list)  # hash rows per dedup partition
+    removed_samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """The first removed documents per rule (redacted; `chain.removed_samples`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +56,8 @@ class CleanResult:
     def from_dict(cls, raw: dict[str, Any]) -> CleanResult:
         return cls(int(raw["chunk"]), str(raw["dataset"]), DocCounts(**raw["read"]),
                    {k: dict(v) for k, v in raw["steps"].items()}, DocCounts(**raw["kept"]),
-                   BadInput.from_dict(raw["bad_input"]), list(raw["partition_bounds"]))
+                   BadInput.from_dict(raw["bad_input"]), list(raw["partition_bounds"]),
+                   {k: list(v) for k, v in raw["removed_samples"].items()})
 
 
 @dataclass
@@ -65,6 +68,7 @@ class DedupResult:
     removed_docs: int
     removed_bytes: int
     removed_per_chunk: dict[str, int]  # chunk index (a JSON key: str) -> documents removed
+    removed_bytes_per_chunk: dict[str, int] = field(default_factory=dict)  # -> their bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +76,8 @@ class DedupResult:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DedupResult:
         return cls(int(raw["partition"]), int(raw["removed_docs"]), int(raw["removed_bytes"]),
-                   {str(k): int(v) for k, v in raw["removed_per_chunk"].items()})
+                   {str(k): int(v) for k, v in raw["removed_per_chunk"].items()},
+                   {str(k): int(v) for k, v in raw["removed_bytes_per_chunk"].items()})
 
 
 @dataclass

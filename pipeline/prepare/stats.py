@@ -7,12 +7,13 @@ under `files` in it (and in the manifest's `stats`).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.contract.dataset_manifest import DatasetInfo
 from lmforge.pipeline.durable import write_atomic
+from lmforge.pipeline.prepare.removals import merge_samples, removal_table
 from lmforge.pipeline.prepare.results import BadInput, CleanResult, DedupResult, EncodeResult
 from lmforge.pipeline.prepare.steps import StepStats
 
@@ -81,6 +82,8 @@ def summarize(
         "steps": {name: vars(s) for name, s in steps.items()},
         "dedup": dedup,
         **({"near_dedup": near_dedup} if near_dedup else {}),
+        "removed": removal_table(clean_results, dedup_results, near_dedup),
+        "removed_samples": merge_samples(clean_results),
         "bad_input": merge_bad_input([r.bad_input for r in clean_results], empty_files),
         "tokens": tokens,
         "padding_tokens": {
@@ -126,6 +129,8 @@ class BarPlot:
     values: list[int]
     xlabel: str = ""
     label_rotation: int = 30
+    stacks: dict[str, list[int]] = field(default_factory=dict)
+    """Bars split by series (dataset name -> values), stacked; `values` are their sums."""
 
 
 def plots_of(stats: dict[str, Any]) -> list[BarPlot]:
@@ -149,7 +154,23 @@ def plots_of(stats: dict[str, Any]) -> list[BarPlot]:
                 list(tokens), list(tokens.values())),
         BarPlot("removed_per_filter.png", "Documents removed per filter",
                 "documents removed", list(removed), list(removed.values())),
+        *removal_plots(stats.get("removed", [])),
     ]
+
+
+def removal_plots(table: list[dict[str, Any]]) -> list[BarPlot]:
+    """Documents and bytes removed per rule (stats.json's ``removed``), in pipeline order,
+    stacked by dataset."""
+    rules = [e["rule"] for e in table]
+    datasets = list(dict.fromkeys(name for e in table for name in e["datasets"]))
+    plots = []
+    for key, what in (("removed_docs", "documents"), ("removed_bytes", "bytes")):
+        stacks = {name: [e["datasets"].get(name, {}).get(key, 0) for e in table]
+                  for name in datasets}
+        plots.append(BarPlot(f"{key}_per_rule.png", f"{what.capitalize()} removed per rule "
+                             "(pipeline order)", f"{what} removed", rules,
+                             [e[key] for e in table], label_rotation=60, stacks=stacks))
+    return plots
 
 
 def load_plotting() -> None:
@@ -170,11 +191,19 @@ def draw_plot(plot: BarPlot, out_dir: str) -> str:
 
     path = Path(out_dir) / plot.file
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(6, 3.5))
+    wide = plot.stacks and len(plot.labels) > 12  # rule names need room
+    fig = Figure(figsize=(0.45 * len(plot.labels), 4.5) if wide else (6, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     # Categorical bars: the labels are names, even where they read as numbers.
-    ax.bar(range(len(plot.values)), plot.values)
+    if plot.stacks:
+        bottom = [0] * len(plot.values)
+        for series, values in plot.stacks.items():
+            ax.bar(range(len(values)), values, bottom=bottom, label=series)
+            bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+        ax.legend(fontsize=7)
+    else:
+        ax.bar(range(len(plot.values)), plot.values)
     ax.set_xticks(range(len(plot.labels)), plot.labels)
     if plot.xlabel:
         ax.set_xlabel(plot.xlabel)

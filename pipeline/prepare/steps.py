@@ -1,8 +1,11 @@
 """Document cleaning and filtering steps with one contract (datatrove's model).
 
 A step takes a list of `Document`s and returns the ones it keeps (possibly with changed
-text), counting what it kept and removed. Steps know nothing about who runs them: the
-same chain runs in-process in unit tests and on the Ray phase workers in `prepare`.
+text), counting what it kept and removed, per rule where a step has several (`Removed`),
+and keeping the first few removed documents of each rule as samples. Steps know nothing
+about who runs them: the same chain runs in-process in unit tests and on the Ray phase
+workers in `prepare`. The curation rules (quality.py, language.py, pii.py,
+decontaminate.py) and user steps follow the same contract; chain.py builds the whole chain.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,11 +51,33 @@ class StepStats:
     removed_docs: int = 0
     removed_bytes: int = 0
     modified_docs: int = 0
+    rules: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Counts per rule of a step with several (`Removed.rule`; a plain None removal counts
+    only in the step's totals): removed_docs and removed_bytes, and what modifying rules
+    count (modified_docs, removed_bytes of dropped lines, replaced items)."""
+
+    def count(self, rule: str, **counts: int) -> None:
+        """Add `counts` (e.g. removed_docs=1, removed_bytes=120) to `rule`'s entry."""
+        entry = self.rules.setdefault(rule, {})
+        for key, value in counts.items():
+            entry[key] = entry.get(key, 0) + value
 
     def add(self, other: StepStats) -> None:
         """Accumulate another step's counts into this one."""
         for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+            if name == "rules":
+                for rule, counts in value.items():
+                    self.count(rule, **counts)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What `Step.process` returns for a document one of the step's rules removes."""
+
+    rule: str
+    """The rule's name within the step (e.g. `word_count` of `gopher_quality`)."""
 
 
 def utf8_len(text: str) -> int:
@@ -59,21 +85,34 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+MAX_SAMPLES_PER_RULE = 3  # removed documents a step keeps per rule (per read chunk)
+SAMPLE_CHARS = 400  # characters of a removed document a sample keeps
+
+
 @dataclass
 class Step:
-    """Base of all steps: `__call__(docs) -> kept docs`, with counts in `stats`."""
+    """Base of all steps: `__call__(docs) -> kept docs`, with counts in `stats` and the first
+    removed documents of each rule in `samples` (rule -> [{source, line, text}], text not yet
+    redacted: see `chain.removed_samples`). A sample's rule is the step's name, or
+    `<step>.<rule>` for a `Removed(rule)`."""
 
     name: str = "step"
     stats: StepStats = field(default_factory=StepStats)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def __call__(self, docs: list[Document]) -> list[Document]:
         kept: list[Document] = []
         stats = self.stats
         for doc, new_text in zip(docs, self.process(docs), strict=True):
             before = doc.size()
-            if new_text is None:
+            if new_text is None or isinstance(new_text, Removed):
                 stats.removed_docs += 1
                 stats.removed_bytes += before
+                if new_text is None:
+                    self._sample(self.name, doc)
+                else:
+                    stats.count(new_text.rule, removed_docs=1, removed_bytes=before)
+                    self._sample(f"{self.name}.{new_text.rule}", doc)
                 continue
             if new_text is not doc.text:  # steps return the same object when unchanged
                 doc.text, doc.nbytes = new_text, -1
@@ -84,15 +123,23 @@ class Step:
             kept.append(doc)
         return kept
 
-    def process(self, docs: list[Document]) -> list[str | None]:
-        """New text per document (the same object if unchanged), or None to remove it.
+    def _sample(self, rule: str, doc: Document) -> None:
+        found = self.samples.setdefault(rule, [])
+        if len(found) < MAX_SAMPLES_PER_RULE:
+            found.append({"source": doc.source, "line": doc.line, "offset": doc.offset,
+                          "text": doc.text[:SAMPLE_CHARS]})
+
+    def process(self, docs: list[Document]) -> list[str | Removed | None]:
+        """New text per document (the same object if unchanged), or None (or `Removed(rule)`
+        naming the rule) to remove it.
 
         Steps that can work on the whole batch at once (numpy) override this.
         """
         return [self.transform(doc.text) for doc in docs]
 
-    def transform(self, text: str) -> str | None:
-        """Return the (possibly changed) text, or None to remove the document."""
+    def transform(self, text: str) -> str | Removed | None:
+        """Return the (possibly changed) text, or None / `Removed(rule)` to remove the
+        document."""
         raise NotImplementedError
 
 
@@ -210,15 +257,9 @@ def top_char_fractions(texts: list[str]) -> np.ndarray:
     return result
 
 
-def build_clean_steps(config: CleanConfig) -> list[Step]:
-    """Build the configured cleaning chain, in the configured order.
-
-    Args:
-        config: The `data.clean` section.
-
-    Returns:
-        Fresh step objects (with zeroed stats) in `config.steps` order.
-    """
+def basic_step(name: str, config: CleanConfig) -> Step | None:
+    """A fresh basic cleaning step (normalize, strip_control, length, repetition) named
+    `name`, or None for any other step name (curation rules, user steps: chain.py)."""
     builders = {
         "normalize": lambda: Normalize(name="normalize", form=config.normalization),
         "strip_control": lambda: StripControl(name="strip_control"),
@@ -231,7 +272,21 @@ def build_clean_steps(config: CleanConfig) -> list[Step]:
             max_top_char_fraction=config.max_top_char_fraction,
         ),
     }
-    return [builders[name]() for name in config.steps]
+    return builders[name]() if name in builders else None
+
+
+def build_clean_steps(config: CleanConfig) -> list[Step]:
+    """The basic cleaning steps of `config.steps`, in order (what task data runs); the whole
+    chain with the curation rules and user steps is `chain.build_chain`.
+
+    Args:
+        config: The `data.clean` section.
+
+    Returns:
+        Fresh step objects (with zeroed stats) in `config.steps` order.
+    """
+    steps = [basic_step(name, config) for name in config.steps]
+    return [step for step in steps if step is not None]
 
 
 def run_steps(steps: list[Step], docs: list[Document]) -> list[Document]:
