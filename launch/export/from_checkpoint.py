@@ -102,4 +102,4 @@ def export_checkpoint(
     )
     check = ExportCheck(model, model_cfg, manifest.tokenizer_model, atol=export.verify_atol,
                         length=min(manifest.seq_len, 64), seed=seed)
-    return write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_path, verify=check)
+    return write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_model, verify=check)

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.launch.export import ExportError
-from lmforge.launch.export.hf_tokenizer import export_tokenizer
+from lmforge.launch.export.hf_tokenizer import tokenizer_ids, write_tokenizer
+from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 
 __all__ = ["MARKER", "ExportError", "check_replaceable", "verify_logits", "write_hf_folder"]
 
@@ -111,24 +112,19 @@ def _contiguous_unshared(
     return out
 
 
-def _check_token_ids(hf_config: dict[str, Any], spm_model: str | Path) -> None:
+def _check_token_ids(hf_config: dict[str, Any],
+                     spm_model: str | Path | DatasetTokenizer) -> None:
     """The model's vocab must cover the tokenizer and agree on bos/eos/pad ids."""
-    import sentencepiece as spm
-
-    if not Path(spm_model).is_file():
-        raise ExportError(f"{spm_model}: sentencepiece model not found; pass the run's tokenizer")
-    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    pieces, ids = tokenizer_ids(spm_model)
+    if isinstance(spm_model, DatasetTokenizer):
+        spm_model = spm_model.path
     vocab_size = hf_config.get("vocab_size")
-    if not isinstance(vocab_size, int) or vocab_size < sp.get_piece_size():
+    if not isinstance(vocab_size, int) or vocab_size < pieces:
         raise ExportError(
-            f"config.vocab_size: {vocab_size} is below the {sp.get_piece_size()} pieces of "
+            f"config.vocab_size: {vocab_size} is below the {pieces} pieces of "
             f"{spm_model}; export with the tokenizer the model was trained with"
         )
-    for key, spm_id in (
-        ("bos_token_id", sp.bos_id()),
-        ("eos_token_id", sp.eos_id()),
-        ("pad_token_id", sp.pad_id()),
-    ):
+    for key, spm_id in ids.items():
         value = hf_config.get(key)
         if value is not None and spm_id >= 0 and value != spm_id:
             raise ExportError(
@@ -197,7 +193,7 @@ def write_hf_folder(
     out_dir: str | Path,
     hf_config: dict[str, Any],
     hf_state_dict: dict[str, torch.Tensor],
-    spm_model: str | Path,
+    spm_model: str | Path | DatasetTokenizer,
     *,
     dtype: torch.dtype = torch.float32,
     verify: Callable[[Path], None] | None = None,
@@ -210,7 +206,8 @@ def write_hf_folder(
             refused before any work.
         hf_config: `PretrainedConfig.to_dict()`-style mapping with `model_type`.
         hf_state_dict: Tensors under Hugging Face names.
-        spm_model: The run's sentencepiece `.model`; exported and verified as the tokenizer.
+        spm_model: The run's tokenizer (the dataset's handle, or a sentencepiece `.model`):
+            exported (an HF tokenizer's files copied) and verified as the tokenizer.
         dtype: Dtype of the floating tensors in `model.safetensors` (and `config.dtype`).
         verify: Called with the complete temporary folder before it takes `out_dir`'s
             place; whatever it raises leaves an existing export at `out_dir` untouched.
@@ -247,10 +244,7 @@ def write_hf_folder(
             if config.get(key) is not None
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        # The original model rides along for sentencepiece users and converters (llama.cpp);
-        # AutoTokenizer reads tokenizer.json, and verification runs with both present.
-        shutil.copyfile(spm_model, tmp / "tokenizer.model")
-        export_tokenizer(spm_model, tmp)
+        write_tokenizer(spm_model, tmp)  # verified: AutoTokenizer encodes as the data was
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / MARKER).write_text(json.dumps({"written_by": "lmforge export",
                                               "files": files}, indent=2) + "\n")

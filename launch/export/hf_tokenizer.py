@@ -1,4 +1,11 @@
-"""Sentencepiece model -> Hugging Face fast tokenizer, verified id for id.
+"""The run's tokenizer into an export, verified id for id: `write_tokenizer`.
+
+A dataset encoded with a Hugging Face tokenizer (``tokenizer.kind: hf``) exports the same
+files (``tokenizer.json``, ``tokenizer_config.json``, ...), byte for byte, and
+`verify_hf_tokenizer` checks that `AutoTokenizer` on the export gives the ids the data was
+encoded with. A sentencepiece model is converted (`export_tokenizer`), as follows.
+
+Sentencepiece model -> Hugging Face fast tokenizer, verified id for id.
 
 Why not `LlamaTokenizer(vocab_file=...)`: in transformers 5.x `LlamaTokenizer` (and its alias
 `LlamaTokenizerFast`) is a `tokenizers` backend whose constructor takes `vocab=`/`merges=`;
@@ -32,6 +39,7 @@ near-ties differently from the float64 one in `tokenizers`.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import sentencepiece as spm
@@ -39,6 +47,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from lmforge.launch.export import ExportError
+from lmforge.pipeline.contract.dataset_tokenizer import HF, DatasetTokenizer
 
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
 _Piece = spm_pb2.ModelProto.SentencePiece
@@ -343,3 +352,84 @@ def _hint(text: str, special_pieces: list[str]) -> str:
             "tokens; sentencepiece spells control tokens out)"
         )
     return "; please report this text with the sentencepiece model"
+
+
+def write_tokenizer(tokenizer: str | Path | DatasetTokenizer, out_dir: Path) -> None:
+    """Writes the run's tokenizer into an export folder and verifies it.
+
+    Args:
+        tokenizer: The dataset's tokenizer handle, or a sentencepiece ``.model`` path.
+        out_dir: The (temporary) export folder.
+
+    Raises:
+        ExportError: The tokenizer cannot be exported, or `AutoTokenizer` on the export
+            encodes differently from the tokenizer the data was encoded with.
+    """
+    if isinstance(tokenizer, DatasetTokenizer) and tokenizer.kind == HF:
+        try:
+            files = tokenizer.read_files()  # each checked against the manifest's sha256
+        except ValueError as err:
+            raise ExportError(str(err)) from err
+        for name, data in files.items():
+            (out_dir / name).write_bytes(data)
+        verify_hf_tokenizer(tokenizer, out_dir)
+        return
+    spm_model = tokenizer.path if isinstance(tokenizer, DatasetTokenizer) else tokenizer
+    if not Path(spm_model).is_file():
+        raise ExportError(f"{spm_model}: sentencepiece model not found; pass the run's tokenizer")
+    # The original model rides along for sentencepiece users and converters (llama.cpp);
+    # AutoTokenizer reads tokenizer.json, and verification runs with both present.
+    shutil.copyfile(spm_model, out_dir / "tokenizer.model")
+    export_tokenizer(spm_model, out_dir)
+
+
+def tokenizer_ids(tokenizer: str | Path | DatasetTokenizer) -> tuple[int, dict[str, int]]:
+    """(vocabulary size, ``{"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ...}``)
+    of the run's tokenizer; an id is -1 where the tokenizer has no such token.
+
+    Raises:
+        ExportError: A sentencepiece model path that is not a file.
+    """
+    if isinstance(tokenizer, DatasetTokenizer) and tokenizer.kind == HF:
+        info = tokenizer.info
+        return info.vocab_size, {"bos_token_id": info.bos_id, "eos_token_id": info.eos_id,
+                                 "pad_token_id": info.pad_id}
+    spm_model = tokenizer.path if isinstance(tokenizer, DatasetTokenizer) else tokenizer
+    if not Path(spm_model).is_file():
+        raise ExportError(f"{spm_model}: sentencepiece model not found; pass the run's tokenizer")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    return sp.get_piece_size(), {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(),
+                                 "pad_token_id": sp.pad_id()}
+
+
+def verify_hf_tokenizer(tokenizer: DatasetTokenizer, out_dir: str | Path,
+                        texts: list[str] | None = None) -> None:
+    """Checks that `AutoTokenizer.from_pretrained(out_dir)` encodes like the dataset's HF
+    tokenizer: the same ids (special tokens added as for a document) and the same decoded
+    text for every text, and the bos/eos/pad ids the manifest records.
+
+    Raises:
+        ExportError: Naming the first text (or special id) that differs, with both results.
+    """
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(out_dir))
+    info, where = tokenizer.info, f"tokenizer export {out_dir} (from {tokenizer.folder})"
+    for role, want in (("bos", info.bos_id), ("eos", info.eos_id), ("pad", info.pad_id)):
+        got = getattr(hf, f"{role}_token_id")
+        got = -1 if got is None else got
+        if got != want:
+            raise ExportError(f"{where}: {role} id {got} in Hugging Face but {want} in the "
+                              "manifest; prepare the dataset again with this lmforge")
+    for index, text in enumerate(DEFAULT_VERIFY_TEXTS if texts is None else texts):
+        want_ids, got = tokenizer.encode(text), hf.encode(text)
+        if got != want_ids:
+            raise ExportError(
+                f"{where}: text #{index} {text!r} encodes to {got} with AutoTokenizer but to "
+                f"{want_ids} in the data (lmforge's reading of tokenizer.json and "
+                "tokenizer_config.json); please report this text with the tokenizer")
+        want_text = tokenizer.decode(got)
+        got_text = hf.decode(got, skip_special_tokens=True)
+        if got_text != want_text:
+            raise ExportError(f"{where}: text #{index} {text!r} ids {got} decode to "
+                              f"{got_text!r} with AutoTokenizer but {want_text!r} in lmforge")

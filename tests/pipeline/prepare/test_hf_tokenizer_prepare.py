@@ -233,3 +233,35 @@ def test_a_vocabulary_over_65535_gives_uint32_shards(tmp_path: Path) -> None:
     want = [hf(t)["input_ids"] for t in texts]
     assert max(max(ids) for ids in want) == 70_000  # [UNK]: ids above 65,535
     assert_shards_hold(manifest_path, want)
+
+
+def test_training_refuses_another_tokenizer_naming_the_file(prepared: Path, hf_folder: Path,
+                                                            tmp_path: Path) -> None:
+    from lmforge.launch.config import load_config
+    from lmforge.launch.config.dataset_check import DatasetMismatchError, config_for_dataset
+
+    tiny = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+    out = prepared.parent
+    manifest = DatasetManifest.read(prepared)
+
+    def check(model_path: Path) -> None:
+        cfg = load_config(tiny, [f"--data.output_dir={out}", f"--data.seq_len={SEQ_LEN}",
+                                 f"--tokenizer.model_path={model_path}",
+                                 "--model.vocab_size=null"])
+        config_for_dataset(cfg, manifest)
+
+    check(hf_folder)  # the source folder itself
+    check(out)  # the dataset folder holds the same files
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+    (other / "tokenizer_config.json").write_text(json.dumps({"eos_token": BOS}))
+    with pytest.raises(DatasetMismatchError) as err:
+        check(other)
+    assert str(err.value).startswith(f"tokenizer.model_path: tokenizer_config.json of {other} ")
+    assert f"or set tokenizer.model_path={out}" in str(err.value)
+    spm_file = tmp_path / "tokenizer.model"
+    spm_file.write_bytes(b"a sentencepiece model")
+    with pytest.raises(DatasetMismatchError, match="is a sentencepiece tokenizer, the data was "
+                                                   "encoded with a hf one"):
+        check(spm_file)
