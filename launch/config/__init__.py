@@ -7,7 +7,8 @@ config against a prepared dataset (``dataset_check.py``).
 
 Nothing else of lmforge: the data/tokenizer sections, the dataset contract, the model section.
 May import: lmforge.pipeline.config, lmforge.pipeline.contract, lmforge.pipeline.durable,
-    lmforge.model.config, lmforge.model.presets, lmforge.model.hf_classes, torch
+    lmforge.model.config, lmforge.model.presets, lmforge.model.hf_classes,
+    lmforge.model.hf_config, lmforge.model.rope, torch
 """
 
 from lmforge.launch.config.run_config import (

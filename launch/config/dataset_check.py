@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lmforge.launch.config.hf_source import source_tokenizer_problems
 from lmforge.launch.config.run_config import (
     TASK_OBJECTIVES,
     RunConfig,
@@ -94,6 +95,7 @@ def config_for_dataset(cfg: RunConfig, manifest: DatasetManifest) -> RunConfig:
             "has one (leave tokenizer.model_path unset to train one)"
         )
     problems += _task_problems(cfg, manifest, data)
+    problems += source_tokenizer_problems(cfg.init.source, manifest, data)
     if problems:
         head = "" if len(problems) == 1 else "the run config does not fit the prepared data:\n  "
         raise DatasetMismatchError(head + "\n  ".join(problems))

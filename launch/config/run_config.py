@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.launch.config.hf_source import model_from_hf_source
 from lmforge.launch.config.sections import (
     DeepSpeedConfig,
     ExportConfig,
@@ -297,6 +298,7 @@ def load_config(
         every = [f.name for f in dataclasses.fields(RunConfig) if f.default_factory is not None
                  and f.default_factory is not dataclasses.MISSING]
         data = {k: v for k, v in data.items() if k in sections or k not in every}
+    data = model_from_hf_source(data, where)  # a Hugging Face init.source gives the model
     data = _expand_model_preset(data, where)
     for i, entry in enumerate(data.get("hooks") or []):  # a clear error for a bad long form
         if isinstance(entry, dict):

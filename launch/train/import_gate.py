@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.launch.train.warm_start import WarmStartError
 from lmforge.model import ModelConfig, generate, generate_seq2seq
 
 log = logging.getLogger("lmforge.train")
@@ -36,8 +35,9 @@ _AUTO_OF_FAMILY = {"decoder": "AutoModelForCausalLM", "encoder": "AutoModelForMa
                    "encoder_decoder": "AutoModelForSeq2SeqLM"}
 
 
-class ImportGateError(WarmStartError):
-    """lmforge's model on the source's weights differs from ``transformers`` on the folder."""
+class ImportGateError(ValueError):
+    """lmforge's model on the source's weights differs from ``transformers`` on the folder
+    (``load_source_weights`` raises it as a ``WarmStartError``, which the worker reports)."""
 
 
 @dataclass

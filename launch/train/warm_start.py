@@ -300,9 +300,12 @@ def load_source_weights(model: nn.Module, start: WarmStart, rank: int = 0) -> li
         del state, loaded, target
         start.hf_state = None  # the gate loads transformers' copy: hold one copy at a time
         if rank == 0:
-            from lmforge.launch.train.import_gate import verify_import
+            from lmforge.launch.train.import_gate import ImportGateError, verify_import
 
-            line = verify_import(start.folder, model).line()
+            try:
+                line = verify_import(start.folder, model).line()
+            except ImportGateError as err:
+                raise WarmStartError(str(err)) from err
             log.info("%s", line)
             print(line, flush=True)
     return fresh
