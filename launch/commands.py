@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,14 @@ def log_prepared_dataset(tracker: Tracker, manifest: DatasetManifest) -> None:
             metrics[f"prepare/{name}/{split}_tokens"] = tokens
     for kind, count in stats.bad_input.items():
         metrics[f"prepare/bad_input/{kind}"] = count
+    # Numbered so MLflow's sorted list shows the rules in pipeline order.
+    for index, entry in enumerate(stats.removed):
+        rule = f"{index:02d}_" + re.sub(r"[^\w.-]", "_", entry.rule)  # MLflow-safe
+        metrics[f"prepare/removed/{rule}/docs"] = entry.removed_docs
+        metrics[f"prepare/removed/{rule}/bytes"] = entry.removed_bytes
+        for name, counts in entry.datasets.items():
+            metrics[f"prepare/{name}/removed/{rule}/docs"] = counts["removed_docs"]
+            metrics[f"prepare/{name}/removed/{rule}/bytes"] = counts["removed_bytes"]
     tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
 
 

@@ -26,6 +26,18 @@ class DocumentCounts:
 
 
 @dataclass(frozen=True)
+class RuleRemovals:
+    """What one rule of the pipeline removed (an entry of stats.json's ``removed``)."""
+
+    step: str
+    rule: str  # the step, or `<step>.<rule>` for a step with several rules
+    removed_docs: int
+    removed_bytes: int
+    modified_docs: int
+    datasets: dict[str, dict[str, int]]  # dataset name -> the same three counts
+
+
+@dataclass(frozen=True)
 class PrepareStats:
     """What a prepare run counted, as stats.json records it."""
 
@@ -36,6 +48,7 @@ class PrepareStats:
     dedup_removed_docs: int  # 0 for task data, which is not deduplicated
     throughput: dict[str, float]  # tokens_per_s, input_bytes_per_s
     plots: list[str] = field(default_factory=list)  # PNG files, relative to the folder
+    removed: list[RuleRemovals] = field(default_factory=list)  # per rule, in pipeline order
 
     @property
     def plot_paths(self) -> list[Path]:
@@ -81,4 +94,10 @@ class PrepareStats:
             dedup_removed_docs=int(raw.get("dedup", {}).get("removed_docs", 0)),
             throughput={k: float(v) for k, v in raw.get("throughput", {}).items()},
             plots=[str(p) for p in raw.get("files", {}).get("plots", [])],
+            removed=[RuleRemovals(
+                str(r["step"]), str(r["rule"]), int(r["removed_docs"]), int(r["removed_bytes"]),
+                int(r["modified_docs"]),
+                {name: {k: int(v) for k, v in counts.items()}
+                 for name, counts in r["datasets"].items()})
+                for r in raw.get("removed", [])],
         )

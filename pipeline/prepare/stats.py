@@ -130,7 +130,8 @@ class BarPlot:
     xlabel: str = ""
     label_rotation: int = 30
     stacks: dict[str, list[int]] = field(default_factory=dict)
-    """Bars split by series (dataset name -> values), stacked; `values` are their sums."""
+    """Bars split by series (dataset name -> values), stacked and drawn horizontally (one
+    row per label, `ylabel` on the x axis); `values` are their sums."""
 
 
 def plots_of(stats: dict[str, Any]) -> list[BarPlot]:
@@ -161,7 +162,7 @@ def plots_of(stats: dict[str, Any]) -> list[BarPlot]:
 def removal_plots(table: list[dict[str, Any]]) -> list[BarPlot]:
     """Documents and bytes removed per rule (stats.json's ``removed``), in pipeline order,
     stacked by dataset."""
-    rules = [e["rule"] for e in table]
+    rules = [e["rule"] if len(e["rule"]) <= 32 else "…" + e["rule"][-31:] for e in table]
     datasets = list(dict.fromkeys(name for e in table for name in e["datasets"]))
     plots = []
     for key, what in (("removed_docs", "documents"), ("removed_bytes", "bytes")):
@@ -169,7 +170,7 @@ def removal_plots(table: list[dict[str, Any]]) -> list[BarPlot]:
                   for name in datasets}
         plots.append(BarPlot(f"{key}_per_rule.png", f"{what.capitalize()} removed per rule "
                              "(pipeline order)", f"{what} removed", rules,
-                             [e[key] for e in table], label_rotation=60, stacks=stacks))
+                             [e[key] for e in table], stacks=stacks))
     return plots
 
 
@@ -191,25 +192,30 @@ def draw_plot(plot: BarPlot, out_dir: str) -> str:
 
     path = Path(out_dir) / plot.file
     path.parent.mkdir(parents=True, exist_ok=True)
-    wide = plot.stacks and len(plot.labels) > 12  # rule names need room
-    fig = Figure(figsize=(0.45 * len(plot.labels), 4.5) if wide else (6, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    # Categorical bars: the labels are names, even where they read as numbers.
-    if plot.stacks:
-        bottom = [0] * len(plot.values)
+    if plot.stacks:  # long rule names: horizontal bars, the first rule on top
+        fig = Figure(figsize=(7, 1.2 + 0.28 * len(plot.labels)))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        left = [0] * len(plot.values)
         for series, values in plot.stacks.items():
-            ax.bar(range(len(values)), values, bottom=bottom, label=series)
-            bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+            ax.barh(range(len(values)), values, left=left, label=series)
+            left = [a + b for a, b in zip(left, values, strict=True)]
+        ax.set_yticks(range(len(plot.labels)), plot.labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(plot.ylabel)
         ax.legend(fontsize=7)
     else:
+        fig = Figure(figsize=(6, 3.5))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        # Categorical bars: the labels are names, even where they read as numbers.
         ax.bar(range(len(plot.values)), plot.values)
-    ax.set_xticks(range(len(plot.labels)), plot.labels)
-    if plot.xlabel:
-        ax.set_xlabel(plot.xlabel)
-    ax.set_ylabel(plot.ylabel)
+        ax.set_xticks(range(len(plot.labels)), plot.labels)
+        if plot.xlabel:
+            ax.set_xlabel(plot.xlabel)
+        ax.set_ylabel(plot.ylabel)
+        ax.tick_params(axis="x", labelrotation=plot.label_rotation)
     ax.set_title(plot.title)
-    ax.tick_params(axis="x", labelrotation=plot.label_rotation)
     fig.tight_layout()
     # Fixed metadata so reruns write identical PNGs; durable like every file the
     # manifest's stats list.
