@@ -1,0 +1,111 @@
+"""A Hugging Face folder as `init.source` when the config loads: the model section comes
+from its config.json, a contradicting `model.<key>` is named, what lmforge cannot represent
+is refused by `--dry-run` before any process starts, and the data must carry the source's
+tokenizer (checked against the dataset before training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine_helpers import REPO, shard_fixtures
+
+from lmforge.launch.config import ConfigError, load_config
+from lmforge.launch.config.dataset_check import DatasetMismatchError, config_for_dataset
+from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+
+QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 1000,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": True,
+    "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 2,
+    "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6,
+                        "original_max_position_embeddings": 32},
+}
+BASE = """\
+name: hf
+data: {{datasets: [{{name: d, paths: [unused.txt]}}], output_dir: {data}, seq_len: 16}}
+tokenizer: {{vocab_size: 1000}}
+init: {{source: {source}}}
+"""
+
+
+def _folder(tmp: Path, name: str, config: dict) -> Path:
+    folder = tmp / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hfsource") / "data"
+    shard_fixtures().write_shards(root, {"d": {"train": [4], "val": [4]}}, seq_len=16)
+    return root
+
+
+def _load(tmp: Path, data: Path, source: Path, extra: str = "", *overrides: str):
+    path = tmp / "run.yaml"
+    path.write_text(BASE.format(data=data, source=source) + extra)
+    return load_config(path, list(overrides))
+
+
+def test_model_section_comes_from_config_json(tmp_path, data):
+    source = _folder(tmp_path, "qwen2", QWEN2)
+    cfg = _load(tmp_path, data, source, "model: {dropout: 0.1, d_model: 64}\n")
+    model = cfg.model
+    assert (model.d_model, model.n_layers, model.n_heads, model.kv_heads, model.ffn_dim,
+            model.vocab_size, model.max_seq_len) == (64, 2, 4, 2, 128, 1000, 64)
+    assert (model.bias, model.qkv_bias, model.qk_norm, model.tie_embeddings) == (
+        False, True, False, True)
+    assert model.rope_theta == 1e6
+    assert model.rope_scaling == {"rope_type": "yarn", "factor": 2.0,
+                                  "original_max_position_embeddings": 32}
+    assert model.dropout == 0.1  # a training choice the run may make
+    assert model.hf_config["architectures"] == ["Qwen2ForCausalLM"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("model: {d_model: 128}\n", r"run.yaml:5: model\.d_model: 128 contradicts init.source's "
+                                r"config.json \(.*gives model\.d_model=64\); remove "
+                                r"model\.d_model"),
+    ("model: {preset: tiny}\n", r"run.yaml:5: model\.preset: with a Hugging Face init\.source"),
+])
+def test_a_contradicting_model_key_is_named(tmp_path, data, extra, message):
+    source = _folder(tmp_path, "qwen2", QWEN2)
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, data, source, extra)
+
+
+def test_dry_run_refuses_an_unknown_rope_type_before_any_process(tmp_path, data):
+    config = {**QWEN2, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6,
+                                           "short_factor": [1.0], "long_factor": [1.0]}}
+    source = _folder(tmp_path, "longrope", config)
+    path = tmp_path / "run.yaml"
+    path.write_text(BASE.format(data=data, source=source))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "lmforge.launch.cli", "train", str(path),
+                           "--dry-run", f"--run_dir={run_dir}"], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert proc.returncode != 0
+    assert "init.source" in proc.stderr
+    assert "rope_parameters.rope_type: 'longrope' is not supported" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_the_data_must_be_encoded_with_the_sources_tokenizer(tmp_path, data):
+    from tokenizers import Tokenizer, models
+
+    source = _folder(tmp_path, "qwen2", QWEN2)
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+        str(source / "tokenizer.json"))
+    cfg = _load(tmp_path, data, source)
+    with pytest.raises(DatasetMismatchError) as err:
+        config_for_dataset(cfg, DatasetManifest.read(data))
+    assert f"init.source: {source} is a hf tokenizer, the data was encoded with a " \
+           "sentencepiece one" in str(err.value)
+    assert f"prepare {data} with tokenizer.model_path={source}" in str(err.value)
