@@ -69,17 +69,24 @@ def model_from_hf_source(data: dict[str, Any], where: Where) -> dict[str, Any]:
     own = data.get("model") or {}
     if not isinstance(own, dict):
         return data  # the section builder reports the wrong type
-    if "preset" in own:
-        raise ConfigError(f"{where(('model', 'preset'))}: with a Hugging Face init.source "
-                          f"({folder}) the model section comes from its config.json; remove "
-                          "model.preset")
+    preset = own.get("preset")
+    from_preset: set[str] = set()
+    if preset is not None:  # a preset is fine where it describes the source
+        from lmforge.model.presets import PRESETS
+
+        if preset not in PRESETS:
+            return data  # the loader names the unknown preset
+        from_preset = set(PRESETS[preset]) - set(own)
+        own = {**PRESETS[preset], **{k: v for k, v in own.items() if k != "preset"}}
     for key, value in own.items():
-        if key in FREE_MODEL_KEYS or key == "hf_config" or key not in derived:
-            continue  # an unknown key is named by the section builder
+        if key in FREE_MODEL_KEYS or key == "hf_config" or key not in derived or value is None:
+            continue  # None: "derive it"; an unknown key is named by the section builder
         if not _same(value, derived[key]):
+            named = ("model", "preset") if key in from_preset else ("model", key)
+            origin = f" (model.preset {preset} sets it)" if key in from_preset else ""
             raise ConfigError(
-                f"{where(('model', key))}: {value!r} contradicts init.source's config.json "
-                f"({config_file} gives model.{key}={derived[key]!r}); remove model.{key}: "
+                f"{where(named)}: model.{key}={value!r}{origin} contradicts init.source's "
+                f"config.json ({config_file} gives model.{key}={derived[key]!r}); remove it: "
                 "with a Hugging Face source the model section comes from its config.json")
     model = {**derived, **{k: v for k, v in own.items() if k in FREE_MODEL_KEYS}}
     return {**data, "model": model}

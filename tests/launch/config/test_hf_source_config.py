@@ -70,10 +70,11 @@ def test_model_section_comes_from_config_json(tmp_path, data):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("model: {d_model: 128}\n", r"run.yaml:5: model\.d_model: 128 contradicts init.source's "
-                                r"config.json \(.*gives model\.d_model=64\); remove "
-                                r"model\.d_model"),
-    ("model: {preset: tiny}\n", r"run.yaml:5: model\.preset: with a Hugging Face init\.source"),
+    ("model: {d_model: 128}\n", r"run.yaml:5: model\.d_model: model\.d_model=128 contradicts "
+                                r"init.source's config.json \(.*gives model\.d_model=64\); "
+                                r"remove it"),
+    ("model: {preset: tiny}\n", r"run.yaml:5: model\.preset: model\.\w+=.* \(model\.preset "
+                                r"tiny sets it\) contradicts"),
 ])
 def test_a_contradicting_model_key_is_named(tmp_path, data, extra, message):
     source = _folder(tmp_path, "qwen2", QWEN2)
@@ -109,3 +110,15 @@ def test_the_data_must_be_encoded_with_the_sources_tokenizer(tmp_path, data):
     assert f"init.source: {source} is a hf tokenizer, the data was encoded with a " \
            "sentencepiece one" in str(err.value)
     assert f"prepare {data} with tokenizer.model_path={source}" in str(err.value)
+
+
+def test_a_preset_that_describes_the_source_is_accepted(tmp_path, data):
+    """Fine-tuning from an lmforge export with the config that trained it."""
+    from lmforge.model import ModelConfig, to_hf
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=1000)
+    config, _ = to_hf(cfg, cfg.build().state_dict())
+    source = _folder(tmp_path, "export", config)
+    loaded = _load(tmp_path, data, source, "model: {preset: tiny, dropout: 0.1}\n").model
+    assert (loaded.d_model, loaded.n_layers, loaded.ffn_dim, loaded.dropout) == (
+        cfg.d_model, cfg.n_layers, cfg.ffn_dim, 0.1)
