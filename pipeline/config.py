@@ -187,7 +187,9 @@ class TokenizerConfig:
     vocab_size: int = 32000
     """Vocabulary size including special and byte-fallback pieces (needs >= 256 + specials)."""
     model_path: str | None = None
-    """Reuse this existing sentencepiece .model instead of training one."""
+    """Reuse an existing tokenizer instead of training one: a sentencepiece .model, a
+    Hugging Face tokenizer.json, or a folder holding tokenizer.json (+ tokenizer_config.json),
+    encoded as transformers' AutoTokenizer encodes (see README, `tokenizer.model_path`)."""
     sample_bytes: int = 100 * 2**20
     """Bytes of the tokenizer's training text: documents drawn uniformly from the cleaned,
     deduplicated corpus. (The key keeps its name: configs and dataset fingerprints use it.)"""

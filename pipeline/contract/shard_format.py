@@ -6,7 +6,9 @@ The writer (`shards.py`, `phases.py`), the loader (`loader_tar.py`, `loader_shar
 A prepared dataset folder holds::
 
     manifest.json            the DatasetManifest (see dataset_manifest.py), version 1
-    tokenizer.model          the sentencepiece model the tokens come from
+    tokenizer.model          the sentencepiece model the tokens come from, or
+    tokenizer.json, ...      a Hugging Face tokenizer's files (dataset_tokenizer.py); the
+                             manifest's `tokenizer.files` lists them with their sha256
     <dataset>/<split>-NNNNNN.tar
 
 Each shard is an uncompressed GNU tar in WebDataset layout. Sample ``k`` of shard ``i`` of
@@ -17,7 +19,8 @@ in this order (their names sort so):
   ascending, always beginning with 0.
 - ``<key>.tokens.npy``: ``seq_len + 1`` token ids (inputs plus the label shift) of the
   manifest's ``token_dtype``: uint16 while the vocabulary (and the padding id) fits in
-  16 bits, else uint32. Windows are cut consecutively from the split's stream of documents
+  16 bits, else uint32 (e.g. Llama 3's 128,256 tokens; the loader reads either). Windows
+  are cut consecutively from the split's stream of documents
   (each ends with EOS when the tokenizer has an eos piece; ``doc_starts`` marks them either
   way); only the last window of a split is padded, with the padding id (``padding_id``).
 
@@ -56,7 +59,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 """Version of the manifest layout; a reader refuses any other."""
 TOKENIZER_FILE = "tokenizer.model"
-"""Name of the sentencepiece model inside a dataset folder (the manifest's `tokenizer.file`)."""
+"""Name of a sentencepiece model inside a dataset folder (the manifest's `tokenizer.file`; an
+HF tokenizer's main file is `tokenizer.json`)."""
 
 TOKEN_DTYPES = ("uint16", "uint32")
 """Token dtypes a shard may hold."""

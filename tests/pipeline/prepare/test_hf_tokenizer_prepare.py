@@ -233,6 +233,14 @@ def test_a_vocabulary_over_65535_gives_uint32_shards(tmp_path: Path) -> None:
     want = [hf(t)["input_ids"] for t in texts]
     assert max(max(ids) for ids in want) == 70_000  # [UNK]: ids above 65,535
     assert_shards_hold(manifest_path, want)
+    # The loader reads uint32 shards (one unshuffled pass, the checksums verified).
+    from lmforge.pipeline.config import LoaderConfig
+    from lmforge.pipeline.loader.shard_loader import ShardLoader
+
+    loader = ShardLoader(manifest_path, "train", 2, infinite=False,
+                         config=LoaderConfig(shuffle=False))
+    first = next(iter(loader))["input_ids"][0].tolist()
+    assert first == [i for ids in want for i in ids][:SEQ_LEN]
 
 
 def test_training_refuses_another_tokenizer_naming_the_file(prepared: Path, hf_folder: Path,
