@@ -6,6 +6,7 @@
     lmforge export CONFIG [--checkpoint DIR] [--out DIR] [...]
     lmforge sample CONFIG [--checkpoint DIR] [...]
     lmforge submit slurm|ray|local CONFIG [...]   (see lmforge.launch.submit)
+    lmforge eval EXPORT|RUN_DIR --tasks name=path ... [--json] [--limit N]   (launch.eval)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lmforge.launch.config import PREPARE_SECTIONS, ConfigError, RunConfig, load_config
+from lmforge.launch.eval.command import build_eval_parser
 from lmforge.launch.export import ExportError
 from lmforge.launch.redact import redact, redact_text
 from lmforge.launch.rundir import RunDir
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             cmd.add_argument("--out", default=None, help="export folder (default <run_dir>/export)")
     build_submit_parser(sub)
+    build_eval_parser(sub)
     return parser
 
 
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.command == "eval":  # scores an export: no run config to load
+            from lmforge.launch.eval.command import run_eval
+
+            sys.exit(run_eval(args, overrides))
         # Preparing data reads only the data and tokenizer sections: a model or training
         # setting that does not fit them yet must not stop it.
         sections = PREPARE_SECTIONS if args.command == "prepare" else None
