@@ -54,7 +54,8 @@ def log_prepared_dataset(tracker: Tracker, manifest: DatasetManifest) -> None:
     stats.json and manifest.json go as redacted copies: both name the sources, whose URLs
     may carry credentials (``?X-Amz-Signature=``, ``user:password@``)."""
     tracker.log_dataset_lineage(manifest)
-    tracker.log_artifact(manifest.tokenizer_path, "data")
+    for path in manifest.tokenizer_model.file_paths().values():  # every file of either kind
+        tracker.log_artifact(path, "data")
     stats = PrepareStats.read(manifest.folder)
     if stats is None:
         return

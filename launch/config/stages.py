@@ -192,6 +192,7 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
     has_init = "init" in sections
     names: list[str] = []
     first_data: dict[str, Any] | None = None
+    first_tokenizer: dict[str, Any] = {}
     stages = []
     for index, raw in enumerate(cfg.stages):
         at = _StageWhere(where, index, raw if isinstance(raw, dict) else {})
@@ -240,9 +241,9 @@ def expand_stages(cfg: RunConfig, where: Where | None = None) -> list[Stage]:
             merged["model"] = {**PRESETS[preset], **model}
         _stage_data(merged, raw, directory)
         if first_data is None:
-            first_data = merged["data"]
+            first_data, first_tokenizer = merged["data"], merged.get("tokenizer") or {}
         else:
-            _later_tokenizer(merged, raw, first_data, index)
+            _later_tokenizer(merged, raw, first_data, first_tokenizer, index)
         if has_init:
             _resolve_init(merged, raw, index, stages, at)
         if "tracking" not in raw or "uri" not in (raw.get("tracking") or {}):
@@ -280,14 +281,19 @@ def _stage_data(merged: dict[str, Any], raw: dict[str, Any], directory: Path) ->
 
 
 def _later_tokenizer(merged: dict[str, Any], raw: dict[str, Any],
-                     first_data: dict[str, Any], index: int) -> None:
-    """Stage i>0 tokenizes with the first stage's tokenizer (same vocabulary, same ids)."""
+                     first_data: dict[str, Any], first_tokenizer: dict[str, Any],
+                     index: int) -> None:
+    """Stage i>0 tokenizes with the first stage's tokenizer (same vocabulary, same ids): the
+    copy in the first stage's dataset folder (its tokenizer.model, or, for a Hugging Face
+    tokenizer, the folder itself, which holds tokenizer.json and its config)."""
     if Path(merged["data"]["output_dir"]).resolve() == Path(first_data["output_dir"]).resolve():
         return  # the first stage's own prepared data: its tokenizer section must stay as is
     if (raw.get("tokenizer") or {}).get("model_path"):
         return
-    merged["tokenizer"]["model_path"] = str(
-        Path(first_data["output_dir"]).resolve() / "tokenizer.model")
+    first = Path(first_data["output_dir"]).resolve()
+    source = str(first_tokenizer.get("model_path") or "")
+    hf = bool(source) and (Path(source).is_dir() or source.endswith(".json"))
+    merged["tokenizer"]["model_path"] = str(first if hf else first / "tokenizer.model")
 
 
 def _resolve_init(merged: dict[str, Any], raw: dict[str, Any], index: int,
