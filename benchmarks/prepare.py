@@ -28,11 +28,19 @@ BENCH lines (medians over the runs; each run and the spread in the detail):
 - prepare_full_vs_spm_limit@SIZE: the full pipeline, end to end, ÷ the limit.
 - prepare_scaling_2w@SIZE: 1-worker seconds ÷ 2-worker seconds, whole process.
 - prepare_rss_growth: the largest worker's peak RSS at the largest size ÷ at the smallest.
+- prepare_hf_tokenizer_vs_limit@SIZE (`--hf-size`, 60 MB by default): the same one-pass
+  prepare with a Hugging Face tokenizer (a byte-level BPE of `VOCAB` tokens, an HF folder:
+  hf_tokenizer_limit.py): the encode stage's tokens/s ÷ (2 × single-thread `tokenizers` on
+  the same documents, its fastest call). The end-to-end ratio is in the detail. Threads:
+  each encoder actor runs `tokenizers` on one thread (the encoder sets
+  TOKENIZERS_PARALLELISM=false in its process unless the environment sets it, so the
+  library's own Rayon pool never starts; RAYON_NUM_THREADS then plays no part): 2 workers
+  are 2 threads on 2 cores.
 A breakdown of each 2-worker run is printed: import, Ray start, worker start, encode,
 write, stats + plots + manifest, Ray stop, interpreter start and exit.
 
 Run: .venv/bin/python benchmarks/prepare.py [--quick] [--sizes 60,230] [--doc-bytes N]
-     [--runs 3]
+     [--runs 3] [--hf-size 60] [--hf-only]
 """
 
 from __future__ import annotations
@@ -362,6 +370,38 @@ def measure_size(size_mb: float, doc_bytes: int, runs: int, tmp: Path, model: Pa
     return {"label": label, "rss": max(r.rss for r in two)}
 
 
+def measure_hf(size_mb: float, doc_bytes: int, runs: int, tmp: Path) -> None:
+    """`prepare_hf_tokenizer_vs_limit`: one-pass prepare with an HF tokenizer folder,
+    2 workers, against 2 × single-thread `tokenizers` measured before each run."""
+    from hf_tokenizer_limit import hf_tokenizer_folder, single_thread_rate  # beside this file
+
+    folder = hf_tokenizer_folder(tmp / "hf-tokenizer", VOCAB)
+    probe = make_corpus(tmp / "probe", 1, doc_bytes)
+    copies = max(1, round(size_mb * 1e6 / probe[0].stat().st_size))
+    paths = make_corpus(tmp / f"hf-corpus{size_mb:g}", copies, doc_bytes)
+    mb = sum(p.stat().st_size for p in paths) / 1e6
+    two, singles = [], []
+    for i in range(runs):
+        singles.append(single_thread_rate(folder, probe[-1]))
+        two.append(run_lmforge(paths, tmp / "hf-out" / "w2", folder, 2, 2 * 2**20))
+        print(f"  HF tokenizer {mb:.0f} MB run {i + 1}: {two[-1].wall:.1f} s", flush=True)
+    singles.append(single_thread_rate(folder, probe[-1]))
+    limits = [2 * s for s in singles[:runs]]
+    tokens = two[0].tokens
+    print(f"  HF tokenizer, 2 workers: {breakdown(two)}")
+    print("  tokenizers single thread before each run and after the last: "
+          + ", ".join(f"{s:,.0f}" for s in singles) + " tok/s")
+    encode = [tokens / r.encode_s / lim for r, lim in zip(two, limits, strict=True)]
+    e2e = [tokens / r.wall / lim for r, lim in zip(two, limits, strict=True)]
+    bench(f"prepare_hf_tokenizer_vs_limit@{size_mb:g}MB", statistics.median(encode), 0.85,
+          corpus_mb=round(mb, 1), tokens=tokens, vocab=VOCAB, doc_bytes=doc_bytes,
+          limit_tokens_per_s=spread(limits), encode_s=spread([r.encode_s for r in two]),
+          ratio=spread(encode), end_to_end_ratio=spread(e2e),
+          wall_s=spread([r.wall for r in two]))
+    shutil.rmtree(tmp / f"hf-corpus{size_mb:g}", ignore_errors=True)
+    shutil.rmtree(tmp / "hf-out", ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -370,11 +410,19 @@ def main() -> None:
     parser.add_argument("--doc-bytes", type=int, default=1200,
                         help="document size of the corpus (~1.2 KB: web text; try 10000)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each side per size")
+    parser.add_argument("--hf-size", type=float, default=60.0,
+                        help="corpus MB of the HF-tokenizer figure (0: skip it)")
+    parser.add_argument("--hf-only", action="store_true",
+                        help="only the HF-tokenizer figure (prepare_hf_tokenizer_vs_limit)")
     args = parser.parse_args()
     sizes = [23.0] if args.quick else [float(s) for s in args.sizes.split(",")]
     runs = 1 if args.quick else args.runs
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     try:
+        hf_size = 23.0 if args.quick else args.hf_size
+        if args.hf_only:
+            measure_hf(hf_size, args.doc_bytes, runs, tmp)
+            return
         start = time.perf_counter()
         model = train_tokenizer(CORPUS, TokenizerConfig(vocab_size=VOCAB), tmp / "tok.model")
         print(f"tokenizer training {time.perf_counter() - start:.1f} s", flush=True)
@@ -388,6 +436,8 @@ def main() -> None:
             bench("prepare_rss_growth", results[-1]["rss"] / max(results[0]["rss"], 1), 1.5,
                   **{f"peak_worker_rss_mib@{r['label']}": round(r["rss"] / 2**20)
                      for r in results})
+        if hf_size:
+            measure_hf(hf_size, args.doc_bytes, runs, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
