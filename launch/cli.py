@@ -89,6 +89,9 @@ def dry_run(cfg: RunConfig) -> None:
         cfg.train, cfg.deepspeed, cfg.world_size, cfg.launch.resolved_backend()
     )
     print(json.dumps(redact(ds_config), indent=2))
+    from lmforge.launch.memory_plan import format_memory_plan
+
+    print(format_memory_plan(cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,9 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, overrides + allocation_overrides(args), sections)
         if args.dry_run:
             if cfg.stages and args.command == "run":
+                from lmforge.launch.memory_plan import format_memory_plan
                 from lmforge.launch.stages.graph import describe_graph
 
                 print(describe_graph(cfg))
+                print(format_memory_plan(cfg) + "  (the top-level sections; stages may differ)")
                 return
             dry_run(cfg)
             return

@@ -15,7 +15,8 @@ Owns the submitting side (``slurm.py``, ``ray_jobs.py``, ``local.py``, shared pa
 ``spec.py``) and, kept apart, the job body on the cluster (``job.py``, which runs
 ``launch.stages.runner``). May import: ``launch.config``, ``launch.rundir``,
 ``launch.redact``, ``launch.commands`` (prepare jobs), ``launch.stages`` (the job body and
-the MLflow run created at submit time), ``pipeline.contract``.
+the MLflow run created at submit time), ``launch.memory_plan`` (printed on --dry-run),
+``pipeline.contract``.
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def allocation_overrides(args: argparse.Namespace) -> list[str]:
 
 def dispatch_submit(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Runs ``lmforge submit TARGET``; returns the command's exit status."""
+    if args.print_only and args.work != "prepare":
+        from lmforge.launch.memory_plan import format_memory_plan
+
+        print(format_memory_plan(cfg))
     if args.target == "slurm":
         from lmforge.launch.submit.slurm import SlurmJob, print_submission, submit_slurm
 

@@ -1,0 +1,84 @@
+"""The memory plan ``lmforge run|train|submit … --dry-run`` prints: per rank, what the
+parameters, gradients, optimizer state, activations and the loss's logits take, against
+the memory the rank will run on.
+
+The formulas are functions of the model config in ``model/memory.py`` (ZeRO paper's 16
+bytes per parameter, Korthikanti et al. 2022's activations); this module picks their
+arguments from the run config (ZeRO stage, offload, world size, micro batch, sequence
+length, checkpointing, precision, ``train.loss_chunk_tokens``) and prints them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lmforge.launch.config import RunConfig
+from lmforge.model.memory import MemoryPlan, plan_memory
+
+GiB = 2**30
+
+
+def run_memory_plan(cfg: RunConfig) -> MemoryPlan:
+    """The per-rank plan of ``cfg``'s training step (``model.vocab_size`` must be known)."""
+    train, ds = cfg.train, cfg.deepspeed
+    return plan_memory(
+        cfg.model, micro_batch=train.micro_batch_size, seq_len=cfg.data.seq_len,
+        precision=train.precision, zero_stage=ds.zero_stage, world_size=cfg.world_size,
+        activation_checkpointing=train.activation_checkpointing,
+        checkpoint_every_n_layers=train.checkpoint_every_n_layers,
+        offload_optimizer=ds.offload_optimizer != "none",
+        offload_params=ds.offload_params != "none",
+        loss_chunk_tokens=train.loss_chunk_tokens,
+    )
+
+
+def device_memory() -> tuple[float, str]:
+    """(bytes, what) of the memory one rank runs on: this machine's first GPU, or else its
+    physical memory (shared by the ranks of a node)."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return float(props.total_memory), f"GPU 0 of this machine ({props.name})"
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return float(total), "host memory of this machine (no GPU here)"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:10.3f} GiB"
+
+
+def format_memory_plan(cfg: RunConfig, capacity: tuple[float, str] | None = None) -> str:
+    """The plan as the lines ``--dry-run`` prints (``capacity``: default `device_memory()`)."""
+    if cfg.model.vocab_size is None:
+        return "# memory plan: unknown until the tokenizer is loaded (model.vocab_size unset)"
+    plan = run_memory_plan(cfg)
+    train, ds = cfg.train, cfg.deepspeed
+    per_node = cfg.launch.nproc_per_node
+    lines = [
+        f"# memory plan per rank ({cfg.world_size} ranks, {per_node} per node): ZeRO stage "
+        f"{ds.zero_stage}, {train.precision}, micro batch {train.micro_batch_size} x "
+        f"seq_len {cfg.data.seq_len}, checkpointing {train.activation_checkpointing}, "
+        f"offload optimizer {ds.offload_optimizer} / params {ds.offload_params}, "
+        f"loss_chunk_tokens {train.loss_chunk_tokens}",
+    ]
+    lines += [f"#   {name:<18}{_gib(value)}" for name, value in plan.rows()]
+    total, what = capacity or device_memory()
+    on_host = "no GPU" in what  # the ranks of a node share it, offloaded state included
+    need = (plan.device_total + plan.host) * per_node if on_host else plan.device_total
+    verdict = "fits" if need <= total else "DOES NOT FIT"
+    scope = f"{per_node} ranks" if on_host else "one rank"
+    lines.append(f"#   against {what}: {_gib(total).strip()}; needs {_gib(need).strip()} "
+                 f"({scope}): {verdict}")
+    if plan.host and not on_host:
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        lines.append(f"#   offloaded to host: {_gib(plan.host * per_node).strip()} per node "
+                     f"of {_gib(host).strip()}")
+    if cfg.trainable.mode != "all":
+        lines.append(f"#   (gradients and optimizer state counted for every parameter; "
+                     f"trainable.mode={cfg.trainable.mode} trains fewer)")
+    if verdict != "fits":
+        lines.append("#   to fit: raise deepspeed.zero_stage, turn on "
+                     "train.activation_checkpointing, lower train.micro_batch_size, set "
+                     "train.loss_chunk_tokens, or offload (deepspeed.offload_optimizer)")
+    return "\n".join(lines)

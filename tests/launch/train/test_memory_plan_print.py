@@ -1,0 +1,41 @@
+"""``--dry-run``'s memory plan: the run config's ZeRO stage, world size, offload and
+checkpointing reach the formulas, and the verdict compares the right total."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.launch.config import load_config
+from lmforge.launch.memory_plan import GiB, format_memory_plan, run_memory_plan
+from lmforge.model.memory import plan_memory
+
+TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+
+
+def test_plan_takes_its_arguments_from_the_run_config():
+    cfg = load_config(TINY, ["--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu",
+                             "--launch.nproc_per_node=4", "--train.micro_batch_size=2",
+                             "--train.global_batch_size=null",
+                             "--train.activation_checkpointing=selective",
+                             "--train.loss_chunk_tokens=64", "--train.precision=fp32"])
+    plan = run_memory_plan(cfg)
+    assert plan == plan_memory(cfg.model, micro_batch=2, seq_len=cfg.data.seq_len,
+                               precision="fp32", zero_stage=3, world_size=4,
+                               activation_checkpointing="selective", offload_optimizer=True,
+                               loss_chunk_tokens=64)
+    assert plan.optimizer == 0 and plan.host > 0
+    text = format_memory_plan(cfg, (64 * GiB, "GPU 0 of this machine (test)"))
+    assert "ZeRO stage 3" in text and "4 ranks" in text
+    assert f"{plan.device_total / GiB:.3f} GiB" in text and text.count(": fits") == 1
+    assert "offloaded to host" in text
+
+
+def test_verdict_on_a_host_counts_every_rank_of_the_node():
+    cfg = load_config(TINY, [])
+    plan = run_memory_plan(cfg)
+    per_node = cfg.launch.nproc_per_node
+    need = (plan.device_total + plan.host) * per_node
+    fits = format_memory_plan(cfg, (need * 1.01, "host memory of this machine (no GPU here)"))
+    short = format_memory_plan(cfg, (need * 0.99, "host memory of this machine (no GPU here)"))
+    assert fits.splitlines()[-1].endswith(": fits")
+    assert "DOES NOT FIT" in short and "train.loss_chunk_tokens" in short
