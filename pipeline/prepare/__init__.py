@@ -4,6 +4,10 @@
 - ``sources.py`` input files and their read chunks; ``readers.py`` documents out of them
 - ``steps.py`` cleaning and quality steps; ``phases.py`` each phase's work per item, resumable,
   returning the dataclasses of ``results.py``; ``tasks.py`` fine-tuning task data
+- ``chain.py`` the chain of steps a chunk runs (with user steps); the curation rules
+  ``quality.py`` (Gopher, C4, FineWeb), ``language.py``, ``pii.py``, ``decontaminate.py``;
+  ``removals.py`` what each rule removed, per dataset, in pipeline order; ``text_arrays.py``
+  a batch's words found, measured and hashed with numpy
 - ``tokenizer.py`` sentencepiece training, and encoding with either tokenizer kind;
   ``shards.py`` the shard writer
 - ``manifest_writer.py``, ``task_manifest.py``, ``stats.py`` what is written at the end;

@@ -2,9 +2,9 @@
 
 Words are lowercased runs of letters and digits (`\\w+`), so punctuation, case and line
 breaks do not hide a copy. Each evaluation file becomes a sorted array of 64-bit n-gram
-hashes (xxh3 of each word, combined per window), built once per process and kept; a document
-is removed by the first file (in config order) it shares an n-gram with, and counted under
-that file's name.
+hashes (text_arrays: a hash per word, combined per window), built once per process and
+kept; a document is removed by the first file (in config order) it shares an n-gram with,
+and counted under that file's name.
 """
 
 from __future__ import annotations
@@ -17,35 +17,22 @@ from pathlib import PurePosixPath
 
 import fsspec
 import numpy as np
-import xxhash
 
 from lmforge.pipeline.config import DecontaminateConfig
-from lmforge.pipeline.prepare.quality import ngram_hashes_of_ids
-from lmforge.pipeline.prepare.steps import Removed, Step
+from lmforge.pipeline.prepare.steps import Document, Removed, Step
+from lmforge.pipeline.prepare.text_arrays import TextBatch, chunks_by_size, ngram_hashes
 
-_WORD = re.compile(r"\w+")
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_WORD_CACHE_LIMIT = 1_000_000
-_word_hashes: dict[str, int] = {}
 _indexes: dict[tuple, list[EvalIndex]] = {}  # built once per process and config
 
 
-def _word_hash(word: str) -> int:
-    if len(_word_hashes) >= _WORD_CACHE_LIMIT:
-        _word_hashes.clear()
-    value = _word_hashes[word] = xxhash.xxh3_64_intdigest(word.encode("utf-8", "surrogatepass"))
-    return value
-
-
-def text_ngrams(text: str, n: int) -> np.ndarray:
-    """The uint64 hashes of every window of `n` words of `text` (empty when shorter)."""
-    words = _WORD.findall(text.lower())
-    if len(words) < n:
-        return np.zeros(0, np.uint64)
-    cache = _word_hashes
-    ids = np.fromiter((cache[w] if w in cache else _word_hash(w) for w in words), np.uint64,
-                      len(words))
-    return ngram_hashes_of_ids(ids, n)
+def batch_ngrams(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The word n-grams of `texts` (lowercased `\\w+` runs): their uint64 hashes, the index
+    of the text each belongs to, and the number of words of each text."""
+    batch = TextBatch(texts)
+    words = batch.words("alnum")
+    grams, start = ngram_hashes(batch.word_hashes(words, lower=True), words.doc, n)
+    return grams, words.doc[start], np.bincount(words.doc, minlength=len(texts))
 
 
 @dataclass
@@ -58,11 +45,12 @@ class EvalIndex:
     texts: int  # texts read (JSON string values, or the whole plain-text file)
     short_texts: int  # texts with fewer words than n, which cannot match
 
-    def shares_ngram(self, doc_hashes: np.ndarray) -> bool:
-        if not len(self.hashes) or not len(doc_hashes):
-            return False
-        at = np.minimum(np.searchsorted(self.hashes, doc_hashes), len(self.hashes) - 1)
-        return bool((self.hashes[at] == doc_hashes).any())
+    def contains(self, grams: np.ndarray) -> np.ndarray:
+        """Whether each n-gram hash is one of this file's."""
+        if not len(self.hashes):
+            return np.zeros(len(grams), bool)
+        at = np.minimum(np.searchsorted(self.hashes, grams), len(self.hashes) - 1)
+        return self.hashes[at] == grams
 
 
 def _strings(value: object) -> list[str]:
@@ -120,9 +108,12 @@ def build_indexes(config: DecontaminateConfig) -> list[EvalIndex]:
         indexes = []
         for name, path in zip(_names(config.eval_files), config.eval_files, strict=True):
             texts = read_eval_texts(path)
-            parts = [text_ngrams(t, config.ngram) for t in texts]
-            hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
-            short = sum(1 for p in parts if not len(p))
+            parts, short = [np.zeros(0, np.uint64)], 0
+            for part in chunks_by_size(texts):
+                grams, _, counts = batch_ngrams(texts[part], config.ngram)
+                parts.append(grams)
+                short += int((counts < config.ngram).sum())
+            hashes = np.unique(np.concatenate(parts))
             indexes.append(EvalIndex(name, path, hashes, len(texts), short))
         _indexes[key] = indexes
     return _indexes[key]
@@ -147,9 +138,16 @@ class Decontaminate(Step):
     def __post_init__(self) -> None:
         self._indexes = build_indexes(self.config)
 
-    def transform(self, text: str) -> str | Removed:
-        hashes = text_ngrams(text, self.config.ngram)
-        for index in self._indexes:
-            if index.shares_ngram(hashes):
-                return Removed(index.name)
-        return text
+    def process(self, docs: list[Document]) -> list[str | Removed | None]:
+        texts = [doc.text for doc in docs]
+        out: list[str | Removed | None] = list(texts)
+        for part in chunks_by_size(texts):
+            grams, owner, _ = batch_ngrams(texts[part], self.config.ngram)
+            for index in self._indexes:
+                for i in np.unique(owner[index.contains(grams)]):
+                    if not isinstance(out[part.start + i], Removed):
+                        out[part.start + i] = Removed(index.name)
+        return out
+
+    def transform(self, text: str) -> str | Removed | None:
+        return self.process([Document(text)])[0]

@@ -21,6 +21,7 @@ _EMAIL = re.compile(
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # Not part of a longer dotted number (a version 1.2.3.4.5, a date 2024.01.02.03.04).
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w)")
+_DOTTED = re.compile(r"\d\.\d+\.\d")  # what every IPv4 address has
 # Candidates only; ipaddress decides (so 12:30:45 or a C++ a::b is left alone).
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 
@@ -49,13 +50,16 @@ def replace_pii(text: str, config: PiiConfig) -> tuple[str, int, int]:
     emails = ips = 0
     if "@" in text:
         text, emails = _EMAIL.subn(config.email_placeholder, text)
-    if "." in text or ":" in text:
+    # The regular expressions read ~10 MB/s; most texts have nothing they could match.
+    v4 = _DOTTED.search(text) is not None
+    v6 = "::" in text or text.count(":") >= 7
+    if v4 or v6:
         found = [0]
         replace = _ip_replacer(config.ip_placeholder, config.public_ips_only, found)
-        if "." in text:
+        if v4:
             new = _IPV4.sub(replace, text)
             text = new if found[0] else text
-        if text.count(":") >= 2:
+        if v6:
             before = found[0]
             new = _IPV6.sub(replace, text)
             text = new if found[0] > before else text

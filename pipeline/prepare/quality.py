@@ -23,20 +23,24 @@ from lmforge.pipeline.config import (
     GopherQualityConfig,
     GopherRepetitionConfig,
 )
-from lmforge.pipeline.prepare.steps import Removed, Step, utf8_len
+from lmforge.pipeline.prepare.steps import Document, Removed, Step, utf8_len
+from lmforge.pipeline.prepare.text_arrays import (
+    PUNCTUATION,
+    TextBatch,
+    chunks_by_size,
+    ngram_hashes,
+)
 
-# Stripped from both ends of a whitespace token; a token of these alone is not a word.
-_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~«»‘’‚“”„…–—·¡¿•‣◦▪▫■□●○◆➢►"
-_ALPHA = re.compile(r"[^\W\d_]")
 _BULLETS = ("•", "‣", "◦", "▪", "▫", "■", "□", "●", "○", "◆", "➢", "►", "-", "*", "–", "—")
 _ELLIPSES = ("...", "…")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
-_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the n-gram hash
+_DOC_MIX = np.uint64(0xD6E8FEB86659FD93)  # keeps equal n-grams of two documents apart
 
 
 def words_of(text: str) -> list[str]:
-    """Whitespace-separated tokens stripped of surrounding punctuation, empty ones dropped."""
-    return [w for w in (t.strip(_PUNCT) for t in text.split()) if w]
+    """Whitespace-separated tokens stripped of surrounding punctuation, empty ones dropped
+    (the words the Gopher rules count; `TextBatch.words("tokens")` finds the same)."""
+    return [w for w in (t.strip(PUNCTUATION) for t in text.split()) if w]
 
 
 def nonempty_lines(text: str) -> list[str]:
@@ -60,26 +64,63 @@ def duplicate_fractions(items: list[str]) -> tuple[float, float]:
     return repeats / len(items), repeat_chars / max(total_chars, 1)
 
 
+class BatchStep(Step):
+    """A step that measures a whole batch at once (`verdicts`), in slices of at most
+    `text_arrays.MAX_CHARS` characters; `transform` measures one text alone."""
+
+    def process(self, docs: list[Document]) -> list[str | Removed | None]:
+        texts = [doc.text for doc in docs]
+        out: list[str | Removed | None] = []
+        for part in chunks_by_size(texts):
+            out.extend(self.verdicts(texts[part]))
+        return out
+
+    def transform(self, text: str) -> str | Removed | None:
+        return self.verdicts([text])[0]
+
+    def verdicts(self, texts: list[str]) -> list[str | Removed | None]:
+        raise NotImplementedError
+
+
+def per_doc(values: np.ndarray, doc: np.ndarray, n_docs: int) -> np.ndarray:
+    """Sum of `values` per document."""
+    return np.bincount(doc, weights=values, minlength=n_docs)
+
+
 @dataclass
-class GopherQuality(Step):
+class GopherQuality(BatchStep):
     """Gopher's quality filter: word count, mean word length, symbol-to-word ratio, bullet
     and ellipsis lines, words with letters, stop words."""
 
     config: GopherQualityConfig = field(default_factory=GopherQualityConfig)
 
     def __post_init__(self) -> None:
-        self._stop_words = {w.lower() for w in self.config.stop_words}
+        stop = TextBatch([" ".join(self.config.stop_words)])
+        self._stop_hashes = np.unique(stop.word_hashes(stop.words("tokens"), lower=True))
 
-    def transform(self, text: str) -> str | Removed:
+    def verdicts(self, texts: list[str]) -> list[str | Removed | None]:
+        batch = TextBatch(texts)
+        words = batch.words("tokens")
+        n_docs = len(texts)
+        counts = np.bincount(words.doc, minlength=n_docs)
+        chars = per_doc(words.lengths, words.doc, n_docs)
+        alpha = per_doc(batch.alpha_words(words), words.doc, n_docs)
+        hashes = batch.word_hashes(words, lower=True)
+        is_stop = np.isin(hashes, self._stop_hashes)
+        pairs = np.unique(words.doc[is_stop] * len(self._stop_hashes)
+                          + np.searchsorted(self._stop_hashes, hashes[is_stop]))
+        stops = np.bincount(pairs // max(len(self._stop_hashes), 1), minlength=n_docs)
+        return [self._verdict(text, int(counts[i]), chars[i], alpha[i], int(stops[i]))
+                for i, text in enumerate(texts)]
+
+    def _verdict(self, text: str, n: int, chars: float, alpha: float,
+                 stops: int) -> str | Removed:
         c = self.config
-        words = words_of(text)
-        n = len(words)
         if not c.min_words <= n <= c.max_words:
             return Removed("word_count")
         if n == 0:
             return text  # min_words 0: nothing more to measure
-        mean_length = sum(map(len, words)) / n
-        if not c.min_mean_word_length <= mean_length <= c.max_mean_word_length:
+        if not c.min_mean_word_length <= chars / n <= c.max_mean_word_length:
             return Removed("mean_word_length")
         symbols = text.count("#") + text.count("...") + text.count("…")
         if symbols / n > c.max_symbol_word_ratio:
@@ -92,53 +133,65 @@ class GopherQuality(Step):
             ellipses = sum(1 for line in lines if line.endswith(_ELLIPSES))
             if ellipses / len(lines) > c.max_ellipsis_line_fraction:
                 return Removed("ellipsis_lines")
-        with_letters = sum(1 for w in words if _ALPHA.search(w))
-        if with_letters / n < c.min_alpha_word_fraction:
+        if alpha / n < c.min_alpha_word_fraction:
             return Removed("alpha_words")
-        if len(self._stop_words.intersection(w.lower() for w in words)) < c.min_stop_words:
+        if stops < c.min_stop_words:
             return Removed("stop_words")
         return text
 
 
-def ngram_hashes_of_ids(ids: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit polynomial hash of every window of `n` uint64 word ids or word hashes
-    (collisions: about m²/2⁶⁴ for m windows)."""
-    m = len(ids) - n + 1
-    h = ids[:m].copy()
-    for k in range(1, n):
-        h = h * _HASH_BASE + ids[k : k + m]  # wraps modulo 2**64
-    return h
+def _ngram_keys(hashes: np.ndarray, doc: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A key per n-gram inside one document (equal n-grams of two documents differ), and
+    the index of its first word."""
+    grams, start = ngram_hashes(hashes, doc, n)
+    return grams + doc[start].astype(np.uint64) * _DOC_MIX, start
 
 
-def top_ngram_char_fraction(ids: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Share of word characters in the most frequent `n`-gram (0 when none occurs twice);
-    among equally frequent ones, the longest."""
-    if len(ids) < n:
-        return 0.0
-    hashes = ngram_hashes_of_ids(ids, n)
-    _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
-    top = counts.max()
-    if top < 2:
-        return 0.0
+def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Equal keys grouped: the sorting order, where each group starts in it, group sizes."""
+    order = np.argsort(keys)  # quicksort: any window of a group stands for it
+    ordered = keys[order]
+    starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])
+    return order, starts, np.diff(np.append(starts, len(keys)))
+
+
+def top_ngram_char_fractions(hashes: np.ndarray, lengths: np.ndarray, doc: np.ndarray,
+                             n: int, n_docs: int) -> np.ndarray:
+    """Per document: share of word characters in its most frequent `n`-gram (0 when none
+    occurs twice); among equally frequent ones, the longest."""
+    keys, start = _ngram_keys(hashes, doc, n)
+    if not len(keys):
+        return np.zeros(n_docs)
+    order, group_starts, counts = _groups(keys)
+    window = start[order[group_starts]]
     ends = np.concatenate([[0], np.cumsum(lengths)])
-    chars = (ends[first + n] - ends[first])[counts == top].max()
-    return float(top * chars / ends[-1])
+    chars = np.minimum(ends[window + n] - ends[window], 2**20 - 1)  # capped for the ranking
+    best = np.zeros(n_docs, np.int64)  # most frequent first, then longest: one number
+    np.maximum.at(best, doc[window], np.minimum(counts, 2**40) * 2**20 + chars)
+    top_count, top_chars = best >> 20, best & (2**20 - 1)
+    total = per_doc(lengths, doc, n_docs)
+    return np.where(top_count >= 2, top_count * top_chars / np.maximum(total, 1), 0.0)
 
 
-def duplicate_ngram_char_fraction(ids: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Share of word characters inside `n`-grams that occur more than once, each word
-    counted once however many such n-grams overlap it."""
-    if len(ids) < n:
-        return 0.0
-    _, inverse, counts = np.unique(ngram_hashes_of_ids(ids, n), return_inverse=True,
-                                   return_counts=True)
-    repeated = (counts[inverse] > 1).astype(np.int64)
-    covered = np.convolve(repeated, np.ones(n, np.int64))[: len(ids)] > 0
-    return float(lengths[covered].sum() / lengths.sum())
+def duplicate_ngram_char_fractions(hashes: np.ndarray, lengths: np.ndarray, doc: np.ndarray,
+                                   n: int, n_docs: int) -> np.ndarray:
+    """Per document: share of word characters inside `n`-grams that occur more than once in
+    it, each word counted once however many such n-grams overlap it."""
+    keys, start = _ngram_keys(hashes, doc, n)
+    if not len(keys):
+        return np.zeros(n_docs)
+    order, _, counts = _groups(keys)
+    repeated = start[order[np.repeat(counts > 1, counts)]]
+    size = len(hashes) + 1
+    depth = np.cumsum(np.bincount(repeated, minlength=size)
+                      - np.bincount(repeated + n, minlength=size))[:-1]
+    covered = depth > 0
+    total = per_doc(lengths, doc, n_docs)
+    return per_doc(lengths[covered], doc[covered], n_docs) / np.maximum(total, 1)
 
 
 @dataclass
-class GopherRepetition(Step):
+class GopherRepetition(BatchStep):
     """Gopher's repetition filter: repeated lines and paragraphs (count and characters), the
     top 2-4-gram and the repeated 5-10-grams (characters)."""
 
@@ -149,7 +202,41 @@ class GopherRepetition(Step):
         self._top = sorted((int(n), v) for n, v in c.max_top_ngram_char_fraction.items())
         self._dup = sorted((int(n), v) for n, v in c.max_duplicate_ngram_char_fraction.items())
 
-    def transform(self, text: str) -> str | Removed:
+    def verdicts(self, texts: list[str]) -> list[str | Removed | None]:
+        out: list[str | Removed | None] = [self._unit_rule(t) or t for t in texts]
+        batch = TextBatch(texts)
+        words = batch.words("tokens")
+        hashes, lengths, n_docs = batch.word_hashes(words), words.lengths, len(texts)
+        for n, limit in self._top:
+            fractions = top_ngram_char_fractions(hashes, lengths, words.doc, n, n_docs)
+            self._mark(out, fractions > limit, f"top_{n}gram")
+        if not self._dup:
+            return out
+        # Words covered by repeated (n+1)-grams are covered by repeated n-grams: the
+        # smallest n's fraction bounds every larger n's, so below every limit all pass.
+        first_n = self._dup[0][0]
+        first = duplicate_ngram_char_fractions(hashes, lengths, words.doc, first_n, n_docs)
+        suspects = np.flatnonzero(first > min(limit for _, limit in self._dup))
+        if not len(suspects):
+            return out
+        # The other sizes only for those documents (their words, renumbered).
+        keep = np.isin(words.doc, suspects)
+        sub = (hashes[keep], lengths[keep], np.searchsorted(suspects, words.doc[keep]))
+        for n, limit in self._dup:
+            fractions = first[suspects] if n == first_n else duplicate_ngram_char_fractions(
+                *sub, n, len(suspects))
+            self._mark(out, suspects[fractions > limit], f"duplicate_{n}grams")
+        return out
+
+    @staticmethod
+    def _mark(out: list[str | Removed | None], fails: np.ndarray, rule: str) -> None:
+        """Remove the documents `fails` names (a mask, or indexes) by `rule`."""
+        for i in (np.flatnonzero(fails) if fails.dtype == bool else fails):
+            if not isinstance(out[i], Removed):  # the first rule failed names the removal
+                out[i] = Removed(rule)
+
+    def _unit_rule(self, text: str) -> Removed | None:
+        """The first line or paragraph rule `text` fails, or None."""
         c = self.config
         for unit, items in (("line", nonempty_lines(text)),
                             ("paragraph", [p.strip() for p in _PARAGRAPH_BREAK.split(text)
@@ -159,30 +246,6 @@ class GopherRepetition(Step):
                 return Removed(f"duplicate_{unit}s")
             if char_share > getattr(c, f"max_duplicate_{unit}_char_fraction"):
                 return Removed(f"duplicate_{unit}_chars")
-        words = words_of(text)
-        if not words:
-            return text
-        vocab: dict[str, int] = {}
-        ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], np.uint64)
-        lengths = np.fromiter(map(len, words), np.int64, len(words))
-        for n, limit in self._top:
-            if top_ngram_char_fraction(ids, lengths, n) > limit:
-                return Removed(f"top_{n}gram")
-        return self._duplicate_ngrams(ids, lengths) or text
-
-    def _duplicate_ngrams(self, ids: np.ndarray, lengths: np.ndarray) -> Removed | None:
-        # Words covered by repeated (n+1)-grams are covered by repeated n-grams, so the
-        # smallest n's fraction bounds every larger n's: below every limit, all pass.
-        if not self._dup:
-            return None
-        first_n = self._dup[0][0]
-        first = duplicate_ngram_char_fraction(ids, lengths, first_n)
-        if first <= min(limit for _, limit in self._dup):
-            return None
-        for n, limit in self._dup:
-            share = first if n == first_n else duplicate_ngram_char_fraction(ids, lengths, n)
-            if share > limit:
-                return Removed(f"duplicate_{n}grams")
         return None
 
 
@@ -237,11 +300,14 @@ class C4Filter(Step):
         kept: list[str] = []
         dropped: Counter[str] = Counter()
         dropped_bytes: Counter[str] = Counter()
+        # Lines are only searched for what the whole text contains.
+        javascript = c.drop_javascript_lines and "javascript" in lower
+        policy = c.drop_policy_lines and any(p in lower for p in _C4_POLICY)
         for raw in text.split("\n"):
             line = raw.strip()
             if not line:
                 continue
-            rule = self._line_rule(line)
+            rule = self._line_rule(line, javascript, policy)
             if rule is None:
                 kept.append(line)
             else:
@@ -255,21 +321,22 @@ class C4Filter(Step):
         new = "\n".join(kept)
         return text if new == text else new
 
-    def _line_rule(self, line: str) -> str | None:
-        """The line rule that drops `line`, or None to keep it."""
+    def _line_rule(self, line: str, javascript: bool, policy: bool) -> str | None:
+        """The line rule that drops `line`, or None to keep it (`javascript`, `policy`: the
+        document mentions one, so the line is searched)."""
         c = self.config
         words = line.split()
-        if c.max_word_length and any(len(w) > c.max_word_length for w in words):
+        if (c.max_word_length and len(line) > c.max_word_length
+                and any(len(w) > c.max_word_length for w in words)):
             return "long_word"
         if c.drop_lines_without_terminal_punct and (
                 not line.endswith(_C4_END_MARKS) or line.endswith("...")):
             return "no_terminal_punct"
         if len(words) < c.min_words_per_line:
             return "short_line"
-        lower = line.lower()
-        if c.drop_javascript_lines and "javascript" in lower:
+        if javascript and "javascript" in line.lower():
             return "javascript"
-        if c.drop_policy_lines and any(p in lower for p in _C4_POLICY):
+        if policy and any(p in line.lower() for p in _C4_POLICY):
             return "policy"
         return None
 

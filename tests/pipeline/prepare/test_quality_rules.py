@@ -13,7 +13,6 @@ import itertools
 import random
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from lmforge.pipeline.config import (
@@ -27,11 +26,12 @@ from lmforge.pipeline.prepare.quality import (
     FineWebFilter,
     GopherQuality,
     GopherRepetition,
-    duplicate_ngram_char_fraction,
-    top_ngram_char_fraction,
+    duplicate_ngram_char_fractions,
+    top_ngram_char_fractions,
     words_of,
 )
 from lmforge.pipeline.prepare.steps import Document, Removed
+from lmforge.pipeline.prepare.text_arrays import TextBatch
 
 LETTERS = "bcdfghjklmnpqrstvwxz"  # no vowels: no generated word is a stop word
 
@@ -217,22 +217,31 @@ def reference_fractions(words: list[str], n: int) -> tuple[float, float]:
     return top, sum(len(words[i]) for i in covered) / total
 
 
-def test_ngram_fractions_equal_a_plain_count_on_random_documents() -> None:
+def test_ngram_fractions_of_a_batch_equal_a_plain_count_per_document() -> None:
     rng = random.Random(0)
-    vocab = ["a", "bb", "ccc", "dddd", "the", "of", "and", "x"]
-    for _ in range(200):
-        words = [rng.choice(vocab) for _ in range(rng.randint(1, 60))]
-        vocab_ids: dict[str, int] = {}
-        ids = np.array([vocab_ids.setdefault(w, len(vocab_ids)) for w in words], np.uint64)
-        lengths = np.array([len(w) for w in words])
-        for n in range(1, 11):
-            top, dup = reference_fractions(words, n)
-            assert top_ngram_char_fraction(ids, lengths, n) == pytest.approx(top)
-            assert duplicate_ngram_char_fraction(ids, lengths, n) == pytest.approx(dup)
+    vocab = ["a", "bb", "ccc", "dddd", "the", "of", "and", "x", "é", "(a)", "Bb"]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    batch = TextBatch(texts)
+    words = batch.words("tokens")
+    hashes, lengths = batch.word_hashes(words), words.lengths
+    for n in range(1, 11):
+        tops = top_ngram_char_fractions(hashes, lengths, words.doc, n, len(texts))
+        dups = duplicate_ngram_char_fractions(hashes, lengths, words.doc, n, len(texts))
+        for i, text in enumerate(texts):
+            top, dup = reference_fractions(words_of(text), n) if words_of(text) else (0, 0)
+            assert tops[i] == pytest.approx(top) and dups[i] == pytest.approx(dup), (n, text)
 
 
 def test_words_are_whitespace_tokens_without_surrounding_punctuation() -> None:
-    assert words_of("Hello, world! -- it's (3.5) ...") == ["Hello", "world", "it's", "3.5"]
+    texts = ["Hello, world! -- it's (3.5) ...", "", " «Wait»\u00a0— 😀x😀 ", "a\tb\nc"]
+    assert words_of(texts[0]) == ["Hello", "world", "it's", "3.5"]
+    batch = TextBatch(texts)
+    words = batch.words("tokens")
+    found = [[] for _ in texts]
+    for first, last, doc in zip(words.first, words.last, words.doc, strict=True):
+        begin = batch.starts[doc]
+        found[doc].append(texts[doc][first - begin : last - begin + 1])
+    assert found == [words_of(t) for t in texts]
 
 
 # -- C4 ---------------------------------------------------------------------------------
