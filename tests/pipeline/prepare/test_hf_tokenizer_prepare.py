@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
-from lmforge.pipeline.contract.dataset_tokenizer import tokenizer_mismatches
+from lmforge.pipeline.contract.dataset_tokenizer import tokenizer_mismatches, tokenizer_source
 from lmforge.pipeline.prepare.driver import prepare
 from lmforge.pipeline.prepare.tokenizer import DocumentEncoder
 
@@ -158,6 +158,16 @@ def test_manifest_records_the_kind_files_and_ids(prepared: Path, hf_folder: Path
     assert handle.encode(text) == hf.encode(text)
     assert handle.decode(hf.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True)
     assert tokenizer_mismatches(hf_folder, tok) == []
+    assert manifest.to_dict() == json.loads(prepared.read_text())  # read and written alike
+
+
+def test_a_model_path_that_is_no_tokenizer_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"tokenizer.model_path: {tmp_path} is a folder "
+                                         "without tokenizer.json; name a sentencepiece"):
+        tokenizer_source(tmp_path)
+    with pytest.raises(ValueError, match=f"tokenizer.model_path: {tmp_path / 'x.json'} does "
+                                         "not exist"):
+        tokenizer_source(tmp_path / "x.json")
 
 
 def test_a_changed_tokenizer_file_is_named(prepared: Path, hf_folder: Path,
