@@ -23,6 +23,8 @@ from lmforge.pipeline.prepare.chain import build_chain, removed_samples
 from lmforge.pipeline.prepare.decontaminate import Decontaminate, eval_digest
 from lmforge.pipeline.prepare.language import LanguageFilter, detect_language
 from lmforge.pipeline.prepare.pii import PiiStep, redact, replace_pii
+from lmforge.pipeline.prepare.removals import merge_samples, removal_table
+from lmforge.pipeline.prepare.results import BadInput, CleanResult, DedupResult, DocCounts
 from lmforge.pipeline.prepare.steps import Document, Removed, Step, run_steps
 
 EN = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch. "
@@ -223,3 +225,37 @@ def test_rule_settings_are_checked_and_unknown_names_refused(tmp_path: Path) -> 
     config.write_text(config.read_text().replace("ngram: 0", "ngram: 8"))
     data = load_config(config, sections=("data", "tokenizer")).data
     assert (data.clean.gopher_quality.min_words, data.decontaminate.ngram) == (20, 8)
+
+
+# -- the removal table ------------------------------------------------------------------
+
+
+def test_removal_table_keeps_pipeline_order_across_chunks_and_datasets() -> None:
+    def clean(chunk: int, dataset: str, quality_rules: dict, samples: dict) -> CleanResult:
+        steps = {"length": {"removed_docs": 1, "removed_bytes": 5, "modified_docs": 0},
+                 "gopher_quality": {"removed_docs": sum(r["removed_docs"]
+                                                        for r in quality_rules.values()),
+                                    "removed_bytes": sum(r["removed_bytes"]
+                                                         for r in quality_rules.values()),
+                                    "modified_docs": 0, "rules": quality_rules}}
+        return CleanResult(chunk, dataset, DocCounts(10, 100), steps, DocCounts(5, 50),
+                           BadInput(), removed_samples=samples)
+
+    # Results arrive out of read order; the table follows read order and keeps each step's
+    # rules together, then dedup, then near dedup.
+    chunks = [clean(1, "b", {"stop_words": {"removed_docs": 1, "removed_bytes": 7}},
+                    {"length": [{"text": "x"}] * 3}),
+              clean(0, "a", {"word_count": {"removed_docs": 2, "removed_bytes": 9}},
+                    {"length": [{"text": "y"}] * 3})]
+    dedup = [DedupResult(0, 2, 30, {"0": 1, "1": 1}, {"0": 10, "1": 20})]
+    near = {"datasets": {"a": {"removed_docs": 4, "removed_bytes": 40}}}
+    table = removal_table(chunks, dedup, near)
+    assert [(e["rule"], e["removed_docs"], e["removed_bytes"]) for e in table] == [
+        ("length", 2, 10), ("gopher_quality.word_count", 2, 9),
+        ("gopher_quality.stop_words", 1, 7), ("dedup", 2, 30), ("near_dedup", 4, 40)]
+    assert table[3]["datasets"] == {"a": {"removed_docs": 1, "removed_bytes": 10,
+                                          "modified_docs": 0},
+                                    "b": {"removed_docs": 1, "removed_bytes": 20,
+                                          "modified_docs": 0}}
+    samples = merge_samples(chunks)["length"]  # read order (chunk 0 first), at most 5
+    assert [s["dataset"] for s in samples] == ["a", "a", "a", "b", "b"]
