@@ -39,9 +39,11 @@ def heading(title: str) -> None:
 def prepare_data(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
     """Shards the corpus (skipped when an identical prepared dataset exists); returns the
     path of its manifest."""
+    from lmforge.launch.export.hf_tokenizer import check_tokenizer_source
     from lmforge.pipeline.prepare.driver import prepare
 
-    heading("prepare: corpus → sentencepiece → WebDataset shards (Ray)")
+    heading("prepare: corpus → tokenizer → WebDataset shards (Ray)")
+    check_tokenizer_source(cfg.tokenizer.model_path)  # an HF one encodes as AutoTokenizer
     manifest = Path(prepare(cfg.data, cfg.tokenizer, progress=True)).resolve()
     if tracker is not None:
         log_prepared_dataset(tracker, DatasetManifest.read(manifest))

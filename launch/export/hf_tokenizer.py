@@ -2,8 +2,8 @@
 
 A dataset encoded with a Hugging Face tokenizer (``tokenizer.kind: hf``) exports the same
 files (``tokenizer.json``, ``tokenizer_config.json``, ...), byte for byte, and
-`verify_hf_tokenizer` checks that `AutoTokenizer` on the export gives the ids the data was
-encoded with. A sentencepiece model is converted (`export_tokenizer`), as follows.
+`hf_source.verify_hf_tokenizer` checks that `AutoTokenizer` on the export gives the ids the
+data was encoded with. A sentencepiece model is converted (`export_tokenizer`), as follows.
 
 Sentencepiece model -> Hugging Face fast tokenizer, verified id for id.
 
@@ -47,6 +47,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from lmforge.launch.export import ExportError
+from lmforge.launch.export.hf_source import check_hf_source, verify_hf_tokenizer
 from lmforge.pipeline.contract.dataset_tokenizer import HF, DatasetTokenizer
 
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
@@ -372,7 +373,7 @@ def write_tokenizer(tokenizer: str | Path | DatasetTokenizer, out_dir: Path) -> 
             raise ExportError(str(err)) from err
         for name, data in files.items():
             (out_dir / name).write_bytes(data)
-        verify_hf_tokenizer(tokenizer, out_dir)
+        verify_hf_tokenizer(tokenizer, out_dir, DEFAULT_VERIFY_TEXTS)
         return
     spm_model = tokenizer.path if isinstance(tokenizer, DatasetTokenizer) else tokenizer
     if not Path(spm_model).is_file():
@@ -402,34 +403,7 @@ def tokenizer_ids(tokenizer: str | Path | DatasetTokenizer) -> tuple[int, dict[s
                                  "pad_token_id": sp.pad_id()}
 
 
-def verify_hf_tokenizer(tokenizer: DatasetTokenizer, out_dir: str | Path,
-                        texts: list[str] | None = None) -> None:
-    """Checks that `AutoTokenizer.from_pretrained(out_dir)` encodes like the dataset's HF
-    tokenizer: the same ids (special tokens added as for a document) and the same decoded
-    text for every text, and the bos/eos/pad ids the manifest records.
-
-    Raises:
-        ExportError: Naming the first text (or special id) that differs, with both results.
-    """
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(out_dir))
-    info, where = tokenizer.info, f"tokenizer export {out_dir} (from {tokenizer.folder})"
-    for role, want in (("bos", info.bos_id), ("eos", info.eos_id), ("pad", info.pad_id)):
-        got = getattr(hf, f"{role}_token_id")
-        got = -1 if got is None else got
-        if got != want:
-            raise ExportError(f"{where}: {role} id {got} in Hugging Face but {want} in the "
-                              "manifest; prepare the dataset again with this lmforge")
-    for index, text in enumerate(DEFAULT_VERIFY_TEXTS if texts is None else texts):
-        want_ids, got = tokenizer.encode(text), hf.encode(text)
-        if got != want_ids:
-            raise ExportError(
-                f"{where}: text #{index} {text!r} encodes to {got} with AutoTokenizer but to "
-                f"{want_ids} in the data (lmforge's reading of tokenizer.json and "
-                "tokenizer_config.json); please report this text with the tokenizer")
-        want_text = tokenizer.decode(got)
-        got_text = hf.decode(got, skip_special_tokens=True)
-        if got_text != want_text:
-            raise ExportError(f"{where}: text #{index} {text!r} ids {got} decode to "
-                              f"{got_text!r} with AutoTokenizer but {want_text!r} in lmforge")
+def check_tokenizer_source(model_path: str | Path | None) -> None:
+    """Before a corpus is encoded with an HF tokenizer: `hf_source.check_hf_source` on the
+    varied `DEFAULT_VERIFY_TEXTS` (nothing for sentencepiece)."""
+    check_hf_source(model_path, DEFAULT_VERIFY_TEXTS)

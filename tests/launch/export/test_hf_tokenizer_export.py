@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from lmforge.launch.export import ExportError
 from lmforge.launch.export.hf_folder import MARKER, write_hf_folder
-from lmforge.launch.export.hf_tokenizer import DEFAULT_VERIFY_TEXTS
+from lmforge.launch.export.hf_tokenizer import DEFAULT_VERIFY_TEXTS, check_tokenizer_source
 from lmforge.pipeline.config import CleanConfig, DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
@@ -84,6 +84,24 @@ def test_a_tokenizer_that_differs_from_the_data_is_refused(manifest: DatasetMani
     wrong = dataclasses.replace(manifest.tokenizer, eos_id=manifest.tokenizer.bos_id)
     model = tiny_llama(wrong)  # a model config that agrees with the wrong manifest
     handle = DatasetTokenizer(wrong, manifest.tokenizer_path)
-    with pytest.raises(ExportError, match="eos id 1 in Hugging Face but 0 in the manifest"):
+    with pytest.raises(ExportError, match="eos id 1 with AutoTokenizer but 0 in lmforge"):
         write_hf_folder(tmp_path / "hf", model.config.to_dict(), model.state_dict(), handle)
     assert not (tmp_path / "hf").exists()
+
+
+def test_prepare_refuses_a_tokenizer_class_that_encodes_otherwise(source: Path,
+                                                                 tmp_path: Path) -> None:
+    check_tokenizer_source(source)  # the generic class reads tokenizer.json as it is
+    check_tokenizer_source(source / "tokenizer.json")  # a bare tokenizer.json too
+    # Qwen2Tokenizer rebuilds its pre-tokenizer (Qwen's split and NFC) around the vocabulary,
+    # so AutoTokenizer on this folder no longer encodes as its tokenizer.json says.
+    folder = tmp_path / "qwen-class"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    with pytest.raises(ValueError, match=rf"tokenizer.model_path: {folder}: lmforge's reading "
+                       r"of tokenizer.json does not encode as AutoTokenizer \(Qwen2Tokenizer\)"):
+        check_tokenizer_source(folder)
