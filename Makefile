@@ -28,12 +28,18 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 run: $(VENV)/.installed
 	$(BIN)/lmforge run $(CONFIG)
 
-# The 30 slowest tests are listed at the end of every run (CI's output included).
+# The 30 slowest tests are listed at the end of every run (CI's output included). Two
+# pytest-xdist workers: a training run keeps both cores busy only part of its time (start-up
+# is one process at a time; Slurm, Ray and MLflow tests mostly wait); tests that share a
+# fixture stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: $(VENV)/.installed-test $(VENV)/.ds-ops
-	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed-test $(VENV)/.ds-ops
-	$(BIN)/python -m pytest -m "not slow" --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" --durations=30 $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test $(VENV)/.ds-ops

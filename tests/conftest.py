@@ -24,6 +24,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                       lambda message: print(message, file=sys.stderr))
 
 
+# Fixtures of tests/cluster shared by several of its modules (one Slurm cluster per machine,
+# one Ray cluster and one reference stage-graph run per session).
+CLUSTER_FIXTURES = ("slurm_cluster", "ray_cluster", "stage_graph")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs 2 workers): a
+    module's tests run on one worker, so a module-scoped fixture (a trained reference run,
+    a prepared dataset) is built once, and every test that needs the cluster fixtures runs on
+    the same worker (there is one Slurm on the machine). Without ``-n`` this changes nothing."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        group = ("cluster" if any(name in fixtures for name in CLUSTER_FIXTURES)
+                 else item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _keep_ray_auth_mode():
     """Ray reads RAY_AUTH_MODE once per process; a test that switches it (the Ray Jobs
