@@ -239,10 +239,11 @@ class DocumentEncoder:
         if not texts:
             return np.zeros(0, self.dtype), np.zeros(0, np.int64)
         docs = self.text.encode_batch(texts)
-        if len(self._eos):
-            docs = [ids + [self.eos_id] for ids in docs]
-        lengths = np.fromiter(map(len, docs), np.int64, count=len(docs))
-        tokens = np.fromiter(chain.from_iterable(docs), self.dtype, count=int(lengths.sum()))
+        eos = [self.eos_id] if len(self._eos) else []
+        lengths = np.fromiter(map(len, docs), np.int64, count=len(docs)) + len(eos)
+        # Straight from the id lists into one array: no per-document array or list copy.
+        parts = chain.from_iterable((ids, eos) for ids in docs)
+        tokens = np.fromiter(chain.from_iterable(parts), self.dtype, count=int(lengths.sum()))
         return tokens, lengths
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
