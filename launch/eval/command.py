@@ -56,8 +56,9 @@ def run_eval(args: argparse.Namespace, overrides: list[str] | None = None) -> in
 
     if overrides:
         raise ValueError(f"lmforge eval takes no config overrides, got {overrides}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit: must be at least 1, got {args.limit}")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: must be at least 1, got {value}")
     tasks = [task_from_spec(spec) for spec in args.tasks]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
