@@ -142,7 +142,7 @@ def test_decoded_tokens_give_back_the_source_documents(prepared: Path, corpus: P
     shards = DatasetManifest.read(prepared).datasets["shakespeare"].splits
     assert typed.tokens == {"shakespeare": {split: s.tokens for split, s in shards.items()}}
     assert typed.throughput["tokens_per_s"] > 0 and typed.bad_input == {}
-    assert len(typed.plot_paths) == 3 and all(p.is_file() for p in typed.plot_paths)
+    assert len(typed.plot_paths) == 5 and all(p.is_file() for p in typed.plot_paths)
 
 
 def test_rerun_is_skipped_and_a_fresh_run_is_byte_identical(
