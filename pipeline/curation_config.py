@@ -104,8 +104,9 @@ class GopherQualityConfig:
 @dataclass
 class GopherRepetitionConfig:
     """`gopher_repetition`: the repetition filter of Rae et al. 2021 (table A1). Lines split on
-    newlines, paragraphs on blank lines; characters are those of the words (whitespace left
-    out). A document over any threshold is removed, naming the rule."""
+    newlines, paragraphs on blank lines, both stripped (their characters count); n-grams are
+    of words as `gopher_quality` finds them (their characters count, whitespace left out). A
+    document over any threshold is removed, naming the first rule it fails."""
 
     max_duplicate_line_fraction: float = 0.30
     """Share of non-empty lines that repeat an earlier line (rule `duplicate_lines`)."""
