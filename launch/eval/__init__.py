@@ -8,7 +8,8 @@ points at a local file; ``task_files.py``: which reader a file needs), the scori
 ``acc``/``acc_norm``/``acc_bytes``, the cloze's ``acc`` and log-likelihood) on any
 model-agnostic log-likelihood function over token ids (``loglikelihood.py``: one built from a
 logits function, for transformers and the training loop alike), and ``lmforge eval`` on a
-Hugging Face export (``on_export.py``, ``command.py``).
+Hugging Face export (``on_export.py``, ``command.py``); scoring on every rank at once, with
+equal forward passes for ZeRO-3, for evaluation inside training (``distributed.py``).
 A task file a user can get wrong raises :class:`EvalTaskError` naming the file and line.
 
 ``transformers`` and ``mlflow`` only inside functions.
