@@ -84,11 +84,11 @@ def read_eval_texts(path: str) -> list[str]:
                     try:
                         texts.extend(_strings(json.loads(line)))
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"decontaminate.eval_files: {path}, line {number}: "
+                        raise ValueError(f"data.decontaminate.eval_files: {path}, line {number}: "
                                          f"not JSON ({err.msg}); fix the line") from err
             return texts
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"decontaminate.eval_files: cannot read {path} ({err}); fix the path "
+        raise ValueError(f"data.decontaminate.eval_files: cannot read {path} ({err}); fix the path "
                          "or remove it") from err
 
 

@@ -46,8 +46,9 @@ class LanguageFilter(Step):
     def __post_init__(self) -> None:
         unknown = [code for code in self.config.keep_languages if code not in CLD2_CODES]
         if unknown:
-            raise ValueError(f"clean.language.keep_languages: {unknown} are not languages CLD2 "
-                             "detects; use its codes, e.g. en, de, fr, zh, zh-Hant, iw (Hebrew)")
+            raise ValueError(f"data.clean.language.keep_languages: {unknown} are not languages "
+                             "CLD2 detects; use its codes, e.g. en, de, fr, zh, zh-Hant, iw "
+                             "(Hebrew)")
         self._keep = frozenset(self.config.keep_languages)
 
     def transform(self, text: str) -> str | Removed:

@@ -267,8 +267,8 @@ def read_word_list(path: str) -> re.Pattern[str] | None:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"c4.bad_words_file: cannot read {path} ({err}); fix the path") \
-            from err
+        raise ValueError(f"data.clean.c4.bad_words_file: cannot read {path} ({err}); fix "
+                         "the path") from err
     words = sorted({w.strip().lower() for w in lines if w.strip() and not w.startswith("#")})
     if not words:
         return None
