@@ -30,8 +30,8 @@ from lmforge.pipeline.contract.dataset_manifest import DatasetManifest, ShardInf
 from lmforge.pipeline.contract.shard_format import TOKENIZER_FILE, padding_id, token_dtype
 from lmforge.pipeline.durable import disk_space_errors, fsync_dir, write_atomic, write_json
 from lmforge.pipeline.folder_lock import folder_lock
-from lmforge.pipeline.prepare.manifest_writer import (
 from lmforge.pipeline.prepare.chain import build_chain
+from lmforge.pipeline.prepare.manifest_writer import (
     ShardPlanner,
     build_manifest,
     fingerprint,
@@ -115,12 +115,12 @@ def _prepare_locked(
         check_task_tokenizer(tokenizer)
         files = discover_task_files(data.task)
     else:
+        build_chain(data)  # a user step, word list or eval file that cannot load fails here
         files = [f for spec in data.datasets for f in _discover(spec, data)]
     fp = fingerprint(data, tokenizer, files)
     if is_complete(manifest_path, fp):
         say(f"{manifest_path} is complete for these inputs and config; skipping", progress)
         return manifest_path
-        build_chain(data)  # a user step, word list or eval file that cannot load fails here
     # A previous dataset in `out` stays readable: the new one is built beside it (under
     # _work/) and replaces it only once complete (see publish.py).
     run = _run if data.task is None else run_task
