@@ -333,10 +333,34 @@ class ExportConfig:
     """Export folder; None means ``<run_dir>/export``."""
     verify_atol: float = 1e-4
     """Largest logit difference accepted between transformers and lmforge (fp32)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the exported weights. bf16 halves the folder; the check then compares
+    transformers with lmforge's model on the same bf16-rounded weights."""
+    max_shard_size: str | int | None = None
+    """Most tensor bytes per weight file, e.g. ``5GB``, ``500MB`` or a number of bytes: the
+    weights are split into ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json``, as transformers writes them (a larger tensor gets a file
+    of its own). None: one ``model.safetensors``."""
 
     def __post_init__(self) -> None:
         if not self.verify_atol >= 0:
             raise ValueError(f"verify_atol: must be >= 0, got {self.verify_atol}; e.g. 1e-4")
+        if self.max_shard_size is not None:
+            self.max_shard_bytes()  # raises on a malformed size
+
+    def max_shard_bytes(self) -> int | None:
+        """``max_shard_size`` in bytes (KB, MB, GB are powers of 1000, as in transformers)."""
+        if self.max_shard_size is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", str(self.max_shard_size),
+                             re.IGNORECASE)
+        unit = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "K": 10**3,
+                "M": 10**6, "G": 10**9}.get(match.group(2).upper()) if match else None
+        size = int(float(match.group(1)) * unit) if unit else 0
+        if size < 1:
+            raise ValueError(f"max_shard_size: {self.max_shard_size!r} is not a size; write "
+                             "e.g. 5GB, 500MB or a number of bytes")
+        return size
 
 
 

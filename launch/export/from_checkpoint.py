@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lmforge.launch.config import ExportConfig
@@ -75,7 +76,8 @@ def export_checkpoint(
     replaces an earlier export.
 
     Args:
-        model: The trained model (see :func:`load_trained_model`).
+        model: The trained model (see :func:`load_trained_model`); with ``export.dtype``
+            bf16 its weights are rounded to bf16 in place (the check compares those).
         model_cfg: Its model section.
         export: The export section (the logit tolerance).
         manifest: The dataset it was trained on (tokenizer file and special ids).
@@ -91,6 +93,9 @@ def export_checkpoint(
             differ, or the exported tokenizer encodes differently; ``out_dir`` is untouched.
     """
     tokenizer = manifest.tokenizer
+    dtype = torch.bfloat16 if export.dtype == "bf16" else torch.float32
+    if dtype != torch.float32:  # the check compares with the weights the folder holds
+        model.to(dtype).float()
     hf_config, hf_state = to_hf(
         model_cfg,
         model.state_dict(),
@@ -102,4 +107,5 @@ def export_checkpoint(
     )
     check = ExportCheck(model, model_cfg, manifest.tokenizer_model, atol=export.verify_atol,
                         length=min(manifest.seq_len, 64), seed=seed)
-    return write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_model, verify=check)
+    return write_hf_folder(out_dir, hf_config, hf_state, manifest.tokenizer_model, verify=check,
+                           dtype=dtype, max_shard_size=export.max_shard_bytes())

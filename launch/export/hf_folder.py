@@ -189,6 +189,35 @@ def check_replaceable(out_dir: Path) -> None:
                       f"only an earlier export or an empty folder: {what_to_do}")
 
 
+def save_weights(tensors: dict[str, torch.Tensor], folder: Path,
+                 max_shard_size: int | None = None) -> list[str]:
+    """Writes ``model.safetensors``, or, when the tensors exceed ``max_shard_size`` bytes,
+    ``model-0000i-of-0000n.safetensors`` files filled in key order (a tensor larger than
+    the limit gets a file of its own) and ``model.safetensors.index.json`` mapping each
+    tensor to its file, as transformers does. Returns the weight files' names."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_size is None or total <= max_shard_size:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
 def write_hf_folder(
     out_dir: str | Path,
     hf_config: dict[str, Any],
@@ -197,6 +226,7 @@ def write_hf_folder(
     *,
     dtype: torch.dtype = torch.float32,
     verify: Callable[[Path], None] | None = None,
+    max_shard_size: int | None = None,
 ) -> Path:
     """Writes a Hugging Face model folder, atomically, verified before it is published.
 
@@ -209,6 +239,8 @@ def write_hf_folder(
         spm_model: The run's tokenizer (the dataset's handle, or a sentencepiece `.model`):
             exported (an HF tokenizer's files copied) and verified as the tokenizer.
         dtype: Dtype of the floating tensors in `model.safetensors` (and `config.dtype`).
+        max_shard_size: Largest weight file in bytes; more weights are split into shards with
+            an index (:func:`save_weights`). None: one `model.safetensors`.
         verify: Called with the complete temporary folder before it takes `out_dir`'s
             place; whatever it raises leaves an existing export at `out_dir` untouched.
 
@@ -237,7 +269,7 @@ def write_hf_folder(
     tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_weights(tensors, tmp, max_shard_size)
         generation = {
             key: config[key]
             for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")

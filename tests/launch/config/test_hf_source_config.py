@@ -122,3 +122,18 @@ def test_a_preset_that_describes_the_source_is_accepted(tmp_path, data):
     loaded = _load(tmp_path, data, source, "model: {preset: tiny, dropout: 0.1}\n").model
     assert (loaded.d_model, loaded.n_layers, loaded.ffn_dim, loaded.dropout) == (
         cfg.d_model, cfg.n_layers, cfg.ffn_dim, 0.1)
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8),
+                                        ("100KB", 10**5), ("12345", 12345), (2048, 2048)])
+def test_export_shard_sizes(text, size):
+    from lmforge.launch.config import ExportConfig
+
+    assert ExportConfig(max_shard_size=text).max_shard_bytes() == size
+
+
+def test_a_malformed_shard_size_is_refused():
+    from lmforge.launch.config import ExportConfig
+
+    with pytest.raises(ValueError, match="max_shard_size: '5 parsecs' is not a size"):
+        ExportConfig(max_shard_size="5 parsecs")

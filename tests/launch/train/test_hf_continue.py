@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from engine_helpers import finish, shard_fixtures, train
+from safetensors.torch import load_file
 
 from lmforge.launch.config import ExportConfig, load_resolved
 from lmforge.launch.export.from_checkpoint import export_checkpoint, load_trained_model
@@ -100,3 +101,22 @@ def test_import_gate_passes_and_export_reproduces_the_source(run, tmp_path):
         with torch.no_grad():
             logits.append(hf.eval()(input_ids=ids).logits)
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+
+    # bf16 weights in shards with an index: transformers reads what it reads of the source
+    # cast to bf16.
+    bf16 = export_checkpoint(model, cfg.model,
+                             ExportConfig(dtype="bf16", max_shard_size="100KB"), manifest,
+                             tmp_path / "export-bf16")
+    index = json.loads((bf16 / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for name in shards:  # within the limit, unless one tensor alone exceeds it (embeddings)
+        tensors = load_file(bf16 / name)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= 100_000 or len(tensors) == 1
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    rounded = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)
+    with torch.no_grad():
+        expected = rounded.float().eval()(input_ids=ids).logits
+        assert (exported.eval()(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
