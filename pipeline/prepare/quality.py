@@ -147,12 +147,20 @@ def _ngram_keys(hashes: np.ndarray, doc: np.ndarray, n: int) -> tuple[np.ndarray
     return grams + doc[start].astype(np.uint64) * _DOC_MIX, start
 
 
-def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Equal keys grouped: the sorting order, where each group starts in it, group sizes."""
-    order = np.argsort(keys)  # quicksort: any window of a group stands for it
+def _repeated_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The keys that occur more than once, grouped: for each group the index of one of its
+    keys and its size, and the indexes of all their keys. Most n-grams occur once, so only
+    keys whose hash bucket is shared (every repeat, and a few others) are sorted."""
+    buckets = (keys % np.uint64(4 * len(keys) + 1)).astype(np.intp)
+    candidates = np.flatnonzero(np.bincount(buckets)[buckets] > 1)
+    if not len(candidates):
+        return candidates, candidates, candidates
+    order = candidates[np.argsort(keys[candidates])]
     ordered = keys[order]
     starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])
-    return order, starts, np.diff(np.append(starts, len(keys)))
+    sizes = np.diff(np.append(starts, len(order)))
+    repeated = sizes > 1
+    return order[starts[repeated]], sizes[repeated], order[np.repeat(repeated, sizes)]
 
 
 def top_ngram_char_fractions(hashes: np.ndarray, lengths: np.ndarray, doc: np.ndarray,
@@ -162,8 +170,8 @@ def top_ngram_char_fractions(hashes: np.ndarray, lengths: np.ndarray, doc: np.nd
     keys, start = _ngram_keys(hashes, doc, n)
     if not len(keys):
         return np.zeros(n_docs)
-    order, group_starts, counts = _groups(keys)
-    window = start[order[group_starts]]
+    first, counts, _ = _repeated_groups(keys)
+    window = start[first]
     ends = np.concatenate([[0], np.cumsum(lengths)])
     chars = np.minimum(ends[window + n] - ends[window], 2**20 - 1)  # capped for the ranking
     best = np.zeros(n_docs, np.int64)  # most frequent first, then longest: one number
@@ -180,8 +188,7 @@ def duplicate_ngram_char_fractions(hashes: np.ndarray, lengths: np.ndarray, doc:
     keys, start = _ngram_keys(hashes, doc, n)
     if not len(keys):
         return np.zeros(n_docs)
-    order, _, counts = _groups(keys)
-    repeated = start[order[np.repeat(counts > 1, counts)]]
+    repeated = start[_repeated_groups(keys)[2]]  # every window of a repeated n-gram
     size = len(hashes) + 1
     depth = np.cumsum(np.bincount(repeated, minlength=size)
                       - np.bincount(repeated + n, minlength=size))[:-1]
