@@ -76,6 +76,8 @@ def to_hf(
            "pad_token_id": pad_token_id}
     if cfg.family == "encoder_decoder":
         ids["decoder_start_token_id"] = decoder_start_token_id
+    # A tokenizer without the piece says -1; transformers wants None (or an id in the vocab).
+    ids = {k: None if v is not None and v < 0 else v for k, v in ids.items()}
     if arch in MODEL_TYPE_OF:
         config, out = llama_to_hf(cfg, sd, arch)
     elif arch == "GPT2LMHeadModel":
