@@ -10,18 +10,46 @@ length, checkpointing, precision, ``train.loss_chunk_tokens``) and prints them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from lmforge.launch.config import RunConfig
-from lmforge.model.memory import MemoryPlan, plan_memory
+from lmforge.launch.config.deepspeed import build_deepspeed_config
+from lmforge.model import parameter_count
+from lmforge.model.memory import MemoryPlan, plan_memory, state_bytes_per_param
 
 GiB = 2**30
+
+
+ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's default allreduce_bucket_size (elements)
+
+
+def engine_buffers(cfg: RunConfig) -> tuple[float, float]:
+    """(resident, after-backward) bytes of DeepSpeed's own buffers per rank, from the
+    bucket sizes of the generated DeepSpeed JSON: stage 0 all-reduces a flattened copy of
+    the gradients (up to ``allreduce_bucket_size``) after the backward; stages 1-2 keep a
+    contiguous gradient bucket (``reduce_bucket_size``) and an fp32 gradient partition
+    for the master copy; stage 3 the bucket, the fp32 gradient partition and the weights
+    gathered for the layers in flight (up to ``stage3_prefetch_bucket_size``)."""
+    ds_json = build_deepspeed_config(cfg.train, cfg.deepspeed, cfg.world_size, "gloo")
+    zero = ds_json.get("zero_optimization", {})
+    stage, n = cfg.deepspeed.zero_stage, cfg.world_size
+    psi = parameter_count(cfg.model)
+    weight_b, grad_b, _ = state_bytes_per_param(cfg.train.precision, stage)
+    if stage == 0:
+        return 0.0, min(psi, zero.get("allreduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
+    bucket = min(psi, zero.get("reduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
+    resident = bucket + 4 * psi / n
+    if stage == 3:
+        resident += min(psi, zero.get("stage3_prefetch_bucket_size", psi)) * weight_b
+    return resident, 0.0
 
 
 def run_memory_plan(cfg: RunConfig) -> MemoryPlan:
     """The per-rank plan of ``cfg``'s training step (``model.vocab_size`` must be known)."""
     train, ds = cfg.train, cfg.deepspeed
-    return plan_memory(
+    resident, transient = engine_buffers(cfg)
+    plan = plan_memory(
         cfg.model, micro_batch=train.micro_batch_size, seq_len=cfg.data.seq_len,
         precision=train.precision, zero_stage=ds.zero_stage, world_size=cfg.world_size,
         activation_checkpointing=train.activation_checkpointing,
@@ -30,6 +58,7 @@ def run_memory_plan(cfg: RunConfig) -> MemoryPlan:
         offload_params=ds.offload_params != "none",
         loss_chunk_tokens=train.loss_chunk_tokens,
     )
+    return dataclasses.replace(plan, buffers=resident, transient=transient)
 
 
 def device_memory() -> tuple[float, str]:

@@ -16,9 +16,9 @@ gives 34·h per token plus 5·a·s for the score matrix; with a fused attention 
 configuration (see `layer_activation_bytes`). lmforge's own layers differ in the details,
 each term below names the tensor it counts. Full checkpointing keeps each checkpointed
 block's input and recomputes one block at a time; selective keeps `block.attn`'s input
-only. The logits line is the loss's: the model-dtype logits, their fp32 copy and the
-log-softmax output (the gradient reuses that space) for every predicted token, or for one
-chunk with `train.loss_chunk_tokens` (`losses.chunked_lm_loss`).
+only. The logits line is the loss's peak: the fp32 log-softmax output with its incoming
+and outgoing gradients (12 bytes per logit) for every predicted token, or for one chunk
+with `train.loss_chunk_tokens` (`losses.chunked_lm_loss`).
 """
 
 from __future__ import annotations
@@ -49,17 +49,26 @@ class MemoryPlan:
     """Logits and loss buffers of the vocabulary loss (peak, one micro-batch)."""
     host: float = 0.0
     """Offloaded optimizer state (and ZeRO-3 offloaded weights) in host memory."""
+    buffers: float = 0.0
+    """The engine's resident communication buffers (gradient buckets, gathered weights)."""
+    transient: float = 0.0
+    """Buffers that live only after the backward (a flattened all-reduce copy), when the
+    activations and logits are already freed."""
 
     @property
     def device_total(self) -> float:
-        """What the device holds at the step's peak."""
-        return self.params + self.grads + self.optimizer + self.activations + self.logits
+        """What the device holds at the step's peak: the states and resident buffers, plus
+        the larger of (activations + logits) during the backward and the post-backward
+        transients."""
+        resident = self.params + self.grads + self.optimizer + self.buffers
+        return resident + max(self.activations + self.logits, self.transient)
 
     def rows(self) -> list[tuple[str, float]]:
         """(name, bytes) in printing order."""
         return [("parameters", self.params), ("gradients", self.grads),
                 ("optimizer state", self.optimizer), ("activations", self.activations),
-                ("logits / loss", self.logits), ("total (device)", self.device_total),
+                ("logits / loss", self.logits), ("engine buffers", self.buffers),
+                ("after backward", self.transient), ("peak (device)", self.device_total),
                 ("offloaded (host)", self.host)]
 
 
@@ -149,14 +158,13 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
                         every_n_layers) + head * tokens
 
 
-def logits_bytes(cfg: ModelConfig, predicted_tokens: int, precision: str,
-                 loss_chunk_tokens: int = 0) -> float:
-    """Peak bytes of the vocabulary loss: logits in the model dtype, their fp32 copy and the
-    log-softmax output, for all predicted tokens or one chunk of them."""
-    e = 4 if precision == "fp32" else 2
+def logits_bytes(cfg: ModelConfig, predicted_tokens: int, loss_chunk_tokens: int = 0) -> float:
+    """Peak bytes of the vocabulary loss, for all predicted tokens or one chunk of them: the
+    backward of the fp32 log-softmax holds its output, its incoming and its outgoing
+    gradient at once, 12 bytes per logit (the forward's model-dtype logits, fp32 copy and
+    output are at most as much)."""
     tokens = min(loss_chunk_tokens, predicted_tokens) if loss_chunk_tokens else predicted_tokens
-    upcast = 4 if e != 4 else 0  # `.float()` of fp32 logits is the same tensor
-    return tokens * cfg.padded_vocab_size * (e + upcast + 4)
+    return tokens * cfg.padded_vocab_size * 12
 
 
 def plan_memory(
@@ -218,4 +226,4 @@ def plan_memory(
         activations=activation_bytes(cfg, micro_batch, seq_len, precision,
                                      activation_checkpointing, checkpoint_every_n_layers,
                                      tgt_len),
-        logits=logits_bytes(cfg, predicted, precision, loss_chunk_tokens), host=host)
+        logits=logits_bytes(cfg, predicted, loss_chunk_tokens), host=host)

@@ -3,10 +3,12 @@ checkpointing reach the formulas, and the verdict compares the right total."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from lmforge.launch.config import load_config
 from lmforge.launch.memory_plan import GiB, format_memory_plan, run_memory_plan
+from lmforge.model import parameter_count
 from lmforge.model.memory import plan_memory
 
 TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
@@ -19,11 +21,17 @@ def test_plan_takes_its_arguments_from_the_run_config():
                              "--train.activation_checkpointing=selective",
                              "--train.loss_chunk_tokens=64", "--train.precision=fp32"])
     plan = run_memory_plan(cfg)
-    assert plan == plan_memory(cfg.model, micro_batch=2, seq_len=cfg.data.seq_len,
-                               precision="fp32", zero_stage=3, world_size=4,
-                               activation_checkpointing="selective", offload_optimizer=True,
-                               loss_chunk_tokens=64)
+    psi = parameter_count(cfg.model)
+    # ZeRO-3's resident buffers: the gradient bucket (reduce_bucket_size 5e7 > psi), the
+    # fp32 gradient partition and the gathered weights (prefetch bucket 5e7 > psi)
+    assert (plan.buffers, plan.transient) == (4 * psi + 4 * psi / 4 + 4 * psi, 0)
+    assert dataclasses.replace(plan, buffers=0.0) == plan_memory(
+        cfg.model, micro_batch=2, seq_len=cfg.data.seq_len, precision="fp32", zero_stage=3,
+        world_size=4, activation_checkpointing="selective", offload_optimizer=True,
+        loss_chunk_tokens=64)
     assert plan.optimizer == 0 and plan.host > 0
+    stage0 = run_memory_plan(load_config(TINY, ["--deepspeed.zero_stage=0"]))
+    assert (stage0.buffers, stage0.transient) == (0, 2 * psi)  # bf16 flattened all-reduce
     text = format_memory_plan(cfg, (64 * GiB, "GPU 0 of this machine (test)"))
     assert "ZeRO stage 3" in text and "4 ranks" in text
     assert f"{plan.device_total / GiB:.3f} GiB" in text and text.count(": fits") == 1
