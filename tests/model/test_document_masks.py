@@ -13,6 +13,9 @@ from lmforge.model import ModelConfig, causal_lm_loss, segment_positions
 from lmforge.model.document_masks import FLEX_BLOCK, document_block_mask, document_mask_backend
 from lmforge.model.layers import build_attention_mask
 
+# eager FlexAttention warns that it is the unfused math fallback: here that is the point
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 VOCAB = 89
 TINY = {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
         "max_seq_len": 512}
