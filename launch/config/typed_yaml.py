@@ -234,6 +234,12 @@ def convert(value: Any, hint: Any, path: tuple[str, ...], where: Where) -> Any:
                 errors.append(err)
         if len(errors) == 1:
             raise errors[0]
+        # A mapping meant the dataclass option, anything else the scalar one: its own error
+        # names the key or the word (`bool | NearDedupConfig` given a typo or `yes`).
+        shaped = [err for option, err in zip(options, errors, strict=True)
+                  if dataclasses.is_dataclass(option) == isinstance(value, Mapping)]
+        if len(shaped) == 1:
+            raise shaped[0]
         raise ConfigError(f"{where(path)}: expected {_name(hint)}, got {_show(value)}")
     if origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:

@@ -331,3 +331,19 @@ def test_settings_are_checked_with_the_key_named() -> None:
         NearDedupConfig(bands=0)
     with pytest.raises(ValueError, match="^bands: 64 × rows 32"):
         NearDedupConfig(bands=64, rows=32)
+
+
+def test_yaml_settings_name_the_key(tmp_path: Path) -> None:
+    from lmforge.launch.config.run_config import load_config
+    from lmforge.launch.config.typed_yaml import ConfigError
+
+    tiny = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+    assert load_config(tiny, ["--data.near_dedup=true"]).data.near_dedup == NearDedupConfig()
+    cfg = load_config(tiny, ["--data.near_dedup={bands: 10, rows: 5}"])
+    assert (cfg.data.near_dedup.bands, cfg.data.near_dedup.rows) == (10, 5)
+    with pytest.raises(ConfigError, match=r"data\.near_dedup\.bandz.*did you mean 'bands'"):
+        load_config(tiny, ["--data.near_dedup={bandz: 10}"])
+    with pytest.raises(ConfigError, match=r"data\.near_dedup\.threshold.*must be in \(0, 1\]"):
+        load_config(tiny, ["--data.near_dedup={threshold: 2}"])
+    with pytest.raises(ConfigError, match=r"data\.near_dedup.*'yes' is ambiguous"):
+        load_config(tiny, ["--data.near_dedup=yes"])
