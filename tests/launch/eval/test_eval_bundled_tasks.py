@@ -1,4 +1,4 @@
-"""The bundled eval tasks: what configs/tasks/make_eval_tasks.py writes, their shape, and the
+"""The bundled eval tasks: what configs/eval/make_eval_tasks.py writes, their shape, and the
 chance level a random-weight model scores on them."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lmforge.launch.eval.scoring import score_task
 from lmforge.launch.eval.task_files import read_task
 
 ROOT = Path(__file__).resolve().parents[3]
-TASKS = ROOT / "configs" / "tasks"
+TASKS = ROOT / "configs" / "eval"
 
 
 def test_the_script_writes_the_bundled_files(tmp_path):

@@ -1,7 +1,7 @@
 """Make the bundled eval tasks from the demo corpus (stdlib only, no downloads).
 
-    python configs/tasks/make_eval_tasks.py           # rewrites configs/tasks/eval_*.jsonl
-    python configs/tasks/make_eval_tasks.py OUT_DIR   # writes them to OUT_DIR instead
+    python configs/eval/make_eval_tasks.py           # rewrites configs/eval/eval_*.jsonl
+    python configs/eval/make_eval_tasks.py OUT_DIR   # writes them to OUT_DIR instead
 
 Deterministic: examples and distractors are chosen by sha256, never by Python's ``hash`` or
 the process's random state, so running it again gives the same bytes. Both tasks are cut from
