@@ -57,8 +57,9 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> list[tuple[int
     """Write the corpus as FILES JSON-lines files (`id` = line number over all files);
     returns the planted pairs (source id, copy id, their Jaccard)."""
     rng = np.random.default_rng(seed)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    vocab = ["".join(rng.choice(letters, rng.integers(2, 10))) for _ in range(50_000)]
+    lengths = rng.integers(2, 10, 50_000)
+    letters = rng.integers(ord("a"), ord("z") + 1, (50_000, 9), dtype=np.uint8)
+    vocab = [letters[i, :n].tobytes().decode() for i, n in enumerate(lengths)]
     weights = 1.0 / np.arange(1, len(vocab) + 1) ** 0.8  # Zipf-like word frequencies
     weights /= weights.sum()
     docs: list[list[list[str]]] = []
@@ -67,14 +68,15 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> list[tuple[int
 
     cdf = np.cumsum(weights)
     pool: list[str] = []
+    at = 0
 
     def words(n: int) -> list[str]:
-        nonlocal pool
-        if len(pool) < n:  # drawn in bulk: one draw per call is ~100x slower
+        nonlocal pool, at
+        if at + n > len(pool):  # drawn in bulk: one draw per call is ~100x slower
             draws = np.minimum(np.searchsorted(cdf, rng.random(1 << 20)), len(vocab) - 1)
-            pool = [vocab[i] for i in draws] + pool
-        taken, pool = pool[-n:], pool[:-n]
-        return taken
+            pool, at = [vocab[i] for i in draws], 0
+        at += n
+        return pool[at - n : at]
 
     while size < target:
         base = [words(int(rng.integers(35, 50))) for _ in range(4)]
@@ -88,8 +90,8 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> list[tuple[int
                 copy[p][int(rng.integers(len(copy[p])))] = words(1)[0]
         elif roll < 0.15:  # an inserted passage
             copy = [list(p) for p in base]
-            p, at = int(rng.integers(4)), int(rng.integers(30))
-            copy[p][at:at] = words(int(rng.integers(2, 10)))
+            p, where = int(rng.integers(4)), int(rng.integers(30))
+            copy[p][where:where] = words(int(rng.integers(2, 10)))
         elif roll < 0.20:  # paragraphs swapped
             copy = [base[1], base[0], base[3], base[2]]
         elif roll < 0.23:  # far: a different document for dedup purposes

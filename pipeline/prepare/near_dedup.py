@@ -28,9 +28,10 @@ destination partition and returns the bounds; the next phase's item ``p`` reads 
 Memory per work item is bounded by its partition, not by the corpus: there are
 ``ceil(documents × bands / NEAR_ROWS_PER_PARTITION)`` partitions, so a ``near_pairs`` item
 holds at most ~4 M bucket rows (64 MB, ~200 MB while sorting); ``near_verify`` handles its
-pairs in blocks of 65,536 (their texts and shingles); a ``near_cc`` item holds the edges of
-its partition's nodes (16 bytes per edge end); ``near_sign`` one read chunk's text plus ~40
-MB of temporaries per MiB of text hashed at a time.
+pairs in blocks of 16,384 (their texts and shingles: ~100 MB for 1 KB documents); a
+``near_cc`` item holds the edges of its partition's nodes (16 bytes per edge end);
+``near_sign`` one read chunk's text plus ~40 MB of temporaries per MiB of text hashed at a
+time.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ EXAMPLES_PER_PARTITION = 3
 EXAMPLES_PER_DATASET = 5
 EXAMPLE_CHARS = 300
 _ALL_PAIRS_BUCKET = 8  # buckets up to this size: every pair is a candidate
-_VERIFY_BLOCK = 65_536  # candidate pairs verified at a time
+_VERIFY_BLOCK = 16_384  # candidate pairs verified at a time: ~100 MB for 1 KB documents
 
 
 class Executor(Protocol):
