@@ -133,11 +133,12 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "removed": expected_removed(ordered)}
 
 
-def configs(root: Path, out: Path, **data_kw) -> tuple[DataConfig, TokenizerConfig]:
+def configs(root: Path, out: Path, chunk: int = 4096, **data_kw) -> tuple[DataConfig,
+                                                                          TokenizerConfig]:
     data = DataConfig(
         datasets=[DatasetSpec(name="books", paths=[str(root / "books-*.jsonl")]),
                   DatasetSpec(name="web", paths=[str(root / "web-*.jsonl")])],
-        output_dir=str(out), seq_len=64, val_fraction=0.0, read_chunk_bytes=4096,
+        output_dir=str(out), seq_len=64, val_fraction=0.0, read_chunk_bytes=chunk,
         shard_target_bytes=30_000, near_dedup=True, **data_kw)
     return data, TokenizerConfig(vocab_size=600, sample_bytes=200_000)
 
@@ -198,10 +199,11 @@ def test_removes_the_planted_clusters_keeping_the_first_of_each(
     assert manifest["stats"]["near_dedup"]["removed_docs"] == len(removed)
 
 
-def test_two_ray_workers_give_the_same_bytes(
+def test_two_ray_workers_and_other_chunks_give_the_same_bytes(
     planted: dict, one_worker: Path, ray_cluster, tmp_path: Path
 ) -> None:
-    data, tok = configs(planted["root"], tmp_path / "data", num_workers=2)
+    # Other read chunks too (3 instead of 24): other chunk numbers, the same document ids.
+    data, tok = configs(planted["root"], tmp_path / "data", chunk=40_000, num_workers=2)
     two = prepare(data, tok, progress=False)
     assert two.read_bytes() == one_worker.read_bytes()
     first = json.loads((one_worker.parent / "stats.json").read_text())["near_dedup"]
