@@ -22,6 +22,10 @@ GiB = 2**30
 
 
 ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's default allreduce_bucket_size (elements)
+# DeepSpeed's CPU collectives (deepspeed/ops/csrc/cpu/comm/shm.cpp, 0.19): a shared-memory
+# workspace of 2 x NAIVE_ALLREDUCE_THRESHOLD (1 MiB) + 2 x MAX_BUF_SIZE (32 MiB) per local
+# rank, which every rank of the node maps.
+SHM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20
 
 
 def engine_buffers(cfg: RunConfig) -> tuple[float, float]:
@@ -30,16 +34,20 @@ def engine_buffers(cfg: RunConfig) -> tuple[float, float]:
     the gradients (up to ``allreduce_bucket_size``) after the backward; stages 1-2 keep a
     contiguous gradient bucket (``reduce_bucket_size``) and an fp32 gradient partition
     for the master copy; stage 3 the bucket, the fp32 gradient partition and the weights
-    gathered for the layers in flight (up to ``stage3_prefetch_bucket_size``)."""
+    gathered for the layers in flight (up to ``stage3_prefetch_bucket_size``). On gloo (CPU)
+    every rank also maps the node's shared-memory collective workspaces; NCCL's own
+    buffers (GPU) are not counted."""
     ds_json = build_deepspeed_config(cfg.train, cfg.deepspeed, cfg.world_size, "gloo")
     zero = ds_json.get("zero_optimization", {})
     stage, n = cfg.deepspeed.zero_stage, cfg.world_size
     psi = parameter_count(cfg.model)
     weight_b, grad_b, _ = state_bytes_per_param(cfg.train.precision, stage)
+    shm = SHM_WORKSPACE * cfg.launch.nproc_per_node \
+        if cfg.launch.resolved_backend() == "gloo" else 0.0
     if stage == 0:
-        return 0.0, min(psi, zero.get("allreduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
+        return shm, min(psi, zero.get("allreduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
     bucket = min(psi, zero.get("reduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
-    resident = bucket + 4 * psi / n
+    resident = shm + bucket + 4 * psi / n
     if stage == 3:
         resident += min(psi, zero.get("stage3_prefetch_bucket_size", psi)) * weight_b
     return resident, 0.0

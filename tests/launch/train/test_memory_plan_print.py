@@ -16,6 +16,7 @@ TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
 
 def test_plan_takes_its_arguments_from_the_run_config():
     cfg = load_config(TINY, ["--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu",
+                             "--launch.backend=gloo",
                              "--launch.nproc_per_node=4", "--train.micro_batch_size=2",
                              "--train.global_batch_size=null",
                              "--train.activation_checkpointing=selective",
@@ -24,13 +25,16 @@ def test_plan_takes_its_arguments_from_the_run_config():
     psi = parameter_count(cfg.model)
     # ZeRO-3's resident buffers: the gradient bucket (reduce_bucket_size 5e7 > psi), the
     # fp32 gradient partition and the gathered weights (prefetch bucket 5e7 > psi)
-    assert (plan.buffers, plan.transient) == (4 * psi + 4 * psi / 4 + 4 * psi, 0)
+    # and, on gloo, the 4 local ranks' shared-memory workspaces of DeepSpeed's CPU collectives
+    shm = 4 * (2 + 64) * 2**20
+    assert (plan.buffers, plan.transient) == (shm + 4 * psi + 4 * psi / 4 + 4 * psi, 0)
     assert dataclasses.replace(plan, buffers=0.0) == plan_memory(
         cfg.model, micro_batch=2, seq_len=cfg.data.seq_len, precision="fp32", zero_stage=3,
         world_size=4, activation_checkpointing="selective", offload_optimizer=True,
         loss_chunk_tokens=64)
     assert plan.optimizer == 0 and plan.host > 0
-    stage0 = run_memory_plan(load_config(TINY, ["--deepspeed.zero_stage=0"]))
+    stage0 = run_memory_plan(load_config(TINY, ["--deepspeed.zero_stage=0",
+                                                "--launch.backend=nccl"]))
     assert (stage0.buffers, stage0.transient) == (0, 2 * psi)  # bf16 flattened all-reduce
     text = format_memory_plan(cfg, (64 * GiB, "GPU 0 of this machine (test)"))
     assert "ZeRO stage 3" in text and "4 ranks" in text
