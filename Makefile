@@ -31,9 +31,9 @@ run: $(VENV)/.installed
 # The 30 slowest tests are listed at the end of every run (CI's output included). Two
 # pytest-xdist workers: a training run keeps both cores busy only part of its time (start-up
 # is one process at a time; Slurm, Ray and MLflow tests mostly wait); tests that share a
-# fixture stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs them in one process.
+# fixture stay on one worker (tests/xdist_groups.py). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 test: $(VENV)/.installed-test $(VENV)/.ds-ops
 	$(BIN)/python -m pytest $(XDIST) --durations=30 $(PYTEST_ARGS)

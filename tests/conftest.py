@@ -24,21 +24,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                       lambda message: print(message, file=sys.stderr))
 
 
-# Fixtures of tests/cluster shared by several of its modules (one Slurm cluster per machine,
-# one Ray cluster and one reference stage-graph run per session).
-CLUSTER_FIXTURES = ("slurm_cluster", "ray_cluster", "stage_graph")
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under ``pytest -n`` (``make test``): a module's tests on one worker, tests/cluster on
+    one worker (tests/xdist_groups.py)."""
+    import xdist
+    from xdist_groups import make_scheduler
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs 2 workers): a
-    module's tests run on one worker, so a module-scoped fixture (a trained reference run,
-    a prepared dataset) is built once, and every test that needs the cluster fixtures runs on
-    the same worker (there is one Slurm on the machine). Without ``-n`` this changes nothing."""
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        group = ("cluster" if any(name in fixtures for name in CLUSTER_FIXTURES)
-                 else item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
+    return make_scheduler(config, log, xdist.__version__)
 
 
 @pytest.fixture(autouse=True)
