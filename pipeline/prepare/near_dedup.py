@@ -48,9 +48,9 @@ from lmforge.pipeline.prepare import components, minhash
 from lmforge.pipeline.prepare.phases import (
     REMOVED_ROW,
     WorkContext,
-    _kept_mask,
-    _load_clean,
-    _texts,
+    documents_text,
+    kept_mask,
+    load_clean,
     resumable,
     save_npy,
 )
@@ -187,9 +187,10 @@ def near_sign(chunk: int, ctx: WorkContext, parts: int, starts: list[int]) -> Ne
 
 def _sign(chunk: int, ctx: WorkContext, parts: int, starts: list[int]) -> NearItem:
     settings = ctx.data.near_dedup
-    text, offsets, digests = _load_clean(chunk, ctx)
-    docs = np.flatnonzero(_kept_mask(chunk, len(digests), ctx))  # exact dedup's survivors
-    hashes, shingle_offsets = minhash.ngram_hashes(_texts(text, offsets, docs), settings.ngram)
+    text, offsets, digests = load_clean(chunk, ctx)
+    docs = np.flatnonzero(kept_mask(chunk, len(digests), ctx))  # exact dedup's survivors
+    texts = documents_text(text, offsets, docs)
+    hashes, shingle_offsets = minhash.ngram_hashes(texts, settings.ngram)
     has_words = np.diff(shingle_offsets) > 0
     a, b = minhash.hash_parameters(settings.bands * settings.rows, settings.seed)
     sig = minhash.signatures(hashes, shingle_offsets, a, b)[has_words]
@@ -281,8 +282,8 @@ def fetch_texts(docs: np.ndarray, ctx: WorkContext, starts: list[int]) -> list[s
     texts: list[str] = [""] * len(docs)
     for c in np.unique(chunk):
         at = np.flatnonzero(chunk == c)
-        text, offsets, _ = _load_clean(int(c), ctx)
-        for i, t in zip(at, _texts(text, offsets, local[at]), strict=True):
+        text, offsets, _ = load_clean(int(c), ctx)
+        for i, t in zip(at, documents_text(text, offsets, local[at]), strict=True):
             texts[i] = t
     return texts
 

@@ -232,7 +232,9 @@ def _dedup(partition: int, ctx: WorkContext, bounds: list[list[int]]) -> DedupRe
                        {str(c): int(n) for c, n in enumerate(bytes_per_chunk) if n})
 
 
-def _load_clean(chunk: int, ctx: WorkContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_clean(chunk: int, ctx: WorkContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A read chunk's cleaned text (UTF-8 bytes, memory-mapped), document offsets and
+    digests, as the clean phase wrote them."""
     name = f"{chunk:06d}"
     text = np.load(ctx.path("clean", f"{name}.text.npy"), mmap_mode="r")
     offsets = np.load(ctx.path("clean", f"{name}.offsets.npy"))
@@ -240,7 +242,8 @@ def _load_clean(chunk: int, ctx: WorkContext) -> tuple[np.ndarray, np.ndarray, n
     return text, offsets, digests
 
 
-def _kept_mask(chunk: int, n_docs: int, ctx: WorkContext) -> np.ndarray:
+def kept_mask(chunk: int, n_docs: int, ctx: WorkContext) -> np.ndarray:
+    """Which of a chunk's ``n_docs`` cleaned documents survive exact and near dedup."""
     keep = np.ones(n_docs, bool)
     exact = ctx.num_partitions if ctx.data.dedup else 0
     for folder, partitions in (("dedup", exact), ("near_dedup", ctx.near_partitions)):
@@ -251,17 +254,18 @@ def _kept_mask(chunk: int, n_docs: int, ctx: WorkContext) -> np.ndarray:
     return keep
 
 
-def _texts(text: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> list[str]:
+def documents_text(text: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> list[str]:
+    """The texts of documents ``docs`` of a chunk loaded with :func:`load_clean`."""
     raw = text.tobytes() if len(docs) else b""
     return [raw[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in docs]
 
 
 def tokenizer_text_of_chunk(chunk: int, ctx: WorkContext) -> list[str]:
     """Texts of a chunk's (deduplicated) documents the tokenizer trains on."""
-    text, offsets, digests = _load_clean(chunk, ctx)
-    chosen = (_kept_mask(chunk, len(digests), ctx)
+    text, offsets, digests = load_clean(chunk, ctx)
+    chosen = (kept_mask(chunk, len(digests), ctx)
               & in_tokenizer_text(digests, ctx.tokenizer_text_threshold))
-    return _texts(text, offsets, np.flatnonzero(chosen))
+    return documents_text(text, offsets, np.flatnonzero(chosen))
 
 
 def encode_chunk(chunk: int, ctx: WorkContext, encoder: DocumentEncoder) -> EncodeResult:
@@ -271,10 +275,10 @@ def encode_chunk(chunk: int, ctx: WorkContext, encoder: DocumentEncoder) -> Enco
 
 
 def _encode(chunk: int, ctx: WorkContext, encoder: DocumentEncoder) -> EncodeResult:
-    text, offsets, digests = _load_clean(chunk, ctx)
-    keep = _kept_mask(chunk, len(digests), ctx)
+    text, offsets, digests = load_clean(chunk, ctx)
+    keep = kept_mask(chunk, len(digests), ctx)
     val = is_val(digests, ctx.data.val_fraction)
-    splits = {split: _texts(text, offsets, np.flatnonzero(mask))
+    splits = {split: documents_text(text, offsets, np.flatnonzero(mask))
               for split, mask in (("train", keep & ~val), ("val", keep & val))}
     return _encode_splits(chunk, splits, ctx, encoder)
 
