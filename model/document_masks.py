@@ -84,7 +84,10 @@ def document_block_mask(q_pos: Tensor, k_pos: Tensor, q_segments: Tensor, k_segm
         real = key_padding.bool()
         k_real, _ = _block_ranges(real.to(torch.int8), nk)
         full &= k_real.bool()[:, None, :]
-        # the last block's padding columns (past S) are masked by FlexAttention itself
+    # a key block reaching past S is never "full": mask_mod hides its padding keys (query
+    # rows past T are computed and dropped, whatever they attend to)
+    if S % FLEX_BLOCK:
+        full[:, :, -1] = False
     partial = meet & ~full
 
     def indices(blocks: Tensor) -> tuple[Tensor, Tensor]:  # (B, nq, nk) -> counts, order
