@@ -38,6 +38,7 @@ __all__ = [  # the curation rules' sections are defined in curation_config.py
     "LanguageConfig",
     "PiiConfig",
     "LoaderConfig",
+    "MixSourceConfig",
     "NearDedupConfig",
     "TASK_KINDS",
     "TaskDataConfig",
@@ -297,6 +298,51 @@ class LoaderConfig:
 
 
 @dataclass
+class MixSourceConfig:
+    """One prepared dataset of a ``data.mix`` (see `DataConfig.mix`)."""
+
+    path: str
+    """A prepared dataset: the folder holding ``manifest.json`` (or the file itself), local
+    or an fsspec URL. Used as it is: nothing is prepared again."""
+    weight: float | None = None
+    """Share of the training samples, relative to the other sources' weights. Set this or
+    ``tokens`` (the same one on every source)."""
+    tokens: int | None = None
+    """Token budget: the sources' shares are their budgets over the sum of budgets."""
+    max_epochs: float | None = None
+    """Repetition cap: at most this many passes over each of the source's datasets; a
+    dataset at its cap leaves the mixture and the others share its slots. None: no cap."""
+    name: str | None = None
+    """Prefix of the source's dataset names in the loader (``<name>/<dataset>``); the
+    folder's last component when None."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path: empty; give the folder of a prepared dataset")
+        if (self.weight is None) == (self.tokens is None):
+            raise ValueError(
+                f"weight/tokens: {self.path} needs exactly one of them (got weight="
+                f"{self.weight}, tokens={self.tokens}); give a weight or a token budget"
+            )
+        if self.weight is not None and (not math.isfinite(self.weight) or self.weight <= 0):
+            raise ValueError(f"weight: {self.weight} must be > 0; leave the source out instead")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError(f"tokens: {self.tokens} must be >= 1; leave the source out instead")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise ValueError(f"max_epochs: {self.max_epochs} must be > 0 (or null for no cap)")
+
+    @property
+    def label(self) -> str:
+        """The source's name: ``name`` or the folder's last component."""
+        if self.name:
+            return self.name
+        tail = self.path.rstrip("/")
+        if tail.endswith("manifest.json"):
+            tail = tail[: -len("manifest.json")].rstrip("/")
+        return tail.rsplit("/", 1)[-1] or tail
+
+
+@dataclass
 class TaskDataConfig:
     """A labelled task data set (the ``data.task`` section): JSON-lines records read, checked,
     tokenized and sharded by the same pipeline as pretraining data (see pipeline/prepare/tasks.py).
@@ -422,6 +468,10 @@ class DataConfig:
     task: TaskDataConfig | None = None
     """A labelled task data set instead of `datasets` (fine-tuning): prepared into
     `<output_dir>/task/{train,val}-NNNNNN.tar` with the tokenizer at `tokenizer.model_path`."""
+    mix: list[MixSourceConfig] = field(default_factory=list)
+    """Train on these prepared datasets, mixed by weight or token budget, instead of
+    preparing `datasets`: nothing is prepared, a change of weights re-uses the shards. All
+    must share the tokenizer, seq_len and token dtype (see pipeline/loader/mix.py)."""
 
     def __post_init__(self) -> None:
         if self.near_dedup is True:  # `near_dedup: true` means the defaults
@@ -434,7 +484,17 @@ class DataConfig:
                 "task: set together with data.datasets; a task data set replaces the "
                 "datasets, so set one of them (datasets: [] beside task)"
             )
-        if not self.datasets and self.task is None:
+        if self.mix:
+            kinds = {m.weight is None for m in self.mix}
+            if len(kinds) > 1:
+                raise ValueError("mix: some sources give a weight, others tokens; give every "
+                                 "source the same one")
+            labels = [m.label for m in self.mix]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"mix: sources named {labels} twice; give each a `name`")
+            if self.task is not None:
+                raise ValueError("mix: set together with data.task; mix text datasets only")
+        if not self.datasets and self.task is None and not self.mix:
             raise ValueError(
                 "datasets: empty; add at least one dataset with a name and paths "
                 "(or set data.task for task data)"

@@ -113,9 +113,12 @@ class Mixture:
         weights: Weight per dataset, in dataset order (zero leaves a dataset out).
         seed: Run seed.
         generation: Bumped whenever weights change mid-run, so chunks get fresh orders.
+        segment: Index of the stretch of a capped mixture (``mix.CappedMixture``) this
+            mixture serves; 0 keeps the uncapped orders.
     """
 
-    def __init__(self, weights: list[float], seed: int, generation: int) -> None:
+    def __init__(self, weights: list[float], seed: int, generation: int,
+                 segment: int = 0) -> None:
         w = np.asarray(weights, dtype=np.float64)
         exact = MIXTURE_CHUNK * w / w.sum()
         counts = np.floor(exact).astype(np.int64)
@@ -125,6 +128,7 @@ class Mixture:
         self.counts = counts
         self.seed = seed
         self.generation = generation
+        self.segment = segment
         self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def locate_many(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +154,8 @@ class Mixture:
 
     def _chunk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.repeat(np.arange(len(self.counts)), self.counts)
-        rng = np.random.default_rng([self.seed, self.generation, k, 2])
+        key = [self.seed, self.generation, k, 2] + ([self.segment] if self.segment else [])
+        rng = np.random.default_rng(key)
         labels = rng.permutation(labels)
         ranks = np.empty(MIXTURE_CHUNK, dtype=np.int64)
         for d in range(len(self.counts)):
@@ -184,6 +189,8 @@ class Manifest:
         self.names: list[str] = []
         self.weights: list[float] = []
         self.shards: list[list[ShardEntry]] = []
+        self.caps: list[int | None] = []
+        """Most samples the run may draw from each dataset (``data.mix`` max_epochs)."""
         for name, dataset in manifest.datasets.items():
             if split not in dataset.splits:
                 continue
@@ -196,6 +203,7 @@ class Manifest:
                 self.names.append(name)
                 self.weights.append(float(dataset.weight))
                 self.shards.append(shards)
+                self.caps.append(None)
         if not self.names:
             raise ValueError(
                 f"{self.path}: no dataset has samples in split '{split}' "

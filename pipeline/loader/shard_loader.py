@@ -32,7 +32,8 @@ from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.shard_format import TASK_MEMBERS
 from lmforge.pipeline.contract.shard_tar import ShardError, is_url
 from lmforge.pipeline.loader.batches import BatchStream, Plan, collate, keep
-from lmforge.pipeline.loader.order import MIXTURE_CHUNK, DatasetSplit, Manifest, Mixture
+from lmforge.pipeline.loader.mix import Mix, make_mixture
+from lmforge.pipeline.loader.order import MIXTURE_CHUNK, DatasetSplit, Manifest
 from lmforge.pipeline.loader.shard import ReaderCache
 
 __all__ = ["LoaderConfig", "ShardError", "ShardLoader"]
@@ -57,7 +58,8 @@ class ShardLoader:
 
     Args:
         manifest: The dataset's `DatasetManifest` (a trainer hands over the one it read), or
-            ``manifest.json``, its folder, or an fsspec URL of either.
+            ``manifest.json``, its folder, or an fsspec URL of either; or a `mix.Mix`
+            (``data.mix``: several prepared datasets, datasets named ``<source>/<name>``).
         split: ``train`` or ``val``.
         micro_batch_size: Rows per batch on this rank.
         rank: This rank.
@@ -76,7 +78,7 @@ class ShardLoader:
 
     def __init__(
         self,
-        manifest: DatasetManifest | str | Path,
+        manifest: DatasetManifest | Mix | str | Path,
         split: str,
         micro_batch_size: int,
         *,
@@ -93,11 +95,16 @@ class ShardLoader:
         if seed < 0:
             raise ValueError(f"seed: must be >= 0, got {seed}")
         self.config = config or LoaderConfig()
-        if not isinstance(manifest, DatasetManifest):
+        if not isinstance(manifest, (DatasetManifest, Mix)):
             manifest = DatasetManifest.read(str(manifest))
-        if self.config.verify_checksums:  # the tokens must come from the recorded tokenizer
-            manifest.check_tokenizer_file()
-        self.manifest = Manifest(manifest, split)
+        if isinstance(manifest, Mix):
+            if self.config.verify_checksums:
+                manifest.check_tokenizer_files()
+            self.manifest = manifest.manifest(split)
+        else:
+            if self.config.verify_checksums:  # the tokens must come from the recorded tokenizer
+                manifest.check_tokenizer_file()
+            self.manifest = Manifest(manifest, split)
         self.task_kind = self.manifest.task_kind
         """The manifest's task kind (``sft``, ``classify``, ``seq2seq``), None for text."""
         self.split = split
@@ -202,12 +209,16 @@ class ShardLoader:
 
     def _plan(self) -> Plan:
         ends = np.cumsum([d.samples for d in self.datasets]).tolist()
-        mixture = Mixture(self.weights, self.seed, self._generation) if self.infinite else None
+        mixture = self._mixture(self.weights, self.manifest.caps, self._offsets,
+                                self._generation) if self.infinite else None
         return Plan(
             self.datasets, mixture, list(self._offsets), ends, self.manifest.seq_len,
             self.manifest.token_dtype, self.manifest.pad_id, self.config, self.rank,
             self.micro_batch_size, self.global_batch, self._cache_capacity(), self.task_kind,
         )
+
+    def _mixture(self, weights, caps, offsets, generation):
+        return make_mixture(weights, list(caps), list(offsets), self.seed, generation)
 
     def _note(self, report: dict[str, Any]) -> None:
         self.skipped_samples += report["substituted"]
@@ -257,6 +268,7 @@ class ShardLoader:
             "generation": self._generation,
             "weights": dict(zip(self.manifest.names, self.weights, strict=True)),
             "offsets": dict(zip(self.manifest.names, self._offsets, strict=True)),
+            "caps": dict(zip(self.manifest.names, self.manifest.caps, strict=True)),
             "global_batch": self.global_batch,
         }
 
@@ -290,8 +302,10 @@ class ShardLoader:
         position = int(state["position"])
         generation = int(state["generation"])
         saved_weights = [float(state["weights"][n]) for n in names]
-        if self.infinite and saved_weights != self.weights:
-            consumed = Mixture(saved_weights, self.seed, generation).consumed(position)
+        saved_caps = [state.get("caps", {}).get(n) for n in names]
+        if self.infinite and (saved_weights != self.weights or saved_caps != self.manifest.caps):
+            consumed = self._mixture(saved_weights, saved_caps, offsets, generation).consumed(
+                position)
             offsets = [o + int(c) for o, c in zip(offsets, consumed, strict=True)]
             position, generation = 0, generation + 1
         self._offsets = offsets
