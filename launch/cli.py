@@ -92,6 +92,14 @@ def dry_run(cfg: RunConfig) -> None:
     from lmforge.launch.memory_plan import format_memory_plan
 
     print(format_memory_plan(cfg))
+    if cfg.data.mix:
+        from lmforge.launch.config.run_config import steps_for_tokens
+        from lmforge.pipeline.loader.mix import Mix, format_draws
+
+        mix = Mix(cfg.data.mix)
+        train = steps_for_tokens(cfg.train, cfg.world_size, mix.seq_len)
+        print(format_draws(mix, train.max_steps * train.sequences_per_step(cfg.world_size),
+                           cfg.seed))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,9 +8,11 @@ so any of them can be rerun on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,12 @@ def prepare_data(cfg: RunConfig, tracker: Tracker | None = None) -> Path:
     from lmforge.launch.export.hf_tokenizer import check_tokenizer_source
     from lmforge.pipeline.prepare.driver import prepare
 
+    if cfg.data.mix:  # prepared datasets used as they are: checked to fit, never re-made
+        from lmforge.pipeline.loader.mix import Mix
+
+        mix = Mix(cfg.data.mix)
+        heading(f"prepare: skipped, data.mix uses {len(mix.manifests)} prepared datasets")
+        return Path(mix.manifests[0].location).resolve()
     heading("prepare: corpus → tokenizer → WebDataset shards (Ray)")
     check_tokenizer_source(cfg.tokenizer.model_path)  # an HF one encodes as AutoTokenizer
     manifest = Path(prepare(cfg.data, cfg.tokenizer, progress=True)).resolve()
@@ -119,6 +127,23 @@ def config_for_training(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+@contextlib.contextmanager
+def _datasets_held(cfg: RunConfig) -> Iterator[None]:
+    """Shared locks on the dataset folders training reads: ``data.output_dir``, or the
+    local folders of ``data.mix`` (no folder is created for a mix)."""
+    folders = [cfg.data.output_dir]
+    if cfg.data.mix:
+        from lmforge.pipeline.contract.shard_tar import is_url
+
+        folders = [Path(DatasetManifest.read(m.path).location).parent
+                   for m in cfg.data.mix if not is_url(m.path)]
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(folder_lock(folder, "lmforge train (reading the dataset)",
+                                            shared=True))
+        yield
+
+
 def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
           launcher: Launcher | None = None) -> int:
     """Trains on the prepared shards with DeepSpeed across local processes (torchrun), or
@@ -138,8 +163,7 @@ def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
     check_devices(cfg)
     config_for_dataset(cfg, read_prepared(cfg.data))  # refused before anything is written
     run = RunDir.of(cfg.run_dir)
-    with folder_lock(run.path, "lmforge train"), \
-            folder_lock(cfg.data.output_dir, "lmforge train (reading the dataset)", shared=True):
+    with folder_lock(run.path, "lmforge train"), _datasets_held(cfg):
         cfg = config_for_training(cfg)  # again under the locks: the dataset the workers read
         heading(
             f"train: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, "

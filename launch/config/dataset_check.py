@@ -43,6 +43,8 @@ def read_prepared(data: DataConfig) -> DatasetManifest:
         FileNotFoundError: Nothing has been prepared there (names the path and what to run).
         ManifestError: The manifest is unreadable or of another version.
     """
+    if data.mix:  # data.mix: the sources share tokenizer and seq_len (loader.mix.Mix checks)
+        return DatasetManifest.read(data.mix[0].path)
     path = DatasetManifest.path_in(Path(data.output_dir).resolve())
     if not path.is_file():
         raise FileNotFoundError(

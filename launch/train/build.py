@@ -33,6 +33,7 @@ from lmforge.launch.train.trainer import Trainer
 from lmforge.launch.train.warm_start import WarmStart, load_source_weights, resolve
 from lmforge.pipeline.config import LoaderConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
+from lmforge.pipeline.loader.mix import Mix
 from lmforge.pipeline.loader.shard_loader import ShardLoader
 
 log = logging.getLogger("lmforge.train")
@@ -64,9 +65,9 @@ def build_engine(cfg: RunConfig, load_universal: bool = False,
     return engine
 
 
-def shard_loader(manifest: DatasetManifest, split: str, micro_batch_size: int,
+def shard_loader(manifest: DatasetManifest | Mix, split: str, micro_batch_size: int,
                  loader: LoaderConfig, seed: int, infinite: bool) -> ShardLoader:
-    """This rank's loader of one split of the prepared dataset."""
+    """This rank's loader of one split of the prepared dataset (or of ``data.mix``)."""
     return ShardLoader(
         manifest, split, micro_batch_size, rank=dist.get_rank(),
         world_size=dist.get_world_size(), seed=seed, config=loader, infinite=infinite,
@@ -91,7 +92,8 @@ def build_trainer(
         universal = ckpt.needs_universal(warm.folder, world, cfg.deepspeed.zero_stage)
     engine = build_engine(cfg, load_universal=universal, warm=warm)
     micro, loader = cfg.train.micro_batch_size, cfg.data.loader
-    train_loader = shard_loader(manifest, "train", micro, loader, cfg.seed, infinite=True)
+    data = Mix(cfg.data.mix) if cfg.data.mix else manifest
+    train_loader = shard_loader(data, "train", micro, loader, cfg.seed, infinite=True)
     task = manifest.task
     objective = build_objective(
         cfg.train.objective, manifest.tokenizer, cfg.model.vocab_size, loader.document_masking,
@@ -101,7 +103,7 @@ def build_trainer(
     )
     trainer = Trainer(
         engine, cfg.train, objective, train_loader,
-        val_loader=lambda: shard_loader(manifest, "val", micro, loader, cfg.seed, False),
+        val_loader=lambda: shard_loader(data, "val", micro, loader, cfg.seed, False),
         checkpoints=run_dir.checkpoints, seed=cfg.seed, callbacks=callbacks,
     )
     if warm is not None:

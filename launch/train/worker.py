@@ -89,7 +89,8 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     tracker = Tracker(cfg.tracking, run.path) if rank == 0 else Tracker.disabled()
     if rank == 0:
         tracker.start(run_name=cfg.name, run_id=run_id)
-    manifest = DatasetManifest.read(DatasetManifest.path_in(cfg.data.output_dir))
+    manifest = DatasetManifest.read(  # data.mix: the first source stands for all
+        cfg.data.mix[0].path if cfg.data.mix else DatasetManifest.path_in(cfg.data.output_dir))
     metrics = MetricsLogger(
         tracker, flops_per_token(cfg, manifest.seq_len),
         peak_flops(cfg.train.peak_flops_per_device), jsonl=run.metrics,

@@ -269,3 +269,24 @@ def draw_plan(mix: Mix, samples: int, seed: int = 0) -> tuple[list[SourceDraw], 
             int(sum(taken[d] for d in mine)) * view.seq_len, hit,
         ))
     return draws, (end if end is not None and samples > end else None)
+
+
+def format_draws(mix: Mix, samples: int, seed: int = 0) -> str:
+    """The ``--dry-run`` lines of a ``data.mix``: per source, tokens available, tokens the
+    run's ``samples`` draw and the epochs that is; a warning per capped source and when
+    every source is capped before the run ends."""
+    draws, end = draw_plan(mix, samples, seed)
+    lines = [f"# data.mix: {samples:,} samples x seq_len {mix.seq_len} "
+             f"= {samples * mix.seq_len:,} tokens drawn (nothing is prepared)"]
+    for i, d in enumerate(draws):
+        cap = mix.sources[i].max_epochs
+        lines.append(f"  data.mix[{i}] {d.label}: {d.tokens_available:,} tokens available, "
+                     f"{d.tokens_drawn:,} drawn = {d.epochs:.2f} epochs"
+                     + (f" (max_epochs {cap:g})" if cap is not None else ""))
+        if d.capped:
+            lines.append(f"  WARNING: data.mix[{i}] {d.label} reaches max_epochs={cap:g}; "
+                         "the other sources fill its share after that")
+    if end is not None:
+        lines.append(f"  WARNING: every source is at its max_epochs after {end:,} samples; "
+                     "training would stop there: raise max_epochs or lower train.max_steps")
+    return "\n".join(lines)
