@@ -4,7 +4,9 @@ that continues on another world size in step with the run."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from engine_helpers import finish, shard_fixtures, train
 from lmforge.launch.cli import dry_run
 from lmforge.launch.config import load_config
 from lmforge.pipeline.loader.mix import Mix
-from lmforge.pipeline.loader.shard_loader import ShardLoader
+from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
 CONFIG = """\
 name: mix
@@ -84,3 +86,16 @@ def test_two_source_mix_trains_without_prepare_and_resumes_on_another_world_size
     for _ in itertools.islice(one, 3):
         pass
     assert one.state_dict() == {**at6, "global_batch": 8}
+    # An anneal stage that only reweights (init.loader: keep hands it this state) goes on
+    # with the same shards, each source from where the run left it: the counts of each
+    # source's rows among the run's 48 samples (read back in the same global order).
+    cfg = LoaderConfig(return_keys=True)
+    drawn = Counter(k.split("-")[0] for b in itertools.islice(
+        ShardLoader(mix, "train", 8, seed=at3["seed"], config=cfg), 6) for k in b["keys"])
+    anneal = Mix([dataclasses.replace(s, weight=w)
+                  for s, w in zip(mix.sources, (1, 3), strict=True)])
+    stage = ShardLoader(anneal, "train", 8, seed=at3["seed"])
+    stage.load_state_dict(at6)
+    after = stage.state_dict()
+    assert after["offsets"] == {"a/web": drawn["web"], "b/code": drawn["code"]}
+    assert (after["position"], after["generation"], after["weights"]["b/code"]) == (0, 1, 3)
