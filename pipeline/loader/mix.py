@@ -134,8 +134,11 @@ class MixedManifest(Manifest):
             raise ValueError(f"data.mix: no source has samples in split '{split}'")
 
     def fingerprint(self) -> str:
-        """Changes whenever the set of shards or their sample counts change."""
-        text = json.dumps([[s.url, s.samples] for shards in self.shards for s in shards])
+        """Changes whenever the set of shards or their sample counts change (not when a
+        source's folder moves: shards count by source name and path within it)."""
+        text = json.dumps([[name, s.path, s.samples]
+                           for name, shards in zip(self.names, self.shards, strict=True)
+                           for s in shards])
         return f"{zlib.crc32(text.encode()):08x}"
 
 

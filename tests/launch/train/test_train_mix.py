@@ -14,8 +14,10 @@ import torch
 from engine_helpers import finish, shard_fixtures, train
 
 from lmforge.launch.cli import dry_run
+from lmforge.launch.commands import prepare_data
 from lmforge.launch.config import load_config
-from lmforge.pipeline.loader.mix import Mix
+from lmforge.pipeline.config import MixSourceConfig
+from lmforge.pipeline.loader.mix import Mix, MixError
 from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
 CONFIG = """\
@@ -60,6 +62,16 @@ def test_dry_run_prints_each_sources_draws_and_the_cap(config, capsys):
     assert "data.mix[0] a: 2,048 tokens available, 4,096 drawn = 2.00 epochs" in out
     assert "data.mix[1] b: 512 tokens available, 1,024 drawn = 2.00 epochs (max_epochs 2)" in out
     assert "WARNING: data.mix[1] b reaches max_epochs=2" in out
+
+
+def test_prepare_uses_the_sources_as_they_are_and_refuses_a_misfit(config, tmp_path):
+    cfg = load_config(config)
+    assert prepare_data(cfg) == (config.parent / "a" / "manifest.json").resolve()
+    assert not (config.parent / "never").exists()
+    shard_fixtures().write_shards(tmp_path, {"x": {"train": [2]}}, seq_len=16)
+    cfg.data.mix.append(MixSourceConfig(str(tmp_path), weight=1.0))
+    with pytest.raises(MixError, match=r"data.mix\[2\] .* seq_len 16 vs 32"):
+        prepare_data(cfg)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -149,3 +150,14 @@ def test_mix_config_is_validated():
         DataConfig(mix=[MixSourceConfig("x/d", weight=1.0), MixSourceConfig("y/d/", weight=1)])
     cfg = DataConfig(mix=[MixSourceConfig("runs/data/manifest.json", weight=1.0)])
     assert cfg.mix[0].label == "data"
+
+
+def test_a_moved_source_folder_still_resumes(folders, tmp_path):
+    a, b = folders
+    first = loader(mix(folders), 4)
+    stream([first], 3)
+    moved = shutil.copytree(b.manifest.parent, tmp_path / "elsewhere" / "b")
+    again = loader(Mix([MixSourceConfig(str(a.manifest.parent), weight=3.0),
+                        MixSourceConfig(str(moved), weight=1.0)]), 4)
+    again.load_state_dict(first.state_dict())  # same source names and shards: same stream
+    assert stream([again], 5) == stream([first], 5)
