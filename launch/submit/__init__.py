@@ -137,11 +137,17 @@ def allocation_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def dispatch_submit(args: argparse.Namespace, cfg: RunConfig) -> int:
-    """Runs ``lmforge submit TARGET``; returns the command's exit status."""
+    """Runs ``lmforge submit TARGET``; returns the command's exit status. A dry run of a
+    training job ends with the memory plan, after the job spec (which stays parseable)."""
+    code = _submit(args, cfg)
     if args.print_only and args.work != "prepare":
         from lmforge.launch.memory_plan import format_memory_plan
 
         print(format_memory_plan(cfg))
+    return code
+
+
+def _submit(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.target == "slurm":
         from lmforge.launch.submit.slurm import SlurmJob, print_submission, submit_slurm
 

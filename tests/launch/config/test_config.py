@@ -181,7 +181,7 @@ def test_dry_run_prints_config_params_and_deepspeed_json():
     cfg = load_config(TINY, ["--model.n_layers=2"])
     assert f"# parameters: {parameter_count(cfg.model):,}" in out
     assert "n_layers: 2" in out
-    ds_json = json.loads(out.split("# DeepSpeed config\n", 1)[1])
+    ds_json = json.loads(out.split("# DeepSpeed config\n", 1)[1].split("\n# ", 1)[0])
     assert ds_json == deepspeed_json(cfg)
 
 
