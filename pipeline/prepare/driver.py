@@ -27,8 +27,9 @@ import numpy as np
 
 from lmforge.pipeline.config import DataConfig, DatasetSpec, TokenizerConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest, ShardInfo
-from lmforge.pipeline.contract.shard_format import TOKENIZER_FILE, padding_id, token_dtype
-from lmforge.pipeline.durable import disk_space_errors, fsync_dir, write_atomic, write_json
+from lmforge.pipeline.contract.dataset_tokenizer import tokenizer_source
+from lmforge.pipeline.contract.shard_format import padding_id, token_dtype
+from lmforge.pipeline.durable import disk_space_errors, fsync_dir, write_json
 from lmforge.pipeline.folder_lock import folder_lock
 from lmforge.pipeline.prepare.chain import build_chain
 from lmforge.pipeline.prepare.manifest_writer import (
@@ -60,7 +61,11 @@ from lmforge.pipeline.prepare.sources import (
 from lmforge.pipeline.prepare.stats import draw_plot, plots_of, summarize, summary_for_manifest
 from lmforge.pipeline.prepare.task_driver import check_task_tokenizer, run_task
 from lmforge.pipeline.prepare.tasks import discover_task_files
-from lmforge.pipeline.prepare.tokenizer import describe_tokenizer, train_tokenizer
+from lmforge.pipeline.prepare.tokenizer import (
+    copy_tokenizer_files,
+    describe_tokenizer,
+    train_tokenizer,
+)
 from lmforge.pipeline.run.executor import LocalExecutor, RayExecutor
 from lmforge.pipeline.run.local_ray import ray_session
 
@@ -174,7 +179,7 @@ def _run(
                 "data.val_fraction or add data", progress)
 
     with disk_space_errors(staging):
-        write_atomic(staging / TOKENIZER_FILE, model.read_bytes())  # the manifest vouches
+        copy_tokenizer_files(model, staging)  # durable: the manifest vouches for them
         manifest = build_manifest(data, info, fp, files, shards, plans, {})
         stats = summarize(clean, dedup, encoded, manifest.datasets, empty, seconds,
                           near_dedup=near)
@@ -316,11 +321,9 @@ def _tokenizer_model(
 ) -> Path:
     """Reuse `tokenizer.model_path`, or train one on a uniform share of the cleaned corpus
     (about `tokenizer.sample_bytes` of text)."""
-    if tokenizer.model_path:
-        path = Path(tokenizer.model_path)
-        if not path.is_file():
-            raise ValueError(f"model_path: {path} does not exist; fix the path or unset it")
-        return path
+    if tokenizer.model_path:  # a sentencepiece model, a tokenizer.json or an HF folder
+        tokenizer_source(tokenizer.model_path, "model_path")  # names the key if it is none
+        return Path(tokenizer.model_path)
     model = ctx.path("tokenizer.model")
     if model.exists():  # trained by an interrupted run with the same fingerprint
         return model
