@@ -70,6 +70,10 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap, TextMap]:
 # A config has hundreds of nodes; an alias bomb (each level an alias list of the one before,
 # ~400 bytes for 10^9 nodes) is refused before anything walks or copies its expansion.
 MAX_YAML_NODES = 100_000
+# Configs nest a handful of levels. Deeper documents are refused by this count, not by
+# whether Python's recursion limit happens to stop the parser first (libraries raise it:
+# once torch._dynamo is imported, 3,000 nested lists parse).
+MAX_YAML_DEPTH = 200
 
 
 def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
@@ -87,7 +91,7 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         node = loader.get_single_node()
         if node is None:
             return None, None
-        if _expanded_size(node, {}, set(), source) > MAX_YAML_NODES:
+        if _expanded_size(node, {}, set(), source, depth=1) > MAX_YAML_NODES:
             raise ConfigError(
                 f"{source}: the YAML expands to over {MAX_YAML_NODES:,} nodes through its "
                 "aliases: write the values out instead of nesting aliases")
@@ -99,9 +103,13 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int],
-                   source: str) -> int:
+                   source: str, depth: int) -> int:
     """Nodes in ``node`` once every alias is expanded, in time linear in the document (a node
-    an alias reuses is counted from ``sizes``, not walked again)."""
+    an alias reuses is counted from ``sizes``, not walked again); ``node`` is ``depth``
+    levels deep (refused beyond :data:`MAX_YAML_DEPTH`)."""
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{source}, line {node.start_mark.line + 1}: the YAML nests too "
+                          f"deeply to read (over {MAX_YAML_DEPTH} levels); flatten it")
     key = id(node)
     if key in sizes:
         return sizes[key]
@@ -114,7 +122,8 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int],
         children = [n for pair in node.value for n in pair]
     elif isinstance(node, yaml.SequenceNode):
         children = list(node.value)
-    total = 1 + sum(_expanded_size(child, sizes, open_nodes, source) for child in children)
+    total = 1 + sum(_expanded_size(child, sizes, open_nodes, source, depth + 1)
+                    for child in children)
     open_nodes.discard(key)
     sizes[key] = min(total, MAX_YAML_NODES + 1)  # "too many" is all the caller needs
     return sizes[key]

@@ -47,6 +47,24 @@ def test_recursive_and_deep_yaml_are_config_errors(tmp_path: Path, text: str,
     assert str(path) in str(err.value)
 
 
+def test_depth_is_refused_whatever_the_recursion_limit(tmp_path: Path) -> None:
+    """Libraries raise Python's recursion limit (importing torch._dynamo does; the suite
+    failed this way when such a test ran first in the same process): the depth rule must
+    not depend on where the parser happens to overflow."""
+    path = tmp_path / "deep.yaml"
+    path.write_text("x: " + "[" * 3000 + "]" * 3000 + "\n")
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        with pytest.raises(ConfigError, match="over 200 levels"):
+            read_yaml(path)
+    finally:
+        sys.setrecursionlimit(before)
+    path.write_text("x: " + "[" * 250 + "]" * 250 + "\n")  # parses under the default limit
+    with pytest.raises(ConfigError, match="over 200 levels"):
+        read_yaml(path)
+
+
 def test_an_alias_bomb_in_an_override_is_refused() -> None:
     flow = "{" + alias_bomb(7).replace("\n", ", ").rstrip(", ") + "}"
     with pytest.raises(ConfigError, match="expands to over"):
