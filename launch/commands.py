@@ -162,6 +162,10 @@ def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
     """
     check_devices(cfg)
     config_for_dataset(cfg, read_prepared(cfg.data))  # refused before anything is written
+    if cfg.eval.tasks:  # a bad task file (eval.tasks) too, before any process starts
+        from lmforge.launch.eval.in_loop import read_eval_tasks
+
+        read_eval_tasks(cfg.eval)
     run = RunDir.of(cfg.run_dir)
     with folder_lock(run.path, "lmforge train"), _datasets_held(cfg):
         cfg = config_for_training(cfg)  # again under the locks: the dataset the workers read

@@ -8,6 +8,7 @@
       checkpoints/         step_XXXXXXXX/ folders and `latest` (see launch/train/checkpoint.py)
       export/              the verified Hugging Face folder (export.output_dir unset)
       metrics.jsonl        every logged metric, exact floats, readable without MLflow
+      curves.png           train/val loss, bits per byte and task scores against tokens seen
       samples.jsonl        texts generated during training (train.sample_every)
       samples.json         texts generated at the end of `lmforge run`
       train_summary.json   how the last training attempt ended (steps, val loss, preempted)
@@ -72,6 +73,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def curves(self) -> Path:
+        return self.path / "curves.png"
 
     @property
     def training_samples(self) -> Path:

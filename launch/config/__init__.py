@@ -11,6 +11,7 @@ May import: lmforge.pipeline.config, lmforge.pipeline.contract, lmforge.pipeline
     lmforge.model.hf_config, lmforge.model.rope, torch
 """
 
+from lmforge.launch.config.eval_section import EvalConfig, EvalTaskSpec
 from lmforge.launch.config.run_config import (
     CONFIG_FILE,
     OBJECTIVE_OF_FAMILY,
@@ -41,6 +42,8 @@ __all__ = [
     "TASK_OBJECTIVES",
     "ConfigError",
     "DeepSpeedConfig",
+    "EvalConfig",
+    "EvalTaskSpec",
     "ExportConfig",
     "InitConfig",
     "LaunchConfig",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.launch.config.eval_section import EvalConfig, anchor_task_paths
 from lmforge.launch.config.hf_source import model_from_hf_source
 from lmforge.launch.config.sections import (
     DeepSpeedConfig,
@@ -83,6 +84,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     init: InitConfig = field(default_factory=InitConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stages: list[dict[str, Any]] = field(default_factory=list)
     """Training phases run in order by ``lmforge run`` (pretrain → anneal → fine-tune); each
     names itself and the sections it changes (see ``launch/config/stages.py``). Empty: one
@@ -132,6 +134,11 @@ class RunConfig:
             raise ValueError(
                 f"train.sample_every: generation during training needs model.family=decoder, "
                 f"not {self.model.family!r}; set train.sample_every=0"
+            )
+        if self.eval.tasks and self.model.family == "encoder":
+            raise ValueError(
+                "eval.tasks: downstream tasks score continuations with a decoder or an "
+                "encoder-decoder; this model is an encoder. Remove eval.tasks"
             )
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
@@ -294,6 +301,8 @@ def load_config(
         apply_override(data, key, value)
         overridden.add(key)
     where = Where(str(path) if path is not None else None, lines, overridden, texts)
+    if path is not None:  # eval.tasks paths in the file are relative to its folder
+        data = anchor_task_paths(data, Path(path).resolve().parent, overridden)
     if sections is not None:
         every = [f.name for f in dataclasses.fields(RunConfig) if f.default_factory is not None
                  and f.default_factory is not dataclasses.MISSING]

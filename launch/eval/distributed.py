@@ -14,7 +14,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lmforge.launch.eval.loglikelihood import CausalLogits, causal_loglikelihood
+from lmforge.launch.eval.loglikelihood import (
+    CausalLogits,
+    Seq2SeqLogits,
+    causal_loglikelihood,
+    seq2seq_loglikelihood,
+)
 from lmforge.launch.eval.scoring import PairEncoder, TaskScore, requests_of, score_task
 from lmforge.launch.eval.tasks import EvalTask
 
@@ -38,8 +43,8 @@ def forward_passes(tasks: Sequence[EvalTask], rank: int, world: int, batch_size:
 
 
 def score_tasks_on_ranks(tasks: Sequence[EvalTask], encoder: PairEncoder,
-                         logits_of: CausalLogits, max_length: int, rank: int, world: int,
-                         sum_values: SumValues, batch_size: int = 16,
+                         logits_of: CausalLogits | Seq2SeqLogits, max_length: int, rank: int,
+                         world: int, sum_values: SumValues, batch_size: int = 16,
                          limit: int | None = None,
                          device: torch.device | str | None = None) -> dict[str, dict[str, float]]:
     """Every rank calls this with the same arguments but its ``rank``; all get the metrics of
@@ -48,7 +53,10 @@ def score_tasks_on_ranks(tasks: Sequence[EvalTask], encoder: PairEncoder,
     Args:
         tasks: The tasks, identical on every rank.
         encoder: The tokenizer as a :class:`PairEncoder`.
-        logits_of: The model's forward pass (the engine's module, in eval mode).
+        logits_of: The model's forward pass in eval mode: a
+            :data:`~lmforge.launch.eval.loglikelihood.CausalLogits` when ``encoder.backend``
+            is ``causal``, else a ``Seq2SeqLogits`` (context → encoder, continuation →
+            decoder).
         max_length: The model's context in tokens.
         rank: This rank.
         world: The number of ranks.
@@ -59,19 +67,22 @@ def score_tasks_on_ranks(tasks: Sequence[EvalTask], encoder: PairEncoder,
     """
     passes = 0
 
-    def counted(ids: torch.Tensor) -> torch.Tensor:
+    def counted(*inputs: torch.Tensor) -> torch.Tensor:
         nonlocal passes
         passes += 1
-        return logits_of(ids)
+        return logits_of(*inputs)
 
-    loglikelihood = causal_loglikelihood(counted, max_length, batch_size, device)
+    make = causal_loglikelihood if encoder.backend == "causal" else seq2seq_loglikelihood
+    loglikelihood = make(counted, max_length, batch_size, device)
     scores = [score_task(t, encoder, loglikelihood, limit, shard=(rank, world)) for t in tasks]
     assert passes == forward_passes(tasks, rank, world, batch_size, limit)
     busiest = max(forward_passes(tasks, r, world, batch_size, limit) for r in range(world))
-    pad = torch.zeros(1, 1, dtype=torch.long, device=device)
+    # One token (seq2seq: one source token, mask 1, one target token) per padding pass.
+    pad = torch.ones(1, 1, dtype=torch.long, device=device)
+    pads = (pad,) if encoder.backend == "causal" else (pad, pad, pad)
     with torch.no_grad():
         while passes < busiest:  # the same number of (ZeRO-3: parameter-gathering) passes
-            counted(pad)
+            counted(*pads)
     local = [value for t, s in zip(tasks, scores, strict=True)
              for value in (float(s.count), *(s.sums.get(k, 0.0) for k in SUMMED[t.kind]))]
     total = iter(sum_values(local))

@@ -12,7 +12,7 @@
   rule from exit status to MLflow status
 
 May import: lmforge.launch.commands, lmforge.launch.config, lmforge.launch.rundir,
-    lmforge.launch.redact, lmforge.launch.tracking, lmforge.launch.train,
+    lmforge.launch.redact, lmforge.launch.tracking, lmforge.launch.train, lmforge.launch.eval,
     lmforge.pipeline.folder_lock, mlflow, ray.
 Never imports lmforge.launch.submit (the submit side calls the runner, not the reverse;
 ``RayTrainJob`` only for type checking).

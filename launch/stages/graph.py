@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmforge.launch.config import RunConfig
 from lmforge.launch.config.stages import Stage, expand_stages, hook_spec
+from lmforge.launch.eval.curves import score_lines
 from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir, StageRecord
 
@@ -107,6 +108,12 @@ def print_summary(graph: GraphResult) -> None:
     print(f"MLflow store  : {uri}  (run {graph.run_id})")
     if graph.export_dir is not None:
         print(f"HF export     : {graph.export_dir}")
+    if graph.stages and score_lines(graph.stages[-1].val_metrics):
+        print("evaluation    : at the last step (chance: the accuracy of guessing)")
+        for line in score_lines(graph.stages[-1].val_metrics):
+            print(f"  {line}")
+    if RunDir(graph.run_dir).curves.is_file():
+        print(f"curves        : {RunDir(graph.run_dir).curves}")
     print(f"resume        : lmforge train {RunDir(graph.run_dir).config} --resume auto")
     if graph.tracking_uri.startswith("sqlite:"):
         print(
@@ -126,6 +133,8 @@ def print_stages(graph: GraphResult) -> None:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(r.val_metrics.items())
                           if "/" not in k)
         print(f"[{r.index}] {r.name:<14} {state:<18} step {r.step}  {shown}")
+        for line in score_lines(r.val_metrics):
+            print(f"      {line}")
         if r.scratch_metrics is not None:
             for key in sorted(k for k in r.val_metrics if k in r.scratch_metrics
                               and "/" not in k):

@@ -26,6 +26,7 @@ from pathlib import Path
 from lmforge.launch.commands import export, heading, prepare_data, sample, train
 from lmforge.launch.config import RunConfig
 from lmforge.launch.config.stages import Stage
+from lmforge.launch.eval.curves import write_curves
 from lmforge.launch.rundir import RunDir, StageInfo
 from lmforge.launch.stages.graph import GraphResult, StageResult, plan, print_result
 from lmforge.launch.stages.hooks import StageContext, StageHooks
@@ -162,6 +163,8 @@ def run_stage(stage: Stage, hooks: StageHooks, job_dir: Path, resume: str | None
         _read_training(run, result)
         tracker.log_metrics({f"final/{k}": v for k, v in result.val_metrics.items()},
                             step=result.step or 0)
+        if write_curves(run.metrics, run.curves, cfg.name) is not None:
+            tracker.log_artifact(run.curves)
         context.checkpoint, context.step = Path(result.checkpoint), result.step
         context.metrics = dict(result.val_metrics)
         if cfg.export.enabled:

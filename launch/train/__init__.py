@@ -17,6 +17,7 @@ The worker adds the stage hooks (``hooks:``) to its callbacks: of ``launch/stage
 imports ``hooks.py`` alone (user hooks, their failure policy), nothing that runs a graph.
 
 May import: lmforge.launch.config, lmforge.launch.rundir, lmforge.launch.tracking,
+    lmforge.launch.eval,
     lmforge.launch.generate, lmforge.launch.redact, lmforge.launch.stages.hooks,
     lmforge.pipeline.contract,
     lmforge.pipeline.config, lmforge.pipeline.durable, lmforge.pipeline.loader, lmforge.model,

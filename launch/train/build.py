@@ -6,6 +6,7 @@
     objective ← train.objective, the dataset's tokenizer (and task labels), model.vocab_size
     warm start← init: optimizer/schedule/loader kept from the source (when no resume)
     callbacks ← tracking, train (log/eval/sample cadence), sample
+    loop eval ← eval (tasks, bpb), model (family, context), the dataset's tokenizer
 
 This is the one place below the CLI that reads every section: it is the job body.
 """
@@ -13,7 +14,7 @@ This is the one place below the CLI that reads every section: it is the job body
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import torch
@@ -35,6 +36,9 @@ from lmforge.pipeline.config import LoaderConfig
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.loader.mix import Mix
 from lmforge.pipeline.loader.shard_loader import ShardLoader
+
+if TYPE_CHECKING:
+    from lmforge.launch.eval.in_loop import LoopEval
 
 log = logging.getLogger("lmforge.train")
 
@@ -105,7 +109,38 @@ def build_trainer(
         engine, cfg.train, objective, train_loader,
         val_loader=lambda: shard_loader(data, "val", micro, loader, cfg.seed, False),
         checkpoints=run_dir.checkpoints, seed=cfg.seed, callbacks=callbacks,
+        loop_eval=build_loop_eval(cfg, manifest, data, objective.language_model),
     )
     if warm is not None:
         warm.restore(trainer, cfg.train)
     return trainer
+
+
+def build_loop_eval(cfg: RunConfig, manifest: DatasetManifest, data: DatasetManifest | Mix,
+                    language_model: bool) -> LoopEval | None:
+    """Bits per byte per validation dataset (``eval.bpb``, language-model objectives) and
+    the ``eval.tasks`` scores for ``Trainer.evaluate``; None when neither applies."""
+    from lmforge.launch.eval.bpb import token_bytes, val_datasets
+    from lmforge.launch.eval.in_loop import LoopEval, dataset_encoder, read_eval_tasks
+
+    tokenizer = manifest.tokenizer_model
+    table = None
+    if cfg.eval.bpb and language_model:
+        try:
+            table = token_bytes(tokenizer, cfg.model.vocab_size)
+        except ValueError as err:  # a side metric: training goes on without it
+            if dist.get_rank() == 0:
+                log.warning("eval.bpb: no bits per byte, the dataset's tokenizer cannot be "
+                            "read (%s)", err)
+    bpb = table is not None
+    if not bpb and not cfg.eval.tasks:
+        return None
+    micro, loader = cfg.train.micro_batch_size, cfg.data.loader
+    seq2seq = cfg.model.family == "encoder_decoder"
+    loaders = {name: (lambda one=one: shard_loader(one, "val", micro, loader, cfg.seed, False))
+               for name, one in val_datasets(data).items()} if bpb else {}
+    return LoopEval(
+        read_eval_tasks(cfg.eval), dataset_encoder(tokenizer, "seq2seq" if seq2seq else "causal"),
+        cfg.model.max_seq_len, cfg.eval.batch_size,
+        table, loaders,
+        decoder_start_id=manifest.tokenizer.eos_id)

@@ -45,7 +45,8 @@ class Callback:
     def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After each validation pass (all ranks), with ``val_loss``, ``val_ppl`` (language
         model objectives) and a task's metrics: classify ``val_accuracy``, ``val_macro_f1``,
-        ``val_f1/<label>``; seq2seq ``val_exact_match``, ``val_bleu``."""
+        ``val_f1/<label>``; seq2seq ``val_exact_match``, ``val_bleu``; with the ``eval:``
+        section ``val/<dataset>/bpb`` and ``eval/<task>/<metric>`` (``launch/eval``)."""
 
     def on_checkpoint(self, trainer: Trainer, folder: Path) -> None:
         """After a checkpoint is complete and published as ``latest``."""
@@ -144,12 +145,16 @@ class MetricsLogger(Callback):
         if trainer.rank != 0:
             return
         step = trainer.state.step
-        record = {"val/" + name.removeprefix("val_"): value for name, value in metrics.items()}
+        # `eval/<task>/<metric>` and `val/<dataset>/bpb` (launch/eval) keep their names.
+        record = {name if name.startswith(("eval/", "val/")) else
+                  "val/" + name.removeprefix("val_"): value for name, value in metrics.items()}
         self.tracker.log_metrics(record, step=step)
         self._append({"step": step, **record})
         shown = [f"val_loss {metrics['val_loss']:.4f}"]
         shown += [f"{name.removeprefix('val_')} {value:.4g}" for name, value in metrics.items()
                   if name != "val_loss" and "/" not in name]
+        shown += [f"{name} {value:.4g}" for name, value in metrics.items()
+                  if name.endswith(("/acc", "/bpb"))]
         self._write(f"step {step}: {' '.join(shown)}")
 
     def on_train_end(self, trainer) -> None:

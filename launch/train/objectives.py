@@ -84,6 +84,7 @@ class ObjectiveOutput:
     tokens: int  # real (non-padding) input tokens, for throughput and tokens_seen
     predictions: list[Any] | None = None  # evaluation only: what the model predicted ...
     references: list[Any] | None = None  # ... and what it should have (task objectives)
+    labels: Tensor | None = None  # the targets the loss scored, IGNORE_INDEX elsewhere (bpb)
 
 
 def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
@@ -159,7 +160,7 @@ class CausalLM:
         labels = batch["labels"].to(device, non_blocking=True)
         loss = vocab_loss(model, inputs, labels, self.loss_chunk_tokens)
         targets = int((labels != IGNORE_INDEX).sum())
-        return ObjectiveOutput(loss, targets, targets)
+        return ObjectiveOutput(loss, targets, targets, labels=labels)
 
 
 class MaskedLM:
@@ -190,7 +191,8 @@ class MaskedLM:
             inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
         # nothing selected (tiny batch): a zero loss still reaches every grad
         loss = vocab_loss(model, inputs, labels.to(device), self.loss_chunk_tokens)
-        return ObjectiveOutput(loss, int((labels != IGNORE_INDEX).sum()), int(real.sum()))
+        return ObjectiveOutput(loss, int((labels != IGNORE_INDEX).sum()), int(real.sum()),
+                               labels=labels)
 
 
 class Denoising:
@@ -217,7 +219,7 @@ class Denoising:
         loss = vocab_loss(model, {name: t.to(device) for name, t in parts.items()}, labels,
                           self.loss_chunk_tokens)
         targets = int((labels != IGNORE_INDEX).sum())
-        return ObjectiveOutput(loss, targets, targets)
+        return ObjectiveOutput(loss, targets, targets, labels=labels)
 
 
 def evaluating(model: nn.Module) -> bool:
@@ -289,7 +291,7 @@ class Seq2Seq:
         targets = int((labels != IGNORE_INDEX).sum())
         if targets == 0:
             return ObjectiveOutput(loss, 0, 0, [], [])
-        out = ObjectiveOutput(loss, targets, targets)
+        out = ObjectiveOutput(loss, targets, targets, labels=labels)
         if evaluating(model) and self.decode:
             out.predictions, out.references = self.greedy_texts(model, batch, device)
         return out

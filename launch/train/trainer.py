@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,9 @@ from lmforge.launch.train.loss_guard import LossGuard, skip_loss
 from lmforge.launch.train.objectives import Objective, corruption_generator
 from lmforge.launch.train.resume import load_resume
 from lmforge.pipeline.loader.shard_loader import ShardLoader
+
+if TYPE_CHECKING:
+    from lmforge.launch.eval.in_loop import LoopEval
 
 log = logging.getLogger("lmforge.train")
 
@@ -64,6 +67,8 @@ class Trainer:
         checkpoints: The run's checkpoints folder.
         seed: The run's seed (corruption streams of masked LM and denoising).
         callbacks: What hangs off the loop, called in this order.
+        loop_eval: Bits per byte and downstream tasks added to each evaluation
+            (``launch/eval/in_loop.py``, from the ``eval:`` section); None: none.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class Trainer:
         checkpoints: Path,
         seed: int,
         callbacks: list[Callback] = (),
+        loop_eval: LoopEval | None = None,
     ) -> None:
         self.engine = engine
         self.scheduler = engine.lr_scheduler
@@ -86,6 +92,7 @@ class Trainer:
         self.checkpoints = Path(checkpoints)
         self.seed = seed
         self.callbacks = list(callbacks)
+        self.loop_eval = loop_eval
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.global_batch_size = train.sequences_per_step(self.world_size)
@@ -199,26 +206,14 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (and perplexity for language-model objectives), averaged over
         targets across all ranks, plus a task objective's metrics over every rank's
-        predictions (accuracy and F1, exact match and BLEU); every callback's ``on_eval``
-        receives them."""
+        predictions (accuracy and F1, exact match and BLEU) and, with ``loop_eval``, bits per
+        byte per validation dataset and the ``eval.tasks`` scores; every callback's
+        ``on_eval`` receives them."""
         self.engine.eval()
-        limit = self.config.eval_batches or None
-        loss_sum = count = 0.0
         predictions, references = [], []
-        for index, batch in enumerate(self.val_loader()):
-            if limit is not None and index >= limit:
-                break
-            # A fixed step (-1) for corruption: every pass scores the same masked positions.
-            out = self.objective(self.engine, batch, self.engine.device,
-                                 self.generator(index, step=-1))
-            if out.targets:
-                loss_sum += float(out.loss) * out.targets
-                count += out.targets
-            if out.predictions is not None:
-                predictions += out.predictions
-                references += out.references
-        loss_sum, count = all_reduce_values([loss_sum, count], self.device)
-        self.engine.train()
+        loss_sum, count, n_bytes = self.validation_sums(self.val_loader(), predictions,
+                                                        references)
+        loss_sum, count, n_bytes = all_reduce_values([loss_sum, count, n_bytes], self.device)
         loss = loss_sum / max(count, 1.0)
         metrics = {"val_loss": loss}
         if self.objective.language_model:
@@ -227,9 +222,39 @@ class Trainer:
             predictions, references = gather_lists(predictions, references)
             if references:
                 metrics.update(self.objective.metrics(predictions, references))
+        if self.loop_eval is not None:
+            metrics.update(self.loop_eval.evaluate(
+                self.engine, self.validation_sums, (loss_sum, n_bytes),
+                lambda values: all_reduce_values(values, self.device), self.rank,
+                self.world_size))
+        self.engine.train()
         for callback in self.callbacks:
             callback.on_eval(self, metrics)
         return metrics
+
+    def validation_sums(self, batches: Iterable[dict[str, torch.Tensor]],
+                        predictions: list | None = None, references: list | None = None
+                        ) -> tuple[float, float, float]:
+        """This rank's summed loss (nats), targets and targets' UTF-8 bytes (0 without
+        ``loop_eval``) over the first ``train.eval_batches`` batches (all when 0); a task
+        objective's predictions and references are appended to the lists given."""
+        limit = self.config.eval_batches or None
+        loss_sum = count = n_bytes = 0.0
+        for index, batch in enumerate(batches):
+            if limit is not None and index >= limit:
+                break
+            # A fixed step (-1) for corruption: every pass scores the same masked positions.
+            out = self.objective(self.engine, batch, self.engine.device,
+                                 self.generator(index, step=-1))
+            if out.targets:
+                loss_sum += float(out.loss) * out.targets
+                count += out.targets
+                if self.loop_eval is not None:
+                    n_bytes += self.loop_eval.target_bytes(out.labels)
+            if out.predictions is not None and predictions is not None:
+                predictions += out.predictions
+                references += out.references
+        return loss_sum, count, n_bytes
 
     # -- helpers ---------------------------------------------------------------------
 
