@@ -66,3 +66,35 @@ def test_ranks_add_up_to_the_whole_with_equal_forward_passes(world, llama_export
         for name, metrics in whole.items():
             assert result[name] == pytest.approx(metrics, rel=1e-5), name  # batches differ
             assert result[name]["acc"] == metrics["acc"]
+
+
+def test_an_encoder_decoder_on_two_ranks(bart_export, eval_task_files):
+    """Context → encoder, continuation → decoder; the padding passes take three inputs."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    tasks = [read_jsonl_task(path, name) for name, path in eval_task_files.items()]
+    encoder, loglikelihood = load_export(bart_export, batch_size=4)
+    assert encoder.backend == "seq2seq"
+    whole = {t.name: score_task(t, encoder, loglikelihood).metrics() for t in tasks}
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(bart_export), dtype=torch.float32).eval()
+    ranks = ThreadRanks(2)
+    passes = [0, 0]
+    results: list[dict | None] = [None, None]
+
+    def run(rank: int) -> None:
+        def logits_of(ids, mask, labels):
+            passes[rank] += 1
+            return model(input_ids=ids, attention_mask=mask, labels=labels).logits
+
+        results[rank] = score_tasks_on_ranks(tasks, encoder, logits_of, 64, rank, 2,
+                                             ranks.sum_values(rank), batch_size=4)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert passes[0] == passes[1] == max(forward_passes(tasks, r, 2, 4) for r in range(2))
+    for result in results:
+        for name, metrics in whole.items():
+            assert result[name] == pytest.approx(metrics, rel=1e-5), name
