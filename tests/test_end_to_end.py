@@ -62,6 +62,9 @@ def overrides(tmp: Path, corpus: Path, run_dir: Path) -> list[str]:
         "--train.warmup_steps=5",
         "--tracking.experiment=e2e",
         "--sample.max_new_tokens=16",
+        # fp32: the in-loop task scores must equal `lmforge eval` on the (fp32) export; a bf16
+        # forward differs from it by bf16's rounding
+        "--train.precision=fp32",
     ]
 
 
@@ -153,7 +156,7 @@ def test_mlflow_holds_params_metrics_and_artifacts(run):
     for key in ("train/lr", "train/tokens_per_s", "val/loss"):
         assert client.get_metric_history(run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "export", "samples.json"} <= artifacts
+    assert {"config.yaml", "export", "samples.json", "curves.png"} <= artifacts
     data_artifacts = {a.path for a in client.list_artifacts(run_id, "data")}
     assert {"data/tokenizer.model", "data/stats.json", "data/plots"} <= data_artifacts
     docs_read = client.get_metric_history(run_id, "prepare/shakespeare/docs_read")
@@ -197,3 +200,33 @@ def test_samples_continue_the_prompts(run):
     for sample in samples:  # the decoded text starts with the prompt and goes on
         assert sample["text"].startswith(sample["prompt"].rstrip("\n"))
         assert len(sample["text"]) > len(sample["prompt"])
+
+
+def test_in_loop_scores_equal_lmforge_eval_on_the_export(run, capsys):
+    from lmforge.launch.cli import main
+
+    final = json.loads((run["run_dir"] / "train_summary.json").read_text())["val_metrics"]
+    specs = run["cfg"].eval.task_specs()  # configs/tiny.yaml: the bundled tasks
+    assert set(specs) == {"next_line", "word_order", "last_word"}
+    scored = {}
+    for limit in {spec.limit for spec in specs.values()}:
+        tasks = [f"{name}={spec.path}" for name, spec in specs.items() if spec.limit == limit]
+        with pytest.raises(SystemExit) as done:
+            main(["eval", str(run["run_dir"]), "--json", "--tasks", *tasks,
+                  *(["--limit", str(limit)] if limit else [])])
+        assert done.value.code == 0
+        scored.update(json.loads(capsys.readouterr().out))
+    for task, values in scored.items():
+        for metric, value in values.items():
+            in_loop = final[f"eval/{task}/{metric}"]
+            if metric.startswith("acc"):
+                assert in_loop == value, (task, metric)
+            else:  # DeepSpeed's engine vs transformers on the export: same fp32 weights
+                assert in_loop == pytest.approx(value, rel=1e-4), (task, metric)
+    # the run's summary ends with them and their chance levels; the curves are drawn
+    out = run["stdout"]
+    assert "evaluation    : at the last step" in out
+    assert f"next_line        acc {final['eval/next_line/acc']:.4f}" in out
+    assert "(chance 0.25)" in out and "shakespeare      bpb" in out
+    assert final["val/shakespeare/bpb"] > 0
+    assert (run["run_dir"] / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
