@@ -94,12 +94,13 @@ def dry_run(cfg: RunConfig) -> None:
     print(format_memory_plan(cfg))
     if cfg.data.mix:
         from lmforge.launch.config.run_config import steps_for_tokens
-        from lmforge.pipeline.loader.mix import Mix, format_draws
+        from lmforge.pipeline.loader.draws import format_draws, plan_draws
+        from lmforge.pipeline.loader.mix import Mix
 
         mix = Mix(cfg.data.mix)
         train = steps_for_tokens(cfg.train, cfg.world_size, mix.seq_len)
-        print(format_draws(mix, train.max_steps * train.sequences_per_step(cfg.world_size),
-                           cfg.seed))
+        samples = train.max_steps * train.sequences_per_step(cfg.world_size)
+        print(format_draws(mix, plan_draws(mix, samples, cfg.seed, cfg.data.loader)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -233,63 +232,3 @@ def make_mixture(weights: list[float], caps: list[int | None], offsets: list[int
         return Mixture(weights, seed, generation)
     left = [None if c is None else c - o for c, o in zip(caps, offsets, strict=True)]
     return CappedMixture(weights, left, seed, generation)
-
-
-@dataclass(frozen=True)
-class SourceDraw:
-    """What a run draws from one ``data.mix`` source (``lmforge train --dry-run``)."""
-
-    label: str
-    tokens_available: int
-    """Input tokens of one pass over the source's train split (samples × seq_len)."""
-    tokens_drawn: int
-    """Input tokens the run's samples take from the source."""
-    capped: bool
-    """A dataset of the source reaches its max_epochs within the run."""
-
-    @property
-    def epochs(self) -> float:
-        """Passes over the source the run makes."""
-        return self.tokens_drawn / self.tokens_available
-
-
-def draw_plan(mix: Mix, samples: int, seed: int = 0) -> tuple[list[SourceDraw], int | None]:
-    """Per source, the tokens the first ``samples`` training samples draw, exactly (the
-    loader's own mixture, caps included); and the sample at which every source is capped
-    (None when the run never gets there)."""
-    view = mix.manifest("train")
-    counts = [sum(s.samples for s in shards) for shards in view.shards]
-    mixture = make_mixture(view.weights, view.caps, [0] * len(counts), seed, 0)
-    end = mixture.end if isinstance(mixture, CappedMixture) else None
-    taken = mixture.consumed(samples) if (end is None or samples <= end) else \
-        mixture.consumed(end)
-    draws = []
-    for i, source in enumerate(mix.sources):
-        mine = [d for d, s in enumerate(view.source_of) if s == i]
-        hit = any(view.caps[d] is not None and taken[d] >= view.caps[d] for d in mine)
-        draws.append(SourceDraw(
-            source.label, sum(counts[d] for d in mine) * view.seq_len,
-            int(sum(taken[d] for d in mine)) * view.seq_len, hit,
-        ))
-    return draws, (end if end is not None and samples > end else None)
-
-
-def format_draws(mix: Mix, samples: int, seed: int = 0) -> str:
-    """The ``--dry-run`` lines of a ``data.mix``: per source, tokens available, tokens the
-    run's ``samples`` draw and the epochs that is; a warning per capped source and when
-    every source is capped before the run ends."""
-    draws, end = draw_plan(mix, samples, seed)
-    lines = [f"# data.mix: {samples:,} samples x seq_len {mix.seq_len} "
-             f"= {samples * mix.seq_len:,} tokens drawn (nothing is prepared)"]
-    for i, d in enumerate(draws):
-        cap = mix.sources[i].max_epochs
-        lines.append(f"  data.mix[{i}] {d.label}: {d.tokens_available:,} tokens available, "
-                     f"{d.tokens_drawn:,} drawn = {d.epochs:.2f} epochs"
-                     + (f" (max_epochs {cap:g})" if cap is not None else ""))
-        if d.capped:
-            lines.append(f"  WARNING: data.mix[{i}] {d.label} reaches max_epochs={cap:g}; "
-                         "the other sources fill its share after that")
-    if end is not None:
-        lines.append(f"  WARNING: every source is at its max_epochs after {end:,} samples; "
-                     "training would stop there: raise max_epochs or lower train.max_steps")
-    return "\n".join(lines)

@@ -251,6 +251,29 @@ class ShardLoader:
                 )
         return weights
 
+    # -- what the job draws -----------------------------------------------------------
+
+    def drawn(self, ahead: int = 0) -> list[int]:
+        """Samples the job has taken from each dataset (``manifest.names`` order), plus the
+        next ``ahead`` samples: earlier stages' offsets and this mixture's position, by
+        arithmetic (nothing is read). Past the point where every dataset is at its cap the
+        counts stop growing (training would stop there: ``samples_left``)."""
+        taken = self._mixture(self.weights, self.manifest.caps, self._offsets,
+                              self._generation).consumed(self._position + ahead)
+        return [o + int(t) for o, t in zip(self._offsets, taken, strict=True)]
+
+    def samples_left(self) -> int | None:
+        """Samples the job can still draw before every dataset is at its ``max_epochs`` cap;
+        None when that never happens."""
+        end = getattr(self._mixture(self.weights, self.manifest.caps, self._offsets,
+                                    self._generation), "end", None)
+        return None if end is None else max(0, end - self._position)
+
+    def advance(self, samples: int) -> None:
+        """Moves the position on by ``samples`` without reading them (a plan of a run)."""
+        self._position += samples
+        self._samples_seen += samples
+
     # -- checkpointing ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from shard_fixtures import write_shards
 
 from lmforge.pipeline.config import DataConfig, MixSourceConfig
 from lmforge.pipeline.contract.shard_tar import ShardError
-from lmforge.pipeline.loader.mix import Mix, MixError, draw_plan
+from lmforge.pipeline.loader.draws import drawn_between, plan_draws
+from lmforge.pipeline.loader.mix import Mix, MixError
 from lmforge.pipeline.loader.order import MIXTURE_CHUNK
 from lmforge.pipeline.loader.shard_loader import LoaderConfig, ShardLoader
 
@@ -110,16 +111,16 @@ def test_a_capped_source_leaves_the_mixture_at_its_cap(folders):
     again = loader(m, 4)
     again.load_state_dict(first.state_dict())
     assert head + stream([again], 25) == full
-    draws, end = draw_plan(m, 120, seed=5)
-    assert [(d.label, d.tokens_drawn, d.capped) for d in draws] == [
+    plan = plan_draws(m, 120, seed=5)
+    assert [(d.label, d.tokens_drawn, d.capped) for d in plan.sources] == [
         ("a", (120 - 22) * SEQ, False), ("b", 22 * SEQ, True)]
-    assert end is None and draws[1].epochs == 2.0
+    assert plan.stop is None and plan.sources[1].epochs == 2.0
 
 
 def test_every_source_capped_stops_with_a_named_error(folders):
     m = mix(folders, cap_a=1, cap_b=1)  # 20 + 11 samples in all
-    draws, end = draw_plan(m, 40)
-    assert end == 31 and all(d.capped for d in draws)
+    plan = plan_draws(m, 40)
+    assert plan.stop == 31 and all(d.capped for d in plan.sources)
     ldr = loader(m, 4)
     with pytest.raises(ShardError, match=r"data.mix: every source reached its max_epochs"):
         stream([ldr], 10)
@@ -161,3 +162,30 @@ def test_a_moved_source_folder_still_resumes(folders, tmp_path):
                         MixSourceConfig(str(moved), weight=1.0)]), 4)
     again.load_state_dict(first.state_dict())  # same source names and shards: same stream
     assert stream([again], 5) == stream([first], 5)
+
+
+def test_the_draw_plan_is_what_the_loader_draws_across_stages(folders):
+    cfg = LoaderConfig(return_keys=True, shuffle_buffer=8)
+    first = loader(mix(folders), 8)
+    stage1 = Counter(map(source, stream([first], 10)))
+    plan1 = plan_draws(mix(folders), 80, seed=5, loader=cfg)
+    assert {d.label: d.tokens_drawn for d in plan1.sources} == {
+        "a": stage1["web"] * SEQ, "b": stage1["code"] * SEQ}
+    assert plan1.state == {**first.state_dict(), "global_batch": 1}
+    # An anneal stage with new weights continues the planned state as the loader does.
+    anneal = mix(folders, wa=1.0, wb=3.0)
+    second = loader(anneal, 8)
+    second.load_state_dict(first.state_dict())
+    stage2 = Counter(map(source, stream([second], 10)))
+    plan2 = plan_draws(anneal, 80, seed=5, loader=cfg, start=plan1.state)
+    assert [(d.label, d.tokens_drawn, d.share) for d in plan2.sources] == [
+        ("a", stage2["web"] * SEQ, 0.25), ("b", stage2["code"] * SEQ, 0.75)]
+    # Counted afterwards from the two checkpointable states: the same.
+    assert drawn_between(anneal, 5, first.state_dict(), second.state_dict(), cfg) == \
+        plan2.sources
+    # Over one whole mixture chunk the counts are the weights' shares exactly (by hand:
+    # 4096 / 4 = 1024 samples of a, 3072 of b).
+    whole = plan_draws(anneal, MIXTURE_CHUNK, seed=5, loader=cfg, start=plan1.state)
+    assert [d.tokens_drawn for d in whole.sources] == [1024 * SEQ, 3072 * SEQ]
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        plan_draws(anneal, 8, seed=5, start=plan1.state)  # another shuffle: another order
