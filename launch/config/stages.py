@@ -21,7 +21,9 @@ commands run unchanged:
 
 - its run directory is ``<run_dir>/stages/<ii>-<name>`` (config.yaml, checkpoints, export);
 - a stage that sets ``data`` without ``data.output_dir`` prepares into ``<stage dir>/data``;
-  a stage's ``data.task`` replaces the top level's ``data.datasets`` (and the other way round);
+  a stage's ``data.task`` replaces the top level's ``data.datasets`` (and the other way round),
+  either replaces an inherited ``data.mix``; a ``data.mix`` stage prepares nothing (a stage
+  that only reweights lists the same sources with new weights);
 - stages after the first use the first stage's tokenizer (``tokenizer.model_path``), unless
   they read the first stage's prepared data itself;
 - ``init.source`` of stage i>0 defaults to ``previous``: the previous stage's final checkpoint;
@@ -278,6 +280,8 @@ def _stage_data(merged: dict[str, Any], raw: dict[str, Any], directory: Path) ->
         out["datasets"] = []
     if "datasets" in data and "task" not in data and "task" in out:
         out["task"] = None
+    if ("datasets" in data or "task" in data) and "mix" not in data:
+        out["mix"] = []  # the stage's own data replaces a data.mix it would inherit
 
 
 def _later_tokenizer(merged: dict[str, Any], raw: dict[str, Any],
@@ -286,11 +290,19 @@ def _later_tokenizer(merged: dict[str, Any], raw: dict[str, Any],
     """Stage i>0 tokenizes with the first stage's tokenizer (same vocabulary, same ids): the
     copy in the first stage's dataset folder (its tokenizer.model, or, for a Hugging Face
     tokenizer, the folder itself, which holds tokenizer.json and its config)."""
+    if merged["data"].get("mix"):
+        return  # prepares nothing: its sources carry their tokenizer (checked to be one)
     if Path(merged["data"]["output_dir"]).resolve() == Path(first_data["output_dir"]).resolve():
         return  # the first stage's own prepared data: its tokenizer section must stay as is
     if (raw.get("tokenizer") or {}).get("model_path"):
         return
     first = Path(first_data["output_dir"]).resolve()
+    if first_data.get("mix"):  # the first stage's sources: the first one's tokenizer copy
+        path = Path(first_data["mix"][0]["path"])
+        first = (path.parent if path.suffix == ".json" else path).resolve()
+        if not (first / "tokenizer.model").is_file():  # a Hugging Face tokenizer's folder
+            merged["tokenizer"]["model_path"] = str(first)
+            return
     source = str(first_tokenizer.get("model_path") or "")
     hf = bool(source) and (Path(source).is_dir() or source.endswith(".json"))
     merged["tokenizer"]["model_path"] = str(first if hf else first / "tokenizer.model")

@@ -16,6 +16,7 @@ from lmforge.launch.config.stages import Stage, expand_stages, hook_spec
 from lmforge.launch.eval.curves import score_lines
 from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir, StageRecord
+from lmforge.launch.stages.mix_draws import planned_draws
 
 # Metrics where a lower value is better (the rest: higher is better).
 LOWER_IS_BETTER = ("val_loss", "val_ppl")
@@ -67,15 +68,23 @@ def describe_graph(cfg: RunConfig) -> str:
     lines = [f"# stage graph of '{cfg.name}' in {RunDir.of(cfg.run_dir).path}",
              f"# hooks: {', '.join(hook_spec(h).name for h in cfg.hooks) or 'none'}; "
              f"hook_failure: {cfg.hook_failure}"]
-    for stage in plan(cfg):
+    stages = plan(cfg)
+    draws = planned_draws(stages)
+    for stage in stages:
         c = stage.config
         data = c.data
         task = data.task
         what = (f"task {task.kind} {task.train}" if task else
                 "datasets " + ", ".join(d.name for d in data.datasets))
         lines.append(f"[{stage.index}] {stage.name}  ->  {stage.dir}")
-        lines.append(f"    data      : {what} (seq_len {data.seq_len}) → {data.output_dir}")
-        tok = c.tokenizer.model_path or f"trained here ({c.tokenizer.vocab_size} pieces)"
+        if data.mix:
+            lines.append(f"    data      : data.mix of {len(data.mix)} prepared datasets "
+                         f"(seq_len {data.seq_len}), nothing prepared")
+            lines += draws.get(stage.index, [])
+        else:
+            lines.append(f"    data      : {what} (seq_len {data.seq_len}) → {data.output_dir}")
+        tok = c.tokenizer.model_path or ("the data.mix sources' (one, checked)" if data.mix
+                                         else f"trained here ({c.tokenizer.vocab_size} pieces)")
         lines.append(f"    tokenizer : {tok}")
         lines.append(f"    train     : {c.train.objective}, {c.train.max_steps} steps, lr "
                      f"{c.train.lr} {c.train.lr_schedule} (warmup {c.train.warmup_steps})")

@@ -31,6 +31,7 @@ from lmforge.launch.rundir import RunDir, StageInfo
 from lmforge.launch.stages.graph import GraphResult, StageResult, plan, print_result
 from lmforge.launch.stages.hooks import StageContext, StageHooks
 from lmforge.launch.stages.launchers import Launcher, torchrun_launcher
+from lmforge.launch.stages.mix_draws import report_draws
 from lmforge.launch.stages.mlflow_runs import end_run, ended_by, start_job_run, start_stage_run
 from lmforge.launch.tracking import Tracker
 from lmforge.pipeline.folder_lock import folder_lock
@@ -161,6 +162,8 @@ def run_stage(stage: Stage, hooks: StageHooks, job_dir: Path, resume: str | None
         if result.exit_code != 0:
             return result
         _read_training(run, result)
+        if cfg.data.mix:
+            report_draws(cfg, result.checkpoint, tracker)
         tracker.log_metrics({f"final/{k}": v for k, v in result.val_metrics.items()},
                             step=result.step or 0)
         if write_curves(run.metrics, run.curves, cfg.name) is not None:
