@@ -42,6 +42,20 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _refuse_missing_source(source: Any, data: dict[str, Any], where: Where) -> None:
+    """A source that does not exist where the model section must come from it (the config
+    has none) is named now: otherwise ``--dry-run`` would print the default model."""
+    if not isinstance(source, str) or not source.strip() or source == "previous" \
+            or data.get("model") or Path(source).expanduser().exists():
+        return
+    raise ConfigError(
+        f"{where(('init', 'source'))}: {source} does not exist, and this config has "
+        "no model: section (it comes from the source's config.json). Put the Hugging Face "
+        f"model folder there (config.json, *.safetensors, tokenizer files); for the demo "
+        f"configs/tiny-continue.yaml make a stand-in with `python configs/make_open_model.py "
+        f"{source}`")
+
+
 def model_from_hf_source(data: dict[str, Any], where: Where) -> dict[str, Any]:
     """``data`` (a raw run config) with its model section read from ``init.source``'s
     config.json when that is a Hugging Face folder; unchanged otherwise.
@@ -51,8 +65,10 @@ def model_from_hf_source(data: dict[str, Any], where: Where) -> dict[str, Any]:
             a ``model.<key>`` set in the run config contradicts it.
     """
     init = data.get("init")
-    folder = hf_source_folder(init.get("source")) if isinstance(init, dict) else None
+    source = init.get("source") if isinstance(init, dict) else None
+    folder = hf_source_folder(source)
     if folder is None:
+        _refuse_missing_source(source, data, where)
         return data
     config_file = folder / "config.json"
     at = where(("init", "source"))

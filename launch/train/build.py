@@ -29,6 +29,7 @@ from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.objectives import build_objective
 from lmforge.launch.train.optim import build_optimizer, build_scheduler
 from lmforge.launch.train.resume import resume_point
+from lmforge.launch.train.source_load import model_build_context, uses_partitioned_build
 from lmforge.launch.train.trainable import apply_trainable
 from lmforge.launch.train.trainer import Trainer
 from lmforge.launch.train.warm_start import WarmStart, load_source_weights, resolve
@@ -50,7 +51,14 @@ def build_engine(cfg: RunConfig, load_universal: bool = False,
     checkpointing, its AdamW (trainable parameters only) and LR schedule, inside a
     DeepSpeed engine; ``load_universal``: it will load a checkpoint's universal copy."""
     torch.manual_seed(cfg.seed)
-    model = cfg.model.build()
+    ds_config = build_deepspeed_config(
+        cfg.train, cfg.deepspeed, dist.get_world_size(), dist.get_backend(), load_universal
+    )
+    # ZeRO-3 warm start: built partitioned, the source copied in tensor by tensor.
+    zero3 = uses_partitioned_build(cfg.deepspeed.zero_stage, warm, cfg.trainable.mode,
+                                   cfg.model.num_labels)
+    with model_build_context(zero3, ds_config):
+        model = cfg.model.build()
     if warm is not None:
         load_source_weights(model, warm, dist.get_rank())
     apply_trainable(model, cfg.trainable)
@@ -60,9 +68,6 @@ def build_engine(cfg: RunConfig, load_universal: bool = False,
     )
     optimizer = build_optimizer(model, train, offload=cfg.deepspeed.offload_optimizer != "none")
     scheduler = build_scheduler(optimizer, train)
-    ds_config = build_deepspeed_config(
-        train, cfg.deepspeed, dist.get_world_size(), dist.get_backend(), load_universal
-    )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

@@ -25,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim >= 2 and id(param) not in embedding_ids:
+        # ds_shape: a ZeRO-3 partitioned parameter (built under zero.Init) is flat here.
+        if len(getattr(param, "ds_shape", param.shape)) >= 2 and id(param) not in embedding_ids:
             decay.append(param)
         else:
             no_decay.append(param)

@@ -3,8 +3,10 @@ a Hugging Face folder, and, from a lmforge checkpoint, optionally its optimizer 
 schedule position and loader position.
 
 Applies only while the run has no checkpoint of its own (``build.build_trainer`` decides:
-a resume always wins). The weights go into the plain model before trainable subsets and
-DeepSpeed (:func:`load_source_weights`); what is kept goes into the built trainer
+a resume always wins). The weights go into the model before trainable subsets and
+DeepSpeed (:func:`load_source_weights`: rank 0 reads the source one tensor at a time and
+each tensor reaches the other ranks, into their ZeRO-3 partitions where the model was built
+partitioned; ``source_load.py``); what is kept goes into the built trainer
 (:meth:`WarmStart.restore`):
 
 - optimizer keep: DeepSpeed's ``load_checkpoint`` with optimizer states (AdamW moments and
@@ -34,6 +36,13 @@ from lmforge.launch.config import CONFIG_FILE, InitConfig, TrainableConfig, Trai
 from lmforge.launch.config.typed_yaml import Where, build, read_yaml
 from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.optim import lr_factor
+from lmforge.launch.train.source_load import (
+    WarmStartError,
+    copy_weights,
+    from_rank0,
+    full_shape,
+    safetensors_files,
+)
 from lmforge.launch.train.trainable import has_lora, inject_lora, merge_lora
 from lmforge.model import ModelConfig, from_hf
 
@@ -48,10 +57,6 @@ _ARCH_FIELDS = ("family", "d_model", "n_heads", "kv_heads", "ffn_dim", "position
 _NEW_HEAD = ("pooler.", "classifier.")
 
 
-class WarmStartError(ValueError):
-    """``init.source`` cannot start this run (names the key and what to do)."""
-
-
 @dataclass
 class WarmStart:
     """A resolved ``init.source``."""
@@ -61,7 +66,7 @@ class WarmStart:
     folder: Path  # the checkpoint folder (step_XXXXXXXX) or the Hugging Face folder
     model: ModelConfig  # the source's model section
     trainable: TrainableConfig  # the source's trainable section (HF: all)
-    hf_state: dict[str, torch.Tensor] | None = None  # a Hugging Face source's weights
+    hf_state: dict[str, Any] | None = None  # a Hugging Face source's weights, unread
 
     @property
     def keeps_optimizer(self) -> bool:
@@ -183,53 +188,23 @@ def source_sections(folder: Path) -> tuple[ModelConfig, TrainableConfig]:
     return model, trainable
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a Hugging Face folder: those its ``model.safetensors.index.json``
-    maps (a sharded checkpoint), else ``model.safetensors``, else every ``*.safetensors``.
-
-    Raises:
-        WarmStartError: No safetensors file, or the index names a file that is missing.
-    """
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise WarmStartError(f"init.source: {index} is not a safetensors index (no "
-                                 f"weight_map: {err}); restore the file") from err
-        names = sorted(set(weight_map.values()))
-        files = [folder / name for name in names]
-        missing = [f.name for f in files if not f.is_file() or f.parent != folder]
-        if missing:
-            raise WarmStartError(f"init.source: {index} maps weights to {missing[:3]}, which "
-                                 f"{folder} does not hold; download the missing shards")
-        return files
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise WarmStartError(f"init.source: {folder} has config.json but no *.safetensors; "
-                             "lmforge reads safetensors only (never pickled .bin files)")
-    return files
-
-
 def _hf_weights(folder: Path, config: dict[str, Any]) -> tuple[ModelConfig, dict]:
-    from safetensors.torch import load_file
+    """The source's model section and its weights under lmforge names, unread: the
+    mapping's values are ``LazyTensor`` s over the safetensors files (headers read only)."""
+    from lmforge.launch.train.source_load import SafetensorsFolder
 
-    files = safetensors_files(folder)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
     try:
-        return from_hf(config, state)
+        return from_hf(config, SafetensorsFolder(safetensors_files(folder)))
     except ValueError as err:
         raise WarmStartError(f"init.source: {folder}: {err}") from err
 
 
-def source_state_dict(start: WarmStart) -> dict[str, torch.Tensor]:
-    """The source's weights under lmforge names, fp32, LoRA adapters merged in."""
+def source_state_dict(start: WarmStart) -> dict[str, Any]:
+    """The source's weights under lmforge names, LoRA adapters merged in: fp32 tensors of a
+    lmforge checkpoint (gathered from its partitions: call it on one rank), or a Hugging
+    Face folder's unread tensors (each read, in the file's dtype, when loaded)."""
     if start.hf_state is not None:
-        return {k: v.float() for k, v in start.hf_state.items()}
+        return dict(start.hf_state)
     state = ckpt.consolidated_state_dict(start.folder)
     if has_lora(state):
         state = merged_lora_state(start.model, start.trainable, state)
@@ -245,13 +220,59 @@ def merged_lora_state(model_cfg: ModelConfig, trainable: TrainableConfig,
     return merge_lora(model).state_dict()
 
 
+def _target_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every state-dict name of ``model`` (tied aliases included) with its whole shape,
+    also when ZeRO-3 holds a partition of it."""
+    shapes = {name: full_shape(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                shapes[f"{prefix}.{name}" if prefix else name] = tuple(buffer.shape)
+    return shapes
+
+
+def _plan(model: nn.Module, state: dict[str, Any]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(model name -> source key for each tensor to load, parameters left as initialised,
+    problems) from the source's names and shapes (one tensor read: HF's token-type row)."""
+    ours: ModelConfig = model.cfg
+    target = _target_shapes(model)
+    loaded, problems = {}, []
+    for key, value in state.items():
+        if key not in target:
+            if key.startswith(_NEW_HEAD) or key == "type_emb.weight" and not value.any():
+                continue  # a head this run does not train; HF's all-zero token-type row
+            problems.append(f"unexpected {key}")
+            continue
+        have, want = tuple(value.shape), target[key]
+        # An export drops vocabulary padding rows: fill the model's first rows only.
+        if have != want and not (have[1:] == want[1:] and have[0] == ours.vocab_size):
+            problems.append(f"{key} {have} vs model {want}")
+            continue
+        loaded[key] = key
+    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(
+        dict(model.named_parameters()))
+    fresh = [k for k in target if k not in loaded and k not in tied]
+    missing = [k for k in fresh if not k.startswith(_NEW_HEAD)]
+    if ours.num_labels:  # a classifier export has no MLM head; classify never uses it
+        missing = [k for k in missing if not k.startswith(("mlm_", "lm_head.bias"))]
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}")
+    return loaded, fresh, problems
+
+
 def load_source_weights(model: nn.Module, start: WarmStart, rank: int = 0) -> list[str]:
     """Loads the source's weights into ``model`` strictly, except a new classification head
     (kept as initialised); returns the names of the parameters the source did not have.
 
+    Collective when distributed (every rank calls it): rank 0 reads the source one tensor
+    at a time (a lmforge checkpoint: its consolidated weights, on rank 0 only) and each
+    tensor reaches the others through ``source_load.copy_weights`` (a ZeRO-3 partitioned
+    model: into each rank's partition). A Hugging Face source is then checked by the
+    import gate on rank 0, streamed from the files (``import_gate.verify_import_streamed``).
+
     Raises:
         WarmStartError: The source's architecture or shapes differ from the model's, or it
-            lacks a weight that is not a new head.
+            lacks a weight that is not a new head (on every rank alike).
     """
     ours: ModelConfig = model.cfg
     diffs = [f"{f}={getattr(start.model, f)!r} (model.{f}={getattr(ours, f)!r})"
@@ -261,52 +282,25 @@ def load_source_weights(model: nn.Module, start: WarmStart, rank: int = 0) -> li
     if diffs:
         raise WarmStartError(f"init.source: {start.folder} holds another architecture: "
                              f"{'; '.join(diffs)}; set the model section to the source's")
-    state = source_state_dict(start)
-    target = model.state_dict()
-    loaded, problems = {}, []
-    for key, value in state.items():
-        if key not in target:
-            if key.startswith(_NEW_HEAD) or key == "type_emb.weight" and not value.any():
-                continue  # a head this run does not train; HF's all-zero token-type row
-            problems.append(f"unexpected {key}")
-            continue
-        want = target[key].shape
-        if value.shape != want:
-            # An export drops vocabulary padding rows: fill the model's first rows only.
-            if value.shape[1:] == want[1:] and value.shape[0] == ours.vocab_size:
-                padded = target[key].clone()
-                padded[: value.shape[0]] = value
-                value = padded
-            else:
-                problems.append(f"{key} {tuple(value.shape)} vs model {tuple(want)}")
-                continue
-        loaded[key] = value
-    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(
-        dict(model.named_parameters()))
-    fresh = [k for k in target if k not in loaded and k not in tied]
-    missing = [k for k in fresh if not k.startswith(_NEW_HEAD)]
-    if ours.num_labels:  # a classifier export has no MLM head; classify never uses it
-        missing = [k for k in missing if not k.startswith(("mlm_", "lm_head.bias"))]
-    if missing:
-        problems.append(f"missing {', '.join(missing[:5])}")
+    state, plan = None, None
+    if rank == 0:
+        state = source_state_dict(start)
+        plan = _plan(model, state)
+    loaded, fresh, problems = from_rank0(plan)
     if problems:
         raise WarmStartError(f"init.source: {start.folder} does not fit the model section: "
                              f"{'; '.join(problems[:6])}; set the model section to the source's")
-    model.load_state_dict(loaded, strict=False)
+    copy_weights(model, state, loaded, rank)
     if rank == 0:
         log.info("warm start: weights from %s (%s)%s", start.folder, start.kind,
                  f"; newly initialised: {', '.join(fresh)}" if fresh else "")
-    if start.kind == "hf":
-        del state, loaded, target
-        start.hf_state = None  # the gate loads transformers' copy: hold one copy at a time
-        if rank == 0:
-            from lmforge.launch.train.import_gate import ImportGateError, verify_import
+    if start.kind == "hf" and rank == 0:
+        from lmforge.launch.train.import_gate import ImportGateError, verify_import_streamed
 
-            try:
-                line = verify_import(start.folder, model).line()
-            except ImportGateError as err:
-                raise WarmStartError(str(err)) from err
-            log.info("%s", line)
-            print(line, flush=True)
+        try:
+            line = verify_import_streamed(start.folder, ours, state).line()
+        except ImportGateError as err:
+            raise WarmStartError(str(err)) from err
+        log.info("%s", line)
+        print(line, flush=True)
     return fresh
-

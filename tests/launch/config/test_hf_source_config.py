@@ -137,3 +137,13 @@ def test_a_malformed_shard_size_is_refused():
 
     with pytest.raises(ValueError, match="max_shard_size: '5 parsecs' is not a size"):
         ExportConfig(max_shard_size="5 parsecs")
+
+
+def test_a_missing_source_folder_names_the_script_that_makes_it(tmp_path):
+    """`lmforge run configs/tiny-continue.yaml --dry-run` before the model folder exists: a
+    named error (the model section would otherwise silently be the default one)."""
+    missing = tmp_path / "open-model"
+    with pytest.raises(ConfigError, match=r"init\.source \(set by --init\.source=\.\.\.\): "
+                       r".*open-model does not exist.*"
+                       r"python configs/make_open_model\.py .*open-model"):
+        load_config(REPO / "configs" / "tiny-continue.yaml", [f"--init.source={missing}"])
