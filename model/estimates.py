@@ -14,14 +14,35 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lmforge.model.config import ModelConfig
 
 Checkpointing = Literal["none", "full", "selective"]
 
 
+# The random initialisers a module's constructor calls. On the meta device their kernels are
+# Python decompositions behind `torch._disable_dynamo`, whose first call imports
+# `torch._dynamo` and inductor (~2 s of every training start, for values that do not exist).
+_INITIALISERS = frozenset({
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_,
+    torch.nn.init.uniform_, torch.nn.init.trunc_normal_, torch.nn.init.kaiming_uniform_,
+    torch.nn.init.kaiming_normal_, torch.nn.init.xavier_uniform_, torch.nn.init.xavier_normal_,
+})
+
+
+class _SkipInitialisers(TorchFunctionMode):
+    """Returns the tensor untouched for the random initialisers; every other call runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitialisers():
         return cfg.build()
 
 

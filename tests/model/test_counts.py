@@ -62,3 +62,18 @@ def test_every_public_name_of_the_package_resolves() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
     with pytest.raises(AttributeError, match="no attribute 'Decoder'"):
         model.Decoder  # noqa: B018
+
+
+def test_counting_on_the_meta_device_does_not_import_the_compiler() -> None:
+    # Every training start counts the model for FLOPs/MFU; the random initialisers' meta
+    # kernels would import torch._dynamo and inductor (~2 s per rank) for nothing.
+    code = ("import sys\n"
+            "from lmforge.model import ModelConfig, parameter_count\n"
+            "from lmforge.model.estimates import estimate_flops\n"
+            "cfg = ModelConfig.from_preset('gpt2-124m')\n"
+            "assert parameter_count(cfg) == 124_439_808\n"
+            "assert estimate_flops(cfg, 64) > 0\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
