@@ -18,6 +18,8 @@ bf16's rounding.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from lmforge.launch.eval.tasks import EvalTask, EvalTaskError
 if TYPE_CHECKING:
     from lmforge.pipeline.contract.dataset_tokenizer import DatasetTokenizer
 
+log = logging.getLogger("lmforge.train")
 ValSums = Callable[[Iterable[dict[str, torch.Tensor]]], tuple[float, float, float]]
 """A validation pass over batches → this rank's (summed nats, targets, target bytes)."""
 
@@ -118,7 +121,11 @@ class LoopEval:
         if self.byte_table is not None and self.val_datasets:
             metrics.update(self._bpb(val_sums, pooled, sum_values))
         if self.tasks:
+            began = time.perf_counter()
             metrics.update(self._tasks(engine, sum_values, rank, world))
+            if rank == 0:  # what evaluation costs the run (benchmarks/eval.py reads it)
+                log.info("eval.tasks: %d examples scored in %.2f s",
+                         sum(len(t.examples) for t in self.tasks), time.perf_counter() - began)
         return metrics
 
     def _bpb(self, val_sums: ValSums, pooled: tuple[float, float],
