@@ -135,11 +135,6 @@ class RunConfig:
                 f"train.sample_every: generation during training needs model.family=decoder, "
                 f"not {self.model.family!r}; set train.sample_every=0"
             )
-        if self.eval.tasks and self.model.family == "encoder":
-            raise ValueError(
-                "eval.tasks: downstream tasks score continuations with a decoder or an "
-                "encoder-decoder; this model is an encoder. Remove eval.tasks"
-            )
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
                 f"model.max_seq_len: {self.model.max_seq_len} is shorter than data.seq_len "

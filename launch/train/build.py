@@ -138,14 +138,20 @@ def build_loop_eval(cfg: RunConfig, manifest: DatasetManifest, data: DatasetMani
                 log.warning("eval.bpb: no bits per byte, the dataset's tokenizer cannot be "
                             "read (%s)", err)
     bpb = table is not None
-    if not bpb and not cfg.eval.tasks:
+    tasks = cfg.eval.tasks
+    if tasks and cfg.model.family == "encoder":  # tiny.yaml's tasks under an encoder override
+        if dist.get_rank() == 0:
+            log.warning("eval.tasks: not scored; an encoder has no continuation to score "
+                        "(tasks need a decoder or an encoder-decoder)")
+        tasks = {}
+    if not bpb and not tasks:
         return None
     micro, loader = cfg.train.micro_batch_size, cfg.data.loader
     seq2seq = cfg.model.family == "encoder_decoder"
     loaders = {name: (lambda one=one: shard_loader(one, "val", micro, loader, cfg.seed, False))
                for name, one in val_datasets(data).items()} if bpb else {}
     return LoopEval(
-        read_eval_tasks(cfg.eval), dataset_encoder(tokenizer, "seq2seq" if seq2seq else "causal"),
-        cfg.model.max_seq_len, cfg.eval.batch_size,
-        table, loaders,
+        read_eval_tasks(cfg.eval) if tasks else [],
+        dataset_encoder(tokenizer, "seq2seq" if seq2seq else "causal"),
+        cfg.model.max_seq_len, cfg.eval.batch_size, table, loaders,
         decoder_start_id=manifest.tokenizer.eos_id)
