@@ -16,6 +16,10 @@ On CUDA ``torch.cuda.max_memory_allocated`` is used the same way.
 - ``memory_plan_error_max``: worst |plan − measured| ÷ measured of the dry-run memory plan
   (``model/memory.py``) over real DeepSpeed steps on 2 CPU processes (ZeRO 0/2/3,
   checkpointing on/off, two sequence lengths) (goal ≤ 0.15).
+- ``import_rss_vs_whole``: peak RSS of each of 2 ranks importing a Hugging Face source
+  (``llama-1b`` shape, bf16 shards, made on the spot) under ZeRO-3, import gate included,
+  ÷ one process loading it whole in fp32 with ``transformers`` (goal ≤ 0.6 per rank; the
+  figure is the worse rank); see ``memory_import.py``.
 
 glibc keeps freed allocations below its mmap threshold in the heap, so RSS also counts
 memory the process no longer uses (ZeRO-3 builds the whole model before partitioning it:
@@ -23,7 +27,7 @@ memory the process no longer uses (ZeRO-3 builds the whole model before partitio
 ``MALLOC_MMAP_THRESHOLD_=65536``, so freed blocks above 64 KiB go back to the kernel and
 RSS follows the live bytes, which is what the plan predicts; the line says which it was.
 
-Usage: ``.venv/bin/python benchmarks/memory.py [--quick] [--live] [--only loss|docmask|plan]
+Usage: ``.venv/bin/python benchmarks/memory.py [--quick] [--live] [--only loss|docmask|plan|import]
 [--device cpu|cuda]``.
 """
 
@@ -313,7 +317,7 @@ def plan_error(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (< 2 min)")
-    parser.add_argument("--only", choices=["loss", "docmask", "plan"], default=None)
+    parser.add_argument("--only", choices=["loss", "docmask", "plan", "import"], default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--live", action="store_true",
                         help="children return freed memory to the kernel (see above)")
@@ -331,6 +335,11 @@ def main() -> None:
         docmask_memory(args.quick, args.device)
     if args.only in (None, "plan"):
         plan_error(args.quick)
+    if args.only in (None, "import"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from memory_import import import_rss
+
+        import_rss(args.quick, LIVE_ENV, bench)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def streamed(model: nn.Module, read: Callable[[list[str], torch.Size], torch.Ten
     finally:
         for handle in handles:
             handle.remove()
+        from lmforge.launch.train.source_load import release_freed_memory
+
+        release_freed_memory()
 
 
 def _reader(weights: Mapping[str, Any], what: str) -> Callable[[list[str], torch.Size],
