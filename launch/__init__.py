@@ -9,7 +9,7 @@
   ``lmforge run`` and of every submitted job, launchers (torchrun, srun, Ray Train), hooks,
   the MLflow run lifecycle
 - ``submit/``   Slurm, Ray and local job submission, apart from the job body on the cluster
-- ``commands.py`` the single ``lmforge`` commands (prepare, train, export, sample), ``cli.py``
+- ``commands.py`` the single ``lmforge`` commands (prepare, train, export, generate), ``cli.py``
   their command line, ``rundir.py`` the run directory's layout, ``generate.py`` text generation
 
 Dependency direction: ``launch`` imports ``pipeline`` and ``model``, never the reverse; of the

@@ -4,7 +4,7 @@
     lmforge prepare CONFIG [...]
     lmforge train CONFIG [--resume auto|none|CHECKPOINT] [...]
     lmforge export CONFIG [--checkpoint DIR] [--out DIR] [...]
-    lmforge sample CONFIG [--checkpoint DIR] [...]
+    lmforge generate CONFIG [--checkpoint DIR] [...]
     lmforge submit slurm|ray|local CONFIG [...]   (see lmforge.launch.submit)
     lmforge eval EXPORT|RUN_DIR --tasks name=path ... [--json] [--limit N]   (launch.eval)
 """
@@ -27,12 +27,12 @@ from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 from lmforge.pipeline.folder_lock import FolderLocked
 
 COMMANDS = {
-    "run": "prepare data, train, export and sample: the whole job (or every stage of a "
+    "run": "prepare data, train, export and generate: the whole job (or every stage of a "
            "stage graph)",
     "prepare": "shard and tokenize the corpus (Ray → sentencepiece → WebDataset)",
     "train": "train on prepared shards with DeepSpeed",
     "export": "write a verified Hugging Face folder from a checkpoint",
-    "sample": "generate text from a checkpoint",
+    "generate": "generate text from a checkpoint",
 }
 
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--resume", nargs="?", const="auto", default=None,
                              help="resume: auto (newest complete checkpoint, the default when "
                                   "the flag is given bare), none, or a checkpoint folder")
-        if name in ("export", "sample"):
+        if name in ("export", "generate"):
             cmd.add_argument("--checkpoint", default=None,
                              help="checkpoint folder (default: the newest complete one)")
         if name == "export":
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     from lmforge.launch import commands
 
-    if cfg.stages and args.command in ("train", "export", "sample"):
+    if cfg.stages and args.command in ("train", "export", "generate"):
         raise ConfigError(
             f"stages: {args.config} is a stage graph; run it with `lmforge run`, or give "
             f"`lmforge {args.command}` one stage's config (<run_dir>/stages/<ii>-<name>/"
@@ -158,8 +158,8 @@ def dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "export":
         print(f"export: {commands.export(cfg, args.checkpoint, args.out)}")
         return 0
-    if args.command == "sample":
-        commands.sample(cfg, args.checkpoint)
+    if args.command == "generate":
+        commands.generate(cfg, args.checkpoint)
         return 0
     if args.command == "submit":
         return dispatch_submit(args, cfg)

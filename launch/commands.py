@@ -1,6 +1,6 @@
-"""The single commands of ``lmforge``: prepare, train, export, sample, as plain functions.
+"""The single commands of ``lmforge``: prepare, train, export, generate, as plain functions.
 
-``lmforge prepare|train|export|sample`` call them directly; ``lmforge run`` and every
+``lmforge prepare|train|export|generate`` call them directly; ``lmforge run`` and every
 submitted job run them stage by stage through the one runner (``launch/stages/runner.py``).
 Each reads what the earlier ones wrote (the prepared dataset's manifest, the run directory),
 so any of them can be rerun on its own.
@@ -179,7 +179,7 @@ def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
         return launch_training(cfg.launch, run.path, resume=resume, run_id=run_id)
 
 
-# -- export and sample ---------------------------------------------------------------
+# -- export and generate ---------------------------------------------------------------
 
 
 def export(cfg: RunConfig, checkpoint: str | None = None, out_dir: str | None = None) -> Path:
@@ -195,36 +195,37 @@ def export(cfg: RunConfig, checkpoint: str | None = None, out_dir: str | None = 
     return export_checkpoint(model, cfg.model, cfg.export, manifest, target, seed=cfg.seed)
 
 
-def sample(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
+def generate(cfg: RunConfig, checkpoint: str | None = None) -> list[dict]:
     """The family's demonstration with the trained model, printed: a decoder continues
-    ``sample.prompts``, an encoder fills their mask tokens (top-k), an encoder-decoder
+    ``generate.prompts``, an encoder fills their mask tokens (top-k), an encoder-decoder
     writes a target for each with beam search. Returns one record per prompt
     (``{"prompt", "text", ...}``)."""
     from lmforge.launch.export.from_checkpoint import load_trained_model
     from lmforge.launch.generate import FillMaskPredictor, Seq2SeqGenerator, TextGenerator
 
     family = cfg.model.family
-    heading({"decoder": "sample: continuations", "encoder": "sample: fill-mask top-k",
-             "encoder_decoder": f"sample: source → target ({cfg.sample.num_beams} beams)"}[family])
+    heading({"decoder": "generate: continuations", "encoder": "generate: fill-mask top-k",
+             "encoder_decoder": f"generate: source → target ({cfg.generate.num_beams} beams)"}
+            [family])
     manifest = read_prepared(cfg.data)
     cfg = config_for_dataset(cfg, manifest)
     model = load_trained_model(cfg.model, RunDir.of(cfg.run_dir).checkpoints, checkpoint)
     tokenizer = manifest.tokenizer_model
     if family == "encoder":
-        records = FillMaskPredictor(cfg.sample, tokenizer)(model)
+        records = FillMaskPredictor(cfg.generate, tokenizer)(model)
         for record in records:
             tops = "; ".join(f"#{m['position']}: {' | '.join(m['top_tokens'])}"
                              for m in record["masks"])
-            print(f"--- prompt: {record['prompt']!r}\ntop-{cfg.sample.mask_top_k} at masks: "
+            print(f"--- prompt: {record['prompt']!r}\ntop-{cfg.generate.mask_top_k} at masks: "
                   f"{tops}\nfilled: {record['text']}\n", flush=True)
         return records
     if family == "encoder_decoder":
-        records = Seq2SeqGenerator(cfg.sample, tokenizer)(model)
+        records = Seq2SeqGenerator(cfg.generate, tokenizer)(model)
         for record in records:
             print(f"--- source: {record['prompt']!r}\ntarget: {record['text']}\n", flush=True)
         return records
-    texts = TextGenerator(cfg.sample, tokenizer, cfg.seed)(model)
-    records = [{"prompt": p, "text": t} for p, t in zip(cfg.sample.prompts, texts, strict=True)]
+    texts = TextGenerator(cfg.generate, tokenizer, cfg.seed)(model)
+    records = [{"prompt": p, "text": t} for p, t in zip(cfg.generate.prompts, texts, strict=True)]
     for record in records:
         print(f"--- prompt: {record['prompt']!r}\n{record['text']}\n", flush=True)
     return records

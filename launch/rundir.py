@@ -9,8 +9,8 @@
       export/              the verified Hugging Face folder (export.output_dir unset)
       metrics.jsonl        every logged metric, exact floats, readable without MLflow
       curves.png           train/val loss, bits per byte and task scores against tokens seen
-      samples.jsonl        texts generated during training (train.sample_every)
-      samples.json         texts generated at the end of `lmforge run`
+      generations.jsonl        texts generated during training (train.generate_every)
+      generations.json         texts generated at the end of `lmforge run`
       train_summary.json   how the last training attempt ended (steps, val loss, preempted)
       submit/              submitted jobs' configs and scripts
       logs/                cluster jobs' output
@@ -79,12 +79,12 @@ class RunDir:
         return self.path / "curves.png"
 
     @property
-    def training_samples(self) -> Path:
-        return self.path / "samples.jsonl"
+    def training_generations(self) -> Path:
+        return self.path / "generations.jsonl"
 
     @property
-    def final_samples(self) -> Path:
-        return self.path / "samples.json"
+    def final_generations(self) -> Path:
+        return self.path / "generations.json"
 
     @property
     def train_summary(self) -> Path:

@@ -191,7 +191,7 @@ class TokenizerConfig:
     """Reuse an existing tokenizer instead of training one: a sentencepiece .model, a
     Hugging Face tokenizer.json, or a folder holding tokenizer.json (+ tokenizer_config.json),
     encoded as transformers' AutoTokenizer encodes (see README, `tokenizer.model_path`)."""
-    sample_bytes: int = 100 * 2**20
+    train_text_bytes: int = 100 * 2**20
     """Bytes of the tokenizer's training text: documents drawn uniformly from the cleaned,
     deduplicated corpus. (The key keeps its name: configs and dataset fingerprints use it.)"""
     character_coverage: float = 0.9995
@@ -214,8 +214,8 @@ class TokenizerConfig:
             )
         if self.vocab_size > 2**31 - 1:
             raise ValueError(f"vocab_size: {self.vocab_size} is too large; use at most 2**31 - 1")
-        if self.sample_bytes < 1024:
-            raise ValueError(f"sample_bytes: {self.sample_bytes} is below 1024; raise it")
+        if self.train_text_bytes < 1024:
+            raise ValueError(f"train_text_bytes: {self.train_text_bytes} is below 1024; raise it")
         if not 0.9 <= self.character_coverage <= 1.0:
             raise ValueError(
                 f"character_coverage: {self.character_coverage} must be in [0.9, 1]; "

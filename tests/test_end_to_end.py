@@ -61,7 +61,7 @@ def overrides(tmp: Path, corpus: Path, run_dir: Path) -> list[str]:
         "--train.log_every=1",
         "--train.warmup_steps=5",
         "--tracking.experiment=e2e",
-        "--sample.max_new_tokens=16",
+        "--generate.max_new_tokens=16",
         # fp32: the in-loop task scores must equal `lmforge eval` on the (fp32) export; a bf16
         # forward differs from it by bf16's rounding
         "--train.precision=fp32",
@@ -156,7 +156,7 @@ def test_mlflow_holds_params_metrics_and_artifacts(run):
     for key in ("train/lr", "train/tokens_per_s", "val/loss"):
         assert client.get_metric_history(run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "export", "samples.json", "curves.png"} <= artifacts
+    assert {"config.yaml", "export", "generations.json", "curves.png"} <= artifacts
     data_artifacts = {a.path for a in client.list_artifacts(run_id, "data")}
     assert {"data/tokenizer.model", "data/stats.json", "data/plots"} <= data_artifacts
     docs_read = client.get_metric_history(run_id, "prepare/shakespeare/docs_read")
@@ -193,9 +193,9 @@ def test_export_loads_in_transformers_with_the_same_logits(run):
     assert diff <= 1e-4
 
 
-def test_samples_continue_the_prompts(run):
-    samples = json.loads((run["run_dir"] / "samples.json").read_text(encoding="utf-8"))
-    prompts = run["cfg"].sample.prompts
+def test_generations_continue_the_prompts(run):
+    samples = json.loads((run["run_dir"] / "generations.json").read_text(encoding="utf-8"))
+    prompts = run["cfg"].generate.prompts
     assert [s["prompt"] for s in samples] == prompts
     for sample in samples:  # the decoded text starts with the prompt and goes on
         assert sample["text"].startswith(sample["prompt"].rstrip("\n"))

@@ -59,7 +59,7 @@ def lmforge_run(config: str, tmp: Path) -> dict:
             "manifest": manifest, "export": run_dir / "export",
             "sp": spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path)),
             "model": load_trained_model(cfg.model, run_dir / "checkpoints"),
-            "samples": json.loads((run_dir / "samples.json").read_text(encoding="utf-8"))}
+            "generations": json.loads((run_dir / "generations.json").read_text(encoding="utf-8"))}
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,9 @@ def test_bert_fill_mask_demo_is_transformers_top_k(bert):
 
     hf = AutoModelForMaskedLM.from_pretrained(bert["export"], dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(bert["export"])
-    k = bert["cfg"].sample.mask_top_k
-    assert [s["prompt"] for s in bert["samples"]] == bert["cfg"].sample.prompts
-    for sample in bert["samples"]:
+    k = bert["cfg"].generate.mask_top_k
+    assert [s["prompt"] for s in bert["generations"]] == bert["cfg"].generate.prompts
+    for sample in bert["generations"]:
         ids = hf_tok(sample["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
         positions = (ids[0] == hf_tok.mask_token_id).nonzero().flatten().tolist()
         assert positions == [m["position"] for m in sample["masks"]] and positions
@@ -129,7 +129,7 @@ def test_bert_fill_mask_demo_is_transformers_top_k(bert):
             assert mask["top_tokens"][0] in bert["stdout"]
     # The export works in transformers' fill-mask pipeline as it stands.
     fill = pipeline("fill-mask", model=str(bert["export"]), tokenizer=str(bert["export"]))
-    first = bert["samples"][0]
+    first = bert["generations"][0]
     got = fill(first["prompt"], top_k=k, tokenizer_kwargs={"add_special_tokens": False})
     assert [r["token"] for r in got] == first["masks"][0]["top_ids"]
     assert "top-5 at masks:" in bert["stdout"]
@@ -184,11 +184,11 @@ def test_seq2seq_beam_demo_is_transformers_beam_search(seq2seq):
 
     hf = AutoModelForSeq2SeqLM.from_pretrained(seq2seq["export"], dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(seq2seq["export"])
-    sample_cfg = seq2seq["cfg"].sample
-    assert [s["prompt"] for s in seq2seq["samples"]] == sample_cfg.prompts
+    sample_cfg = seq2seq["cfg"].generate
+    assert [s["prompt"] for s in seq2seq["generations"]] == sample_cfg.prompts
     beam = {"num_beams": sample_cfg.num_beams, "do_sample": False, "length_penalty": 1.0,
             "early_stopping": True}
-    for sample in seq2seq["samples"]:
+    for sample in seq2seq["generations"]:
         src = hf_tok(sample["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
         out = hf.generate(input_ids=src, max_new_tokens=sample_cfg.max_new_tokens, **beam)
         assert sample["ids"] == out[0].tolist()

@@ -21,9 +21,9 @@ from lmforge.launch.config.hf_source import model_from_hf_source
 from lmforge.launch.config.sections import (
     DeepSpeedConfig,
     ExportConfig,
+    GenerateConfig,
     InitConfig,
     LaunchConfig,
-    SampleConfig,
     TrackingConfig,
     TrainableConfig,
     TrainConfig,
@@ -80,7 +80,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     init: InitConfig = field(default_factory=InitConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
@@ -130,10 +130,10 @@ class RunConfig:
             )
         self._check_objective()
         self._check_init_and_trainable()
-        if train.sample_every and self.model.family != "decoder":
+        if train.generate_every and self.model.family != "decoder":
             raise ValueError(
-                f"train.sample_every: generation during training needs model.family=decoder, "
-                f"not {self.model.family!r}; set train.sample_every=0"
+                f"train.generate_every: generation during training needs model.family=decoder, "
+                f"not {self.model.family!r}; set train.generate_every=0"
             )
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
@@ -143,9 +143,9 @@ class RunConfig:
         mask = self.tokenizer.mask_token
         fill_mask = train.objective == "masked_lm" and not self.model.num_labels
         if self.model.family == "encoder" and fill_mask and mask and [
-                p for p in self.sample.prompts if mask not in p]:
+                p for p in self.generate.prompts if mask not in p]:
             raise ValueError(
-                f"sample.prompts: the encoder's fill-mask demonstration needs {mask!r} in every "
+                f"generate.prompts: the encoder's fill-mask demonstration needs {mask!r} in every "
                 f"prompt; e.g. ['ROMEO:\\nWhat {mask} is this?']"
             )
         if self.export.enabled:

@@ -1,5 +1,5 @@
 """The config sections of a run that `launch/` owns: train, deepspeed, launch, tracking,
-sample and export (the data and tokenizer sections belong to `pipeline/`, the model section
+generate and export (the data and tokenizer sections belong to `pipeline/`, the model section
 to `model/`).
 
 One dataclass per section, a docstring per field, checks in ``__post_init__`` that raise
@@ -89,9 +89,9 @@ class TrainConfig:
     """With ``stop``: bad steps in a row that stop the run."""
     spike_factor: float = 0.0
     """A loss above this factor x the running mean of good steps counts as bad; 0 disables."""
-    sample_every: int = 0
-    """Steps between generations of ``sample.prompts`` logged as text to MLflow and
-    ``samples.jsonl`` (decoder models; not under ZeRO-3); 0 disables."""
+    generate_every: int = 0
+    """Steps between generations of ``generate.prompts`` logged as text to MLflow and
+    ``generations.jsonl`` (decoder models; not under ZeRO-3); 0 disables."""
     peak_flops_per_device: float | None = None
     """Peak FLOP/s of one device for MFU/HFU (e.g. a CPU's measured matmul peak); None uses
     the known GPU table (A100, H100, H200 dense bf16) and reports no MFU elsewhere."""
@@ -118,7 +118,7 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         if self.checkpoint_every_n_layers < 1:
             raise ValueError("checkpoint_every_n_layers: must be at least 1")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "sample_every",
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "generate_every",
                      "loss_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -289,7 +289,7 @@ class LaunchConfig:
 
 
 @dataclass
-class SampleConfig:
+class GenerateConfig:
     """The demonstration at the end of a run (logged to MLflow), fitting the family: a
     decoder continues the prompts, an encoder fills their mask tokens (top-k), an
     encoder-decoder turns each prompt into a target with beam search."""

@@ -67,6 +67,11 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], LineMap, TextMap]:
     return data, lines, texts
 
 
+# Keys renamed since a release, so an old config is told the new name: "sample" means a
+# training sample only (text generation is "generate", the tokenizer's text "train_text_bytes").
+RENAMED = {"sample": "generate", "sample_every": "generate_every",
+           "sample_bytes": "train_text_bytes"}
+
 # A config has hundreds of nodes; an alias bomb (each level an alias list of the one before,
 # ~400 bytes for 10^9 nodes) is refused before anything walks or copies its expansion.
 MAX_YAML_NODES = 100_000
@@ -198,7 +203,8 @@ def build(cls: type, data: Any, path: tuple[str, ...] = (), where: Where | None 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = ([RENAMED[key]] if RENAMED.get(key) in fields
+                    else difflib.get_close_matches(str(key), list(fields), n=1))
             more = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(fields)}"
             raise ConfigError(f"{where((*path, str(key)))}: unknown key{more}")
     kwargs = {}

@@ -3,7 +3,7 @@
 Every run is a stage graph: a config with ``stages:`` expands to one stage per entry
 (``launch/config/stages.py``); a config without is a graph of one stage, the config itself,
 whose directory is the run directory (so ``config.yaml``, ``checkpoints/``, ``export/`` stay
-where ``lmforge train|export|sample`` look for them).
+where ``lmforge train|export|generate`` look for them).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class GraphResult:
     exit_code: int
     single: bool = False
     """A config without ``stages:`` (a graph of one stage in the run directory)."""
-    samples: list[str] = field(default_factory=list)
-    """The family's demonstration at the end of a single-stage run (``samples.json``)."""
+    generations: list[str] = field(default_factory=list)
+    """The family's demonstration at the end of a single-stage run (``generations.json``)."""
 
     @property
     def export_dir(self) -> Path | None:

@@ -10,7 +10,7 @@ complete checkpoint: the next stage starts from the previous stage's final one.
 newest checkpoint, so a killed or requeued job continues inside the right stage.
 
 A config without ``stages:`` is a graph of one stage in the run directory itself, tracked as
-one MLflow run, and ends with the model family's demonstration (``samples.json``) and the
+one MLflow run, and ends with the model family's demonstration (``generations.json``) and the
 run's summary. With ``stages:``, MLflow gets a parent run and a child run per stage
 (``launch/stages/mlflow_runs.py``).
 """
@@ -23,7 +23,7 @@ import logging
 import math
 from pathlib import Path
 
-from lmforge.launch.commands import export, heading, prepare_data, sample, train
+from lmforge.launch.commands import export, generate, heading, prepare_data, train
 from lmforge.launch.config import RunConfig
 from lmforge.launch.config.stages import Stage
 from lmforge.launch.eval.curves import write_curves
@@ -76,7 +76,7 @@ def _run_locked(cfg: RunConfig, stages: list[Stage], hooks: list[StageHooks], jo
     tracker, job_id = start_job_run(cfg, resume is not None,
                                     None if single else [s.name for s in stages])
     results: list[StageResult] = []
-    samples: list[str] = []
+    generations: list[str] = []
     code = 1
     try:
         for stage, stage_hooks in zip(stages, hooks, strict=True):
@@ -94,14 +94,14 @@ def _run_locked(cfg: RunConfig, stages: list[Stage], hooks: list[StageHooks], jo
                                      for k, v in result.val_metrics.items()}, step=stage.index)
         else:
             if single:
-                samples = demonstrate(cfg, tracker)
+                generations = demonstrate(cfg, tracker)
             code = 0
     finally:
         end_run(tracker, code)
     job_id = tracker.run_id or job_id  # the real id, also when MLflow answered late
     if job_id:
         job.write_run_id(job_id)
-    graph = GraphResult(job.path, tracker.uri, job_id, results, code, single, samples)
+    graph = GraphResult(job.path, tracker.uri, job_id, results, code, single, generations)
     print_result(graph)
     return graph
 
@@ -212,12 +212,12 @@ def run_from_scratch(stage: Stage, parent_id: str | None, resume: str | None,
 
 
 def demonstrate(cfg: RunConfig, tracker: Tracker) -> list[str]:
-    """The family's demonstration with the trained model (``sample``), kept in
-    ``samples.json`` and MLflow; returns the generated texts."""
+    """The family's demonstration with the trained model (``generate``), kept in
+    ``generations.json`` and MLflow; returns the generated texts."""
     run = RunDir.of(cfg.run_dir)
-    records = sample(cfg)
-    run.final_samples.write_text(json.dumps(records, indent=2), encoding="utf-8")
-    tracker.log_artifact(run.final_samples)
+    records = generate(cfg)
+    run.final_generations.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    tracker.log_artifact(run.final_generations)
     return [record["text"] for record in records]
 
 

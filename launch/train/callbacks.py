@@ -1,5 +1,5 @@
 """What hangs off the training step: the :class:`Callback` API and the built-in callbacks
-(progress and metrics, validation history, samples during training).
+(progress and metrics, validation history, texts generated during training).
 
 The trainer calls every callback's methods directly, in list order, on every rank.
 Collective calls (``trainer.all_mean``, ``trainer.evaluate``) must happen on every rank at
@@ -195,13 +195,13 @@ class EvalHistory(Callback):
         self.last = dict(metrics)
 
 
-class Sampler(Callback):
-    """Every ``every`` steps rank 0 continues the sample prompts and logs the texts to
-    MLflow (``samples/step_XXXXXXXX.txt``) and ``samples.jsonl``.
+class GenerationLogger(Callback):
+    """Every ``every`` steps rank 0 continues the generate prompts and logs the texts to
+    MLflow (``generations/step_XXXXXXXX.txt``) and ``generations.jsonl``.
 
     Decoder models only (``RunConfig.check_training`` checks). Under ZeRO-3 every rank holds
     a shard of the parameters, so generating on rank 0 alone is impossible; sampling is
-    skipped there (``lmforge sample`` after training still works).
+    skipped there (``lmforge generate`` after training still works).
     """
 
     def __init__(self, tracker: Tracker, texts: TextGenerator, every: int,
@@ -216,8 +216,8 @@ class Sampler(Callback):
             return
         if trainer.zero_stage == 3:
             if trainer.state.step == self.every:
-                log.info("train.sample_every: no samples during training under ZeRO-3 "
-                         "(parameters are partitioned); use `lmforge sample` afterwards")
+                log.info("train.generate_every: no generations during training under ZeRO-3 "
+                         "(parameters are partitioned); use `lmforge generate` afterwards")
             return
         module = trainer.engine.module
         module.eval()
@@ -226,9 +226,9 @@ class Sampler(Callback):
         finally:
             module.train()
         step = trainer.state.step
-        prompts = self.texts.sample.prompts
+        prompts = self.texts.settings.prompts
         lines = [f"--- prompt: {p!r}\n{t}\n" for p, t in zip(prompts, texts, strict=True)]
-        self.tracker.log_text("\n".join(lines), f"samples/step_{step:08d}.txt")
+        self.tracker.log_text("\n".join(lines), f"generations/step_{step:08d}.txt")
         if self.jsonl is not None:
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "texts": texts}) + "\n")

@@ -24,7 +24,7 @@ from lmforge.launch.rundir import RunDir, TrainSummary
 from lmforge.launch.stages.hooks import hook_callbacks
 from lmforge.launch.tracking import Tracker
 from lmforge.launch.train.build import build_trainer
-from lmforge.launch.train.callbacks import EvalHistory, MetricsLogger, Sampler
+from lmforge.launch.train.callbacks import EvalHistory, GenerationLogger, MetricsLogger
 from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE, mlflow_status
 from lmforge.launch.train.loss_guard import BadLossError
@@ -100,9 +100,10 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
     preemption = PreemptionHandler()
     status = "FAILED"
     try:
-        texts = TextGenerator(cfg.sample, manifest.tokenizer_model, cfg.seed)
-        sampler = Sampler(tracker, texts, cfg.train.sample_every, jsonl=run.training_samples)
-        callbacks = [metrics, history, sampler, preemption, *hook_callbacks(cfg, run.path)]
+        texts = TextGenerator(cfg.generate, manifest.tokenizer_model, cfg.seed)
+        generations = GenerationLogger(tracker, texts, cfg.train.generate_every,
+                                       jsonl=run.training_generations)
+        callbacks = [metrics, history, generations, preemption, *hook_callbacks(cfg, run.path)]
         trainer = build_trainer(cfg, manifest, run, callbacks, resume)
         trainer.resume(resume)
         try:

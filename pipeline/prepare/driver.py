@@ -320,7 +320,7 @@ def _tokenizer_model(
     progress: bool,
 ) -> Path:
     """Reuse `tokenizer.model_path`, or train one on a uniform share of the cleaned corpus
-    (about `tokenizer.sample_bytes` of text)."""
+    (about `tokenizer.train_text_bytes` of text)."""
     if tokenizer.model_path:  # a sentencepiece model, a tokenizer.json or an HF folder
         tokenizer_source(tokenizer.model_path, "model_path")  # names the key if it is none
         return Path(tokenizer.model_path)
@@ -328,7 +328,7 @@ def _tokenizer_model(
     if model.exists():  # trained by an interrupted run with the same fingerprint
         return model
     kept = sum(r.kept.bytes for r in clean) - removed_bytes  # after exact and near dedup
-    ctx.tokenizer_text_threshold = min(1.0, tokenizer.sample_bytes / max(kept, 1))
+    ctx.tokenizer_text_threshold = min(1.0, tokenizer.train_text_bytes / max(kept, 1))
     texts = ex.map(tokenizer_text_of_chunk, [r.chunk for r in clean], "tokenizer text", ctx)
     text_file = ctx.path("tokenizer_text.txt")
     with open(text_file, "w", encoding="utf-8", errors="surrogatepass") as f:

@@ -100,7 +100,7 @@ def train_tokenizer(text_file: Path, config: TokenizerConfig, model_path: Path) 
         raise ValueError(
             f"vocab_size: sentencepiece could not train {config.vocab_size} pieces on the "
             f"{text_file.stat().st_size} bytes of training text ({err}); lower "
-            "tokenizer.vocab_size or raise tokenizer.sample_bytes / add data"
+            "tokenizer.vocab_size or raise tokenizer.train_text_bytes / add data"
         ) from err
     # The model records the text file and output paths; drop them so the same text gives
     # the same bytes wherever it was trained.

@@ -32,7 +32,7 @@ CASES = {
                                      "prepared with has 1000 pieces"),
     "no_mask_token_for_masked_lm": (["--model.family=encoder", "--train.objective=masked_lm",
                                      "--model.position=learned", "--model.vocab_size=null",
-                                     "--sample.prompts=[a <mask> b]", "--export.enabled=false"],
+                                     "--generate.prompts=[a <mask> b]", "--export.enabled=false"],
                                     "train.objective: masked_lm needs a mask token"),
     "global_batch_does_not_divide": (["--train.global_batch_size=17"],
                                      "train.global_batch_size (set by --train.global_batch_size"

@@ -89,6 +89,19 @@ def test_unknown_section(tmp_path):
         load_config(write(tmp_path, MINIMAL + "trian:\n  max_steps: 5\n"))
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("sample:\n  prompts: [a]\n", r":12: sample: unknown key; did you mean 'generate'"),
+    ("train:\n  sample_every: 5\n", r":13: train.sample_every: unknown key; did you mean "
+                                     r"'generate_every'"),
+    ("", r":10: tokenizer.sample_bytes: unknown key; did you mean 'train_text_bytes'"),
+])
+def test_a_renamed_key_is_named_with_its_new_name(tmp_path, text, expected):
+    # "sample" means a training sample only: generation and the tokenizer's text were renamed.
+    config = MINIMAL.replace("vocab_size: 512", "vocab_size: 512\n  sample_bytes: 5000") + text
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, config if not text else MINIMAL + text))
+
+
 def test_wrong_type_names_key(tmp_path):
     text = MINIMAL + "train:\n  max_steps: 5\n  micro_batch_size: big\n"
     expected = r"run.yaml:14: train.micro_batch_size: expected int, got 'big'"

@@ -77,7 +77,7 @@ def test_a_configured_tokenizer_must_be_the_one_the_data_was_encoded_with(data, 
 def test_an_objective_that_masks_needs_a_mask_token(data, family, objective):
     cfg = _config(data, f"--model.family={family}", f"--train.objective={objective}",
                   "--model.position=learned", "--export.enabled=false",
-                  "--sample.prompts=[a <mask> b]")
+                  "--generate.prompts=[a <mask> b]")
     with pytest.raises(DatasetMismatchError, match=f"train.objective: {objective} needs a mask "
                        f"token, but the tokenizer {data} was prepared with has none: set "
                        r"tokenizer.mask_token \(e.g. '<mask>'\) and prepare again"):

@@ -68,8 +68,8 @@ def test_bundled_family_configs_pass_their_checks():
 
 
 def test_fill_mask_prompts_need_the_mask_token():
-    with pytest.raises(ConfigError, match=r"sample.prompts.*needs '<mask>' in every prompt"):
-        load_config(CONFIGS / "tiny-bert.yaml", ["--sample.prompts=[no mask here]"])
+    with pytest.raises(ConfigError, match=r"generate.prompts.*needs '<mask>' in every prompt"):
+        load_config(CONFIGS / "tiny-bert.yaml", ["--generate.prompts=[no mask here]"])
 
 
 def test_a_negative_tolerance_is_refused():

@@ -30,14 +30,14 @@ def small(tmp: Path) -> list[str]:
     corpus.write_text((REPO / "configs/corpora/tinyshakespeare.txt").read_text()[:100_000])
     return [f"--run_dir={tmp / 'run'}", f"--data.output_dir={tmp / 'data'}",
             f"--data.datasets.0.paths=[{corpus}]", "--data.seq_len=32",
-            "--tokenizer.vocab_size=400", "--tokenizer.sample_bytes=100000",
+            "--tokenizer.vocab_size=400", "--tokenizer.train_text_bytes=100000",
             "--model.n_layers=1", "--model.d_model=64", "--model.n_heads=4",
             "--model.n_kv_heads=2", "--model.d_ff=128", "--train.max_steps=4",
             "--train.global_batch_size=null", "--train.micro_batch_size=4",
             "--train.warmup_steps=1", "--train.eval_every=0", "--train.eval_batches=1",
             "--train.checkpoint_every=0", "--train.precision=fp32", "--launch.nproc_per_node=1",
             "--tracking.experiment=submit-local", "--tracking.system_metrics=false",
-            "--sample.max_new_tokens=4"]
+            "--generate.max_new_tokens=4"]
 
 
 def submit_local(tmp: Path) -> subprocess.CompletedProcess:
@@ -59,7 +59,7 @@ def test_submit_local_of_a_plain_config_ends_with_a_verified_export(tmp_path):
     assert f"HF export     : {run / 'export'}" in out
     assert (run / "export" / "model.safetensors").stat().st_size > 0
     assert (run / "checkpoints" / "step_00000004").is_dir()  # the run directory's root
-    assert len(json.loads((run / "samples.json").read_text())) > 0
+    assert len(json.loads((run / "generations.json").read_text())) > 0
     complete = json.loads((run / "STAGE_COMPLETE").read_text())
     assert complete["export_dir"] == str(run / "export") and complete["step"] == 4
     # one MLflow run for the job (no parent/child split for one stage), FINISHED
@@ -69,7 +69,7 @@ def test_submit_local_of_a_plain_config_ends_with_a_verified_export(tmp_path):
     assert mlrun.info.status == "FINISHED"
     assert "mlflow.parentRunId" not in mlrun.data.tags
     assert "train/loss" in mlrun.data.metrics
-    assert {"export", "samples.json", "config.yaml"} <= {a.path for a in
+    assert {"export", "generations.json", "config.yaml"} <= {a.path for a in
                                                          client.list_artifacts(run_id)}
     experiment = client.get_experiment_by_name("submit-local")
     assert len(client.search_runs([experiment.experiment_id])) == 1

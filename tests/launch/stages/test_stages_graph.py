@@ -29,7 +29,7 @@ data:
   seq_len: 32
   num_workers: 1
   loader: {{num_workers: 0}}
-tokenizer: {{vocab_size: 512, sample_bytes: 200000}}
+tokenizer: {{vocab_size: 512, train_text_bytes: 200000}}
 model: {{preset: tiny, n_layers: 2, d_model: 64, n_heads: 4, n_kv_heads: 2, d_ff: 128}}
 train: {{micro_batch_size: 4, max_steps: 4, warmup_steps: 1, log_every: 1, eval_every: 0,
         eval_batches: 2, checkpoint_every: 2, precision: fp32}}

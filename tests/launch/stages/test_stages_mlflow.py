@@ -24,7 +24,7 @@ data:
   seq_len: 32
   num_workers: 1
   loader: {{num_workers: 0}}
-tokenizer: {{vocab_size: 400, sample_bytes: 100000}}
+tokenizer: {{vocab_size: 400, train_text_bytes: 100000}}
 model: {{preset: tiny, n_layers: 1, d_model: 64, n_heads: 4, n_kv_heads: 2, d_ff: 128}}
 train: {{micro_batch_size: 4, max_steps: 2, warmup_steps: 1, log_every: 1, eval_every: 0,
         eval_batches: 1, precision: fp32}}

@@ -346,7 +346,7 @@ def test_resume_export_and_sample_refuse_a_planted_payload(trained, tmp_path, na
                  "--resume", "auto"]]
     if name != "rank00001.pt":  # export and sample read the weights, not the RNG files
         commands += [["export", str(config), f"--run_dir={copy}"],
-                     ["sample", str(config), f"--run_dir={copy}"]]
+                     ["generate", str(config), f"--run_dir={copy}"]]
     for command in commands:
         proc = _cli(*command)
         assert proc.returncode != 0, command

@@ -216,19 +216,20 @@ def tokenizer_config(configs, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_samples_are_logged_during_training_without_changing_it(tokenizer_config, tmp_path):
-    common = ["--train.max_steps=4", "--train.spike_factor=0", "--sample.max_new_tokens=6",
-              "--sample.prompts=[\"The king\", \"Where\"]"]
+def test_generations_are_logged_during_training_without_changing_it(tokenizer_config, tmp_path):
+    common = ["--train.max_steps=4", "--train.spike_factor=0", "--generate.max_new_tokens=6",
+              "--generate.prompts=[\"The king\", \"Where\"]"]
     sampled, plain = tmp_path / "sampled", tmp_path / "plain"
-    out = _run(tokenizer_config, sampled, *common, "--train.sample_every=2")
+    out = _run(tokenizer_config, sampled, *common, "--train.generate_every=2")
     assert out.returncode == 0, out.stdout[-3000:]
-    records = [json.loads(line) for line in (sampled / "samples.jsonl").read_text().splitlines()]
+    lines = (sampled / "generations.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [2, 4]
     for record in records:
         assert len(record["texts"]) == 2
         assert record["texts"][0].startswith("The king") and record["texts"][1].startswith("Where")
     assert _run(tokenizer_config, plain, *common).returncode == 0
-    assert not (plain / "samples.jsonl").exists()
+    assert not (plain / "generations.jsonl").exists()
     # Generation uses its own generator and eval mode: training is unchanged, bit for bit.
     a, b = _metrics(sampled), _metrics(plain)
     assert [a[s]["train/loss"] for s in range(1, 5)] == [b[s]["train/loss"] for s in range(1, 5)]

@@ -96,7 +96,7 @@ def configs(root: Path, evals: Path, out: Path) -> tuple[DataConfig, TokenizerCo
         clean=CleanConfig(steps=STEPS, step_args={USER_STEP: {"min_chars": 100}}),
         decontaminate=DecontaminateConfig(eval_files=[str(evals)]),
     )
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=60_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=60_000)
 
 
 @pytest.fixture(scope="module")

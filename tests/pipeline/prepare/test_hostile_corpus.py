@@ -48,7 +48,7 @@ data:
   num_workers: 1
   max_record_bytes: 8388608
   shard_target_bytes: 65536
-tokenizer: {{vocab_size: 1000, sample_bytes: 100000}}
+tokenizer: {{vocab_size: 1000, train_text_bytes: 100000}}
 """
 
 

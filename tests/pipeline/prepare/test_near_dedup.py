@@ -140,7 +140,7 @@ def configs(root: Path, out: Path, chunk: int = 4096, **data_kw) -> tuple[DataCo
                   DatasetSpec(name="web", paths=[str(root / "web-*.jsonl")])],
         output_dir=str(out), seq_len=64, val_fraction=0.0, read_chunk_bytes=chunk,
         shard_target_bytes=30_000, near_dedup=True, **data_kw)
-    return data, TokenizerConfig(vocab_size=600, sample_bytes=200_000)
+    return data, TokenizerConfig(vocab_size=600, train_text_bytes=200_000)
 
 
 def decoded(manifest_path: Path) -> set[str]:

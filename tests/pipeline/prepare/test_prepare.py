@@ -49,7 +49,7 @@ def make_configs(corpus: Path, out: Path) -> tuple[DataConfig, TokenizerConfig]:
         read_chunk_bytes=30_000,  # several read chunks, one file cut at paragraph boundaries
         shard_target_bytes=40_000,  # several shards
     )
-    return data, TokenizerConfig(vocab_size=512, sample_bytes=1_000_000)
+    return data, TokenizerConfig(vocab_size=512, train_text_bytes=1_000_000)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def command(corpus: Path, out: Path) -> list[str]:
             f"--data.output_dir={out}", f"--data.datasets.0.paths=[{corpus}]",
             "--data.seq_len=64", "--data.val_fraction=0.05", "--data.num_workers=1",
             "--data.read_chunk_bytes=16000", "--data.shard_target_bytes=8192",
-            "--tokenizer.vocab_size=400", "--tokenizer.sample_bytes=100000",
+            "--tokenizer.vocab_size=400", "--tokenizer.train_text_bytes=100000",
             "--tracking.enabled=false"]
 
 

@@ -30,7 +30,7 @@ def configs(corpus: Path, out: Path, **data_kwargs) -> tuple[DataConfig, Tokeniz
     data = DataConfig(datasets=[DatasetSpec(name="s", paths=[str(corpus)])], output_dir=str(out),
                       seq_len=64, val_fraction=0.05, read_chunk_bytes=16_000,
                       shard_target_bytes=8192, **data_kwargs)
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=100_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=100_000)
 
 
 def dataset_bytes(out: Path) -> dict[str, bytes]:

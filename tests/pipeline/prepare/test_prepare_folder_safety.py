@@ -28,7 +28,7 @@ def configs(tmp_path: Path, out: Path, shard_bytes: int) -> tuple[DataConfig, To
     data = DataConfig(datasets=[DatasetSpec(name="books", paths=[str(corpus)])],
                       output_dir=str(out), seq_len=32, val_fraction=0.1,
                       shard_target_bytes=shard_bytes)
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=50_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=50_000)
 
 
 def listed_shards(out: Path) -> set[str]:

@@ -51,7 +51,7 @@ def configs(inputs: dict, out: Path, **data_kw) -> tuple[DataConfig, TokenizerCo
         output_dir=str(out), seq_len=32, val_fraction=0.1, read_chunk_bytes=8192,
         shard_target_bytes=20_000, **data_kw,
     )
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=50_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=50_000)
 
 
 def decode(manifest_path: Path, dataset: str) -> list[str]:

@@ -38,7 +38,7 @@ def configs(root: Path, out: Path, **data_kw) -> tuple[DataConfig, TokenizerConf
         output_dir=str(out), seq_len=32, val_fraction=0.1, read_chunk_bytes=8192,
         shard_target_bytes=20_000, num_workers=2, **data_kw,
     )
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=60_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=60_000)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from lmforge.pipeline.prepare.driver import prepare
 corpus, out = sys.argv[1], sys.argv[2]
 data = DataConfig(datasets=[DatasetSpec(name="s", paths=[corpus])], output_dir=out, seq_len=64,
                   val_fraction=0.05, read_chunk_bytes=16_000, shard_target_bytes=8192)
-prepare(data, TokenizerConfig(vocab_size=400, sample_bytes=100_000), progress=False,
+prepare(data, TokenizerConfig(vocab_size=400, train_text_bytes=100_000), progress=False,
         executor="local")
 """
 
@@ -38,7 +38,7 @@ def configs(corpus: Path, out: Path) -> tuple[DataConfig, TokenizerConfig]:
     data = DataConfig(datasets=[DatasetSpec(name="s", paths=[str(corpus)])], output_dir=str(out),
                       seq_len=64, val_fraction=0.05, read_chunk_bytes=16_000,
                       shard_target_bytes=8192)
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=100_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=100_000)
 
 
 @pytest.fixture(scope="module")

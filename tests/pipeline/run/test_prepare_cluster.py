@@ -20,7 +20,7 @@ def configs(corpus: Path, out: Path, address: str | None) -> tuple[DataConfig, T
     data = DataConfig(datasets=[DatasetSpec(name="s", paths=[str(corpus)])], output_dir=str(out),
                       seq_len=64, val_fraction=0.05, read_chunk_bytes=20_000,
                       shard_target_bytes=50_000, ray_address=address)
-    return data, TokenizerConfig(vocab_size=400, sample_bytes=100_000)
+    return data, TokenizerConfig(vocab_size=400, train_text_bytes=100_000)
 
 
 @pytest.mark.slow
