@@ -46,7 +46,7 @@ def test_tiny_continue_imports_trains_and_exports_verified(tmp_path):
         f"--init.source={model_dir}", f"--tokenizer.model_path={model_dir}",
         f"--train.max_steps={STEPS}", f"--train.eval_every={STEPS}", "--train.eval_batches=1",
         "--train.warmup_steps=1", "--train.log_every=1", "--tracking.system_metrics=false",
-        "--sample.max_new_tokens=8",
+        "--generate.max_new_tokens=8",
     ]
     missing = _lmforge("run", str(CONFIG), "--dry-run", *overrides)
     assert missing.returncode != 0
