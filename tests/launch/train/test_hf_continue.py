@@ -1,6 +1,7 @@
 """Continue pretraining from a Hugging Face folder through `lmforge train`: a tiny Llama 3
 style source (rope_type llama3, saved with transformers), imported with the gate passing on
-rank 0, trained a few steps at a negligible learning rate, and exported back as
+rank 0, loaded into a ZeRO-3 model built partitioned (`deepspeed.zero.Init`), trained a few
+steps at a negligible learning rate, and exported back as
 LlamaForCausalLM with the source's rope parameters: the export's logits are the source's."""
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ train:
   eval_batches: 1
   precision: fp32
 tracking: {{enabled: false}}
+deepspeed: {{zero_stage: 3}}  # built under zero.Init, the source copied into the partitions
 """
 
 
