@@ -23,6 +23,8 @@ from lmforge.launch.train.source_load import LazyTensor, SafetensorsFolder
 from lmforge.launch.train.warm_start import load_source_weights, resolve
 from lmforge.model import ModelConfig, from_hf
 
+pytestmark = pytest.mark.slow  # two processes that start DeepSpeed (~30 s on an idle machine)
+
 WORLD = 2
 
 
