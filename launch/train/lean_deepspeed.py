@@ -1,0 +1,88 @@
+"""DeepSpeed in a training process without two of its parts that lmforge never runs.
+
+Each costs every rank about 1.2 s of CPU at every start (measured with ``-X importtime`` on
+the 2-core CI machine; a launch has two ranks, the suite ~100 launches):
+
+- ``deepspeed.autotuning.autotuner`` imports MLflow when DeepSpeed is imported (its
+  ``runtime.config`` reads the autotuning section). lmforge never runs DeepSpeed's
+  autotuner; a rank that tracks imports MLflow itself.
+- ``deepspeed.runtime.zero.muon.muon_optimizer`` / ``original_muon`` are imported by the
+  ZeRO and bf16 optimizers on their first step, only to ask
+  ``isinstance(optimizer, MuonWithAuxAdam)``; the module decorates its kernels with
+  ``torch.compile`` at import, which loads inductor. lmforge builds AdamW or DeepSpeed's
+  CPU Adam (``optim.py``), never Muon, so a class nothing is an instance of answers the
+  same.
+
+Stand-in modules take their names in ``sys.modules`` before DeepSpeed is imported. Module
+paths are DeepSpeed internals, so this happens only for the DeepSpeed versions checked
+against (``CHECKED_DEEPSPEED_VERSIONS``); any other version is imported as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import sys
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+CHECKED_DEEPSPEED_VERSIONS = ("0.19.8",)
+
+AUTOTUNER = "deepspeed.autotuning.autotuner"
+MUON_OPTIMIZER = "deepspeed.runtime.zero.muon.muon_optimizer"
+ORIGINAL_MUON = "deepspeed.runtime.zero.muon.original_muon"
+
+
+class NotUsedByLmforge(RuntimeError):
+    """Raised by a stand-in if DeepSpeed ever calls into a part lmforge left out."""
+
+
+class MuonWithAuxAdam:
+    """Stand-in: lmforge never builds DeepSpeed's Muon optimizer, so no optimizer is one."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise NotUsedByLmforge("DeepSpeed's Muon optimizer is not available in lmforge")
+
+
+class Autotuner:
+    """Stand-in: lmforge never runs DeepSpeed's autotuner."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise NotUsedByLmforge("DeepSpeed's autotuner is not available in lmforge")
+
+
+def _not_used(*args: object, **kwargs: object) -> None:
+    raise NotUsedByLmforge("a Muon update was requested, but lmforge never uses Muon")
+
+
+def stand_ins() -> dict[str, ModuleType]:
+    """The stand-in modules by the name DeepSpeed imports them under."""
+    modules = {}
+    for name, members in ((AUTOTUNER, {"Autotuner": Autotuner}),
+                          (MUON_OPTIMIZER, {"MuonWithAuxAdam": MuonWithAuxAdam}),
+                          (ORIGINAL_MUON, {"MuonWithAuxAdam": MuonWithAuxAdam,
+                                           "muon_update": _not_used, "adam_update": _not_used})):
+        module = ModuleType(name, f"lmforge stand-in for {name} (see {__name__})")
+        module.__dict__.update(members)
+        modules[name] = module
+    return modules
+
+
+def install(deepspeed_version: str | None = None) -> list[str]:
+    """Puts the stand-ins in ``sys.modules`` if DeepSpeed is not imported yet and its
+    version is a checked one; returns the names installed (none otherwise).
+
+    Args:
+        deepspeed_version: The installed version; read from the package metadata if None.
+    """
+    if "deepspeed" in sys.modules:
+        return []  # too late to stand in for anything: DeepSpeed is already loaded
+    version = deepspeed_version or importlib.metadata.version("deepspeed")
+    if version not in CHECKED_DEEPSPEED_VERSIONS:
+        log.debug("DeepSpeed %s is not one of %s: imported as it is", version,
+                  ", ".join(CHECKED_DEEPSPEED_VERSIONS))
+        return []
+    installed = [name for name, module in stand_ins().items()
+                 if sys.modules.setdefault(name, module) is module]
+    return installed
