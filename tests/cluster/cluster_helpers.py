@@ -35,6 +35,7 @@ def tiny_overrides(tmp: Path) -> list[str]:
         "--train.warmup_steps=5",
         "--tracking.experiment=cluster",
         "--tracking.system_metrics=false",
+        "--eval.tasks={}",  # tiny.yaml's downstream tasks: scored in tests/test_end_to_end.py
     ]
 
 
