@@ -61,7 +61,7 @@ def test_objective_must_fit_the_family(tmp_path, family, objective):
     # fill-mask demonstration needs a mask token in its prompts.
     path.write_text("data: {datasets: [{name: d, paths: [c.txt]}], seq_len: 32}\n"
                     "tokenizer: {vocab_size: 1000}\nmodel: {preset: tiny}\n"
-                    "export: {enabled: false}\nsample: {prompts: ['a <mask> b']}\n")
+                    "export: {enabled: false}\ngenerate: {prompts: ['a <mask> b']}\n")
     overrides = [f"--model.family={family}", f"--train.objective={objective}"]
     with pytest.raises(ConfigError, match=r"train.objective.*does not fit model.family") as err:
         load_config(path, overrides)
@@ -133,7 +133,7 @@ def _config(shards: Path, tmp_path: Path, family: str, objective: str) -> Path:
         f"train: {{objective: {objective}, micro_batch_size: 4, log_every: 1, eval_every: 0,\n"
         "        eval_batches: 2, warmup_steps: 2, lr: 0.003, precision: fp32}\n"
         "tracking: {enabled: false}\nexport: {enabled: false}\n"
-        "sample: {prompts: ['a <mask> b']}\n"
+        "generate: {prompts: ['a <mask> b']}\n"
     )
     return path
 
