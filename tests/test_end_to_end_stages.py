@@ -54,6 +54,8 @@ def shortened(config: str, tmp: Path, extra_stages: list[dict] | None = None,
     cfg["train"].update(max_steps=STEPS, eval_every=STEPS, checkpoint_every=STEPS,
                         warmup_steps=1, log_every=1, eval_batches=4)
     cfg["tracking"]["system_metrics"] = False
+    for name, task in cfg.get("eval", {}).get("tasks", {}).items():  # named from configs/
+        cfg["eval"]["tasks"][name] = {**task, "path": str(REPO / "configs" / task["path"])}
     cfg["stages"] = cfg.get("stages", []) + (extra_stages or [])
     for stage in cfg["stages"]:
         for dataset in stage.get("data", {}).get("datasets", []):
@@ -108,6 +110,9 @@ def test_tiny_stages_pretrain_anneal_sft(tmp_path):
     assert list(stages) == ["pretrain", "anneal", "sft"]
     for record in stages.values():
         assert math.isfinite(record["val_metrics"]["val_loss"])
+        # Every stage scores the bundled tasks (multiple choice: four lines, chance 0.25).
+        assert 0.0 <= record["val_metrics"]["eval/next_line/acc"] <= 1.0
+        assert record["val_metrics"]["eval/word_order/chance"] == 0.25
     sft = stages["sft"]
     assert math.isfinite(sft["scratch_metrics"]["val_loss"])  # compare_from_scratch ran
     assert "from random init" in out
