@@ -8,7 +8,10 @@ checkpointing gives bit-identical results.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -329,26 +332,38 @@ class Block(nn.Module):
 
 
 # ---- initialisation ---------------------------------------------------------------------
+Gather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
+_GATHER: ContextVar[Gather | None] = ContextVar("lmforge_init_gather", default=None)
+
+
+@contextlib.contextmanager
+def gathered_init(gather: Gather) -> Iterator[None]:
+    """While active, :func:`init_weights` initialises each module's parameters inside
+    ``gather(params)``: for a model built partitioned (ZeRO-3), a context that holds those
+    parameters whole and writes the values back to every partition on exit. Every rank
+    draws the same values in the same order as a whole build, so both give equal weights."""
+    token = _GATHER.set(gather)
+    try:
+        yield
+    finally:
+        _GATHER.reset(token)
+
+
+def _own(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``init_weights`` writes on ``module`` itself (a tied head's weight is
+    the embedding's, written there)."""
+    tied = getattr(module, "tied_to_embedding", False)
+    return [p for n, p in module.named_parameters(recurse=False) if not (tied and n == "weight")]
+
+
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Apply the config's initialisation convention to every submodule."""
+    """Apply the config's initialisation convention to every submodule (one module's
+    parameters at a time, gathered when built partitioned: :func:`gathered_init`)."""
+    gather = _GATHER.get() or (lambda params: contextlib.nullcontext())
     std = cfg.init_std
     for module in model.modules():
-        if isinstance(module, nn.Linear):
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if getattr(module, "tied_to_embedding", False):
-                continue  # the weight is initialised as the embedding it shares
-            if cfg.init == "xavier":
-                nn.init.xavier_uniform_(module.weight)
-            else:
-                nn.init.normal_(module.weight, 0.0, std)
-        elif isinstance(module, nn.Embedding):
-            emb_std = cfg.d_model ** -0.5 if cfg.init == "xavier" else std
-            nn.init.normal_(module.weight, 0.0, emb_std)
-        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-            nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+        with gather(_own(module)):
+            _init_module(module, cfg, std)
     if cfg.init in ("gpt2", "llama"):
         for name, module in model.named_modules():
             if getattr(module, "residual_out", False):
@@ -357,4 +372,24 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
                 else:
                     layer = next((int(p) for p in name.split(".") if p.isdigit()), 0)
                     scaled = std / math.sqrt(2 * (layer + 1))
-                nn.init.normal_(module.weight, 0.0, scaled)
+                with gather([module.weight]):
+                    nn.init.normal_(module.weight, 0.0, scaled)
+
+
+def _init_module(module: nn.Module, cfg: ModelConfig, std: float) -> None:
+    if isinstance(module, nn.Linear):
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if getattr(module, "tied_to_embedding", False):
+            return  # the weight is initialised as the embedding it shares
+        if cfg.init == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.normal_(module.weight, 0.0, std)
+    elif isinstance(module, nn.Embedding):
+        emb_std = cfg.d_model ** -0.5 if cfg.init == "xavier" else std
+        nn.init.normal_(module.weight, 0.0, emb_std)
+    elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+        nn.init.ones_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

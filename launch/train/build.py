@@ -54,9 +54,9 @@ def build_engine(cfg: RunConfig, load_universal: bool = False,
     ds_config = build_deepspeed_config(
         cfg.train, cfg.deepspeed, dist.get_world_size(), dist.get_backend(), load_universal
     )
-    # ZeRO-3 warm start: built partitioned, the source copied in tensor by tensor.
-    zero3 = uses_partitioned_build(cfg.deepspeed.zero_stage, warm, cfg.trainable.mode,
-                                   cfg.model.num_labels)
+    # ZeRO-3: built partitioned (initialised one gathered module at a time, as a whole
+    # build); a warm start's source is then copied in tensor by tensor.
+    zero3 = uses_partitioned_build(cfg.deepspeed.zero_stage, cfg.trainable.mode)
     with model_build_context(zero3, ds_config):
         model = cfg.model.build()
     if warm is not None:

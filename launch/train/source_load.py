@@ -7,8 +7,9 @@ model beside its own share of it (issue 22 item 4, issue 23 item 2).
   (``model.hf.from_hf``) run unchanged on it: the structural operations they use
   (``torch.cat`` of q/k/v, slicing, ``.t()``) return :class:`LazyTensor` s that read their
   parts when loaded; anything else reads the tensor then and there.
-- Under ZeRO-3 with a warm start the model is built partitioned (``deepspeed.zero.Init``,
-  :func:`model_build_context`); :func:`copy_weights` fills each parameter inside
+- Under ZeRO-3 (from scratch too; LoRA runs excepted) the model is built partitioned
+  (``deepspeed.zero.Init``, :func:`model_build_context`); :func:`copy_weights` fills each
+  parameter inside
   ``deepspeed.zero.GatheredParameters(modifier_rank=0)``: rank 0 reads the one source
   tensor, the others hold their partition plus the gathered parameter for that moment.
 - Under ZeRO 0-2 (every rank holds the whole model anyway) global rank 0 reads each tensor
@@ -205,25 +206,33 @@ def full_shape(tensor: Tensor) -> tuple[int, ...]:
     return tuple(getattr(tensor, "ds_shape", tensor.shape))
 
 
-def uses_partitioned_build(zero_stage: int, warm: Any, trainable_mode: str,
-                           num_labels: int) -> bool:
-    """Whether the model is built under ``deepspeed.zero.Init``: ZeRO-3 with a warm start
-    whose weights cover every parameter. A new classification head or LoRA adapters are
-    initialised or sized on the whole module (``init_weights``, ``inject_lora``), so those
-    runs build whole, as before."""
-    return warm is not None and zero_stage == 3 and trainable_mode != "lora" and not num_labels
+def uses_partitioned_build(zero_stage: int, trainable_mode: str) -> bool:
+    """Whether the model is built under ``deepspeed.zero.Init``: every ZeRO-3 run (from
+    scratch, from a source, with a new classification head: ``init_weights`` initialises
+    one gathered module at a time, equal to a whole build) except LoRA, whose ``peft``
+    injection wraps each target ``nn.Linear`` of the whole module."""
+    return zero_stage == 3 and trainable_mode != "lora"
 
 
 @contextlib.contextmanager
 def model_build_context(enabled: bool, ds_config: dict) -> Iterator[None]:
     """Builds inside ``deepspeed.zero.Init`` (each parameter partitioned as its module is
-    made, so no rank ever holds the whole model) when ``enabled``; otherwise does nothing."""
+    made, so no rank ever holds the whole model) when ``enabled``; the model's own
+    ``init_weights`` then writes each module's parameters inside
+    ``GatheredParameters(modifier_rank=0)`` (``model.layers.gathered_init``): every rank
+    draws the values a whole build draws, in the same order, and holds one module whole
+    at a time. Otherwise does nothing."""
     if not enabled:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    from lmforge.model.layers import gathered_init
+
+    def gather(params: list) -> contextlib.AbstractContextManager:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), gathered_init(gather):
         yield
     release_freed_memory()  # each module was made whole, then partitioned
 
