@@ -11,8 +11,9 @@ On CUDA ``torch.cuda.max_memory_allocated`` is used the same way.
   vocabulary and ``train.loss_chunk_tokens`` ÷ the plain loss's (goal ≤ 0.5); the chunked
   loss's step time ÷ the plain one's at 128k and at a small vocabulary is printed beside it.
 - ``docmask_memory_vs_causal@8192``: forward + backward peak with packed-document masking
-  ÷ plain causal attention at seq 8,192 (goal ≤ 1.2). On CPU this is the dense mask path
-  (torch 2.13 has no FlexAttention backward on CPU); with ``--device cuda`` FlexAttention.
+  ÷ plain causal attention at seq 8,192 (goal ≤ 1.2). On CPU this is the segments path
+  (one SDPA call per document length, ``model/document_masks.py``); with ``--device cuda``
+  FlexAttention. The dense (B, 1, T, T) mask's peak and time are printed beside it.
 - ``memory_plan_error_max``: worst |plan − measured| ÷ measured of the dry-run memory plan
   (``model/memory.py``) over real DeepSpeed steps on 2 CPU processes (ZeRO 0/2/3,
   checkpointing on/off, two sequence lengths) (goal ≤ 0.15).
@@ -142,12 +143,15 @@ def _documents(seq: int, mean: int, seed: int = 0):
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
 
 
-def child_docmask(seq: int, masked: bool, rounds: int, device: str) -> dict:
-    """Forward + backward of a decoder at ``seq`` tokens, with or without packed documents."""
+def child_docmask(seq: int, masked: bool, rounds: int, device: str,
+                  backend: str = "auto") -> dict:
+    """Forward + backward of a decoder at ``seq`` tokens, with or without packed documents
+    (masked with ``document_mask_backend(backend)``)."""
     import torch
 
     from lmforge.model import ModelConfig, causal_lm_loss, segment_positions
-    from lmforge.model.document_masks import use_flex
+    from lmforge.model.document_masks import document_mask_backend
+    from lmforge.model.layers import build_attention_mask
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", vocab_size=512, d_model=256, n_layers=2, n_heads=4,
@@ -160,13 +164,19 @@ def child_docmask(seq: int, masked: bool, rounds: int, device: str) -> dict:
         inputs |= {"segment_ids": segments, "position_ids": segment_positions(segments)}
 
     def step() -> None:
-        causal_lm_loss(model(**inputs), x[:, 1:]).backward()
+        with document_mask_backend(backend):
+            causal_lm_loss(model(**inputs), x[:, 1:]).backward()
         model.zero_grad(set_to_none=True)
 
     out = step_peak(step, device)
     out["median_seconds"] = _timed(step, rounds) if rounds else None
-    out["backend"] = ("flex" if use_flex(cfg, torch.device(device)) else "dense") \
-        if masked else "sdpa causal"
+    out["backend"] = "sdpa causal"
+    if masked:
+        index = torch.arange(seq, device=device)[None]
+        with document_mask_backend(backend):
+            mask, _ = build_attention_mask(cfg, index, index, causal=True,
+                                           q_segments=segments, k_segments=segments)
+        out["backend"] = type(mask).__name__  # BlockMask, DocumentSegments or Tensor (dense)
     return out
 
 
@@ -274,11 +284,14 @@ def docmask_memory(quick: bool, device: str) -> None:
     seq = 4096 if quick else 8192
     causal = run_child("docmask", seq=seq, masked=False, rounds=2, device=device)
     masked = run_child("docmask", seq=seq, masked=True, rounds=2, device=device)
+    dense = run_child("docmask", seq=seq, masked=True, rounds=2, device=device,
+                      backend="dense")
     bench(f"docmask_memory_vs_causal@{seq}", masked["peak"] / causal["peak"], "<= 1.2",
           device=device, backend=masked["backend"],
           causal_peak_mib=round(causal["peak"] / MiB), peak_mib=round(masked["peak"] / MiB),
-          dense_mask_mib=round(seq * seq / MiB),
-          time_vs_causal=round(masked["median_seconds"] / causal["median_seconds"], 3))
+          dense_peak_mib=round(dense["peak"] / MiB), dense_mask_mib=round(seq * seq / MiB),
+          time_vs_causal=round(masked["median_seconds"] / causal["median_seconds"], 3),
+          dense_time_vs_causal=round(dense["median_seconds"] / causal["median_seconds"], 3))
 
 
 def plan_error(quick: bool) -> None:

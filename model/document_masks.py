@@ -1,17 +1,28 @@
-"""Packed-document attention without a T x S tensor: FlexAttention block masks.
+"""Packed-document attention without a T x S tensor.
 
-`build_attention_mask` (layers.py) returns a `BlockMask` built here from the document ids
-when FlexAttention applies: on CUDA, with no ALiBi bias and no attention dropout (only the
-dense path has those). torch 2.13 refuses FlexAttention's backward on CPU ("does not
-support backward on CPU") and runs its eager forward as the math fallback (T x S scores;
-compiling it took ~50 s), so CPU training keeps the dense (B, 1, T, S) bool mask;
-`document_mask_backend("flex")` forces the block mask for forward-only checks on CPU.
+`build_attention_mask` (layers.py) returns, for packed documents, one of two descriptors
+built here from the document ids, instead of the dense (B, 1, T, S) bool mask:
+
+- `DocumentSegments` ("varlen by segments", every device): each row's documents are cut
+  out of q, k and v and attend only to themselves through SDPA, `is_causal=True` for a
+  decoder and no mask for an encoder (a (1, L) key mask where padding is mixed in), so
+  PyTorch's flash kernel applies and memory stays O(T). Documents of equal length, across
+  the whole batch, share one SDPA call. It needs self-attention over aligned positions
+  (no KV cache, T == S) and document ids that never decrease along a row (the loader's).
+- A FlexAttention `BlockMask` ("auto" on CUDA): torch 2.13 refuses FlexAttention's
+  backward on CPU ("does not support backward on CPU") and runs its eager forward as the
+  math fallback (T x S scores), so it is CUDA's path; `document_mask_backend("flex")`
+  forces it for forward-only checks on CPU.
+
+The dense mask stays where neither applies: ALiBi's bias, a causal mask with key padding,
+or `document_mask_backend("dense")`. FlexAttention also leaves attention dropout to the
+segments path (SDPA's dropout, its math kernel per document).
 """
-
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -22,7 +33,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 if TYPE_CHECKING:
     from lmforge.model.config import ModelConfig
 
-DocumentMaskBackend = Literal["auto", "flex", "dense"]
+DocumentMaskBackend = Literal["auto", "flex", "segments", "dense"]
 _document_mask_backend: list[DocumentMaskBackend] = ["auto"]
 FLEX_BLOCK = 128  # FlexAttention's sparse block size (its default)
 _compiled_flex = None
@@ -31,7 +42,8 @@ _compiled_flex = None
 @contextmanager
 def document_mask_backend(backend: DocumentMaskBackend) -> Iterator[None]:
     """Within the block, packed-document masks use `backend`: "auto" (FlexAttention on
-    CUDA, dense elsewhere), "flex" (also on CPU: forward only, for tests) or "dense"."""
+    CUDA, `DocumentSegments` elsewhere), "flex" (also on CPU: forward only, for tests),
+    "segments" (also on CUDA) or "dense"; each falls back to dense where it cannot apply."""
     previous = _document_mask_backend[0]
     _document_mask_backend[0] = backend
     try:
@@ -43,8 +55,8 @@ def document_mask_backend(backend: DocumentMaskBackend) -> Iterator[None]:
 def use_flex(cfg: ModelConfig, device: torch.device) -> bool:
     """Whether packed-document masks of `cfg` on `device` take FlexAttention."""
     backend = _document_mask_backend[0]
-    if cfg.position == "alibi" or cfg.dropout > 0 or backend == "dense":
-        return False  # ALiBi's bias and attention dropout: only the dense path has them
+    if cfg.position == "alibi" or cfg.dropout > 0 or backend in ("dense", "segments"):
+        return False  # ALiBi's bias and attention dropout: FlexAttention has neither
     return backend == "flex" or device.type == "cuda"
 
 
@@ -120,3 +132,87 @@ def flex_attention_call(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask,
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+# ---- varlen by segments: one SDPA call per group of equal-length documents ----------------
+@dataclass(frozen=True)
+class _Group:
+    index: Tensor  # (n, L) flat token indices (row * T + t) of n documents of length L
+    key_mask: Tensor | None  # (n, 1, 1, L) bool, True = a real key; None where all are real
+
+
+@dataclass(frozen=True)
+class DocumentSegments:
+    """Packed documents as separate attention problems, the mask `build_attention_mask`
+    returns on devices without FlexAttention (see the module docstring).
+
+    `groups` hold the documents of the (B, T) batch by length; `inverse` puts the
+    concatenated group outputs back in (row, token) order; `causal` is SDPA's `is_causal`
+    within each document (a document's local index is its sequence index).
+    """
+
+    groups: tuple[_Group, ...]
+    inverse: Tensor  # (B * T,)
+    causal: bool
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
+               enable_gqa: bool) -> Tensor:
+        """SDPA of (B, H, T, D) queries over (B, K, T, D) keys/values, each document
+        attending only to itself; returns (B, H, T, D) as SDPA would."""
+        B, H, T, D = q.shape
+
+        def tokens(x: Tensor) -> Tensor:  # (B, heads, T, D) -> (B * T, heads, D)
+            return x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+
+        qf, kf, vf = tokens(q), tokens(k), tokens(v)
+        outs = []
+        for group in self.groups:
+            n, length = group.index.shape
+            y = F.scaled_dot_product_attention(
+                qf[group.index].transpose(1, 2), kf[group.index].transpose(1, 2),
+                vf[group.index].transpose(1, 2), attn_mask=group.key_mask,
+                is_causal=self.causal, dropout_p=dropout_p, enable_gqa=enable_gqa)
+            outs.append(y.transpose(1, 2).reshape(n * length, H, D))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return y[self.inverse].view(B, T, H, D).transpose(1, 2)
+
+
+def document_segments(cfg: ModelConfig, q_pos: Tensor, k_pos: Tensor, q_segments: Tensor,
+                      k_segments: Tensor, key_padding: Tensor | None,
+                      causal: bool) -> DocumentSegments | None:
+    """`DocumentSegments` for packed documents (arguments as in `build_attention_mask`), or
+    None where they cannot give the dense mask's result: a "dense"/"flex" backend, ALiBi,
+    cross-attention or a KV cache (q and k positions differ), document ids that decrease
+    along a row (a document split in two runs), or key padding under a causal mask.
+
+    A document is a run of equal ids; reads the ids on the host once per forward.
+    """
+    if _document_mask_backend[0] in ("dense", "flex") or cfg.position == "alibi":
+        return None
+    if q_segments.shape != k_segments.shape or q_pos.shape[-1] != k_pos.shape[-1]:
+        return None
+    if not torch.equal(q_pos, k_pos) or not torch.equal(q_segments, k_segments):
+        return None
+    if causal and key_padding is not None:
+        return None  # SDPA takes is_causal or a mask, not both
+    if bool((q_segments[:, 1:] < q_segments[:, :-1]).any()):
+        return None
+    B, T = q_segments.shape
+    device = q_segments.device
+    start = torch.ones(B, T, dtype=torch.bool, device=device)
+    start[:, 1:] = q_segments[:, 1:] != q_segments[:, :-1]
+    starts = start.flatten().nonzero().squeeze(1)  # each row's first token starts a run
+    lengths = torch.diff(starts, append=torch.tensor([B * T], device=device))
+    real = None if key_padding is None else key_padding.bool().flatten()
+    groups, order = [], []
+    for length in lengths.unique().tolist():
+        index = starts[lengths == length, None] + torch.arange(length, device=device)
+        key_mask = None
+        if real is not None and not bool(real[index].all()):
+            key_mask = real[index][:, None, None, :]
+        groups.append(_Group(index, key_mask))
+        order.append(index.flatten())
+    perm = torch.cat(order)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(B * T, device=device)
+    return DocumentSegments(tuple(groups), inverse, causal)

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from lmforge.model.document_masks import document_block_mask, flex_attention_call, use_flex
+from lmforge.model.document_masks import (
+    DocumentSegments,
+    document_block_mask,
+    document_segments,
+    flex_attention_call,
+    use_flex,
+)
 from lmforge.model.rope import rope_frequencies
 
 if TYPE_CHECKING:
@@ -101,7 +107,7 @@ def build_attention_mask(
     k_segments: Tensor | None = None,
     key_padding: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor | BlockMask | None, bool]:
+) -> tuple[Tensor | BlockMask | DocumentSegments | None, bool]:
     """Mask argument for `scaled_dot_product_attention`, built once per forward.
 
     Args:
@@ -119,8 +125,9 @@ def build_attention_mask(
     Returns:
         (mask, is_causal): mask is None, a bool (B|1, 1, T, S) tensor (True = attend), an
         additive float (B|1, H, T, S) tensor, or with packed documents a FlexAttention
-        `BlockMask` (see `document_mask_backend`); is_causal is True only when SDPA's
-        built-in causal path is exact (no mask, T == S, positions aligned).
+        `BlockMask` (CUDA) or `DocumentSegments` (elsewhere), neither a T x S tensor (see
+        model/document_masks.py); is_causal is True only when SDPA's built-in causal path
+        is exact (no mask, T == S, positions aligned).
     """
     T, S = q_pos.shape[-1], k_pos.shape[-1]
     alibi = cfg.position == "alibi"
@@ -132,6 +139,11 @@ def build_attention_mask(
     if q_segments is not None and k_segments is not None and use_flex(cfg, q_pos.device):
         return document_block_mask(q_pos, k_pos, q_segments, k_segments, key_padding,
                                    causal), False
+    if q_segments is not None and k_segments is not None:
+        segments = document_segments(cfg, q_pos, k_pos, q_segments, k_segments, key_padding,
+                                     causal)
+        if segments is not None:
+            return segments, False
     allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=q_pos.device)
     if causal:
         allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
@@ -215,10 +227,10 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, cross: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.cross = cross
         self.dropout = cfg.dropout
-        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
         if cross:
             self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
             self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
@@ -226,8 +238,8 @@ class Attention(nn.Module):
             qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
             self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         # Qwen3: RMSNorm over each head's D features of q and k, before RoPE.
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not cross else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not cross else None
+        self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm and not cross else None
+        self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm and not cross else None
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.out.residual_out = True  # scaled by the gpt2/llama initialisers
 
@@ -267,14 +279,14 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.append(k, v)
+        dropout_p, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
         if isinstance(mask, BlockMask):  # packed documents (see document_mask_backend)
-            y = flex_attention_call(q, k, v, mask, self.kv_heads != self.n_heads)
-            return self.out(y.transpose(1, 2).reshape(B, T, q_dim))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.n_heads,
-        )  # (B, H, T, D)
+            y = flex_attention_call(q, k, v, mask, gqa)
+        elif isinstance(mask, DocumentSegments):  # packed documents, one SDPA per length
+            y = mask.attend(q, k, v, dropout_p, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=dropout_p, enable_gqa=gqa)
         return self.out(y.transpose(1, 2).reshape(B, T, q_dim))
 
 
@@ -393,3 +405,4 @@ def _init_module(module: nn.Module, cfg: ModelConfig, std: float) -> None:
         nn.init.ones_(module.weight)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
+

@@ -69,9 +69,9 @@ def test_block_mask_marks_full_partial_and_empty_blocks():
 def test_dense_mask_stays_where_nothing_else_applies():
     segments = _segments()
     index = torch.arange(T)[None]
-    for position, backend in (("alibi", "flex"), ("rope", "dense"), ("rope", "auto")):
+    for position, backend in (("alibi", "flex"), ("rope", "dense")):
         cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, position=position, **TINY)
-        with document_mask_backend(backend):  # auto is dense on CPU
+        with document_mask_backend(backend):  # auto: segments on CPU (test_document_segments)
             mask, _ = build_attention_mask(cfg, index, index, causal=True,
                                            q_segments=segments, k_segments=segments)
         assert isinstance(mask, torch.Tensor) and mask.shape[-2:] == (T, T)
