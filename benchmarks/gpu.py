@@ -274,7 +274,7 @@ def sdpa_kernels(device: torch.device, dtype: torch.dtype, small: bool) -> None:
         # takes no arbitrary mask), so there the efficient kernel is the good outcome.
         ok = used_flash if case == "causal" else bool(ops)
         bench(f"sdpa_kernel_{case}", float(used_flash), "flash for causal", ok, ops=ops,
-              flash_alone=flash_alone, dtype=str(dtype), head_dim=cfg.head_dim,
+              flash_alone=flash_alone, dtype=str(dtype), head_dim=cfg.head_size,
               gqa=cfg.n_kv_heads != cfg.n_heads)
 
 
@@ -336,7 +336,7 @@ def throughput(work: Path, name: str, preset: str, seq_len: int, micro: int, ste
     tokens_per_s = statistics.median(r["train/tokens_per_s"] for r in steady)
     with torch.device("meta"):
         n = matmul_params(cfg.build())
-    per_token = 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    per_token = 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
     mfu = tokens_per_s * per_token / peak
     logged = [r.get("train/mfu") for r in steady if r.get("train/mfu") is not None]
     lmforge_mfu = statistics.median(logged) if logged else None

@@ -1,6 +1,6 @@
 """`ModelConfig`: every architectural choice of the three transformer families.
 
-Fields are what a YAML `model:` section may set; derived values (`head_dim`,
+Fields are what a YAML `model:` section may set; derived values (`head_size`,
 `kv_heads`, `ffn_dim`, `padded_vocab_size`, layer counts) are read-only properties,
 so they can never go stale when the run config fills in `vocab_size` later.
 """
@@ -40,6 +40,11 @@ class ModelConfig:
     n_kv_heads: int | None = None
     """Key/value heads. None = `n_heads` (multi-head); smaller values give grouped-query
     attention, 1 gives multi-query. Must divide `n_heads`."""
+
+    head_dim: int | None = None
+    """Width of one attention head. None = `d_model / n_heads`; another value sizes the
+    query/key/value projections (n_heads * head_dim wide) apart from `d_model`, as Qwen3
+    (0.6B/1.7B/4B) and Mistral Nemo have. Read the resolved width as `head_size`."""
 
     d_ff: int | None = None
     """Feed-forward hidden width. None = 4*d_model, or for swiglu the Llama rule
@@ -143,15 +148,17 @@ class ModelConfig:
         for name in ("vocab_size", "n_kv_heads", "d_ff", "n_encoder_layers", "n_decoder_layers"):
             if getattr(self, name) is not None:
                 positive(name)
-        if self.d_model % self.n_heads:
+        if self.head_dim is not None:
+            positive("head_dim")
+        elif self.d_model % self.n_heads:
             raise ValueError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}; "
-                             "pick a multiple of n_heads")
+                             "pick a multiple of n_heads, or set head_dim")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads: {self.kv_heads} does not divide n_heads={self.n_heads}; "
                              "use a divisor (1 = multi-query)")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"position: rope needs an even head_dim, got {self.head_dim}; "
-                             "change d_model or n_heads")
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(f"position: rope needs an even head_dim, got {self.head_size}; "
+                             "change head_dim, d_model or n_heads")
         if self.position == "sinusoidal" and self.d_model % 2:
             raise ValueError("position: sinusoidal needs an even d_model")
         if not 0.0 <= self.dropout < 1.0:
@@ -178,9 +185,9 @@ class ModelConfig:
 
     # ---- derived values -------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """Resolved width of one attention head: `head_dim`, or d_model / n_heads."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     @property
     def kv_heads(self) -> int:

@@ -95,7 +95,7 @@ def _groups(cfg: ModelConfig) -> _Groups:
 
 def _attention_flops(cfg: ModelConfig, S: int, T: int, factor: int) -> float:
     """`factor`·L·H·Q summed over every (query, key) pair of every attention layer."""
-    hq = cfg.n_heads * cfg.head_dim
+    hq = cfg.n_heads * cfg.head_size
     if cfg.family == "encoder_decoder":
         pairs = cfg.encoder_layers * S * S + cfg.decoder_layers * (T * T + T * S)
     else:
@@ -146,7 +146,7 @@ def estimate_hardware_flops(cfg: ModelConfig, seq_len: int, activation_checkpoin
         else:
             self_pairs = _attention_flops(cfg, S, T, 4)
             if cfg.family == "encoder_decoder":  # cross-attention is not in block.attn
-                self_pairs -= 4 * cfg.n_heads * cfg.head_dim * cfg.decoder_layers * T * S
+                self_pairs -= 4 * cfg.n_heads * cfg.head_size * cfg.decoder_layers * T * S
             extra = 2 * (g.self_attn_source * S + g.self_attn_target * T) + self_pairs
     return estimate_flops(cfg, seq_len, tgt_len) + extra / tokens
 

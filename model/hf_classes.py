@@ -13,7 +13,7 @@ from lmforge.model.config import ModelConfig
 
 _ACTS = ("gelu", "gelu_tanh", "relu")
 # Biases and norms inside attention that only the Qwen classes hold.
-_PLAIN_ATTENTION = {"qkv_bias": (None,), "qk_norm": (False,)}
+_PLAIN_ATTENTION = {"qkv_bias": (None,), "qk_norm": (False,), "head_dim": ()}
 _LLAMA = {"position": ("rope",), "norm": ("rmsnorm",), "norm_position": ("pre",),
           "activation": ("swiglu",), "embedding_norm": (False,), "scale_embeddings": (False,)}
 _MARIAN_LAYOUT = ("MarianMTModel's sinusoidal table puts sin in the first half of the "
@@ -21,7 +21,8 @@ _MARIAN_LAYOUT = ("MarianMTModel's sinusoidal table puts sin in the first half o
 
 # Per family: (transformers class, {field: allowed values, or a note when none fits},
 # whether lmforge exports to it). A class that is not exported is only ever named as the
-# closest one in a refusal. "n_kv_heads" stands for "n_kv_heads equals n_heads".
+# closest one in a refusal. "n_kv_heads" stands for "n_kv_heads equals n_heads", "head_dim"
+# for "the heads are d_model / n_heads wide".
 _CANDIDATES: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "decoder": [
         ("LlamaForCausalLM", {**_LLAMA, "qkv_bias": (None,), "qk_norm": (False,)}, True),
@@ -69,6 +70,11 @@ def _differences(cfg: ModelConfig, required: dict[str, Any]) -> list[str]:
         if name == "n_kv_heads":
             if cfg.kv_heads != cfg.n_heads:
                 out.append(f"n_kv_heads={cfg.kv_heads} (needs n_heads={cfg.n_heads})")
+            continue
+        if name == "head_dim":
+            if cfg.head_size * cfg.n_heads != cfg.d_model:
+                out.append(f"head_dim={cfg.head_dim} (needs d_model / n_heads = "
+                           f"{cfg.d_model // cfg.n_heads})")
             continue
         value = getattr(cfg, name)
         if isinstance(allowed, str):

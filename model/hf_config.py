@@ -2,8 +2,8 @@
 loader read it before any process starts).
 
 Every field lmforge cannot represent exactly is refused, naming its config.json key: an
-unknown `model_type`, a sliding window, a `head_dim` other than hidden_size / heads, a rope
-type other than default/linear/llama3/yarn, biases on some projections only, and so on.
+unknown `model_type`, a sliding window, a rope type other than default/linear/llama3/yarn,
+biases on some projections only, and so on.
 The weight mapping is in hf.py (GPT-2), hf_llama.py (Llama, Mistral, Qwen2, Qwen3) and
 hf_seq.py (BERT, BART).
 """
@@ -86,10 +86,11 @@ def _llama_like(config: dict[str, Any]) -> ModelConfig:
     _refuse_if(config.get("hidden_act", "silu") != "silu", "hidden_act",
                config.get("hidden_act"), "lmforge's SwiGLU uses silu")
     d_model, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
-    head_dim = config.get("head_dim")
-    _refuse_if(head_dim not in (None, d_model // heads), "head_dim", head_dim,
-               f"lmforge derives head_dim = hidden_size / num_attention_heads = "
-               f"{d_model // heads}")
+    head_dim = config.get("head_dim")  # Qwen3 and Mistral Nemo: wider than hidden / heads
+    _refuse_if(head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1),
+               "head_dim", head_dim, "not a positive integer")
+    if head_dim == d_model // heads and d_model % heads == 0:
+        head_dim = None  # the derived width: the model section need not repeat it
     max_pos = _get(config, "max_position_embeddings")
     window = config.get("sliding_window")
     if kind in ("qwen2", "qwen3"):
@@ -121,7 +122,7 @@ def _llama_like(config: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         family="decoder", vocab_size=_get(config, "vocab_size"), d_model=d_model,
         n_layers=_get(config, "num_hidden_layers"), n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads") or heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
         d_ff=_get(config, "intermediate_size"), max_seq_len=max_pos, position="rope",
         rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", norm_position="pre",
         norm_eps=float(config.get("rms_norm_eps", 1e-6)), activation="swiglu", bias=bias,

@@ -48,7 +48,7 @@ def llama_to_hf(cfg: ModelConfig, sd: dict[str, Tensor], arch: str
                 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """lmforge decoder -> config and state dict of `arch` (a key of `MODEL_TYPE_OF`); the
     config starts from `cfg.hf_config` (an imported model's) so its other fields are kept."""
-    V, q_dim, kv_dim = cfg.vocab_size, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    V, q_dim, kv_dim = cfg.vocab_size, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     out = {"model.embed_tokens.weight": _need(sd, "tok_emb.weight")[:V],
            "model.norm.weight": _need(sd, "final_norm.weight")}
     if not cfg.tie_embeddings:
@@ -74,7 +74,7 @@ def llama_to_hf(cfg: ModelConfig, sd: dict[str, Tensor], arch: str
         "model_type": MODEL_TYPE_OF[arch], "vocab_size": V, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "head_dim": cfg.head_size, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,

@@ -227,10 +227,10 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, cross: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.cross = cross
         self.dropout = cfg.dropout
-        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
         if cross:
             self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
             self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
@@ -238,8 +238,8 @@ class Attention(nn.Module):
             qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
             self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         # Qwen3: RMSNorm over each head's D features of q and k, before RoPE.
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not cross else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm and not cross else None
+        self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm and not cross else None
+        self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm and not cross else None
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.out.residual_out = True  # scaled by the gpt2/llama initialisers
 

@@ -91,20 +91,22 @@ def layer_activation_bytes(cfg: ModelConfig, e: int, seq_len: int, *, cross: boo
                            ) -> float:
     """Bytes one self-attention block keeps per token (no checkpointing), dtype bytes `e`.
 
-    Attention: its norm; the qkv projection's input (h) and output (h + 2·hkv; v is a view
-    of it and keeps it alive); with RoPE the rotated q (h) and k (hkv); SDPA's output (h,
-    also the output projection's input) and its log-sum-exp (4 bytes per head). MLP: its
-    norm; the first projection's input (h); SwiGLU: gate/up output (2f), silu(gate) (f)
-    and the product (f); GeLU/ReLU: output (f) and activation (f). Dropout > 0: a 1-byte
+    Attention: its norm; the qkv projection's input (h) and output (hq + 2·hkv, hq =
+    n_heads·head_size; v is a view of it and keeps it alive); with RoPE the rotated q (hq)
+    and k (hkv); SDPA's output (hq, also the output projection's input) and its
+    log-sum-exp (4 bytes per head). MLP: its norm; the first projection's input (h);
+    SwiGLU: gate/up output (2f), silu(gate) (f) and the product (f); GeLU/ReLU: output (f)
+    and activation (f). Dropout > 0: a 1-byte
     mask after attention and after the MLP, and the attention scores SDPA then keeps
     (its fused kernels take no dropout; measured higher still on CPU). `cross`: an
     encoder-decoder decoder block's cross-attention too (norm, q input/output, SDPA
     output; the memory's k/v counted per source token by the caller).
     """
-    h, hkv, f = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
-    attn = _norm_bytes(cfg, e) * h + e * (h + (h + 2 * hkv) + h) + 4 * cfg.n_heads
+    h, f = cfg.d_model, cfg.ffn_dim
+    hq, hkv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    attn = _norm_bytes(cfg, e) * h + e * (h + (hq + 2 * hkv) + hq) + 4 * cfg.n_heads
     if cfg.position == "rope":
-        attn += e * (h + hkv)
+        attn += e * (hq + hkv)
     mlp = _norm_bytes(cfg, e) * h + e * (h + (4 * f if cfg.activation == "swiglu" else 2 * f))
     dropout = 0.0
     if cfg.dropout > 0:  # 1-byte masks after attention and MLP; attention dropout makes
@@ -112,7 +114,7 @@ def layer_activation_bytes(cfg: ModelConfig, e: int, seq_len: int, *, cross: boo
         dropout = 2 * h + cfg.n_heads * seq_len * (2 * e + 1)
     total = attn + mlp + dropout
     if cross:
-        total += _norm_bytes(cfg, e) * h + e * 3 * h + 4 * cfg.n_heads
+        total += _norm_bytes(cfg, e) * h + e * (h + 2 * hq) + 4 * cfg.n_heads
     return total
 
 
@@ -125,8 +127,8 @@ def _stack_bytes(cfg: ModelConfig, e: int, layers: int, tokens: int, seq_len: in
         return (layers - wrapped) * per_layer + wrapped * e * cfg.d_model * tokens \
             + (per_layer if wrapped else 0)
     if checkpointing == "selective":  # block.attn keeps its input only
-        h, hkv = cfg.d_model, cfg.kv_heads * cfg.head_dim
-        attn_inner = e * ((h + 2 * hkv) + h + (h + hkv if cfg.position == "rope" else 0)) \
+        hq, hkv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        attn_inner = e * ((hq + 2 * hkv) + hq + (hq + hkv if cfg.position == "rope" else 0)) \
             + 4 * cfg.n_heads
         return layers * per_layer - wrapped * attn_inner * tokens
     return layers * per_layer
@@ -145,7 +147,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
     head = (_norm_bytes(cfg, e) * h if cfg.norm_position == "pre" else 0) + e * h
     if cfg.family == "encoder_decoder":
         S, T = seq_len * micro_batch, (tgt_len or seq_len) * micro_batch
-        memory_kv = cfg.decoder_layers * e * 2 * cfg.kv_heads * cfg.head_dim * S
+        memory_kv = cfg.decoder_layers * e * 2 * cfg.kv_heads * cfg.head_size * S
         return (_stack_bytes(cfg, e, cfg.encoder_layers, S, seq_len, checkpointing,
                              every_n_layers)
                 + _stack_bytes(cfg, e, cfg.decoder_layers, T, tgt_len or seq_len,

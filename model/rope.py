@@ -79,7 +79,7 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None
     """
     import torch
 
-    d, base = cfg.head_dim, cfg.rope_theta
+    d, base = cfg.head_size, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     scaling = cfg.rope_scaling or {"rope_type": "default"}
     rope_type = scaling["rope_type"]

@@ -37,6 +37,17 @@ def test_untied_gqa_flops() -> None:
     assert estimate_hardware_flops(cfg, 32, "none") == estimate_flops(cfg, 32)
 
 
+def test_explicit_head_dim_flops() -> None:
+    # Qwen3-0.6B's shape in small: d 64, 4 query heads of 32 (q width 128), 2 kv heads,
+    # q/k norms of 32, swiglu d_ff 96, vocab 100, untied.
+    cfg = ModelConfig.from_preset("tiny", vocab_size=100, d_model=64, n_layers=2, n_heads=4,
+                                  n_kv_heads=2, d_ff=96, head_dim=32, qk_norm=True)
+    attn = 64 * (128 + 2 * 64) + 128 * 64 + 2 * 32
+    n = 2 * (attn + 3 * 64 * 96 + 2 * 64) + 64 + 100 * 64
+    assert parameter_count(cfg) == n + 100 * 64
+    assert estimate_flops(cfg, 32) == 6 * n + 12 * 2 * 4 * 32 * 32
+
+
 def test_encoder_decoder_flops() -> None:
     # 1 encoder + 1 decoder layer, d 32, 2 heads, relu d_ff 64, vocab 50, tied, sinusoidal.
     cfg = ModelConfig.from_preset("transformer-base", vocab_size=50, d_model=32, n_heads=2,

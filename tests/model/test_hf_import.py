@@ -37,6 +37,8 @@ SOURCES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_LLAMA, sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_LLAMA, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_LLAMA, head_dim=16)),
+    # Qwen3-0.6B's shape in small: heads wider than hidden / heads (q_proj 64 -> 128).
+    "qwen3-head-dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(_LLAMA, head_dim=32)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1)),
     "bert": ("BertConfig", "BertForMaskedLM", dict(
@@ -98,7 +100,7 @@ def test_import_matches_transformers_and_exports_same_class(name, tmp_path, caps
     config, _ = to_hf(model.cfg, model.state_dict())
     assert config["architectures"] == source["architectures"]
     for key in ("rope_parameters", "rope_scaling", "sliding_window", "use_sliding_window",
-                "initializer_range", "init_std", "tie_word_embeddings", "layer_types"):
+                "initializer_range", "init_std", "tie_word_embeddings", "layer_types", "head_dim"):
         if key in source and key != "rope_parameters":
             assert config[key] == source[key], key
     if "rope_parameters" in source:
@@ -122,7 +124,7 @@ def test_gate_catches_rope_scaling_dropped(tmp_path):
      "rope_parameters.rope_type: 'dynamic' is not supported"),
     ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "short_factor": [1.0]}},
      "rope_scaling.rope_type: 'longrope' is not supported"),
-    ({"head_dim": 32}, "head_dim: 32"),
+    ({"head_dim": 0}, "head_dim: 0"),
     ({"model_type": "mistral", "sliding_window": 64}, "sliding_window: 64"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window: True"),
     ({"attention_bias": True, "mlp_bias": False}, "mlp_bias: False"),
@@ -132,3 +134,17 @@ def test_unrepresentable_config_refused_naming_key(change, key):
     config = {**transformers.LlamaConfig(**_LLAMA).to_dict(), **change}
     with pytest.raises(ValueError, match=key.replace("(", r"\(").replace(".", r"\.")):
         model_config_from_hf(config)
+
+
+def test_head_dim_refused_where_the_class_derives_it():
+    """GPT-2, BERT and BART size their heads as hidden / heads: an explicit other width has
+    no export there (Llama-layout classes write `head_dim`)."""
+    from lmforge.model.hf_classes import hf_architecture
+
+    cfg = ModelConfig.from_preset("gpt2-124m", vocab_size=V, d_model=64, n_heads=4,
+                                  n_layers=2, head_dim=32)
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel, differs in head_dim=32 \(needs "
+                                         r"d_model / n_heads = 16\)"):
+        hf_architecture(cfg)
+    llama = ModelConfig.from_preset("tiny", vocab_size=V, d_model=64, n_heads=4, head_dim=32)
+    assert hf_architecture(llama) == "LlamaForCausalLM"

@@ -70,10 +70,11 @@ def test_gpt_layer_is_korthikanti_34_sbh():
     assert layer_activation_bytes(cfg, 2, s) == 34 * h + 5 * a * s + 4 * a
 
 
-@pytest.mark.parametrize("family", ["decoder", "encoder"])
-def test_activations_match_what_autograd_saves(family):
+@pytest.mark.parametrize("family, extra", [("decoder", {}), ("encoder", {}),
+                                           ("decoder", {"head_dim": 32})])  # q width 128
+def test_activations_match_what_autograd_saves(family, extra):
     """The formula against the bytes of every distinct storage autograd saves (fp32)."""
-    cfg = _cfg(family=family, d_model=64, d_ff=128, vocab_size=64)
+    cfg = _cfg(family=family, d_model=64, d_ff=128, vocab_size=64, **extra)
     model = cfg.build()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
