@@ -155,10 +155,14 @@ class DocumentSegments:
     inverse: Tensor  # (B * T,)
     causal: bool
 
+    @torch.compiler.disable
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
                enable_gqa: bool) -> Tensor:
         """SDPA of (B, H, T, D) queries over (B, K, T, D) keys/values, each document
-        attending only to itself; returns (B, H, T, D) as SDPA would."""
+        attending only to itself; returns (B, H, T, D) as SDPA would.
+
+        Eager under `torch.compile` (a graph break): traced, every new set of document
+        lengths would be a new graph, where a compiled block keeps one per input shape."""
         B, H, T, D = q.shape
 
         def tokens(x: Tensor) -> Tensor:  # (B, heads, T, D) -> (B * T, heads, D)
