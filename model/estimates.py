@@ -1,4 +1,5 @@
-"""Functions of the config alone: parameter count, training FLOPs (MFU/HFU) and memory.
+"""Functions of the config alone: parameter count and training FLOPs (MFU/HFU); the memory
+plan per rank is `model/memory.py` (`plan_memory`).
 
 FLOPs follow PaLM appendix B: 6N + 12·L·H·Q·T per token for a forward and backward pass,
 where N counts the parameters that take part in matrix multiplies (a tied embedding is
@@ -160,72 +161,3 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
         peak_flops: the device's dense peak, e.g. 989e12 for H100 SXM bf16.
     """
     return tokens_per_second * flops_per_token / peak_flops
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes per rank of one training configuration."""
-
-    params: float
-    """Model weights (bf16 copy under mixed precision)."""
-    grads: float
-    """Gradients."""
-    optimizer: float
-    """AdamW state (fp32 master weights, m and v under mixed precision)."""
-    activations: float
-    """Activations kept for backward, plus logits."""
-
-    @property
-    def total(self) -> float:
-        """Sum of all parts."""
-        return self.params + self.grads + self.optimizer + self.activations
-
-
-def estimate_memory(
-    cfg: ModelConfig,
-    zero_stage: int,
-    world_size: int,
-    micro_batch: int,
-    activation_checkpointing: Checkpointing,
-    *,
-    seq_len: int | None = None,
-    precision: Literal["bf16", "fp32"] = "bf16",
-) -> MemoryEstimate:
-    """Per-rank training memory under DeepSpeed ZeRO with AdamW.
-
-    States (ZeRO paper): mixed precision keeps 2Ψ weights + 2Ψ grads + 12Ψ optimizer bytes,
-    fp32 4Ψ + 4Ψ + 8Ψ; stage 1 shards the optimizer, 2 also gradients, 3 also weights.
-    Activations per layer follow Korthikanti et al. 2022 without tensor parallelism, for
-    fused attention that stores no score matrix: 34·s·b·h bytes (16-bit); "selective"
-    (recompute `block.attn`) keeps 26·s·b·h; "full" keeps each block's input 2·s·b·h plus
-    one block's full set. Logits add s·b·V·(element bytes + 4) (fp32 loss upcast). An
-    encoder-decoder counts its encoder and decoder layers at the same length.
-
-    Args:
-        cfg: model config.
-        zero_stage: 0-3.
-        world_size: data-parallel ranks sharing the states.
-        micro_batch: sequences per rank per step.
-        activation_checkpointing: "none", "full" or "selective".
-        seq_len: tokens per sequence; default `cfg.max_seq_len`.
-        precision: "bf16" mixed precision or plain "fp32".
-    """
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
-    if world_size < 1 or micro_batch < 1:
-        raise ValueError("world_size: world_size and micro_batch must be >= 1")
-    psi = parameter_count(cfg)
-    weight_b, grad_b, opt_b = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
-    params = psi * weight_b / (world_size if zero_stage >= 3 else 1)
-    grads = psi * grad_b / (world_size if zero_stage >= 2 else 1)
-    optimizer = psi * opt_b / (world_size if zero_stage >= 1 else 1)
-    s = cfg.max_seq_len if seq_len is None else seq_len
-    sbh = s * micro_batch * cfg.d_model * (weight_b / 2)  # per-element scale for fp32
-    layers = cfg.encoder_layers + cfg.decoder_layers if cfg.family == "encoder_decoder" \
-        else cfg.n_layers
-    per_layer = {"none": 34 * sbh, "selective": 26 * sbh, "full": 2 * sbh}[
-        activation_checkpointing]
-    activations = layers * per_layer + (34 * sbh if activation_checkpointing == "full" else 0)
-    activations += s * micro_batch * cfg.padded_vocab_size * (weight_b + 4)
-    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer,
-                          activations=activations)

@@ -1,4 +1,5 @@
-"""FLOP and memory estimates against hand-computed values."""
+"""FLOP estimates and parameter counts against hand-computed values (the memory plan:
+tests/model/test_memory_plan.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from lmforge.model import (
     ModelConfig,
     estimate_flops,
     estimate_hardware_flops,
-    estimate_memory,
     mfu,
     parameter_count,
 )
@@ -65,24 +65,3 @@ def test_encoder_decoder_flops() -> None:
 
 def test_mfu_helper() -> None:
     assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
-
-
-def test_memory_zero_stages() -> None:
-    cfg = ModelConfig.from_preset("gpt2-124m")
-    psi = parameter_count(cfg)
-    s, b, h = 1024, 4, 768
-    m0 = estimate_memory(cfg, 0, 8, b, "none")
-    assert (m0.params, m0.grads, m0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
-    assert m0.activations == 12 * 34 * s * b * h + s * b * 50257 * 6
-    m1 = estimate_memory(cfg, 1, 8, b, "none")
-    assert (m1.params, m1.grads, m1.optimizer) == (2 * psi, 2 * psi, 12 * psi / 8)
-    m2 = estimate_memory(cfg, 2, 8, b, "selective")
-    assert (m2.grads, m2.optimizer) == (2 * psi / 8, 12 * psi / 8)
-    assert m2.activations == 12 * 26 * s * b * h + s * b * 50257 * 6
-    m3 = estimate_memory(cfg, 3, 8, b, "full", seq_len=512, precision="fp32")
-    assert (m3.params, m3.grads, m3.optimizer) == (4 * psi / 8, 4 * psi / 8, 8 * psi / 8)
-    sbh = 512 * b * h * 2
-    assert m3.activations == 12 * 2 * sbh + 34 * sbh + 512 * b * 50257 * 8
-    assert m3.total == m3.params + m3.grads + m3.optimizer + m3.activations
-    with pytest.raises(ValueError, match="^zero_stage:"):
-        estimate_memory(cfg, 4, 1, 1, "none")
