@@ -6,11 +6,15 @@ line printed, trained 2 steps at a negligible learning rate, and exported back t
 Llama 3 (rope_type llama3, ZeRO-3) has its own launch in test_hf_continue.py. The other rope
 types ride on the other Llama-layout classes, whose RoPE is the same code in lmforge and in
 transformers (`rope_parameters` is class-independent in transformers 5): Mistral with linear
-scaling, Qwen2 (q/k/v biases, tied embeddings) with YaRN as Qwen2.5's long-context configs
-use it, Qwen3 (q/k norms) with plain RoPE. GPT-2 trains as a causal LM, BERT with its masked
-LM objective, BART with its denoising one. One launch per class (each stage of a stage graph
-is a process of its own too, so a graph would start as many); the launches run two at a
-time, since a launch's start-up keeps one core busy.
+scaling; Qwen2 (q/k/v biases, tied embeddings) with YaRN as Qwen2.5's long-context configs
+use it, on data encoded with its own tokenizer.json; Qwen3 (q/k norms) with plain RoPE and
+heads twice hidden / heads wide (Qwen3-0.6B's `head_dim`). GPT-2 trains as a causal LM, BERT
+with its masked LM objective, BART with its denoising one.
+
+One launch per class: a stage graph would start as many processes (each stage is a torchrun
+of its own) and its stages share the top level's model section, which the worker checks
+each source against. The launches run two at a time (a launch's start-up keeps one core
+busy): ~50 CPU-seconds for the six.
 """
 
 from __future__ import annotations
