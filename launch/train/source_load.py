@@ -229,8 +229,12 @@ def model_build_context(enabled: bool, ds_config: dict) -> Iterator[None]:
 
     from lmforge.model.layers import gathered_init
 
-    def gather(params: list) -> contextlib.AbstractContextManager:
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    @contextlib.contextmanager
+    def gather(params: list) -> Iterator[None]:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+        if sum(getattr(p, "ds_numel", 0) * p.element_size() for p in params) >= TRIM_BYTES:
+            release_freed_memory()  # the gathered copy is gone: its pages go back
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config), gathered_init(gather):
         yield
