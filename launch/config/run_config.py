@@ -130,6 +130,7 @@ class RunConfig:
             )
         self._check_objective()
         self._check_init_and_trainable()
+        train.check_compile(self.deepspeed.zero_stage)
         if train.generate_every and self.model.family != "decoder":
             raise ValueError(
                 f"train.generate_every: generation during training needs model.family=decoder, "

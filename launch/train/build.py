@@ -26,6 +26,7 @@ from lmforge.launch.rundir import RunDir
 from lmforge.launch.train import checkpoint as ckpt
 from lmforge.launch.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.launch.train.callbacks import Callback
+from lmforge.launch.train.compile_blocks import compile_blocks
 from lmforge.launch.train.objectives import build_objective
 from lmforge.launch.train.optim import build_optimizer, build_scheduler
 from lmforge.launch.train.resume import resume_point
@@ -63,6 +64,7 @@ def build_engine(cfg: RunConfig, load_universal: bool = False,
         load_source_weights(model, warm, dist.get_rank())
     apply_trainable(model, cfg.trainable)
     train = cfg.train
+    compile_blocks(model, train.compile)  # inside checkpointing: recomputes compiled code
     apply_activation_checkpointing(
         model, train.activation_checkpointing, train.checkpoint_every_n_layers
     )
