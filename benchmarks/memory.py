@@ -21,15 +21,18 @@ On CUDA ``torch.cuda.max_memory_allocated`` is used the same way.
   (``llama-1b`` shape, bf16 shards, made on the spot) under ZeRO-3, import gate included,
   ÷ one process loading it whole in fp32 with ``transformers`` (goal ≤ 0.6 per rank; the
   figure is the worse rank); see ``memory_import.py``.
+- ``zero3_build_rss_vs_whole_1b``: peak RSS of each of 2 ranks building and initialising
+  ``llama-1b`` from scratch under ZeRO-3 (``zero.Init``, one gathered module initialised at
+  a time) ÷ one process building it whole (goal ≤ 0.6); see ``memory_build.py``.
 
 glibc keeps freed allocations below its mmap threshold in the heap, so RSS also counts
-memory the process no longer uses (ZeRO-3 builds the whole model before partitioning it:
-~140 MB of it stayed resident here). ``--live`` runs the children with
+memory the process no longer uses (before ZeRO-3 built partitioned, the whole build left
+~140 MB of it resident here). ``--live`` runs the children with
 ``MALLOC_MMAP_THRESHOLD_=65536``, so freed blocks above 64 KiB go back to the kernel and
 RSS follows the live bytes, which is what the plan predicts; the line says which it was.
 
-Usage: ``.venv/bin/python benchmarks/memory.py [--quick] [--live] [--only loss|docmask|plan|import]
-[--device cpu|cuda]``.
+Usage: ``.venv/bin/python benchmarks/memory.py [--quick] [--live]
+[--only loss|docmask|plan|import|build] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def _plan_rank(rank: int, world: int, port: int, overrides: list[str], queue) ->
     from lmforge.launch.train.activation_checkpointing import apply_activation_checkpointing
     from lmforge.launch.train.objectives import vocab_loss
     from lmforge.launch.train.optim import build_optimizer
+    from lmforge.launch.train.source_load import model_build_context, uses_partitioned_build
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -209,12 +213,14 @@ def _plan_rank(rank: int, world: int, port: int, overrides: list[str], queue) ->
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _rss()
-    model = cfg.model.build()
+    ds_config = build_deepspeed_config(cfg.train, cfg.deepspeed, world, dist.get_backend())
+    partitioned = uses_partitioned_build(cfg.deepspeed.zero_stage, cfg.trainable.mode)
+    with model_build_context(partitioned, ds_config):  # ZeRO-3: zero.Init
+        model = cfg.model.build()
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing,
                                    cfg.train.checkpoint_every_n_layers)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg.train),
-        config=build_deepspeed_config(cfg.train, cfg.deepspeed, world, dist.get_backend()))
+        model=model, optimizer=build_optimizer(model, cfg.train), config=ds_config)
     for _ in range(2):
         engine.backward(vocab_loss(engine, {"input_ids": x[:, :-1]}, x[:, 1:],
                                    cfg.train.loss_chunk_tokens))
@@ -330,7 +336,8 @@ def plan_error(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (< 2 min)")
-    parser.add_argument("--only", choices=["loss", "docmask", "plan", "import"], default=None)
+    parser.add_argument("--only", choices=["loss", "docmask", "plan", "import", "build"],
+                        default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--live", action="store_true",
                         help="children return freed memory to the kernel (see above)")
@@ -353,6 +360,11 @@ def main() -> None:
         from memory_import import import_rss
 
         import_rss(args.quick, LIVE_ENV, bench)
+    if args.only in (None, "build"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from memory_build import build_rss
+
+        build_rss(args.quick, LIVE_ENV, bench)
 
 
 if __name__ == "__main__":

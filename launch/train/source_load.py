@@ -215,13 +215,49 @@ def uses_partitioned_build(zero_stage: int, trainable_mode: str) -> bool:
 
 
 @contextlib.contextmanager
+def written_locally(params: list[Tensor]) -> Iterator[None]:
+    """Holds each partitioned parameter of ``params`` whole on this rank alone, unfilled,
+    while the block writes it; then keeps this rank's partition of what was written (the
+    layout DeepSpeed partitions with: the flattened tensor cut into equal slices in rank
+    order) and frees the whole copy. No communication, and one whole parameter at a time:
+    every rank must write the same values, as ``init_weights`` does from the same seed.
+    A parameter whose partition is not in memory (swapped out) goes through
+    ``GatheredParameters(modifier_rank=0)`` instead."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    held = [p for p in params if partitioned(p)]
+    local = [p for p in held if p.ds_tensor.status == PartitionedParamStatus.AVAILABLE]
+    others = [p for p in held if p.ds_tensor.status != PartitionedParamStatus.AVAILABLE]
+    placeholders = [p.data for p in local]
+    for param in local:
+        param.data = torch.empty(param.ds_shape, dtype=param.ds_tensor.dtype,
+                                 device=param.ds_tensor.device)
+    with deepspeed.zero.GatheredParameters(others, modifier_rank=0):
+        yield
+    for param, placeholder in zip(local, placeholders, strict=True):
+        rank = getattr(param, "ds_zero_partition_rank", None)
+        if rank is None:
+            rank = dist.get_rank(group=param.ds_process_group)
+        size = param.ds_tensor.ds_numel
+        start = rank * size
+        count = max(0, min(size, param.ds_numel - start))
+        with torch.no_grad():
+            if count:
+                param.ds_tensor.narrow(0, 0, count).copy_(
+                    param.data.reshape(-1).narrow(0, start, count))
+        param.data = placeholder
+    if sum(p.ds_numel * p.element_size() for p in held) >= TRIM_BYTES:
+        release_freed_memory()  # the whole copy is gone: its pages go back
+
+
+@contextlib.contextmanager
 def model_build_context(enabled: bool, ds_config: dict) -> Iterator[None]:
     """Builds inside ``deepspeed.zero.Init`` (each parameter partitioned as its module is
     made, so no rank ever holds the whole model) when ``enabled``; the model's own
-    ``init_weights`` then writes each module's parameters inside
-    ``GatheredParameters(modifier_rank=0)`` (``model.layers.gathered_init``): every rank
-    draws the values a whole build draws, in the same order, and holds one module whole
-    at a time. Otherwise does nothing."""
+    ``init_weights`` then writes each module's parameters inside :func:`written_locally`
+    (``model.layers.gathered_init``): every rank draws the values a whole build draws, in
+    the same order, and holds one module whole at a time. Otherwise does nothing."""
     if not enabled:
         yield
         return
@@ -229,14 +265,7 @@ def model_build_context(enabled: bool, ds_config: dict) -> Iterator[None]:
 
     from lmforge.model.layers import gathered_init
 
-    @contextlib.contextmanager
-    def gather(params: list) -> Iterator[None]:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield
-        if sum(getattr(p, "ds_numel", 0) * p.element_size() for p in params) >= TRIM_BYTES:
-            release_freed_memory()  # the gathered copy is gone: its pages go back
-
-    with deepspeed.zero.Init(config_dict_or_path=ds_config), gathered_init(gather):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), gathered_init(written_locally):
         yield
     release_freed_memory()  # each module was made whole, then partitioned
 
