@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-from deepspeed_ops import clear_stale_locks
+from deepspeed_ops import clear_stale_locks, use_environment_build_dir
 
 # Nothing in the suite may reach a hub; exports and parity tests load local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed picks the CPU accelerator without GPUs; saying so skips a warning per process.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed's JIT-built ops go into this venv's own folder (tests/deepspeed_ops.py).
+use_environment_build_dir()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

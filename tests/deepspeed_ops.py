@@ -21,6 +21,15 @@ from pathlib import Path
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 
 
+def use_environment_build_dir() -> None:
+    """Builds the suite's ops inside the Python environment (``<venv>/torch_extensions``)
+    unless ``$TORCH_EXTENSIONS_DIR`` says otherwise. torch's default folder is one per user,
+    keyed by op name only: two checkouts (two venvs) would rebuild each op over each other's
+    build (its ninja file names the venv's paths), ~100 s at every switch, each waiting on
+    the other's lock. Child processes (training ranks, Slurm and Ray jobs) inherit it."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 def extension_roots() -> list[Path]:
     """Where torch builds extensions: ``$TORCH_EXTENSIONS_DIR`` or the user cache folder."""
     roots = []
@@ -109,6 +118,7 @@ def build_ops() -> None:
 
 
 if __name__ == "__main__":
+    use_environment_build_dir()
     clear_stale_locks()
     build_ops()
     sys.exit(0)
