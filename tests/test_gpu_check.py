@@ -36,4 +36,10 @@ def test_gpu_check_dry_run_passes_every_check(tmp_path):
     # The script's PaLM-formula MFU and lmforge's logged train/mfu count the same FLOPs
     # (they differ only by norms and the like): two computations, one answer.
     assert metrics["mfu_1b"]["detail"]["lmforge_vs_palm"] == pytest.approx(1.0, abs=0.01)
+    # The 1B run is as a 1B pretraining runs: compiled blocks, packed documents masked, and
+    # its MFU beside the published figure for a 1B model on one H100 (OLMo-core's README).
+    one_b = metrics["mfu_1b"]["detail"]
+    assert one_b["compile"] and one_b["document_masking"]
+    assert one_b["reference"]["mfu"] == 0.40 and "OLMo-core" in one_b["reference"]["source"]
+    assert "# mfu_1b:" in proc.stdout and "published" in proc.stdout
     assert json.loads((tmp_path / "gpu-bench.json").read_text()) == dict.fromkeys(metrics, True)

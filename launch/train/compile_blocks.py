@@ -79,7 +79,3 @@ def compile_blocks(model: nn.Module, enabled: bool) -> int:
              "the compile time)", len(blocks))
     return len(blocks)
 
-
-def reset_compiled() -> None:
-    """Forgets every compiled graph (tests that compile several models in one process)."""
-    torch._dynamo.reset()
