@@ -155,14 +155,14 @@ class DocumentSegments:
     inverse: Tensor  # (B * T,)
     causal: bool
 
-    @torch.compiler.disable
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
                enable_gqa: bool) -> Tensor:
         """SDPA of (B, H, T, D) queries over (B, K, T, D) keys/values, each document
         attending only to itself; returns (B, H, T, D) as SDPA would.
 
-        Eager under `torch.compile` (a graph break): traced, every new set of document
-        lengths would be a new graph, where a compiled block keeps one per input shape."""
+        Eager under `torch.compile` once `keep_segments_eager` ran (a graph break): traced,
+        every new set of document lengths would be a new graph, where a compiled block
+        keeps one per input shape."""
         B, H, T, D = q.shape
 
         def tokens(x: Tensor) -> Tensor:  # (B, heads, T, D) -> (B * T, heads, D)
@@ -179,6 +179,16 @@ class DocumentSegments:
             outs.append(y.transpose(1, 2).reshape(n * length, H, D))
         y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return y[self.inverse].view(B, T, H, D).transpose(1, 2)
+
+
+def keep_segments_eager() -> None:
+    """Makes `DocumentSegments.attend` a graph break for `torch.compile` (idempotent); whoever
+    compiles blocks calls it first. Not a decorator: `torch.compiler.disable` imports
+    torch._dynamo (~1.5 s), which a process that only builds or evaluates a model skips."""
+    if not getattr(DocumentSegments.attend, "_lmforge_eager", False):
+        eager = torch.compiler.disable(DocumentSegments.attend)
+        eager._lmforge_eager = True
+        DocumentSegments.attend = eager
 
 
 def document_segments(cfg: ModelConfig, q_pos: Tensor, k_pos: Tensor, q_segments: Tensor,

@@ -117,3 +117,43 @@ def test_dense_remains_where_segments_do_not_apply():
                   mask(seg=segments.flip(-1))):  # decreasing ids: a document in two runs
         assert isinstance(dense, torch.Tensor) and dense.shape[-2:] == (T, T)
     assert isinstance(mask(causal=False, key_padding=padding), DocumentSegments)
+
+
+def test_importing_the_model_does_not_import_dynamo():
+    """The graph break for compiled blocks is set up by whoever compiles
+    (`keep_segments_eager`): building or evaluating a model (a dry-run's meta build, an
+    export check) must not pay for importing torch._dynamo (~1.5 s a process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmforge.model, lmforge.model.layers, lmforge.model.document_masks; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_keep_segments_eager_makes_attend_a_graph_break_once():
+    import torch._dynamo as dynamo
+
+    from lmforge.model.document_masks import document_segments, keep_segments_eager
+
+    ids = _segments([[3, 5]])
+    pos = torch.arange(8)[None]
+    segments = document_segments(_config("decoder", 4), pos, pos, ids, ids, None, True)
+    q = torch.randn(1, 4, 8, 8)
+
+    def traced_ops() -> int:  # ops dynamo puts in the graph of a call to attend, then * 2
+        dynamo.reset()
+        return dynamo.explain(lambda x: segments.attend(x, x, x, 0.0, False) * 2)(q).op_count
+
+    plain = DocumentSegments.attend
+    try:
+        inlined = traced_ops()
+        keep_segments_eager()
+        eager = DocumentSegments.attend
+        keep_segments_eager()
+        assert DocumentSegments.attend is eager and eager is not plain
+        assert inlined > 1 and traced_ops() == 1  # only the * 2: attend ran eagerly
+    finally:
+        DocumentSegments.attend = plain
