@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.model.document_masks import keep_segments_eager
 from lmforge.model.layers import LayerCache
 
 log = logging.getLogger("lmforge.train")
@@ -68,6 +69,7 @@ def compile_blocks(model: nn.Module, enabled: bool) -> int:
     """
     if not enabled:
         return 0
+    keep_segments_eager()  # per-document attention stays a graph break (its lengths vary)
     blocks = model.blocks()
     # Blocks whose guards differ (LoRA adapters, every n-th checkpointed) each take one of
     # the per-function recompilations: enough of them that no block is left eager.
