@@ -69,6 +69,15 @@ def stand_ins() -> dict[str, ModuleType]:
     return modules
 
 
+def is_checked(deepspeed_version: str | None = None) -> bool:
+    """Whether the installed DeepSpeed (or ``deepspeed_version``) is one of
+    ``CHECKED_DEEPSPEED_VERSIONS``: the versions lmforge's uses of DeepSpeed internals (the
+    stand-ins here; ``source_load``'s partition layout and ``zero.Init`` hook) were checked
+    on. Any other version takes the public paths."""
+    version = deepspeed_version or importlib.metadata.version("deepspeed")
+    return version in CHECKED_DEEPSPEED_VERSIONS
+
+
 def install(deepspeed_version: str | None = None) -> list[str]:
     """Puts the stand-ins in ``sys.modules`` if DeepSpeed is not imported yet and its
     version is a checked one; returns the names installed (none otherwise).
@@ -78,9 +87,9 @@ def install(deepspeed_version: str | None = None) -> list[str]:
     """
     if "deepspeed" in sys.modules:
         return []  # too late to stand in for anything: DeepSpeed is already loaded
-    version = deepspeed_version or importlib.metadata.version("deepspeed")
-    if version not in CHECKED_DEEPSPEED_VERSIONS:
-        log.debug("DeepSpeed %s is not one of %s: imported as it is", version,
+    if not is_checked(deepspeed_version):
+        log.debug("DeepSpeed %s is not one of %s: imported as it is",
+                  deepspeed_version or importlib.metadata.version("deepspeed"),
                   ", ".join(CHECKED_DEEPSPEED_VERSIONS))
         return []
     installed = [name for name, module in stand_ins().items()

@@ -252,18 +252,44 @@ def written_locally(params: list[Tensor]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def model_build_context(enabled: bool, ds_config: dict) -> Iterator[None]:
+def gathered_on_rank0(params: list[Tensor]) -> Iterator[None]:
+    """DeepSpeed's public way to write partitioned parameters: each held whole on every
+    rank (an all-gather) while the block writes it, rank 0's values kept."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in params if partitioned(p)],
+                                           modifier_rank=0):
+        yield
+
+
+@contextlib.contextmanager
+def model_build_context(enabled: bool, ds_config: dict,
+                        checked: bool | None = None) -> Iterator[None]:
     """Builds inside ``deepspeed.zero.Init`` (each parameter partitioned as its module is
     made, so no rank ever holds the whole model) when ``enabled``; the model's own
-    ``init_weights`` then writes each module's parameters inside :func:`written_locally`
+    ``init_weights`` then writes each module's parameters one module at a time
     (``model.layers.gathered_init``): every rank draws the values a whole build draws, in
-    the same order, and holds one module whole at a time. Otherwise does nothing."""
+    the same order, and holds one module whole at a time. Otherwise does nothing.
+
+    On a DeepSpeed version lmforge checked (``checked``; by default
+    ``lean_deepspeed.is_checked()``) the writes go through :func:`written_locally` (no
+    all-gather: it relies on DeepSpeed's partition layout) and ``zero.Init``'s private
+    per-module hook returns freed memory; any other version takes the public
+    ``GatheredParameters`` and plain ``zero.Init`` (same weights, a higher peak)."""
     if not enabled:
         yield
         return
     import deepspeed
 
+    from lmforge.launch.train.lean_deepspeed import is_checked
     from lmforge.model.layers import gathered_init
+
+    if not (is_checked() if checked is None else checked):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config), \
+                gathered_init(gathered_on_rank0):
+            yield
+        release_freed_memory()
+        return
 
     class TrimmingInit(deepspeed.zero.Init):
         """``zero.Init`` that hands a module's freed whole parameters back to the kernel

@@ -7,6 +7,7 @@ match), and no rank held more than its partition of any parameter."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -44,12 +45,13 @@ def _rank(rank: int, store: str, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     ds_config = {"train_batch_size": WORLD, "zero_optimization": {"stage": 3}}
     report: dict[str, object] = {}
-    for name, cfg in CASES.items():
+    for (name, cfg), checked in itertools.product(CASES.items(), (True, False)):
         torch.manual_seed(7)
         whole = cfg.build()
         after_whole = torch.get_rng_state()
         torch.manual_seed(7)
-        with model_build_context(True, ds_config):
+        # checked: the local writes DeepSpeed's layout allows; else its public all-gather
+        with model_build_context(True, ds_config, checked=checked):
             part = cfg.build()
         same_rng = torch.equal(torch.get_rng_state(), after_whole)
         params = dict(part.named_parameters())
@@ -60,8 +62,9 @@ def _rank(rank: int, store: str, out: str) -> None:
         for key, tensor in whole.named_parameters():
             with deepspeed.zero.GatheredParameters([params[key]]):
                 equal.append(torch.equal(params[key].data, tensor.data))
-        report[name] = {"equal": all(equal) and len(equal) == len(params),
-                        "rng": same_rng, "fraction": local / total, "held": held}
+        key = f"{name}-{'local' if checked else 'public'}"
+        report[key] = {"equal": all(equal) and len(equal) == len(params),
+                       "rng": same_rng, "fraction": local / total, "held": held}
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
@@ -70,10 +73,18 @@ def test_partitioned_build_equals_the_whole_build(tmp_path: Path) -> None:
     mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert sorted(report) == sorted(CASES)
+        assert sorted(report) == sorted(f"{name}-{path}" for name in CASES
+                                        for path in ("local", "public"))
         for name, case in report.items():
             assert case["equal"] and case["rng"] and case["held"], (rank, name, case)
             assert case["fraction"] == pytest.approx(1 / WORLD, abs=0.05), (rank, name)
+
+
+def test_deepspeed_internals_only_on_a_checked_version() -> None:
+    from lmforge.launch.train.lean_deepspeed import CHECKED_DEEPSPEED_VERSIONS, is_checked
+
+    assert is_checked(CHECKED_DEEPSPEED_VERSIONS[0])
+    assert not is_checked("0.0.1") and not is_checked("99.0.0")
 
 
 def test_every_zero3_run_but_lora_builds_partitioned() -> None:
