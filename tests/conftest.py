@@ -26,13 +26,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                       lambda message: print(message, file=sys.stderr))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest work units first (tests/xdist_groups.py), so the short ones end the run."""
-    from xdist_groups import longest_first
-
-    items[:] = longest_first(items)
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Under ``pytest -n`` (``make test``): a module's tests on one worker, tests/cluster on

@@ -7,7 +7,7 @@ import pytest
 
 xdist = pytest.importorskip("xdist")
 from xdist.scheduler import LoadFileScheduling  # noqa: E402
-from xdist_groups import group_of, longest_first, make_scheduler  # noqa: E402
+from xdist_groups import group_of, make_scheduler  # noqa: E402
 
 
 class TwoWorkers:
@@ -38,23 +38,3 @@ def test_the_checked_version_schedules_by_group():
 def test_another_xdist_version_gets_the_public_file_scheduling():
     scheduler = make_scheduler(TwoWorkers(), None, "4.0.0")
     assert type(scheduler) is LoadFileScheduling
-
-
-class Item:
-    def __init__(self, nodeid: str, slow: bool = False) -> None:
-        self.nodeid, self.slow = nodeid, slow
-
-    def get_closest_marker(self, name: str) -> object:
-        return name if name == "slow" and self.slow else None
-
-
-def test_longest_units_are_handed_out_first_each_in_its_own_order():
-    items = [Item("tests/model/test_a.py::t1"), Item("tests/cluster/test_r.py::t1", True),
-             Item("tests/test_e2e.py::t1", True), Item("tests/launch/test_p.py::t1", True),
-             Item("tests/launch/test_p.py::t2", True), Item("tests/cluster/test_s.py::t1"),
-             Item("tests/test_e2e.py::t2"), Item("tests/model/test_a.py::t2")]
-    order = [item.nodeid for item in longest_first(items)]
-    assert order == ["tests/cluster/test_r.py::t1", "tests/cluster/test_s.py::t1",
-                     "tests/launch/test_p.py::t1", "tests/launch/test_p.py::t2",
-                     "tests/test_e2e.py::t1", "tests/test_e2e.py::t2",
-                     "tests/model/test_a.py::t1", "tests/model/test_a.py::t2"]

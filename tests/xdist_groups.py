@@ -24,31 +24,9 @@ def group_of(nodeid: str) -> str:
     return CLUSTER if path.startswith(CLUSTER) else path
 
 
-def longest_first(items: list[Any]) -> list[Any]:
-    """``items`` with the longest work units first, each unit's tests in their own order:
-    tests/cluster (~11 minutes on one worker), then the modules holding ``slow`` tests (most
-    slow tests first), then the rest. The scheduler hands units out in this order, so the
-    many short modules fill both workers at the end instead of one long module running
-    alone there (xdist's own order, by test count, put the few-test end-to-end modules
-    last: one worker idled for minutes)."""
-    slow: dict[str, int] = {}
-    for item in items:
-        unit = group_of(item.nodeid)
-        slow[unit] = slow.get(unit, 0) + (item.get_closest_marker("slow") is not None)
-
-    def rank(unit: str) -> tuple[int, int]:
-        return (0, 0) if unit == CLUSTER else (1, -slow[unit]) if slow[unit] else (2, 0)
-
-    return sorted(items, key=lambda item: rank(group_of(item.nodeid)))  # stable
-
-
 def make_scheduler(config: Any, log: Any, xdist_version: str) -> Any:
-    """The scheduler for ``pytest -n N`` (see the module docstring); units are handed out in
-    collection order (``longest_first``), not re-sorted by test count."""
+    """The scheduler for ``pytest -n N`` (see the module docstring)."""
     from xdist.scheduler import LoadFileScheduling, LoadScopeScheduling
-
-    if hasattr(config, "option"):
-        config.option.loadscopereorder = False
 
     if not xdist_version.startswith(CHECKED_XDIST_VERSIONS):
         return LoadFileScheduling(config, log)
