@@ -22,35 +22,39 @@ GiB = 2**30
 
 
 ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's default allreduce_bucket_size (elements)
-# DeepSpeed's CPU collectives (deepspeed/ops/csrc/cpu/comm/shm.cpp, 0.19): a shared-memory
-# workspace of 2 x NAIVE_ALLREDUCE_THRESHOLD (1 MiB) + 2 x MAX_BUF_SIZE (32 MiB) per local
-# rank, which every rank of the node maps.
-SHM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20
+# Not counted: DeepSpeed's CPU shared-memory workspace (ops/csrc/cpu/comm/shm.cpp, 66 MiB per
+# local rank) is created only when LOCAL_SIZE equals the world size (shm_interface.cpp), which
+# the deepspeed launcher sets and torchrun, srun and Ray Train (lmforge's launchers) do not;
+# lmforge's ranks map none of it (RssShmem 0, benchmarks/RESULTS.md 2026-12-07), and it only
+# serves inference_all_reduce, not training.
 
 
 def engine_buffers(cfg: RunConfig) -> tuple[float, float]:
     """(resident, after-backward) bytes of DeepSpeed's own buffers per rank, from the
     bucket sizes of the generated DeepSpeed JSON: stage 0 all-reduces a flattened copy of
-    the gradients (up to ``allreduce_bucket_size``) after the backward; stages 1-2 keep a
-    contiguous gradient bucket (``reduce_bucket_size``) and an fp32 gradient partition
-    for the master copy; stage 3 the bucket, the fp32 gradient partition and the weights
-    gathered for the layers in flight (up to ``stage3_prefetch_bucket_size``). On gloo (CPU)
-    every rank also maps the node's shared-memory collective workspaces; NCCL's own
-    buffers (GPU) are not counted."""
+    the gradients (up to ``allreduce_bucket_size``) after the backward. Stages 1-2 allocate
+    the contiguous gradient bucket (``reduce_bucket_size``) afresh at each backward
+    (``stage_1_and_2.py`` ``setup_buckets``) and fill it as the backward frees activations,
+    then build the partition's fp32 gradient for the master copy (``step``:
+    ``flatten(averaged_gradients).to(fp32)``): both after the loss's peak. Stage 3 allocates
+    its bucket once (``stage3.py`` ``_setup_for_real_optimizer``: ``ipg_buckets``, touched up
+    to the gradients it holds) and keeps the weights gathered for the layers in flight (up to
+    ``stage3_prefetch_bucket_size``): resident. Its gradient partition
+    (``grad_partitions_flat_buffer``, in the model's dtype unless ``data_types.grad_accum_dtype``
+    says otherwise) is the plan's gradients row, not a buffer. NCCL's and gloo's own buffers
+    are not counted."""
     ds_json = build_deepspeed_config(cfg.train, cfg.deepspeed, cfg.world_size, "gloo")
     zero = ds_json.get("zero_optimization", {})
     stage, n = cfg.deepspeed.zero_stage, cfg.world_size
     psi = parameter_count(cfg.model)
     weight_b, grad_b, _ = state_bytes_per_param(cfg.train.precision, stage)
-    shm = SHM_WORKSPACE * cfg.launch.nproc_per_node \
-        if cfg.launch.resolved_backend() == "gloo" else 0.0
     if stage == 0:
-        return shm, min(psi, zero.get("allreduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
+        return 0.0, min(psi, zero.get("allreduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
     bucket = min(psi, zero.get("reduce_bucket_size", ALLREDUCE_BUCKET)) * grad_b
-    resident = shm + bucket + 4 * psi / n
-    if stage == 3:
-        resident += min(psi, zero.get("stage3_prefetch_bucket_size", psi)) * weight_b
-    return resident, 0.0
+    if stage < 3:
+        return 0.0, bucket + 4 * psi / n
+    prefetch = min(psi, zero.get("stage3_prefetch_bucket_size", psi)) * weight_b
+    return bucket + prefetch, 0.0
 
 
 def run_memory_plan(cfg: RunConfig) -> MemoryPlan:

@@ -16,9 +16,11 @@ gives 34·h per token plus 5·a·s for the score matrix; with a fused attention 
 configuration (see `layer_activation_bytes`). lmforge's own layers differ in the details,
 each term below names the tensor it counts. Full checkpointing keeps each checkpointed
 block's input and recomputes one block at a time; selective keeps `block.attn`'s input
-only. The logits line is the loss's peak: the fp32 log-softmax output with its incoming
-and outgoing gradients (12 bytes per logit) for every predicted token, or for one chunk
-with `train.loss_chunk_tokens` (`losses.chunked_lm_loss`).
+only. The recomputed block's tensors (`recompute_bytes`) exist only during that block's
+backward, after the loss's backward has freed the logits, so the peak takes the larger of
+the two, not their sum. The logits line is the loss's peak: the fp32 log-softmax output
+with its incoming and outgoing gradients (12 bytes per logit) for every predicted token, or
+for one chunk with `train.loss_chunk_tokens` (`losses.chunked_lm_loss`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class MemoryPlan:
     optimizer: float
     """Optimizer state on the device: Adam m and v, plus the fp32 master copy."""
     activations: float
-    """Tensors the blocks keep for the backward (one micro-batch)."""
+    """Tensors the blocks keep for the backward (one micro-batch); with checkpointing the
+    kept block inputs, the recomputed block being `recompute`."""
     logits: float
     """Logits and loss buffers of the vocabulary loss (peak, one micro-batch)."""
     host: float = 0.0
@@ -52,22 +55,27 @@ class MemoryPlan:
     buffers: float = 0.0
     """The engine's resident communication buffers (gradient buckets, gathered weights)."""
     transient: float = 0.0
-    """Buffers that live only after the backward (a flattened all-reduce copy), when the
-    activations and logits are already freed."""
+    """Buffers filled during or after the backward (a gradient bucket, a flattened
+    all-reduce copy), when the activations and logits are already freed."""
+    recompute: float = 0.0
+    """The tensors of one recomputed block (activation checkpointing), alive during that
+    block's backward only: after the loss's backward has freed the logits."""
 
     @property
     def device_total(self) -> float:
         """What the device holds at the step's peak: the states and resident buffers, plus
-        the larger of (activations + logits) during the backward and the post-backward
-        transients."""
+        the largest of: the kept activations with the larger of the loss's logits and one
+        recomputed block (the backward), and the post-backward transients."""
         resident = self.params + self.grads + self.optimizer + self.buffers
-        return resident + max(self.activations + self.logits, self.transient)
+        backward = self.activations + max(self.logits, self.recompute)
+        return resident + max(backward, self.transient)
 
     def rows(self) -> list[tuple[str, float]]:
         """(name, bytes) in printing order."""
         return [("parameters", self.params), ("gradients", self.grads),
                 ("optimizer state", self.optimizer), ("activations", self.activations),
-                ("logits / loss", self.logits), ("engine buffers", self.buffers),
+                ("logits / loss", self.logits), ("recomputed block", self.recompute),
+                ("engine buffers", self.buffers),
                 ("after backward", self.transient), ("peak (device)", self.device_total),
                 ("offloaded (host)", self.host)]
 
@@ -119,19 +127,45 @@ def layer_activation_bytes(cfg: ModelConfig, e: int, seq_len: int, *, cross: boo
 
 
 def _stack_bytes(cfg: ModelConfig, e: int, layers: int, tokens: int, seq_len: int,
-                 checkpointing: Checkpointing, every: int, cross: bool = False) -> float:
-    """Activations of one stack of `layers` blocks over `tokens` tokens."""
+                 checkpointing: Checkpointing, every: int, cross: bool = False
+                 ) -> tuple[float, float]:
+    """(kept, recomputed) activations of one stack of `layers` blocks over `tokens`
+    tokens: what stays until the backward, and what one recomputed block (full) or one
+    recomputed attention (selective) holds during its own backward."""
     per_layer = layer_activation_bytes(cfg, e, seq_len, cross=cross) * tokens
     wrapped = math.ceil(layers / every) if checkpointing != "none" else 0
-    if checkpointing == "full":  # each wrapped block keeps its input; one block recomputed
-        return (layers - wrapped) * per_layer + wrapped * e * cfg.d_model * tokens \
-            + (per_layer if wrapped else 0)
-    if checkpointing == "selective":  # block.attn keeps its input only
-        hq, hkv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-        attn_inner = e * ((hq + 2 * hkv) + hq + (hq + hkv if cfg.position == "rope" else 0)) \
-            + 4 * cfg.n_heads
-        return layers * per_layer - wrapped * attn_inner * tokens
-    return layers * per_layer
+    if not wrapped:
+        return layers * per_layer, 0.0
+    if checkpointing == "full":  # each wrapped block keeps its input
+        return (layers - wrapped) * per_layer + wrapped * e * cfg.d_model * tokens, per_layer
+    # selective: block.attn keeps its input only
+    hq, hkv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    attn_inner = (e * ((hq + 2 * hkv) + hq + (hq + hkv if cfg.position == "rope" else 0))
+                  + 4 * cfg.n_heads) * tokens
+    return layers * per_layer - wrapped * attn_inner, attn_inner
+
+
+def _activations(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str,
+                 checkpointing: Checkpointing, every_n_layers: int, tgt_len: int | None
+                 ) -> tuple[float, float]:
+    """(kept, recomputed) bytes of one micro-batch; see `activation_bytes`."""
+    e = 4 if precision == "fp32" else 2
+    h = cfg.d_model
+    head = (_norm_bytes(cfg, e) * h if cfg.norm_position == "pre" else 0) + e * h
+    if cfg.family == "encoder_decoder":
+        S, T = seq_len * micro_batch, (tgt_len or seq_len) * micro_batch
+        memory_kv = cfg.decoder_layers * e * 2 * cfg.kv_heads * cfg.head_size * S
+        enc = _stack_bytes(cfg, e, cfg.encoder_layers, S, seq_len, checkpointing,
+                           every_n_layers)
+        dec = _stack_bytes(cfg, e, cfg.decoder_layers, T, tgt_len or seq_len,
+                           checkpointing, every_n_layers, cross=True)
+        return enc[0] + dec[0] + memory_kv + head * T, max(enc[1], dec[1])
+    tokens = seq_len * micro_batch
+    if cfg.family == "encoder":
+        head += e * h * 2 + _norm_bytes(cfg, e) * h
+    kept, recomputed = _stack_bytes(cfg, e, cfg.n_layers, tokens, seq_len, checkpointing,
+                                    every_n_layers)
+    return kept + head * tokens, recomputed
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str,
@@ -140,24 +174,20 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
     """Bytes the model keeps for the backward of one micro-batch (logits excluded).
 
     Blocks as in `layer_activation_bytes`, plus the final norm and the output head's input
-    (for an encoder also its MLM transform: dense input, activation input, LayerNorm).
+    (for an encoder also its MLM transform: dense input, activation input, LayerNorm). With
+    checkpointing, the kept block inputs; the recomputed block is `recompute_bytes`.
     """
-    e = 4 if precision == "fp32" else 2
-    h = cfg.d_model
-    head = (_norm_bytes(cfg, e) * h if cfg.norm_position == "pre" else 0) + e * h
-    if cfg.family == "encoder_decoder":
-        S, T = seq_len * micro_batch, (tgt_len or seq_len) * micro_batch
-        memory_kv = cfg.decoder_layers * e * 2 * cfg.kv_heads * cfg.head_size * S
-        return (_stack_bytes(cfg, e, cfg.encoder_layers, S, seq_len, checkpointing,
-                             every_n_layers)
-                + _stack_bytes(cfg, e, cfg.decoder_layers, T, tgt_len or seq_len,
-                               checkpointing, every_n_layers, cross=True)
-                + memory_kv + head * T)
-    tokens = seq_len * micro_batch
-    if cfg.family == "encoder":
-        head += e * h * 2 + _norm_bytes(cfg, e) * h
-    return _stack_bytes(cfg, e, cfg.n_layers, tokens, seq_len, checkpointing,
-                        every_n_layers) + head * tokens
+    return _activations(cfg, micro_batch, seq_len, precision, checkpointing,
+                        every_n_layers, tgt_len)[0]
+
+
+def recompute_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str,
+                    checkpointing: Checkpointing = "none", every_n_layers: int = 1,
+                    tgt_len: int | None = None) -> float:
+    """Bytes one recomputed block (full) or attention (selective) holds during its backward
+    (`torch.utils.checkpoint` reruns its forward there); 0 without checkpointing."""
+    return _activations(cfg, micro_batch, seq_len, precision, checkpointing,
+                        every_n_layers, tgt_len)[1]
 
 
 def logits_bytes(cfg: ModelConfig, predicted_tokens: int, loss_chunk_tokens: int = 0) -> float:
@@ -223,9 +253,10 @@ def plan_memory(
     if offload_params and zero_stage == 3:
         host, params = host + params, 0.0
     predicted = micro_batch * (tgt_len or seq_len)
+    kept, recomputed = _activations(cfg, micro_batch, seq_len, precision,
+                                    activation_checkpointing, checkpoint_every_n_layers,
+                                    tgt_len)
     return MemoryPlan(
-        params=params, grads=grads, optimizer=optimizer,
-        activations=activation_bytes(cfg, micro_batch, seq_len, precision,
-                                     activation_checkpointing, checkpoint_every_n_layers,
-                                     tgt_len),
-        logits=logits_bytes(cfg, predicted, loss_chunk_tokens), host=host)
+        params=params, grads=grads, optimizer=optimizer, activations=kept,
+        logits=logits_bytes(cfg, predicted, loss_chunk_tokens), host=host,
+        recompute=recomputed)

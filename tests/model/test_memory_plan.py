@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from lmforge.model import ModelConfig
-from lmforge.model.memory import activation_bytes, layer_activation_bytes, plan_memory
+from lmforge.model.memory import (
+    activation_bytes,
+    layer_activation_bytes,
+    plan_memory,
+    recompute_bytes,
+)
 
 # h=16, 4 heads of 4 (2 kv heads: hkv=8), SwiGLU f=32, RMSNorm, RoPE, 2 layers, V=100
 TINY = {"vocab_size": 100, "d_model": 16, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
@@ -46,19 +53,45 @@ def test_activations_by_hand():
     tokens = 20
     assert layer_activation_bytes(cfg, 2, 10) == 672
     assert activation_bytes(cfg, 2, 10, "bf16") == 2 * 672 * tokens + 128 * tokens
-    # full: each block keeps its input (2·16 per token), one block is recomputed at a time
-    assert activation_bytes(cfg, 2, 10, "bf16", "full") == \
-        2 * 32 * tokens + 672 * tokens + 128 * tokens
+    # full: each block keeps its input (2·16 per token); one block (672) is recomputed at a
+    # time, during its own backward
+    assert activation_bytes(cfg, 2, 10, "bf16", "full") == 2 * 32 * tokens + 128 * tokens
+    assert recompute_bytes(cfg, 2, 10, "bf16", "full") == 672 * tokens
     # selective: block.attn keeps its input only, dropping qkv out, rotated q/k, SDPA out, lse
     attn_inner = 2 * (32 + 16 + 24) + 16
     assert activation_bytes(cfg, 2, 10, "bf16", "selective") == \
         2 * (672 - attn_inner) * tokens + 128 * tokens
+    assert recompute_bytes(cfg, 2, 10, "bf16", "selective") == attn_inner * tokens
+    assert recompute_bytes(cfg, 2, 10, "bf16") == 0
+    # every second block wrapped: block 1 keeps all 672, block 0 its input
+    assert activation_bytes(cfg, 2, 10, "bf16", "full", every_n_layers=2) == \
+        (672 + 32 + 128) * tokens
     plan = plan_memory(cfg, micro_batch=2, seq_len=10)
     assert plan.logits == tokens * 100 * 12  # log-softmax out, its grad in and grad out
     chunked = plan_memory(cfg, micro_batch=2, seq_len=10, loss_chunk_tokens=8)
     assert chunked.logits == 8 * 100 * 12
     assert plan.device_total == plan.params + plan.grads + plan.optimizer \
         + plan.activations + plan.logits
+
+
+def test_recomputed_block_and_logits_do_not_add_up():
+    """The loss's backward (logits) ends before the first checkpointed block is recomputed:
+    the peak holds the kept activations plus the larger of the two (hand computation:
+    bf16, 2 x 10 tokens, V=100: logits 20·100·12 = 24,000 B; one block 672·20 = 13,440 B)."""
+    cfg = _cfg()
+    full = plan_memory(cfg, micro_batch=2, seq_len=10, activation_checkpointing="full")
+    assert (full.logits, full.recompute) == (24_000, 13_440)
+    states = full.params + full.grads + full.optimizer
+    assert full.device_total == states + full.activations + 24_000
+    # a vocabulary of 20 makes the block the larger one (logits 4,800 B)
+    small = plan_memory(_cfg(vocab_size=20), micro_batch=2, seq_len=10,
+                        activation_checkpointing="full")
+    assert small.logits == 4_800
+    assert small.device_total == small.params + small.grads + small.optimizer \
+        + small.activations + 13_440
+    # post-backward transients win only when larger than both
+    late = dataclasses.replace(full, transient=10**6)
+    assert late.device_total == states + 10**6
 
 
 def test_gpt_layer_is_korthikanti_34_sbh():

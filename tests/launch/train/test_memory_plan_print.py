@@ -23,11 +23,10 @@ def test_plan_takes_its_arguments_from_the_run_config():
                              "--train.loss_chunk_tokens=64", "--train.precision=fp32"])
     plan = run_memory_plan(cfg)
     psi = parameter_count(cfg.model)
-    # ZeRO-3's resident buffers: the gradient bucket (reduce_bucket_size 5e7 > psi), the
-    # fp32 gradient partition and the gathered weights (prefetch bucket 5e7 > psi)
-    # and, on gloo, the 4 local ranks' shared-memory workspaces of DeepSpeed's CPU collectives
-    shm = 4 * (2 + 64) * 2**20
-    assert (plan.buffers, plan.transient) == (shm + 4 * psi + 4 * psi / 4 + 4 * psi, 0)
+    # ZeRO-3's resident buffers: the gradient bucket (reduce_bucket_size 5e7 > psi) and the
+    # gathered weights (prefetch bucket 5e7 > psi); its gradient partition is the gradients
+    # row; no shared-memory workspace: lmforge's launchers do not set LOCAL_SIZE
+    assert (plan.buffers, plan.transient) == (4 * psi + 4 * psi, 0)
     assert dataclasses.replace(plan, buffers=0.0) == plan_memory(
         cfg.model, micro_batch=2, seq_len=cfg.data.seq_len, precision="fp32", zero_stage=3,
         world_size=4, activation_checkpointing="selective", offload_optimizer=True,
@@ -36,6 +35,10 @@ def test_plan_takes_its_arguments_from_the_run_config():
     stage0 = run_memory_plan(load_config(TINY, ["--deepspeed.zero_stage=0",
                                                 "--launch.backend=nccl"]))
     assert (stage0.buffers, stage0.transient) == (0, 2 * psi)  # bf16 flattened all-reduce
+    stage2 = run_memory_plan(load_config(TINY, ["--deepspeed.zero_stage=2",
+                                                "--launch.nproc_per_node=2"]))
+    # the bf16 gradient bucket and the partition's fp32 gradient fill after the loss's peak
+    assert (stage2.buffers, stage2.transient) == (0, 2 * psi + 4 * psi / 2)
     text = format_memory_plan(cfg, (64 * GiB, "GPU 0 of this machine (test)"))
     assert "ZeRO stage 3" in text and "4 ranks" in text
     assert f"{plan.device_total / GiB:.3f} GiB" in text and text.count(": fits") == 1
