@@ -16,7 +16,10 @@ On CUDA ``torch.cuda.max_memory_allocated`` is used the same way.
   FlexAttention. The dense (B, 1, T, T) mask's peak and time are printed beside it.
 - ``memory_plan_error_max``: worst |plan − measured| ÷ measured of the dry-run memory plan
   (``model/memory.py``) over real DeepSpeed steps on 2 CPU processes (ZeRO 0/2/3,
-  checkpointing on/off, two sequence lengths) (goal ≤ 0.15).
+  checkpointing on/off, two sequence lengths) (goal ≤ 0.15). Measured as the bytes a rank
+  holds (fixed glibc mmap threshold, above a baseline taken after a warm-up engine has done
+  DeepSpeed's lazy imports); ``--glibc-default`` measures the default allocator's RSS, which
+  keeps freed heap and grows with the step count (see ``plan_error``).
 - ``import_rss_vs_whole``: peak RSS of each of 2 ranks importing a Hugging Face source
   (``llama-1b`` shape, bf16 shards, made on the spot) under ZeRO-3, import gate included,
   ÷ one process loading it whole in fp32 with ``transformers`` (goal ≤ 0.6 per rank; the
