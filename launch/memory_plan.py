@@ -109,6 +109,10 @@ def format_memory_plan(cfg: RunConfig, capacity: tuple[float, str] | None = None
     need = (plan.device_total + plan.host) * per_node if on_host else plan.device_total
     verdict = "fits" if need <= total else "DOES NOT FIT"
     scope = f"{per_node} ranks" if on_host else "one rank"
+    if on_host:
+        lines.append("#   (live tensor bytes, what a GPU's allocator would count; a CPU rank's "
+                     "resident memory is higher by the interpreter and the freed memory the "
+                     "C allocator keeps: benchmarks/RESULTS.md, memory_plan_error_max)")
     lines.append(f"#   against {what}: {_gib(total).strip()}; needs {_gib(need).strip()} "
                  f"({scope}): {verdict}")
     if plan.host and not on_host:
