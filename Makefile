@@ -28,11 +28,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 run: $(VENV)/.installed
 	$(BIN)/lmforge run $(CONFIG)
 
-# The 30 slowest tests are listed at the end of every run (CI's output included). Two
-# pytest-xdist workers: a training run keeps both cores busy only part of its time (start-up
-# is one process at a time; Slurm, Ray and MLflow tests mostly wait); tests that share a
-# fixture stay on one worker (tests/xdist_groups.py). TEST_WORKERS=0 runs them in one process.
-TEST_WORKERS ?= 2
+# The 30 slowest tests are listed at the end of every run (CI's output included). Three
+# pytest-xdist workers on 2 cores: the Slurm and the Ray cluster tests mostly wait on their
+# schedulers, each on a worker of its own, while the other two keep the cores busy (measured:
+# 3 workers 18:52, 2 workers 22:33, on the 2-core machine); tests that share a fixture stay on
+# one worker (tests/xdist_groups.py). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 3
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 test: setup-test

@@ -25,7 +25,9 @@ class RayCluster:
 
     def __init__(self, ray_bin: Path = RAY) -> None:
         self.ray_bin = ray_bin
-        self.base = free_port_block(100)
+        # Above the ports a Slurm prepare job's Ray takes (20000-39999, by job id:
+        # slurm/ray-prepare.sbatch), which may run at the same time on another worker.
+        self.base = free_port_block(100, start=40000)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lmf-ray-", dir="/tmp"))
         self.gcs = f"127.0.0.1:{self.base}"
         self.dashboard = f"http://127.0.0.1:{self.base + 40}"

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_ray_job_runs_the_graph(ray_cluster, stage_graph, tmp_path):
-    common, local = stage_graph.args, stage_graph.reference  # the same graph, run locally
+    common = stage_graph.args_with_own_data(tmp_path)
+    local = stage_graph.reference  # the same graph, run locally
     run_dir = tmp_path / "ray"
     submit = ["submit", "ray", str(TINY), "--address", ray_cluster.dashboard, "--python",
               sys.executable, f"--run_dir={run_dir}", *common]

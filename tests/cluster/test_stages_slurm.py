@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_requeued_graph_resumes_inside_the_second_stage(slurm_cluster, stage_graph, tmp_path):
-    common, straight = stage_graph.args, stage_graph.reference  # the graph, uninterrupted
+    common = stage_graph.args_with_own_data(tmp_path)
+    straight = stage_graph.reference  # the graph, run uninterrupted
     run_dir = tmp_path / "slurm"
     out = lmforge("submit", "slurm", str(TINY), "--nodes", "1", "--tasks-per-node", "2",
                   f"--run_dir={run_dir}", *common, cwd=tmp_path).stdout
@@ -27,6 +28,9 @@ def test_requeued_graph_resumes_inside_the_second_stage(slurm_cluster, stage_gra
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (anneal / "metrics.jsonl").exists() or max(metrics(anneal), default=0) < 5:
         assert time.monotonic() < deadline, job_log(run_dir)[-3000:]
+        state = job_field(job_id, "JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (
+            f"job {job_id} {state} before its anneal stage:\n{job_log(run_dir)[-3000:]}")
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     state = wait_for_end(job_id, run_dir)
