@@ -1,6 +1,7 @@
 """``train.compile``: each block compiled with torch.compile (inductor's C++ backend on CPU).
 
-In process: a compiled block equals the eager block (forward and gradients, within 1e-5),
+In process: a compiled block equals the eager block (forward and gradients, within 1e-5;
+also with LoRA adapters, which alone receive gradients),
 parameter names do not change, evaluation and cached decoding stay eager, and the
 combination that does not compose (ZeRO-3) is refused naming both keys. One real
 ``lmforge train`` with compile on (ZeRO-2, full activation checkpointing, packed documents, 1 rank)
@@ -19,10 +20,11 @@ import pytest
 import torch
 from engine_helpers import finish, losses, shard_fixtures, train
 
-from lmforge.launch.config import load_config, load_resolved
+from lmforge.launch.config import TrainableConfig, load_config, load_resolved
 from lmforge.launch.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.launch.train.callbacks import Callback
 from lmforge.launch.train.compile_blocks import compile_blocks
+from lmforge.launch.train.trainable import apply_trainable
 from lmforge.model import ModelConfig
 
 TINY = dict(family="decoder", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -84,6 +86,39 @@ def test_names_stay_and_eval_and_decoding_stay_eager(models):
         compiled(ids, cache=cache)
         compiled(ids[:, :1], cache=cache)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+def test_compiled_lora_blocks_equal_eager_and_only_the_adapters_learn():
+    """trainable.mode=lora with compile, in build.py's order: adapters injected, then the
+    blocks compiled, then full checkpointing. B is moved off zero (on both models alike) so
+    that the adapters take part in the output and in the gradients."""
+    eager, compiled = _pair()
+    lora = TrainableConfig(mode="lora", lora_rank=4)
+    for model in (eager, compiled):
+        apply_trainable(model, lora)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in eager.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_blocks(compiled, True) == 2
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for model in (eager, compiled):
+        apply_activation_checkpointing(model, "full")
+        model.train()
+        logits = model(ids)
+        logits.float().pow(2).mean().backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_e, grad_e), (out_c, grad_c) = outputs
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    learning = sorted(n for n, g in grad_c.items() if g is not None)
+    assert learning == sorted(n for n, g in grad_e.items() if g is not None)
+    assert learning and all("lora_" in n for n in learning)  # the base weights stay frozen
+    assert any("lora_A" in n for n in learning) and any("lora_B" in n for n in learning)
+    for name in learning:
+        torch.testing.assert_close(grad_c[name], grad_e[name], atol=1e-5, rtol=1e-5)
 
 
 def test_compile_off_leaves_the_model_alone():
