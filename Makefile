@@ -22,10 +22,6 @@ CONFIG     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# No byte-compiling at install: pip would compile every module of every package (~50 CPU-s
-# for this environment, on the set-up's critical path); Python compiles the modules a run
-# imports, once, when it first imports them.
-PIP_INSTALL = $(BIN)/python -m pip install -q --no-compile
 
 .PHONY: run test test-fast setup setup-test constraints lint clean
 
@@ -54,32 +50,32 @@ setup-test:
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
 $(VENV)/.torch: | $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing CUDA torch ($(TORCH_SPEC))"; \
-		$(PIP_INSTALL) $(TORCH_SPEC); \
+		$(BIN)/python -m pip install -q $(TORCH_SPEC); \
 	else \
 		echo "no GPU: installing CPU torch ($(TORCH_SPEC))"; \
-		$(PIP_INSTALL) $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+		$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
-	$(PIP_INSTALL) -c $(CONSTRAINTS) -e .
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.deepspeed pyproject.toml $(CONSTRAINTS)
-	$(PIP_INSTALL) -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $@ $(VENV)/.installed
 
 # DeepSpeed (and what it imports) first, at the constrained version, so that its ops can be
 # built while the rest installs; the later install finds it satisfied and leaves it alone.
 $(VENV)/.deepspeed: $(VENV)/.torch $(CONSTRAINTS)
-	$(PIP_INSTALL) -c $(CONSTRAINTS) deepspeed
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) deepspeed
 	touch $@
 
 # DeepSpeed's CPU ops the suite's runs use (shared-memory collectives, CPU Adam), built once
