@@ -50,17 +50,19 @@ def models():
     return eager, compiled
 
 
+def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One training forward and backward from zeroed gradients: (logits, grads by name)."""
+    model.train()
+    model.zero_grad()
+    logits = model(ids)
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
 def test_compiled_blocks_equal_eager_forward_and_backward(models):
     eager, compiled = models
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
-    grads = []
-    for model in (eager, compiled):
-        model.train()
-        model.zero_grad()
-        logits = model(ids)
-        logits.float().pow(2).mean().backward()
-        grads.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (out_e, grad_e), (out_c, grad_c) = grads
+    (out_e, grad_e), (out_c, grad_c) = _step(eager, ids), _step(compiled, ids)
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     assert grad_c.keys() == grad_e.keys()
     for name in grad_e:
@@ -104,14 +106,9 @@ def test_compiled_lora_blocks_equal_eager_and_only_the_adapters_learn():
     compiled.load_state_dict(eager.state_dict())
     assert compile_blocks(compiled, True) == 2
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
-    outputs = []
     for model in (eager, compiled):
         apply_activation_checkpointing(model, "full")
-        model.train()
-        logits = model(ids)
-        logits.float().pow(2).mean().backward()
-        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (out_e, grad_e), (out_c, grad_c) = outputs
+    (out_e, grad_e), (out_c, grad_c) = _step(eager, ids), _step(compiled, ids)
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     learning = sorted(n for n, g in grad_c.items() if g is not None)
     assert learning == sorted(n for n, g in grad_e.items() if g is not None)
