@@ -8,7 +8,11 @@
 # TORCH_INDEX at PyTorch's CPU wheel index); with one, the CUDA build of the same version.
 # Every other package is installed at the exact version in $(CONSTRAINTS), the versions the
 # suite last passed on (`make constraints` rewrites it from .venv); pyproject.toml keeps
-# the lower bounds for users who install the package themselves.
+# the lower bounds for users who install the package themselves. pip installs torch (it
+# finds a local torch wheel where pip is configured with one; uv reads no pip config) and
+# uv, at its pinned version; uv installs the rest: it fetches and unpacks in parallel and
+# byte-compiles on every core (the test extras: 27 s against pip's 97 s, 2 cores, a cold
+# cache). It leaves the installed torch alone: 2.13.0+cpu satisfies torch==2.13.0.
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -48,9 +52,14 @@ setup: $(VENV)/.installed
 setup-test:
 	$(MAKE) --no-print-directory -j2 $(VENV)/.installed-test $(VENV)/.ds-ops
 
+UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c $(CONSTRAINTS)
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) uv
 
 $(VENV)/.torch: | $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
@@ -64,18 +73,18 @@ $(VENV)/.torch: | $(BIN)/python
 	fi
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e .
+$(VENV)/.installed: $(VENV)/.torch $(BIN)/uv pyproject.toml $(CONSTRAINTS)
+	$(UV_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.deepspeed pyproject.toml $(CONSTRAINTS)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(UV_INSTALL) -e ".[test]"
 	touch $@ $(VENV)/.installed
 
 # DeepSpeed (and what it imports) first, at the constrained version, so that its ops can be
 # built while the rest installs; the later install finds it satisfied and leaves it alone.
-$(VENV)/.deepspeed: $(VENV)/.torch $(CONSTRAINTS)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) deepspeed
+$(VENV)/.deepspeed: $(VENV)/.torch $(BIN)/uv $(CONSTRAINTS)
+	$(UV_INSTALL) deepspeed
 	touch $@
 
 # DeepSpeed's CPU ops the suite's runs use (shared-memory collectives, CPU Adam), built once
