@@ -62,7 +62,9 @@ class MlflowServer:
             "--artifacts-destination", str((self.root / "artifacts").resolve()),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # No job runner: MLflow 3 starts a huey consumer process beside the server for its
+        # own server-side jobs (~2.6 CPU-s at each start); lmforge submits none.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
