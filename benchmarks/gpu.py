@@ -4,7 +4,7 @@ What it runs, each step independent of the others (a failure is reported and the
 
 - ``nccl_collectives``: all-reduce and all-gather of CUDA tensors on NCCL with as many ranks
   as there are GPUs, at most 2 (NCCL refuses two ranks on one GPU, so one GPU gives 1 rank).
-- ``tiny_bf16_nccl`` / ``tiny_fp16_nccl``: the real path, ``lmforge train`` (torchrun,
+- ``tiny_bf16_nccl`` / ``tiny_fp16_nccl``: the real path, ``lmforge train`` (local ranks,
   DeepSpeed ZeRO-2, backend nccl, world size 1) of the tiny decoder on 16 repeated random
   samples: the loss must fall; fp16 runs with DeepSpeed's dynamic loss scaling and its
   losses must stay within 5% of bf16's starting loss, step by step (same data and init).

@@ -6,7 +6,7 @@
 - ``tracking/`` MLflow, delivered from a background thread
 - ``export/``   checkpoint → verified Hugging Face folder
 - ``stages/``   every run as a stage graph (a plain config: one stage): the one runner of
-  ``lmforge run`` and of every submitted job, launchers (torchrun, srun, Ray Train), hooks,
+  ``lmforge run`` and of every submitted job, launchers (local processes, srun, Ray Train), hooks,
   the MLflow run lifecycle
 - ``submit/``   Slurm, Ray and local job submission, apart from the job body on the cluster
 - ``commands.py`` the single ``lmforge`` commands (prepare, train, export, generate), ``cli.py``

@@ -20,7 +20,7 @@ from lmforge.launch.config import ConfigError, RunConfig
 from lmforge.launch.config.dataset_check import config_for_dataset, read_prepared
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.tracking import Tracker
-from lmforge.launch.train.torchrun import launch_training
+from lmforge.launch.train.processes import launch_training
 from lmforge.pipeline.contract.dataset_manifest import DatasetManifest
 from lmforge.pipeline.contract.stats import PrepareStats
 from lmforge.pipeline.folder_lock import folder_lock
@@ -146,7 +146,7 @@ def _datasets_held(cfg: RunConfig) -> Iterator[None]:
 
 def train(cfg: RunConfig, resume: str | None = None, run_id: str | None = None,
           launcher: Launcher | None = None) -> int:
-    """Trains on the prepared shards with DeepSpeed across local processes (torchrun), or
+    """Trains on the prepared shards with DeepSpeed across local processes (one per rank), or
     with ``launcher(cfg, run_dir, resume, run_id)`` (srun in a Slurm job, Ray Train in a Ray
     job); returns the processes' exit status (75: checkpointed and stopped, to resume).
 

@@ -24,7 +24,7 @@ GiB = 2**30
 ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's default allreduce_bucket_size (elements)
 # Not counted: DeepSpeed's CPU shared-memory workspace (ops/csrc/cpu/comm/shm.cpp, 66 MiB per
 # local rank) is created only when LOCAL_SIZE equals the world size (shm_interface.cpp), which
-# the deepspeed launcher sets and torchrun, srun and Ray Train (lmforge's launchers) do not;
+# the deepspeed launcher sets and lmforge's launchers (local processes, srun, Ray Train) do not;
 # lmforge's ranks map none of it (RssShmem 0, benchmarks/RESULTS.md 2026-12-07), and it only
 # serves inference_all_reduce, not training.
 

@@ -4,7 +4,7 @@
   the run directory itself), their results, and what the user sees of them
 - ``runner.py`` the one runner (``lmforge run``, ``lmforge submit local|slurm|ray`` jobs):
   prepare → train → export → hooks → ``STAGE_COMPLETE`` per stage
-- ``launchers.py`` what starts a stage's training processes: torchrun, srun, Ray Train
+- ``launchers.py`` what starts a stage's training processes: local processes, srun, Ray Train
 - ``callback.py``, ``hooks.py``, ``builtin_hooks.py`` the hook API: the typed
   ``StageCallback`` and ``StageContext``, loading ``hooks:`` by import path, the built-ins
   ``export``, ``register``, ``submit_next``

@@ -1,7 +1,7 @@
-"""What starts a stage's training processes: torchrun here, ``srun`` in a Slurm job, Ray Train
-in a Ray job. A :data:`Launcher` is called as ``launcher(cfg, run_dir, resume, run_id)`` once
-the stage's ``config.yaml`` is written, and returns the processes' exit status (75: they
-checkpointed and stopped, to be resumed).
+"""What starts a stage's training processes: a process per rank on this machine, ``srun`` in
+a Slurm job, Ray Train in a Ray job. A :data:`Launcher` is called as ``launcher(cfg, run_dir,
+resume, run_id)`` once the stage's ``config.yaml`` is written, and returns the processes'
+exit status (75: they checkpointed and stopped, to be resumed).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from lmforge.launch.rundir import RunDir
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE
-from lmforge.launch.train.torchrun import launch_training
+from lmforge.launch.train.processes import launch_training
 
 if TYPE_CHECKING:
     from lmforge.launch.config import RunConfig
@@ -28,9 +28,9 @@ Launcher = Callable[["RunConfig", Path, "str | None", "str | None"], int]
 """Starts a run's training processes and returns their exit status (75: preempted)."""
 
 
-def torchrun_launcher(cfg: RunConfig, run_dir: Path, resume: str | None,
+def local_launcher(cfg: RunConfig, run_dir: Path, resume: str | None,
                       run_id: str | None) -> int:
-    """``launch.nproc_per_node`` processes on this machine (torchrun)."""
+    """``launch.nproc_per_node`` processes on this machine (see :mod:`..train.processes`)."""
     return launch_training(cfg.launch, run_dir, resume=resume, run_id=run_id)
 
 

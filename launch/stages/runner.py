@@ -30,7 +30,7 @@ from lmforge.launch.eval.curves import write_curves
 from lmforge.launch.rundir import RunDir, StageInfo
 from lmforge.launch.stages.graph import GraphResult, StageResult, plan, print_result
 from lmforge.launch.stages.hooks import StageContext, StageHooks
-from lmforge.launch.stages.launchers import Launcher, torchrun_launcher
+from lmforge.launch.stages.launchers import Launcher, local_launcher
 from lmforge.launch.stages.mix_draws import report_draws
 from lmforge.launch.stages.mlflow_runs import end_run, ended_by, start_job_run, start_stage_run
 from lmforge.launch.tracking import Tracker
@@ -40,14 +40,14 @@ log = logging.getLogger("lmforge")
 
 
 def run_graph(cfg: RunConfig, resume: str | None = None,
-              launcher: Launcher = torchrun_launcher) -> GraphResult:
+              launcher: Launcher = local_launcher) -> GraphResult:
     """Runs every stage of ``cfg`` in order (see the module docstring).
 
     Args:
         cfg: Any run config (with or without ``stages:``).
         resume: ``auto`` (skip complete stages, resume the first incomplete one) or
             ``None``/``none`` (every stage from the start).
-        launcher: Starts each stage's training processes; torchrun on this machine by
+        launcher: Starts each stage's training processes; local processes on this machine by
             default (``slurm_launcher`` in a Slurm job, Ray Train in a Ray job).
 
     Raises:
@@ -120,7 +120,7 @@ def _after(stage: Stage, previous: StageResult | None) -> Stage:
 
 
 def run_stage(stage: Stage, hooks: StageHooks, job_dir: Path, resume: str | None,
-              launcher: Launcher = torchrun_launcher,
+              launcher: Launcher = local_launcher,
               job_run: tuple[Tracker, str | None] | None = None,
               parent_id: str | None = None) -> StageResult:
     """One stage: prepare → train → export → from scratch → ``STAGE_COMPLETE``.
@@ -191,7 +191,7 @@ def run_stage(stage: Stage, hooks: StageHooks, job_dir: Path, resume: str | None
 
 
 def run_from_scratch(stage: Stage, parent_id: str | None, resume: str | None,
-                     launcher: Launcher = torchrun_launcher) -> StageResult:
+                     launcher: Launcher = local_launcher) -> StageResult:
     """The stage again from random weights, in ``<stage dir>/from_scratch`` (same data)."""
     cfg = stage.from_scratch()
     run = RunDir.of(cfg.run_dir)

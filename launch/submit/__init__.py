@@ -8,7 +8,7 @@ The same resolved config (YAML plus ``--section.key=value`` overrides) goes to e
 target; ``--dry-run`` prints what would be submitted and submits nothing. A training job
 (``--job train``, the default) is the one runner, as ``lmforge run``: every stage of the
 config (a config without ``stages:`` is one stage) prepares its data inside the job, trains
-(srun, Ray Train, torchrun), exports and verifies, and registers with
+(srun, Ray Train, local processes), exports and verifies, and registers with
 ``tracking.registered_model``; a requeue or retry resumes inside the stage it was in.
 
 Owns the submitting side (``slurm.py``, ``ray_jobs.py``, ``local.py``, shared parts in

@@ -24,14 +24,14 @@ from pathlib import Path
 from lmforge.launch.config import RunConfig, load_config
 from lmforge.launch.redact import redact_text
 from lmforge.launch.rundir import RunDir
-from lmforge.launch.stages.launchers import Launcher, slurm_launcher, torchrun_launcher
+from lmforge.launch.stages.launchers import Launcher, local_launcher, slurm_launcher
 from lmforge.launch.stages.mlflow_runs import end_recorded_run
 from lmforge.launch.stages.runner import run_graph
 from lmforge.pipeline.folder_lock import FolderLocked
 
 log = logging.getLogger("lmforge")
 
-LAUNCHERS: dict[str, Launcher] = {"local": torchrun_launcher, "slurm": slurm_launcher}
+LAUNCHERS: dict[str, Launcher] = {"local": local_launcher, "slurm": slurm_launcher}
 """Launchers by ``--launcher`` name (a Ray job passes Ray Train's itself)."""
 
 

@@ -2,7 +2,7 @@
 
 The job goes through the same steps as on a cluster: the submitted config in
 ``<run_dir>/submit/train-config.yaml``, the one runner with ``--resume auto`` (each stage
-prepares, trains with torchrun, exports and verifies; a config without ``stages:`` is one
+prepares, trains with local processes, exports and verifies; a config without ``stages:`` is one
 stage), one MLflow run per job recorded in the run directory. Run it again after an
 interruption and it continues inside the stage it was in, from the newest complete checkpoint.
 """
@@ -48,11 +48,11 @@ def run_local(cfg: RunConfig, work: str, dry_run: bool = False) -> int:
     if work == "prepare":
         print(f"manifest: {prepare_data(cfg)}", flush=True)
         return 0
-    from lmforge.launch.stages.launchers import torchrun_launcher
+    from lmforge.launch.stages.launchers import local_launcher
     from lmforge.launch.submit.job import run_job
 
     run = RunDir.of(cfg.run_dir)
     cfg.save(run.job_config("train"))
     print(f"local job: every stage on {cfg.world_size} process(es); run directory {run.path}")
     print(f"  MLflow : {mlflow_line(cfg, run.path, run.read_run_id())}", flush=True)
-    return run_job(cfg, torchrun_launcher)  # its stages prepare their data (all: the same)
+    return run_job(cfg, local_launcher)  # its stages prepare their data (all: the same)

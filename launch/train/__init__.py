@@ -1,9 +1,9 @@
 """Training with DeepSpeed (``launch/train/``).
 
-Owns: the per-rank entry point (``worker.py``) and the torchrun launcher that starts it on
-one machine (``torchrun.py``), with the rendezvous that keeps its store and the ranks'
-gloo/NCCL on loopback (``rendezvous.py``, also rank 0's store under ``srun``); wiring a
-rank's engine, loaders and objective from the config (``build.py``); the loop
+Owns: the per-rank entry point (``worker.py``) and the launcher that starts and supervises
+a process per rank on one machine (``processes.py``), with the rendezvous that keeps rank
+0's store and the ranks' gloo/NCCL on loopback (``rendezvous.py``, also the store under
+``srun``); wiring a rank's engine, loaders and objective from the config (``build.py``); the loop
 (``trainer.py``) and the :class:`~lmforge.launch.train.callbacks.Callback` API with the
 built-in callbacks (``callbacks.py``, ``preemption.py``); checkpoints (``checkpoint.py``;
 fsync and per-file hashes ``integrity.py``; the checked resume with its fallback ``resume.py``);

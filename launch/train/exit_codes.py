@@ -1,6 +1,6 @@
 """Exit statuses the training processes, their launcher and job scripts agree on.
 
-Torch-free: the launcher side (torchrun, submit, the stage runner) reads them without
+Torch-free: the launcher side (local processes, submit, the stage runner) reads them without
 importing the training code.
 
 How an MLflow run ends follows from the exit status of what it ran (:func:`mlflow_status`,

@@ -1,6 +1,6 @@
 """The per-rank training entry point: ``python -m lmforge.launch.train.worker --run-dir DIR``.
 
-Started by torchrun (``lmforge run``/``train`` on one machine), ``srun`` (Slurm) or Ray
+Started by ``processes.py`` (``lmforge run``/``train`` on one machine), ``srun`` (Slurm) or Ray
 Train; it reads the rank layout from the usual variables (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) and the resolved config from ``DIR/config.yaml``.
 """
@@ -20,8 +20,14 @@ from lmforge.launch.train import lean_deepspeed
 # (its autotuner's MLflow import, the Muon optimizer's torch.compile), ~1.2 s each per rank.
 lean_deepspeed.install()
 
-import deepspeed
 import torch
+
+# Decided before DeepSpeed picks its accelerator, which otherwise warns on every rank that it
+# fell back to the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed
 import torch.distributed as dist
 
 from lmforge.launch.config import RunConfig, load_resolved
@@ -35,6 +41,7 @@ from lmforge.launch.train.errors import CheckpointError, UnsafeCheckpointError
 from lmforge.launch.train.exit_codes import REQUEUE_EXIT_CODE, mlflow_status
 from lmforge.launch.train.loss_guard import BadLossError
 from lmforge.launch.train.preemption import PreemptionHandler
+from lmforge.launch.train.processes import die_with_launcher
 from lmforge.launch.train.rendezvous import init_process_group
 from lmforge.launch.train.warm_start import WarmStartError
 from lmforge.model import estimate_flops, estimate_hardware_flops
@@ -86,7 +93,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     owns_process_group = not dist.is_initialized()  # Ray Train sets it up itself
     # srun: rank 0's store listens on MASTER_ADDR's address only (torch's own binds every
-    # interface); under torchrun the agent hosts a loopback store and this does nothing.
+    # interface); on one machine on the socket the launcher bound (127.0.0.1 by default).
     init_process_group(cfg.launch.resolved_backend())
     deepspeed.init_distributed(dist_backend=cfg.launch.resolved_backend(), verbose=False)
     rank = dist.get_rank()
@@ -130,7 +137,7 @@ def train_main(run_dir: Path, resume: str | None, run_id: str | None) -> int:
                 skipped_shards=metrics.skipped_shards,
             ))
     except (CheckpointError, UnsafeCheckpointError, WarmStartError) as err:
-        # A clear line instead of a traceback per rank; exiting lets the launcher (torchrun,
+        # A clear line instead of a traceback per rank; exiting lets the launcher (local,
         # srun, Ray Train) stop the other ranks instead of leaving them at a barrier.
         log.error("lmforge: %s", err)
         return 1
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", default=None, help="none, auto, or a checkpoint folder")
     parser.add_argument("--run-id", default=None, help="MLflow run to attach to")
     args = parser.parse_args(argv)
+    die_with_launcher()
     code = train_main(args.run_dir.resolve(), args.resume, args.run_id)
     # Everything is saved and the process group is gone; skip interpreter teardown, where
     # the communication library's threads occasionally abort ("terminate called ...").

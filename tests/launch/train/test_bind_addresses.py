@@ -105,7 +105,7 @@ def test_ray_prepare_sbatch_binds_the_dashboard_to_localhost(tmp_path):
     assert "0.0.0.0" not in script
 
 
-# -- training: the torchrun agent's rendezvous store, the ranks' process group -----------
+# -- training: the rendezvous store, the ranks' process group ---------------------------
 
 TRAIN_CONFIG = """\
 name: bind
@@ -183,8 +183,8 @@ def _environ(pid: int) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
-    """A real 2-process `lmforge train`: every listening socket of the launcher, the
-    torchrun agent and the ranks, read from the kernel's tables while it runs, is on
+    """A real 2-process `lmforge train`: every listening socket of the launcher and the
+    ranks, read from the kernel's tables while it runs, is on
     127.0.0.1 or ::1, and the ranks' communication libraries are told to use loopback."""
     from engine_helpers import shard_fixtures
 
@@ -208,7 +208,7 @@ def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
                 if "LOCAL_RANK" in env:
                     rank_env[pid] = env
                 for address, port, _ in kernel_listening(socket_inodes(pid)):
-                    seen[(address, port)] = "rank" if "LOCAL_RANK" in env else "launcher/agent"
+                    seen[(address, port)] = "rank" if "LOCAL_RANK" in env else "launcher"
             time.sleep(0.1)
         proc.wait(timeout=60)
     finally:
@@ -220,8 +220,10 @@ def test_training_on_one_machine_listens_on_loopback_only(tmp_path):
     # A rank's own children (data loader workers) inherit its variables: count RANKs.
     ranks = {env.get("RANK") for env in rank_env.values()}
     assert ranks == {"0", "1"}, f"saw ranks {ranks}: {seen}\n{out[-3000:]}"
-    assert seen, "nothing listened: the rendezvous store was not seen"
-    assert set(seen.values()) == {"rank", "launcher/agent"}, seen  # the store and gloo
+    # The store (the launcher binds it, rank 0 hosts it) and gloo.
+    store_ports = {int(env["MASTER_PORT"]) for env in rank_env.values()}
+    assert len(store_ports) == 1 and store_ports <= {port for _, port in seen}, (store_ports, seen)
+    assert "rank" in seen.values(), seen
     exposed = {k: v for k, v in seen.items() if k[0] not in LOCAL}
     assert not exposed, f"listening beyond loopback: {exposed}"
     for env in rank_env.values():
@@ -244,7 +246,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_ranks_a_cluster_launcher_starts_listen_on_the_master_address_only(tmp_path):
-    """What `srun` starts (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and no torchrun agent):
+    """What `srun` starts (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, no bound socket):
     rank 0's store and every rank's gloo listen on the address MASTER_ADDR names."""
     port = free_port()
     env = {k: v for k, v in os.environ.items()
@@ -275,29 +277,26 @@ def test_ranks_a_cluster_launcher_starts_listen_on_the_master_address_only(tmp_p
 @pytest.mark.parametrize("host,fixed", [("127.0.0.1", False), ("127.0.0.1", True),
                                         ("::1", False)])
 def test_the_loopback_rendezvous_store_listens_on_its_address_only(host, fixed):
-    """The store torchrun's agent hosts (launch.master_port set or not; IPv6 too): one
-    listening socket, on the endpoint's address, and a client of it works."""
+    """The store of a run on one machine (launch.master_port set or not; IPv6 too): the
+    launcher binds its socket, rank 0 hosts the store on that descriptor; one listening
+    socket, on the address, and a client of it works."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
-    from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-    from lmforge.launch.train.rendezvous import BACKEND, create_handler, torchrun_args
+    from lmforge.launch.train.rendezvous import bound_listener, store_server
 
-    port = free_port() if fixed else None
-    endpoint = next(a for a in torchrun_args(2, host, port) if a.startswith("--rdzv-endpoint"))
+    port = free_port() if fixed else 0
     before = {s[2] for s in kernel_listening(socket_inodes(os.getpid()))}
-    handler = create_handler(RendezvousParameters(BACKEND, endpoint.split("=", 1)[1],
-                                                  "lmforge", 1, 1))
-    info = handler.next_rendezvous()
+    listener = bound_listener(host, port)  # the launcher (processes.py)
+    bound = listener.getsockname()[1]
+    store = store_server(host, bound, None, timedelta(seconds=10), fd=listener.detach())
     opened = [s for s in kernel_listening(socket_inodes(os.getpid())) if s[2] not in before]
-    bound = info.bootstrap_store_info
-    assert [(a, p) for a, p, _ in opened] == [(host, bound.master_port)]
-    assert bound.master_addr == host and (bound.master_port == port if fixed else
-                                          bound.master_port > 0)
-    info.store.set("key", "value")
-    client = TCPStore(host, bound.master_port, None, False, timedelta(seconds=10))
-    assert client.get("lmforge/key") == b"value"
+    assert [(a, p) for a, p, _ in opened] == [(host, bound)]
+    assert bound == port if fixed else bound > 0
+    store.set("key", "value")
+    client = TCPStore(host, bound, None, False, timedelta(seconds=10))
+    assert client.get("key") == b"value"
 
 
 def test_a_single_machine_run_refuses_a_master_addr_of_another_machine():

@@ -1,5 +1,6 @@
-"""The DeepSpeed engine through `lmforge train`: exact resume, checkpoint-on-signal, and
-crashes (one rank SIGKILLed between checkpoints or while a checkpoint is being written).
+"""The DeepSpeed engine through `lmforge train`: exact resume, checkpoint-on-signal (a rank's
+or the launcher's), a killed launcher, and crashes (one rank SIGKILLed between checkpoints or
+while a checkpoint is being written).
 
 Real DeepSpeed, 2 processes on gloo, tiny shards in the contract format. Losses are the
 mean over ranks written by rank 0 to ``metrics.jsonl`` (exact floats).
@@ -113,6 +114,42 @@ def test_signal_checkpoints_exits_75_and_resume_continues(config, tmp_path):
     assert [after[s] for s in range(1, end + 1)] == [reference[s] for s in range(1, end + 1)]
 
 
+def test_the_launcher_passes_sigterm_to_the_ranks_and_takes_them_down_when_killed(config,
+                                                                                  tmp_path):
+    """SIGTERM to `lmforge train` reaches every rank: they checkpoint and it exits 75. A
+    SIGKILLed launcher leaves no rank behind: each gets SIGTERM from the kernel (it dies
+    with its parent) and checkpoints on the way out."""
+    common = ["--train.lr_schedule=constant", "--train.warmup_steps=0",
+              "--train.max_steps=100000"]
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+
+    def started(proc, steps: int) -> None:
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+
+    proc = train(config, run_dir, *common)
+    started(proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, expect=REQUEUE_EXIT_CODE)
+    stopped = max(losses(run_dir))
+    assert (run_dir / "checkpoints" / LATEST).read_text().strip() == f"step_{stopped:08d}"
+
+    proc = train(config, run_dir, *common, resume="auto")
+    started(proc, stopped + 2)
+    workers = _workers(psutil.Process(proc.pid))
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"ranks still running after the launcher was killed: {alive}"
+    last = (run_dir / "checkpoints" / LATEST).read_text().strip()
+    assert int(last.split("_")[1]) > stopped + 1  # the ranks checkpointed as they stopped
+    assert (run_dir / "checkpoints" / last / COMPLETE).exists()
+
+
 def test_fp16_on_cpu_is_a_config_error(config, tmp_path):
     proc = train(config, tmp_path / "fp16", "--train.precision=fp16", "--train.max_steps=2")
     out = finish(proc, expect=2)
@@ -176,7 +213,7 @@ def _workers(parent: psutil.Process) -> list[psutil.Process]:
 
 
 def _assert_all_gone(proc, workers: list[psutil.Process], within: float = 60) -> str:
-    """The run fails and torchrun tears every rank down within ``within`` seconds."""
+    """The run fails and the launcher tears every rank down within ``within`` seconds."""
     out, _ = proc.communicate(timeout=within)
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, f"ranks still running after the launcher ended: {alive}"
