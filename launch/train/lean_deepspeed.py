@@ -16,13 +16,21 @@ the 2-core CI machine; a launch has two ranks, the suite ~100 launches):
 Stand-in modules take their names in ``sys.modules`` before DeepSpeed is imported. Module
 paths are DeepSpeed internals, so this happens only for the DeepSpeed versions checked
 against (``CHECKED_DEEPSPEED_VERSIONS``); any other version is imported as it is.
+
+One repeated cost is kept once: py-cpuinfo's public ``get_cpu_info()`` answers by running
+itself in a new Python process (~0.65 CPU-s), and a rank with CPU Adam (optimizer offload)
+asks three times (``DeepSpeedCPUAdam``, and the op builder's ``cpu_arch``/``simd_width`` when
+it loads the op). On the checked versions the first answer is kept for the process (the
+CPU does not change under it) and each caller gets its own copy.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import logging
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,32 @@ def stand_ins() -> dict[str, ModuleType]:
     return modules
 
 
+def cpu_info_once(get_cpu_info: Callable[[], dict]) -> Callable[[], dict]:
+    """``get_cpu_info`` asked once per process; every call returns a copy of that answer."""
+    answer: list[dict] = []
+
+    def once() -> dict:
+        if not answer:
+            answer.append(get_cpu_info())
+        return copy.deepcopy(answer[0])
+
+    once.lmforge_once = True  # type: ignore[attr-defined]
+    return once
+
+
+def keep_cpu_info() -> bool:
+    """Makes ``cpuinfo.get_cpu_info`` answer from the process's first answer; False when
+    py-cpuinfo is not installed or this was done already."""
+    try:
+        import cpuinfo
+    except ImportError:
+        return False
+    if getattr(cpuinfo.get_cpu_info, "lmforge_once", False):
+        return False
+    cpuinfo.get_cpu_info = cpu_info_once(cpuinfo.get_cpu_info)
+    return True
+
+
 def is_checked(deepspeed_version: str | None = None) -> bool:
     """Whether the installed DeepSpeed (or ``deepspeed_version``) is one of
     ``CHECKED_DEEPSPEED_VERSIONS``: the versions lmforge's uses of DeepSpeed internals (the
@@ -79,8 +113,9 @@ def is_checked(deepspeed_version: str | None = None) -> bool:
 
 
 def install(deepspeed_version: str | None = None) -> list[str]:
-    """Puts the stand-ins in ``sys.modules`` if DeepSpeed is not imported yet and its
-    version is a checked one; returns the names installed (none otherwise).
+    """Puts the stand-ins in ``sys.modules`` and keeps py-cpuinfo's first answer if DeepSpeed
+    is not imported yet and its version is a checked one; returns the names installed (none
+    otherwise).
 
     Args:
         deepspeed_version: The installed version; read from the package metadata if None.
@@ -94,4 +129,6 @@ def install(deepspeed_version: str | None = None) -> list[str]:
         return []
     installed = [name for name, module in stand_ins().items()
                  if sys.modules.setdefault(name, module) is module]
+    if keep_cpu_info():
+        installed.append("cpuinfo.get_cpu_info")
     return installed
