@@ -57,6 +57,25 @@ def config(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def straight(config, tmp_path_factory):
+    """``straight(zero_stage, *overrides)``: the uninterrupted 2-process run of 9 steps with
+    checkpoints at 3, 6 and 9, trained once per set of arguments in this module (the exact
+    resume and the reshape tests at ZeRO 0 and 1 compare with the same run)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(zero_stage: int, *overrides: str) -> Path:
+        key = (f"--deepspeed.zero_stage={zero_stage}", *overrides)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp("straight")
+            finish(train(config, folder, *key, "--train.max_steps=9",
+                         "--train.checkpoint_every=3"))
+            runs[key] = folder
+        return runs[key]
+
+    return run
+
+
 # ZeRO 2 and 3 without offload: test_engine.py; optimizer + parameter offload together: the
 # reshape test below.
 @pytest.mark.parametrize("zero_stage,offload_optimizer,offload_params", [
@@ -67,14 +86,13 @@ def config(tmp_path_factory) -> Path:
     (3, "cpu", "none"),
     (3, "none", "cpu"),
 ])
-def test_stage_and_offload_resume_exactly(config, tmp_path, zero_stage, offload_optimizer,
-                                          offload_params):
-    common = [f"--deepspeed.zero_stage={zero_stage}",
-              f"--deepspeed.offload_optimizer={offload_optimizer}",
-              f"--deepspeed.offload_params={offload_params}",
-              "--train.max_steps=6", "--train.checkpoint_every=3"]
-    straight = tmp_path / "straight"
-    finish(train(config, straight, *common))
+def test_stage_and_offload_resume_exactly(config, straight, tmp_path, zero_stage,
+                                          offload_optimizer, offload_params):
+    offloads = [f"--deepspeed.offload_{part}={where}" for part, where in
+                (("optimizer", offload_optimizer), ("params", offload_params)) if where != "none"]
+    reference = straight(zero_stage, *offloads)
+    common = [f"--deepspeed.zero_stage={zero_stage}", *offloads, "--train.max_steps=9",
+              "--train.checkpoint_every=3"]
     if zero_stage == 3 and offload_optimizer == "cpu":
         # ZeRO-3 builds the model partitioned (zero.Init, one gathered module initialised
         # at a time); from the same seed its losses equal a whole-built ZeRO-2 run's with
@@ -82,18 +100,18 @@ def test_stage_and_offload_resume_exactly(config, tmp_path, zero_stage, offload_
         # on each other's DeepSpeed op build).
         whole = tmp_path / "zero2"
         finish(train(config, whole, *common, "--deepspeed.zero_stage=2"))
-        a, b = losses(straight), losses(whole)
-        assert sorted(a) == sorted(b) == list(range(1, 7))
+        a, b = losses(reference), losses(whole)
+        assert sorted(a) == sorted(b) == list(range(1, 10))
         for step in a:
             assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), (step, a, b)
-    checkpoint = straight / "checkpoints" / "step_00000003"
+    checkpoint = reference / "checkpoints" / "step_00000003"
     resumed = tmp_path / "resumed"
     finish(train(config, resumed, *common, resume=str(checkpoint)))
-    a, b = losses(straight), losses(resumed)
-    assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5, 6]
-    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
-    assert a[6] != a[4]  # the model is actually training
-    assert _tokens_seen(resumed) == _tokens_seen(straight)  # counters restored exactly
+    a, b = losses(reference), losses(resumed)
+    assert sorted(a) == list(range(1, 10)) and sorted(b) == list(range(4, 10))
+    assert [b[s] for s in range(4, 10)] == [a[s] for s in range(4, 10)]
+    assert a[9] != a[4]  # the model is actually training
+    assert _tokens_seen(resumed) == _tokens_seen(reference)  # counters restored exactly
 
 
 # One case per stage, each adding a variant, to keep the suite short (12 runs): ZeRO 0 loads
@@ -105,15 +123,14 @@ def test_stage_and_offload_resume_exactly(config, tmp_path, zero_stage, offload_
     (2, ("--train.precision=bf16",)),
     (3, ("--deepspeed.offload_optimizer=cpu", "--deepspeed.offload_params=cpu")),
 ])
-def test_resume_on_another_world_size_continues_the_curve(config, tmp_path, zero_stage, extra):
+def test_resume_on_another_world_size_continues_the_curve(config, straight, tmp_path,
+                                                         zero_stage, extra):
     """2 → 1 → 2 processes, 8 sequences per step throughout (2 x micro 4, 1 x micro 8): the
     loader hands out the same samples, so every resumed step's loss matches the
     uninterrupted 2-process run within RESHAPE_RTOL."""
     stage = f"--deepspeed.zero_stage={zero_stage}"
     universal = zero_stage > 0  # ZeRO 0 keeps the optimizer state whole: no conversion
-    straight = tmp_path / "straight"  # 2 processes, checkpoints at 3 and 6
-    finish(train(config, straight, stage, *extra, "--train.max_steps=9",
-                 "--train.checkpoint_every=3"))
+    straight = straight(zero_stage, *extra)  # 2 processes, checkpoints at 3, 6 and 9
     reference = losses(straight)
     assert reference[9] != reference[6]
 
