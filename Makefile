@@ -47,8 +47,8 @@ test-fast: setup-test
 	$(BIN)/python -m pytest $(XDIST) -m "not slow" --durations=30 $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed
-# The test extras and DeepSpeed's op build side by side (-j2): pip unpacks on one core while
-# the compiler takes the other (~50 s less than one after the other on 2 cores).
+# The test extras and DeepSpeed's op build side by side (-j2): uv installs while the compiler
+# builds the two CPU ops (~135 CPU-s of the ~2 minutes a fresh set-up takes on 2 cores).
 setup-test:
 	$(MAKE) --no-print-directory -j2 $(VENV)/.installed-test $(VENV)/.ds-ops
 
