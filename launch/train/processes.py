@@ -1,7 +1,7 @@
 """Starts and supervises the training processes on this machine (``lmforge train``/``run``,
 ``lmforge submit local``): one process per rank, started and watched by this process.
 
-This process imports no torch. It binds the rendezvous store's socket on
+This module imports no torch. The launcher binds the rendezvous store's socket on
 ``launch.master_addr`` (127.0.0.1 by default; port ``launch.master_port``, or a free one the
 kernel picks at bind time) and hands the listening descriptor to rank 0, which hosts the
 store on it (:func:`lmforge.launch.train.rendezvous.init_process_group`); the other ranks
@@ -118,26 +118,48 @@ def launch_training(
 
 def _supervise(ranks: list[subprocess.Popen], summary: Path) -> int:
     """Waits for every rank; stops them all at the first failure. Returns 0, 75 or 1."""
-    watch = {os.pidfd_open(p.pid): (rank, p) for rank, p in enumerate(ranks)}
+    pending = dict(enumerate(ranks))
+    exits = _exit_descriptors(ranks)
     requeued = False
     try:
-        while watch:
-            ready, _, _ = select.select(list(watch), [], [])
-            for fd in ready:
-                rank, process = watch.pop(fd)
-                os.close(fd)
-                code = process.wait()
-                if code == REQUEUE_EXIT_CODE:
+        while pending:
+            ended = [(rank, p) for rank, p in pending.items() if p.poll() is not None]
+            if not ended:
+                _wait_for_an_exit([exits.get(rank) for rank in pending])
+            for rank, process in ended:
+                del pending[rank]
+                if process.returncode == REQUEUE_EXIT_CODE:
                     requeued = True
-                elif code != 0:
+                elif process.returncode != 0:
                     log.error("lmforge: training rank %d %s; stopping the other ranks",
-                              rank, _describe(code))
+                              rank, _describe(process.returncode))
                     _stop(ranks)
                     return _failed(summary)
     finally:
-        for fd in watch:
+        for fd in exits.values():
             os.close(fd)
     return REQUEUE_EXIT_CODE if requeued else 0
+
+
+def _exit_descriptors(ranks: list[subprocess.Popen]) -> dict[int, int]:
+    """A pidfd per rank (readable once it exits), opened once; none where the system has
+    no ``pidfd_open`` or the rank is already gone."""
+    exits = {}
+    for rank, process in enumerate(ranks):
+        try:
+            exits[rank] = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            continue
+    return exits
+
+
+def _wait_for_an_exit(descriptors: list[int | None]) -> None:
+    """Until one of the processes may have exited: their pidfds, or a 0.1 s poll where a
+    process has none. A signal handled meanwhile does not cut the wait short (PEP 475)."""
+    if all(fd is not None for fd in descriptors):
+        select.select(descriptors, [], [])
+    else:
+        time.sleep(0.1)
 
 
 def _failed(summary: Path) -> int:
